@@ -1,0 +1,151 @@
+"""The allocation interface and the one mechanism every policy uses to change ranks.
+
+A *policy* (one small module per method) only decides which rank slots to switch off and which
+matrices get new ranks. :func:`apply_rank_changes` carries the decision out, identically for every
+method:
+
+* pruned slots are deactivated (parameters zeroed, mask off), their EMA state and optimizer moments
+  zeroed;
+* grown slots are taken from the matrix's inactive slots, initialised by the adapter (orthogonal
+  unit vectors, λ = 0, drawn from a generator seeded from ``(seed, step, module index)`` so every
+  process draws the same numbers), and start with zero EMA state and zero optimizer moments;
+* nothing else is touched: kept ranks keep their optimizer state bit-for-bit, parameter objects and
+  shapes never change, the LR scheduler and param groups are never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from ..layers import ElasticAdapter
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..importance import ImportanceTracker
+
+__all__ = ["RankEvent", "Allocator", "apply_rank_changes", "slot_generator", "zero_optimizer_slots"]
+
+
+@dataclass
+class RankEvent:
+    """One module's rank change in one round (``scores``: its active ranks' scores before the change)."""
+
+    step: int
+    module: str
+    old_rank: int
+    new_rank: int
+    pruned: int = 0
+    grown: int = 0
+    scores: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def slot_generator(seed: int, step: int, module_index: int) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, step, module_index)``.
+
+    Every DDP replica, and a resumed run, draws the same vectors for the same round without any
+    communication and without touching the global RNG.
+    """
+    mixed = (seed * 0x9E3779B1 + step * 0x85EBCA77 + module_index * 0xC2B2AE3D + 0x27D4EB2F) % (2**63 - 1)
+    g = torch.Generator(device="cpu")
+    g.manual_seed(mixed)
+    return g
+
+
+@torch.no_grad()
+def zero_optimizer_slots(optimizer: torch.optim.Optimizer | None, adapter: ElasticAdapter, slots: Sequence[int]) -> None:
+    """Zero every per-element optimizer state tensor (Adam's ``exp_avg``, ``exp_avg_sq``, momentum
+    buffers, …) at ``slots`` of ``adapter``; scalar state such as Adam's ``step`` is left alone."""
+    if optimizer is None or not slots:
+        return
+    for _, p, dim in adapter.slot_parameters():
+        st = optimizer.state.get(p)
+        if not st:
+            continue
+        for v in st.values():
+            if torch.is_tensor(v) and v.shape == p.shape:
+                v.index_fill_(dim, torch.as_tensor(list(slots), dtype=torch.long, device=v.device), 0)
+
+
+def apply_rank_changes(
+    *,
+    step: int,
+    names: Sequence[str],
+    adapters: Sequence[ElasticAdapter],
+    prune: dict[int, list[int]],
+    grow: dict[int, int],
+    seed: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    importance: "ImportanceTracker | None" = None,
+    scores: Sequence[torch.Tensor] | None = None,
+) -> list[RankEvent]:
+    """Prune ``prune[m]`` (slot indices) and add ``grow[m]`` new ranks to matrix ``m``.
+
+    Pruning happens first, so a matrix that loses and gains ranks in one round can reuse the freed
+    slots. Returns one :class:`RankEvent` per matrix whose rank or slots changed.
+    """
+    events: list[RankEvent] = []
+    touched = sorted(set(prune) | {m for m, n in grow.items() if n > 0})
+    for m in touched:
+        a = adapters[m]
+        old = a.rank
+        act_scores = []
+        if scores is not None:
+            act_scores = [float(x) for x in scores[m][a.active.cpu()].tolist()]
+        dead = list(prune.get(m, []))
+        a.deactivate(dead)
+        n_new = int(grow.get(m, 0))
+        born: list[int] = []
+        if n_new:
+            free = a.inactive_indices().tolist()
+            if n_new > len(free):
+                raise RuntimeError(f"{names[m]}: cannot add {n_new} ranks, only {len(free)} free slots (capacity {a.capacity})")
+            born = free[:n_new]
+            a.activate(born, generator=slot_generator(seed, step, m))
+        changed = dead + born
+        zero_optimizer_slots(optimizer, a, changed)
+        if importance is not None:
+            importance.reset_slots(m, changed)
+        events.append(RankEvent(step=step, module=names[m], old_rank=old, new_rank=a.rank,
+                                pruned=len(dead), grown=len(born), scores=act_scores))
+    return events
+
+
+class Allocator:
+    """A rank-allocation policy. Subclasses implement :meth:`on_step`.
+
+    The integration layer calls :meth:`on_step` exactly once per optimizer step ``t`` (0-based),
+    between ``optimizer.step()`` and ``zero_grad()``.
+    """
+
+    method = "abstract"
+    uses_importance = False
+
+    def __init__(self, names: Sequence[str], adapters: Sequence[ElasticAdapter], config) -> None:
+        self.names = list(names)
+        self.adapters = list(adapters)
+        self.config = config
+        self.total_steps: int | None = None
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.total_steps = int(total_steps)
+
+    def on_step(self, t: int, optimizer=None, *, importance=None, model=None) -> list[RankEvent]:
+        raise NotImplementedError
+
+    def wants_importance(self, t: int) -> bool:
+        """Whether the importance EMA must be updated at step ``t``."""
+        return False
+
+    def state_dict(self) -> dict:
+        return {"total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total_steps = state.get("total_steps")
+
+    def total_rank(self) -> int:
+        return sum(a.rank for a in self.adapters)

@@ -1,0 +1,176 @@
+"""ElaLoRA: prune *and* expand ranks under a fixed total budget (Chang et al. 2025,
+arXiv:2504.00254, §3.3–3.4; SPEC §3).
+
+Phases (``t`` the 0-based optimizer step, ``T`` the total)::
+
+    warm-up          t ≤ t_i            ranks fixed, scores updated
+    dynamic          t_i < t < T − t_f  scores updated; a round when (t − t_i) mod Δt == 0 and b_t > 0
+    stabilisation    t ≥ T − t_f        ranks frozen, no score updates
+
+Rank-change scheduler: ``p = clamp((t − t_i) / (T − t_f − t_i), 0, 1)``,
+``b_t = round(b (1 − p³))`` with Python's round-half-to-even, as in the authors' code.
+
+One round: every matrix ``m`` offers its ``min(k, r_m)`` weakest active ranks as candidates; the
+pool is ordered by ``(score, module index, slot)`` (a deterministic tie-break); the ``b_t`` weakest
+candidates are pruned and the matrices owning the ``b_t`` strongest candidates get one new rank per
+entry (the max–min criterion: a matrix whose *weakest* ranks still score high needs capacity). Total
+rank stays exactly constant.
+
+Fixes relative to the authors' code (SPEC §3, "defects"): a matrix at its minimum rank still offers
+candidates, so it can still grow (only its pruning is blocked); a matrix at its capacity can still
+shrink (only its growth is blocked); exactly ``b_t`` ranks move (no threshold ties); when the
+minimum/capacity constraints leave fewer feasible moves, prunes and grows are trimmed to the same
+count so the budget is conserved.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import ElaLoRAConfig
+from .base import Allocator, apply_rank_changes
+
+__all__ = ["ElaLoRAAllocator", "elalora_b_t", "select_prune_grow"]
+
+
+def elalora_b_t(t: int, *, b: int, tinit: int, tfinal: int, total_steps: int, use_scheduler: bool = True) -> int:
+    """The number of ranks moved at step ``t`` if a round happens there (SPEC §3)."""
+    if not use_scheduler:
+        return b
+    span = total_steps - tfinal - tinit
+    p = min(max((t - tinit) / span, 0.0), 1.0)
+    return int(round(b * (1.0 - p**3)))
+
+
+def select_prune_grow(
+    scores: list[torch.Tensor],
+    active: list[torch.Tensor],
+    capacity: list[int],
+    *,
+    k: int,
+    b: int,
+    min_rank: int,
+) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """Decide one round. Returns ``(prune, grow)``: slots to prune per matrix, ranks to add per matrix.
+
+    Vectorised: one padded ``(M × c)`` matrix, one ``topk`` and one ``lexsort`` over ≤ ``k·M``
+    candidates.
+    """
+    m_count = len(scores)
+    cmax = max(capacity)
+    s = torch.full((m_count, cmax), float("inf"), dtype=torch.float64)
+    for m in range(m_count):
+        sc = scores[m].double()
+        s[m, : sc.numel()] = torch.where(active[m].cpu(), sc, torch.tensor(float("inf"), dtype=torch.float64))
+    ranks = np.array([int(a.sum()) for a in active])
+    kk = min(k, cmax)
+    vals, slots = torch.topk(s, kk, dim=1, largest=False, sorted=True)
+    vals, slots = vals.numpy(), slots.numpy()
+    mods = np.repeat(np.arange(m_count)[:, None], kk, axis=1)
+    valid = np.isfinite(vals)  # only active slots, at most min(k, r_m) per matrix
+    cv, cm, cs = vals[valid], mods[valid], slots[valid]
+    order = np.lexsort((cs, cm, cv))  # by score, then module index, then slot
+    cv, cm, cs = cv[order], cm[order], cs[order]
+    n = len(cv)
+    b = min(b, n // 2)
+    if b <= 0:
+        return {}, {}
+
+    def choose(b_now: int):
+        pruned = np.zeros(m_count, dtype=int)
+        prune_idx: list[int] = []
+        for j in range(n):
+            if len(prune_idx) == b_now:
+                break
+            m = cm[j]
+            if ranks[m] - pruned[m] > min_rank:
+                pruned[m] += 1
+                prune_idx.append(j)
+        taken = set(prune_idx)
+        grown = np.zeros(m_count, dtype=int)
+        grow_idx: list[int] = []
+        for j in range(n - 1, -1, -1):
+            if len(grow_idx) == len(prune_idx):
+                break
+            if j in taken:
+                continue
+            m = cm[j]
+            if ranks[m] - pruned[m] + grown[m] < capacity[m]:
+                grown[m] += 1
+                grow_idx.append(j)
+        return prune_idx, grow_idx
+
+    prune_idx, grow_idx = choose(b)
+    while len(grow_idx) < len(prune_idx):  # capacity blocked some growth: move fewer ranks
+        prune_idx, grow_idx = choose(len(grow_idx))
+    prune: dict[int, list[int]] = {}
+    for j in prune_idx:
+        prune.setdefault(int(cm[j]), []).append(int(cs[j]))
+    grow: dict[int, int] = {}
+    for j in grow_idx:
+        grow[int(cm[j])] = grow.get(int(cm[j]), 0) + 1
+    return prune, grow
+
+
+class ElaLoRAAllocator(Allocator):
+    method = "elalora"
+    uses_importance = True
+
+    def __init__(self, names, adapters, config: ElaLoRAConfig) -> None:
+        super().__init__(names, adapters, config)
+        config.check_pool(len(adapters))
+        self.schedule = None
+        self.rounds = 0
+        self.moved = 0
+        if config.total_steps is not None:
+            self.set_total_steps(config.total_steps)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.schedule = self.config.resolve_schedule(int(total_steps))
+        self.total_steps = self.schedule.total_steps
+
+    def phase(self, t: int) -> str:
+        s = self.schedule
+        if t <= s.tinit:
+            return "warmup"
+        if t >= s.total_steps - s.tfinal:
+            return "final"
+        return "dynamic"
+
+    def b_at(self, t: int) -> int:
+        s = self.schedule
+        return elalora_b_t(t, b=self.config.b, tinit=s.tinit, tfinal=s.tfinal, total_steps=s.total_steps,
+                           use_scheduler=self.config.use_scheduler)
+
+    def is_round(self, t: int) -> bool:
+        return self.phase(t) == "dynamic" and (t - self.schedule.tinit) % self.schedule.delta_t == 0 and self.b_at(t) > 0
+
+    def planned_rounds(self) -> list[tuple[int, int]]:
+        """``(step, b_t)`` of every round of the run."""
+        return [(t, self.b_at(t)) for t in range(self.schedule.total_steps) if self.is_round(t)]
+
+    def wants_importance(self, t: int) -> bool:
+        return self.phase(t) != "final"
+
+    def on_step(self, t, optimizer=None, *, importance=None, model=None):
+        if not self.is_round(t):
+            return []
+        scores = importance.rank_scores()
+        prune, grow = select_prune_grow(
+            scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
+            k=self.config.k, b=self.b_at(t), min_rank=self.config.min_rank)
+        events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
+                                    seed=self.config.seed, optimizer=optimizer, importance=importance, scores=scores)
+        self.rounds += 1
+        self.moved += sum(len(v) for v in prune.values())
+        return events
+
+    def state_dict(self):
+        return {**super().state_dict(), "rounds": self.rounds, "moved": self.moved}
+
+    def load_state_dict(self, state):
+        if state.get("total_steps") is not None:
+            self.set_total_steps(state["total_steps"])
+        self.rounds = int(state.get("rounds", 0))
+        self.moved = int(state.get("moved", 0))

@@ -1,0 +1,344 @@
+"""Method configurations: one validated dataclass per method.
+
+Every check happens in ``__post_init__`` (or in :meth:`resolve_schedule` once the total number of
+optimizer steps is known), so a bad configuration fails before any training starts, with a message
+that names the field and its allowed range.
+
+Schedule knobs (``tinit``, ``tfinal``, ``delta_t``) accept either an absolute number of optimizer
+steps (an ``int``) or a fraction of the run's total steps (a ``float`` in (0, 1)), so that a short run
+still adjusts ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = [
+    "ConfigError",
+    "AdapterConfig",
+    "ElaLoRAConfig",
+    "AdaLoRAConfig",
+    "ALoRAConfig",
+    "FixedRankConfig",
+    "Schedule",
+    "config_from_dict",
+    "CONFIG_FORMAT_VERSION",
+]
+
+CONFIG_FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field and the allowed range."""
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_step_knob(name: str, v: Any, *, allow_zero: bool) -> None:
+    if _is_int(v):
+        _require(v >= (0 if allow_zero else 1),
+                 f"{name} must be an integer number of steps >= {0 if allow_zero else 1} "
+                 f"or a fraction in (0, 1) of the total steps; got {v}")
+    elif isinstance(v, float):
+        lo_ok = v >= 0 if allow_zero else v > 0
+        rng = "[0, 1)" if allow_zero else "(0, 1)"
+        _require(lo_ok and v < 1, f"{name} as a fraction of the total steps must be in {rng}; got {v}")
+    else:
+        raise ConfigError(f"{name} must be an int (steps) or a float fraction in (0, 1); got {v!r}")
+
+
+def _to_steps(v: int | float, total: int) -> int:
+    return int(v) if _is_int(v) else int(round(v * total))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The schedule in absolute optimizer steps (SPEC notation: T, t_i, t_f, Δt)."""
+
+    total_steps: int
+    tinit: int
+    tfinal: int
+    delta_t: int
+
+
+@dataclass
+class AdapterConfig:
+    """Fields common to every method.
+
+    Args:
+        r: the rank budget: the average rank per adapted matrix (ElaLoRA holds it throughout;
+            AdaLoRA prunes to it; ALoRA spreads it evenly at the start).
+        target_modules: which ``nn.Linear`` / ``Conv1D`` layers to adapt. A list matches exact
+            module names or name suffixes (``"query"`` matches ``"...attention.self.query"``); a
+            string is a regular expression that must match the whole module name (as in PEFT).
+            ``None`` picks a default for known architectures.
+        lora_alpha: the scale numerator; the scale ``s = lora_alpha / r_init`` is fixed for the run.
+        lora_dropout: dropout on the adapter input.
+        modules_to_save: modules (name suffixes) kept trainable and saved in full, e.g. a task head.
+        seed: seeds every random draw of the method (initialisation, new ranks), identically on
+            every process.
+    """
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    modules_to_save: list[str] | None = None
+    seed: int = 0
+    method: ClassVar[str] = "abstract"
+    adapter_kind: ClassVar[str] = "svd"
+
+    def __post_init__(self) -> None:
+        _require(_is_int(self.r) and self.r >= 1, f"r must be an integer >= 1; got {self.r!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.default_alpha())
+        _require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
+                 f"lora_alpha must be > 0; got {self.lora_alpha!r}")
+        _require(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
+                 f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except re.error as e:
+                raise ConfigError(f"target_modules is not a valid regular expression: {e}") from None
+        elif tm is not None:
+            tm = list(tm)
+            _require(len(tm) > 0 and all(isinstance(t, str) and t for t in tm),
+                     f"target_modules must be a non-empty list of module names, a regex string, or None; got {tm!r}")
+            self.target_modules = tm
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        _require(_is_int(self.seed), f"seed must be an integer; got {self.seed!r}")
+
+    def default_alpha(self) -> float:
+        return float(self.r)
+
+    @property
+    def initial_rank(self) -> int:
+        """Rank every adapted matrix starts with."""
+        return self.r
+
+    @property
+    def capacity(self) -> int:
+        """Rank slots allocated per matrix (the maximum rank a matrix can reach)."""
+        return self.r
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["method"] = self.method
+        return d
+
+
+@dataclass
+class _ScoredConfig(AdapterConfig):
+    """Shared by the methods that use sensitivity × uncertainty scores (SPEC §2)."""
+
+    tinit: int | float = 0.1
+    tfinal: int | float = 0.2
+    delta_t: int | float = 0.02
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_step_knob("tinit", self.tinit, allow_zero=True)
+        _check_step_knob("tfinal", self.tfinal, allow_zero=True)
+        _check_step_knob("delta_t", self.delta_t, allow_zero=False)
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            _require(isinstance(v, (int, float)) and 0 < v < 1, f"{name} must be in (0, 1); got {v!r}")
+        _require(isinstance(self.orth_reg_weight, (int, float)) and self.orth_reg_weight >= 0,
+                 f"orth_reg_weight must be >= 0; got {self.orth_reg_weight!r}")
+        if self.total_steps is not None:
+            self.resolve_schedule(self.total_steps)
+
+    def resolve_schedule(self, total_steps: int) -> Schedule:
+        """Absolute steps for a run of ``total_steps`` optimizer steps; raises if impossible."""
+        _require(_is_int(total_steps) and total_steps >= 1, f"total_steps must be an integer >= 1; got {total_steps!r}")
+        ti, tf = _to_steps(self.tinit, total_steps), _to_steps(self.tfinal, total_steps)
+        dt = max(1, _to_steps(self.delta_t, total_steps))
+        _require(ti + tf < total_steps,
+                 f"tinit + tfinal must be < total_steps so that the adjustment phase is not empty; got "
+                 f"tinit={ti} + tfinal={tf} >= total_steps={total_steps}. Lower tinit/tfinal or train longer")
+        return Schedule(total_steps=total_steps, tinit=ti, tfinal=tf, delta_t=dt)
+
+
+@dataclass
+class ElaLoRAConfig(_ScoredConfig):
+    """ElaLoRA (Chang et al. 2025, arXiv:2504.00254): prune *and* expand under a fixed total rank.
+
+    Args:
+        b: ranks moved per adjustment round at the start (decays to 0 with the cubic scheduler).
+        k: how many of each matrix's weakest ranks enter the candidate pool; bounds |Δr| per round.
+        min_rank: no matrix is pruned below this rank.
+        max_rank: per-matrix capacity (default ``2 r``); a matrix at capacity can still shrink.
+        use_scheduler: decay ``b`` with ``b_t = round(b (1 − p³))``; otherwise ``b_t = b``.
+        rank_pattern: optional starting rank per module name (e.g. a GeLoRA plan); the total budget
+            is then the sum of this pattern.
+    """
+
+    b: int = 4
+    k: int = 2
+    min_rank: int = 1
+    max_rank: int | None = None
+    use_scheduler: bool = True
+    rank_pattern: dict[str, int] | None = None
+    lora_alpha: float | None = None
+    method: ClassVar[str] = "elalora"
+
+    def default_alpha(self) -> float:
+        return 16.0  # the authors' GLUE scripts
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(_is_int(self.b) and self.b >= 1, f"b (ranks moved per round) must be an integer >= 1; got {self.b!r}")
+        _require(_is_int(self.k) and self.k >= 1, f"k (candidates per matrix) must be an integer >= 1; got {self.k!r}")
+        _require(_is_int(self.min_rank) and 0 <= self.min_rank <= self.r,
+                 f"min_rank must be an integer in [0, r={self.r}]; got {self.min_rank!r}")
+        if self.max_rank is None:
+            self.max_rank = 2 * self.r
+        _require(_is_int(self.max_rank) and self.max_rank >= self.r,
+                 f"max_rank (capacity) must be an integer >= r={self.r}; got {self.max_rank!r}")
+        if self.rank_pattern is not None:
+            _require(all(_is_int(v) and self.min_rank <= v <= self.max_rank for v in self.rank_pattern.values()),
+                     f"rank_pattern values must be integers in [min_rank={self.min_rank}, max_rank={self.max_rank}]")
+
+    @property
+    def capacity(self) -> int:
+        return int(self.max_rank)
+
+    def check_pool(self, n_matrices: int) -> None:
+        """The candidate pool must hold 2 b entries so that pruned and grown ranks are disjoint."""
+        pool = n_matrices * min(self.k, self.r)
+        _require(2 * self.b <= pool,
+                 f"b={self.b} is too large for the candidate pool: {n_matrices} matrices × min(k={self.k}, r={self.r}) "
+                 f"= {pool} candidates, and a round needs 2·b <= pool. Lower b to <= {pool // 2} or raise k")
+
+
+@dataclass
+class AdaLoRAConfig(_ScoredConfig):
+    """AdaLoRA (Zhang et al. 2023, arXiv:2303.10512): prune from ``init_r`` to ``r`` (= target_r).
+
+    ``init_r`` defaults to ``ceil(1.5 r)`` (PEFT's default is 12 → 8).
+    """
+
+    init_r: int | None = None
+    lora_alpha: float | None = None
+    method: ClassVar[str] = "adalora"
+
+    def default_alpha(self) -> float:
+        return 16.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_r is None:
+            self.init_r = int(math.ceil(1.5 * self.r))
+        _require(_is_int(self.init_r) and self.init_r >= self.r,
+                 f"init_r must be an integer >= r (target rank) = {self.r}; got {self.init_r!r}")
+
+    @property
+    def target_r(self) -> int:
+        return self.r
+
+    @property
+    def initial_rank(self) -> int:
+        return int(self.init_r)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.init_r)
+
+
+@dataclass
+class FixedRankConfig(AdapterConfig):
+    """Plain LoRA with fixed per-module ranks (optionally a ``rank_pattern``, e.g. from GeLoRA).
+
+    ``lora_alpha`` defaults to ``2 r``; ``alpha_pattern`` gives per-module alphas.
+    """
+
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    method: ClassVar[str] = "lora"
+    adapter_kind: ClassVar[str] = "lora"
+
+    def default_alpha(self) -> float:
+        return float(2 * self.r)
+
+
+@dataclass
+class ALoRAConfig(AdapterConfig):
+    """ALoRA / AB-LoRA (Liu et al. 2024, arXiv:2403.16187 §3.3): ablation importance, prune n_A
+    ranks per round and give them to the modules that lost none.
+
+    Args:
+        n_a: ranks pruned per round (default: one per adapted module, as in the paper).
+        n_rounds: maximum number of rounds (N_A).
+        k1: warm-up before the first round, in steps (int) or a fraction of the run (float).
+        k2: training between rounds, in steps or a fraction of the run.
+        val_batch_size: size of the held-out batch ``B_val`` used for the ablations.
+        max_rank: per-module capacity (default ``2 r``).
+        ablation_chunk: ablation masks evaluated per forward pass (memory vs speed).
+    """
+
+    n_a: int | None = None
+    n_rounds: int = 8
+    k1: int | float = 0.25
+    k2: int | float = 0.06
+    val_batch_size: int = 32
+    max_rank: int | None = None
+    ablation_chunk: int = 8
+    method: ClassVar[str] = "alora"
+    adapter_kind: ClassVar[str] = "lora"
+
+    def default_alpha(self) -> float:
+        return float(2 * self.r)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.n_a is None or (_is_int(self.n_a) and self.n_a >= 1), f"n_a must be an integer >= 1; got {self.n_a!r}")
+        _require(_is_int(self.n_rounds) and self.n_rounds >= 0, f"n_rounds must be an integer >= 0; got {self.n_rounds!r}")
+        _check_step_knob("k1", self.k1, allow_zero=True)
+        _check_step_knob("k2", self.k2, allow_zero=False)
+        _require(_is_int(self.val_batch_size) and self.val_batch_size >= 1,
+                 f"val_batch_size must be an integer >= 1; got {self.val_batch_size!r}")
+        _require(_is_int(self.ablation_chunk) and self.ablation_chunk >= 1,
+                 f"ablation_chunk must be an integer >= 1; got {self.ablation_chunk!r}")
+        if self.max_rank is None:
+            self.max_rank = 2 * self.r
+        _require(_is_int(self.max_rank) and self.max_rank >= self.r,
+                 f"max_rank (capacity) must be an integer >= r={self.r}; got {self.max_rank!r}")
+
+    @property
+    def capacity(self) -> int:
+        return int(self.max_rank)
+
+
+_CONFIGS = {c.method: c for c in (ElaLoRAConfig, AdaLoRAConfig, FixedRankConfig, ALoRAConfig)}
+
+
+def config_from_dict(d: dict) -> AdapterConfig:
+    """Rebuild a config saved with :meth:`AdapterConfig.to_dict`."""
+    d = dict(d)
+    method = d.pop("method", None)
+    if method not in _CONFIGS:
+        raise ConfigError(f"unknown method {method!r} in saved config; known: {sorted(_CONFIGS)}")
+    cls = _CONFIGS[method]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"saved {method} config has unknown fields {sorted(unknown)}; was it written by a newer elalora?")
+    return cls(**d)

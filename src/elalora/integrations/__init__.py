@@ -1,0 +1,1 @@
+"""Integration with training loops: the Hugging Face Trainer callback and distributed helpers."""

@@ -1,0 +1,112 @@
+"""Hugging Face ``Trainer`` integration.
+
+The Trainer's order per optimizer step (transformers 5.x) is ``on_pre_optimizer_step`` →
+``optimizer.step()`` → ``on_optimizer_step`` → ``lr_scheduler.step()`` → ``zero_grad()`` →
+``global_step += 1`` → ``on_step_end``. Gradients are gone by ``on_step_end``, so the scores and the
+allocation run in ``on_optimizer_step``: once per optimizer step under gradient accumulation, with
+``t = state.global_step`` (0-based). The total number of steps comes from ``state.max_steps``.
+
+Checkpoints: the adapters' parameters and masks are part of the model's state dict, so the
+Trainer's own checkpoint holds them; the rest of the method's state (EMA scores, step counter,
+rank history) goes to ``elalora_state.pt`` in the same ``checkpoint-N`` folder. On resume the
+Trainer restores its state *after* ``on_train_begin``, so the callback restores its own at the
+first step it sees with ``global_step > 0``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+__all__ = ["ElaLoRACallback", "STATE_FILE"]
+
+STATE_FILE = "elalora_state.pt"
+
+
+class ElaLoRACallback(TrainerCallback):
+    """Drives an :class:`~elalora.model.AdaptiveModel` from a ``Trainer``; no arithmetic from the user.
+
+    Logged through the Trainer's logging (so TensorBoard / W&B receive them):
+    ``elalora/total_rank``, ``elalora/ranks_moved`` (since the last log) and ``elalora/rounds``.
+    Reporting callbacks only see these if this callback runs before them: use
+    :meth:`attach` (``handle.callback().attach(trainer)``) rather than ``callbacks=[...]``.
+    """
+
+    def __init__(self, handle, *, check_consistency: bool = False) -> None:
+        self.handle = handle
+        self.check_consistency = check_consistency
+        self._moved_since_log = 0
+        self._rounds = 0
+        self._restored = False
+
+    def attach(self, trainer) -> "ElaLoRACallback":
+        """Insert this callback first in ``trainer``'s callback list and return it."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.max_steps or state.max_steps <= 0:
+            raise ValueError("the Trainer did not report max_steps; set max_steps or num_train_epochs")
+        self.handle.set_total_steps(int(state.max_steps))
+        self._restored = state.global_step == 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self._restored:
+            self._restore(args, state)
+            self._restored = True
+
+    def _restore(self, args, state) -> None:
+        if state.global_step == 0 or self.handle.step_count == state.global_step:
+            return
+        candidates = [Path(args.output_dir) / f"checkpoint-{state.global_step}"]
+        rfc = getattr(args, "resume_from_checkpoint", None)
+        if isinstance(rfc, str):
+            candidates.insert(0, Path(rfc))
+        for c in candidates:
+            f = c / STATE_FILE
+            if f.is_file():
+                self.handle.load_state_dict(torch.load(f, map_location="cpu", weights_only=False))
+                if self.handle.step_count != state.global_step:
+                    raise RuntimeError(f"{f} is at step {self.handle.step_count}, the Trainer resumed at {state.global_step}")
+                return
+        raise RuntimeError(
+            f"resuming at step {state.global_step} but no {STATE_FILE} was found in "
+            f"{', '.join(str(c) for c in candidates)}; the checkpoint was not written with the elalora callback")
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        events = self.handle.step(optimizer, step=state.global_step)
+        if events:
+            self._rounds += 1
+            self._moved_since_log += sum(e.pruned for e in events) or sum(abs(e.new_rank - e.old_rank) for e in events)
+            control.should_log = True
+        if self.check_consistency and events:
+            from .distributed import assert_replicas_agree
+
+            assert_replicas_agree(self.handle)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs and "train_loss" not in logs:
+            return
+        extra = {"elalora/total_rank": self.handle.total_rank, "elalora/ranks_moved": self._moved_since_log,
+                 "elalora/rounds": self._rounds}
+        self._moved_since_log = 0
+        logs.update(extra)
+        if state.log_history:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            return
+        from ..persistence import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save(self.handle.state_dict(), buf)
+        atomic_write_bytes(ckpt / STATE_FILE, buf.getvalue())

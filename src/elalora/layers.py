@@ -1,0 +1,315 @@
+"""Elastic adapter layers: the layer maths, and nothing else.
+
+Two forms share one interface (:class:`ElasticAdapter`):
+
+* :class:`SVDAdapter` (ElaLoRA, AdaLoRA; Zhang et al. 2023, arXiv:2303.10512 eq. 1;
+  Chang et al. 2025, arXiv:2504.00254 §3)::
+
+      y = x W0ᵀ + b + dropout(x) · (Q ⊙ (λ·m))ᵀ · Pᵀ · s,      s = lora_alpha / r_init
+
+  ``P: d_out × c``, ``λ: c``, ``Q: c × d_in`` with ``c`` the *capacity* (maximum rank) and
+  ``m ∈ {0,1}^c`` the *active mask*.
+
+* :class:`GatedLoRAAdapter` (ALoRA; Liu et al. 2024, arXiv:2403.16187 §3)::
+
+      y = x W0ᵀ + b + dropout(x) · Aᵀ · diag(g·m) · Bᵀ · s,     s = lora_alpha / r_init
+
+Tensor shapes never change during training: a rank is switched on or off through the mask, so
+optimizers, DDP's reducer, LR schedulers and ``torch.compile`` graphs stay valid. An inactive slot
+is multiplied by zero in the forward pass, hence receives an exactly-zero gradient; its parameters
+are also zeroed on deactivation so that decoupled weight decay leaves them at zero as well.
+
+The scale ``s`` is computed once from the *initial* rank and never changes when ranks are pruned or
+added (SPEC §1): that is what makes a rank change function-preserving.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS"]
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+
+def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
+    """(d_in, d_out, fan_in_fan_out) of a supported base layer."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features, False
+    if isinstance(base, Conv1D):
+        # GPT-2 style Conv1D stores its weight as d_in × d_out (y = x W + b).
+        d_in, d_out = base.weight.shape
+        return d_in, d_out, True
+    raise TypeError(
+        f"cannot wrap {type(base).__name__}: supported layers are nn.Linear and transformers' Conv1D"
+    )
+
+
+class ElasticAdapter(nn.Module):
+    """A frozen base layer plus a low-rank update with ``capacity`` rank slots.
+
+    Subclasses define the slot parameters through :meth:`slot_parameters`, which lists
+    ``(name, parameter, slot_dim)``: the axis of each parameter that indexes rank slots.
+    """
+
+    kind: str = "abstract"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        capacity: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
+        if capacity < max(r, 1):
+            raise ValueError(f"capacity must be >= max(r, 1), got capacity={capacity}, r={r}")
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.fan_in_fan_out = _base_shape(base_layer)
+        self.capacity = int(capacity)
+        self.r_init = int(r)
+        self.lora_alpha = float(lora_alpha)
+        # Fixed for the whole run (SPEC §1); never recomputed from the current rank.
+        self.scaling = self.lora_alpha / max(self.r_init, 1)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        if dtype is None:
+            # Half-precision bases keep fp32 adapters (as PEFT does): small rank-1 updates of
+            # bf16 values round away.
+            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        self._factory = {"device": w.device, "dtype": dtype}
+        active = torch.zeros(self.capacity, dtype=torch.bool, device=w.device)
+        active[:r] = True
+        self.register_buffer("active", active)
+        self.merged = False
+        self.disabled = False
+        self._unmerged_weight: torch.Tensor | None = None
+        # Per-example slot gates used by batched ablation (ALoRA); None in normal use.
+        self.example_gate: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- interface for subclasses
+    def slot_parameters(self) -> list[tuple[str, nn.Parameter, int]]:
+        raise NotImplementedError
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(down, gate, up): ΔW = up · diag(gate) · down · s, with inactive slots zeroed in gate."""
+        raise NotImplementedError
+
+    def init_slots(self, slots: Sequence[int], generator: torch.Generator | None = None) -> None:
+        """Give freshly activated ``slots`` their starting values (ΔW must not change)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- rank control
+    @property
+    def rank(self) -> int:
+        """Number of active rank slots."""
+        return int(self.active.sum().item())
+
+    def active_indices(self) -> torch.Tensor:
+        return torch.nonzero(self.active, as_tuple=False).flatten()
+
+    def inactive_indices(self) -> torch.Tensor:
+        return torch.nonzero(~self.active, as_tuple=False).flatten()
+
+    @torch.no_grad()
+    def deactivate(self, slots: Sequence[int]) -> None:
+        """Switch ``slots`` off and zero their parameters. Shapes and identities are unchanged."""
+        self._check_not_merged("deactivate")
+        idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.active.device)
+        if idx.numel() == 0:
+            return
+        self.active[idx] = False
+        for _, p, dim in self.slot_parameters():
+            p.index_fill_(dim, idx.to(p.device), 0.0)
+
+    @torch.no_grad()
+    def activate(self, slots: Sequence[int], generator: torch.Generator | None = None) -> None:
+        """Switch ``slots`` on, initialised by :meth:`init_slots` (ΔW unchanged)."""
+        self._check_not_merged("activate")
+        slots = [int(s) for s in slots]
+        if not slots:
+            return
+        if any(bool(self.active[s]) for s in slots):
+            raise ValueError(f"slots {slots} include an already active slot")
+        self.init_slots(slots, generator)
+        self.active[torch.as_tensor(slots, dtype=torch.long, device=self.active.device)] = True
+
+    def _check_not_merged(self, what: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {what} rank slots while the adapter is merged; call unmerge() first")
+
+    # ------------------------------------------------------------------------------------- maths
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """ΔW in the (d_out × d_in) convention, computed in ``dtype``."""
+        down, gate, up = self._factors()
+        down, gate, up = down.to(dtype), gate.to(dtype), up.to(dtype)
+        return (up * gate) @ down * self.scaling
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return y
+        down, gate, up = self._factors()
+        h = self.lora_dropout(x).to(down.dtype) @ down.t()  # (..., c)
+        if self.example_gate is not None:
+            # (batch, c) gates: broadcast over every position of each example.
+            g = self.example_gate.to(h.dtype)
+            h = h * g.view(g.shape[0], *([1] * (h.dim() - 2)), g.shape[1])
+        h = (h * gate) @ up.t()
+        return y + (h * self.scaling).to(y.dtype)
+
+    # ------------------------------------------------------------------------------ merge/unmerge
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight. Idempotent; :meth:`unmerge` restores the weight bit-exactly."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        self._unmerged_weight = w.detach().clone()
+        delta = self.delta_weight(torch.float32)
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        w.copy_((w.float() + delta).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` exactly (the pre-merge weight was kept). Idempotent."""
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, in={self.in_features}, out={self.out_features}, "
+            f"rank={self.rank}/{self.capacity}, scaling={self.scaling:g}"
+        )
+
+
+class SVDAdapter(ElasticAdapter):
+    """``ΔW = P · diag(λ ⊙ m) · Q · s`` (AdaLoRA / ElaLoRA).
+
+    Initialisation (SPEC §1): ``λ = 0``, ``P, Q ~ N(0, 0.02²)`` on the initial active slots, so ΔW = 0
+    and the wrapped model's outputs are unchanged. Slots beyond ``r`` start inactive and zero.
+    """
+
+    kind = "svd"
+
+    def __init__(self, base_layer: nn.Module, *, r: int, capacity: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, dtype: torch.dtype | None = None,
+                 init_std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        super().__init__(base_layer, r=r, capacity=capacity, lora_alpha=lora_alpha,
+                         lora_dropout=lora_dropout, dtype=dtype)
+        c, f = self.capacity, self._factory
+        self.lora_P = nn.Parameter(torch.zeros(self.out_features, c, **f))
+        self.lora_lambda = nn.Parameter(torch.zeros(c, **f))
+        self.lora_Q = nn.Parameter(torch.zeros(c, self.in_features, **f))
+        with torch.no_grad():
+            # Drawn on the CPU in fp32 so that every device and dtype gets the same numbers.
+            self.lora_P[:, :r] = torch.randn(self.out_features, r, generator=generator).mul_(init_std).to(**f)
+            self.lora_Q[:r] = torch.randn(r, self.in_features, generator=generator).mul_(init_std).to(**f)
+
+    def slot_parameters(self):
+        return [("lora_P", self.lora_P, 1), ("lora_lambda", self.lora_lambda, 0), ("lora_Q", self.lora_Q, 0)]
+
+    def _factors(self):
+        gate = self.lora_lambda * self.active.to(self.lora_lambda.dtype)
+        return self.lora_Q, gate, self.lora_P
+
+    @torch.no_grad()
+    def init_slots(self, slots, generator=None):
+        """New ranks (SPEC §3): ``q, p ~ N(0, I)`` orthogonalised in fp32 against the active rows
+        of Q / columns of P (and against the other new ranks), unit norm, ``λ = 0``: ΔW is unchanged
+        and ``∂L/∂λ_new ≠ 0``, so the rank starts learning at once."""
+        act = self.active.clone()
+        for s in slots:
+            basis_q = self.lora_Q[act].float()            # (a, d_in)
+            basis_p = self.lora_P[:, act].float().t()     # (a, d_out)
+            q = _orthonormal_complement_vector(basis_q, self.in_features, generator)
+            p = _orthonormal_complement_vector(basis_p, self.out_features, generator)
+            self.lora_Q[s] = q.to(self.lora_Q.device, self.lora_Q.dtype)
+            self.lora_P[:, s] = p.to(self.lora_P.device, self.lora_P.dtype)
+            self.lora_lambda[s] = 0.0
+            act[s] = True
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """``‖Q_a Q_aᵀ − I‖_F + ‖P_aᵀ P_a − I‖_F`` over the active slots ``a`` only (SPEC §1)."""
+        m = self.active.to(self.lora_Q.dtype)
+        q = self.lora_Q * m[:, None]
+        p = self.lora_P * m[None, :]
+        eye = torch.diag(m)
+        return torch.linalg.matrix_norm(q @ q.t() - eye) + torch.linalg.matrix_norm(p.t() @ p - eye)
+
+
+class GatedLoRAAdapter(ElasticAdapter):
+    """``ΔW = B · diag(m) · A · s`` (plain LoRA with a 0/1 gate per rank, for ALoRA).
+
+    Initialisation as LoRA (Hu et al. 2021): ``A`` Kaiming-uniform, ``B = 0``.
+    """
+
+    kind = "lora"
+
+    def __init__(self, base_layer: nn.Module, *, r: int, capacity: int, lora_alpha: float,
+                 lora_dropout: float = 0.0, dtype: torch.dtype | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__(base_layer, r=r, capacity=capacity, lora_alpha=lora_alpha,
+                         lora_dropout=lora_dropout, dtype=dtype)
+        c, f = self.capacity, self._factory
+        self.lora_A = nn.Parameter(torch.zeros(c, self.in_features, **f))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, c, **f))
+        with torch.no_grad():
+            self.lora_A[:r] = _kaiming_rows(r, self.in_features, generator).to(**f)
+
+    def slot_parameters(self):
+        return [("lora_B", self.lora_B, 1), ("lora_A", self.lora_A, 0)]
+
+    def _factors(self):
+        return self.lora_A, self.active.to(self.lora_A.dtype), self.lora_B
+
+    @torch.no_grad()
+    def init_slots(self, slots, generator=None):
+        for s in slots:
+            self.lora_A[s] = _kaiming_rows(1, self.in_features, generator)[0].to(self.lora_A.device, self.lora_A.dtype)
+            self.lora_B[:, s] = 0.0
+
+
+def _kaiming_rows(n: int, d_in: int, generator: torch.Generator | None) -> torch.Tensor:
+    # nn.init.kaiming_uniform_(a=sqrt(5)) on a (n × d_in) weight: U(-1/sqrt(d_in), 1/sqrt(d_in)).
+    bound = 1.0 / math.sqrt(d_in)
+    return (torch.rand(n, d_in, generator=generator) * 2 - 1) * bound
+
+
+def _orthonormal_complement_vector(basis: torch.Tensor, dim: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A unit vector of length ``dim`` orthogonal to the rows of ``basis`` (fp32, CPU draw).
+
+    Gram–Schmidt against an orthonormal basis of the rows (QR), applied twice ("twice is enough",
+    Giraud et al. 2005) so the result is orthogonal to working precision even when the rows of
+    ``basis`` are far from orthonormal — unlike the single projection ``q − Qᵀ(Qq)`` of the
+    authors' code, which is exact only for orthonormal Q.
+    """
+    v = torch.randn(dim, generator=generator, dtype=torch.float32)
+    basis = basis.detach().float().cpu()
+    if basis.shape[0] > 0:
+        if basis.shape[0] >= dim:
+            raise ValueError(f"cannot add a rank: {basis.shape[0]} active ranks already span all {dim} dimensions")
+        u, r = torch.linalg.qr(basis.t())  # (dim, a): orthonormal basis of the row space
+        keep = r.diagonal().abs() > 1e-6 * max(1.0, float(r.diagonal().abs().max()))
+        u = u[:, keep]
+        for _ in range(2):
+            v = v - u @ (u.t() @ v)
+    n = v.norm()
+    if not torch.isfinite(n) or n < 1e-6:
+        raise ValueError("could not draw a new rank orthogonal to the active ones")
+    return v / n

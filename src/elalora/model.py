@@ -1,0 +1,364 @@
+"""Injection and the user-facing handle.
+
+:func:`get_model` wraps the target layers of any ``nn.Module`` *in place* (the model stays the same
+object, so a Hugging Face model keeps its class, ``forward`` signature and ``save_pretrained``;
+``Trainer``, DDP and ``torch.compile`` see an ordinary module) and returns an
+:class:`AdaptiveModel` handle that owns the method's state: importance scores, the allocation
+policy, the step counter and the rank history.
+
+The handle does no file I/O; :mod:`elalora.persistence` saves, loads and exports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .allocation import make_allocator
+from .allocation.base import RankEvent
+from .config import AdapterConfig, ConfigError, ElaLoRAConfig
+from .importance import ImportanceTracker
+from .layers import SUPPORTED_BASE_LAYERS, ElasticAdapter, GatedLoRAAdapter, SVDAdapter
+
+__all__ = ["get_model", "AdaptiveModel", "DEFAULT_TARGET_MODULES", "find_target_modules", "TargetModuleError"]
+
+# Defaults per model_type: every projection of every block, as in the ElaLoRA / AdaLoRA GLUE
+# experiments (q, k, v, attention output, intermediate, output).
+_ENCODER = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "bert": _ENCODER, "roberta": _ENCODER, "xlm-roberta": _ENCODER, "electra": _ENCODER, "vit": _ENCODER,
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA,
+    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+}
+
+
+class TargetModuleError(ConfigError):
+    """``target_modules`` matched nothing (or something that cannot be wrapped)."""
+
+
+def _matches(name: str, target: list[str] | str) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def _candidate_names(model: nn.Module) -> list[str]:
+    """Distinct trailing names of wrappable layers, for error messages."""
+    seen: "OrderedDict[str, None]" = OrderedDict()
+    for name, mod in model.named_modules():
+        if isinstance(mod, SUPPORTED_BASE_LAYERS):
+            parts = name.split(".")
+            tail = ".".join(p for p in parts[-2:] if not p.isdigit()) if len(parts) > 1 else name
+            seen[tail] = None
+    return list(seen)
+
+
+def find_target_modules(model: nn.Module, target_modules, modules_to_save: Sequence[str] | None = None) -> list[str]:
+    """Names of the layers of ``model`` that ``target_modules`` selects (in module order)."""
+    if target_modules is None:
+        mtype = getattr(getattr(model, "config", None), "model_type", None)
+        if mtype not in DEFAULT_TARGET_MODULES:
+            raise TargetModuleError(
+                f"no default target_modules for model type {mtype!r}; pass target_modules, e.g. one of: "
+                + ", ".join(_candidate_names(model)[:20]))
+        target_modules = DEFAULT_TARGET_MODULES[mtype]
+    keep = list(modules_to_save or [])
+    names, bad = [], []
+    for name, mod in model.named_modules():
+        if not name or not _matches(name, target_modules):
+            continue
+        if keep and any(name == k or name.endswith("." + k) or f".{k}." in f".{name}." for k in keep):
+            continue  # a module kept trainable in full is not adapted as well
+        if isinstance(mod, ElasticAdapter):
+            raise TargetModuleError(f"module {name!r} is already adapted; build the adapters once per model")
+        if isinstance(mod, SUPPORTED_BASE_LAYERS):
+            names.append(name)
+        elif not any(isinstance(c, SUPPORTED_BASE_LAYERS) for c in mod.children()):
+            bad.append(f"{name} ({type(mod).__name__})")
+    if not names:
+        extra = f"; matched only unsupported layers: {', '.join(bad[:5])}" if bad else ""
+        raise TargetModuleError(
+            f"target_modules={target_modules!r} matched no nn.Linear/Conv1D layer{extra}. "
+            f"Candidate names in this model: {', '.join(_candidate_names(model)[:30])}")
+    return names
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _build_adapter(base: nn.Module, config: AdapterConfig, r: int, capacity: int, alpha: float,
+                   generator: torch.Generator) -> ElasticAdapter:
+    cls = SVDAdapter if config.adapter_kind == "svd" else GatedLoRAAdapter
+    return cls(base, r=r, capacity=capacity, lora_alpha=alpha, lora_dropout=config.lora_dropout, generator=generator)
+
+
+class AdaptiveModel:
+    """The handle returned by :func:`get_model`.
+
+    Attributes:
+        model: the wrapped ``nn.Module`` (the same object that was passed in).
+        config: the method configuration.
+        names, adapters: adapted module names and their :class:`~elalora.layers.ElasticAdapter`.
+        allocator: the method's allocation policy.
+        importance: the EMA score tracker (``None`` for methods without scores).
+        events: every rank change so far, as :class:`~elalora.allocation.base.RankEvent`.
+        step_count: optimizer steps seen (the ``t`` of the next :meth:`step`).
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, *, rank_pattern: dict[str, int] | None = None,
+                 capacity_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if getattr(model, "_elalora_handle", None) is not None:
+            raise TargetModuleError("this model already carries elalora adapters; build the adapters once per model")
+        self.model = model
+        self.config = config
+        names = find_target_modules(model, config.target_modules, config.modules_to_save)
+        rank_pattern = dict(rank_pattern or getattr(config, "rank_pattern", None) or {})
+        alpha_pattern = dict(alpha_pattern or getattr(config, "alpha_pattern", None) or {})
+        unknown = set(rank_pattern) - set(names)
+        if unknown:
+            raise TargetModuleError(f"rank_pattern names modules that are not adapted: {sorted(unknown)[:5]}")
+        gen = torch.Generator().manual_seed(config.seed)
+        self.names: list[str] = names
+        self.adapters: list[ElasticAdapter] = []
+        for name in names:
+            base = model.get_submodule(name)
+            r = int(rank_pattern.get(name, config.initial_rank))
+            cap = int((capacity_pattern or {}).get(name, max(config.capacity, r)))
+            a = _build_adapter(base, config, r, cap, float(config.lora_alpha), gen)
+            # The scale is fixed for the run (SPEC §1). With an alpha_pattern (PEFT semantics, e.g. a
+            # GeLoRA plan) it is alpha_m / r_m; otherwise one global lora_alpha / r, so that a rank
+            # moved between matrices weighs the same everywhere.
+            if name in alpha_pattern:
+                a.scaling = float(alpha_pattern[name]) / max(r, 1)
+            else:
+                a.scaling = float(config.lora_alpha) / max(config.initial_rank, 1)
+            _set_submodule(model, name, a)
+            self.adapters.append(a)
+        self._freeze()
+        self.importance: ImportanceTracker | None = None
+        self.allocator = make_allocator(config, names, self.adapters)
+        if self.allocator.uses_importance:
+            self.importance = ImportanceTracker(self.adapters, config.beta1, config.beta2)
+        self.events: list[RankEvent] = []
+        self.step_count = 0
+        self.initial_rank_pattern = self.rank_pattern()
+        self._hook = None
+        if getattr(config, "orth_reg_weight", 0) and config.adapter_kind == "svd":
+            self._hook = model.register_forward_hook(self._add_orth_reg)
+        self._orth_added = False
+        model._elalora_handle = self  # lets the Trainer callback and persistence find the handle
+
+    # ------------------------------------------------------------------------------ structure
+    def _freeze(self) -> None:
+        keep = list(self.config.modules_to_save or [])
+        kept = set()
+        for name, p in self.model.named_parameters():
+            if any(x in name.split(".") for x in ("lora_P", "lora_Q", "lora_lambda", "lora_A", "lora_B")):
+                p.requires_grad_(True)
+            elif keep and any(f".{k}." in f".{name}" for k in keep):
+                p.requires_grad_(True)
+                kept.update(k for k in keep if f".{k}." in f".{name}")
+            else:
+                p.requires_grad_(False)
+        missing = set(keep) - kept
+        if missing:
+            raise TargetModuleError(f"modules_to_save {sorted(missing)} match no parameter of the model")
+
+    def modules_to_save_names(self) -> list[str]:
+        """Full names of the modules kept trainable in full (e.g. the classifier head)."""
+        keep = list(self.config.modules_to_save or [])
+        out = []
+        for name, _ in self.model.named_modules():
+            if name and any(name == k or name.endswith("." + k) for k in keep):
+                if not any(name.startswith(o + ".") for o in out):
+                    out.append(name)
+        return out
+
+    def rank_pattern(self) -> dict[str, int]:
+        """Active rank of every adapted module."""
+        return {n: a.rank for n, a in zip(self.names, self.adapters)}
+
+    def capacity_pattern(self) -> dict[str, int]:
+        return {n: a.capacity for n, a in zip(self.names, self.adapters)}
+
+    @property
+    def total_rank(self) -> int:
+        return sum(a.rank for a in self.adapters)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """``trainable``: parameters with ``requires_grad`` (capacity included); ``active``: adapter
+        parameters of active ranks plus modules kept in full; ``total``: all model parameters."""
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        adapter_cap = sum(p.numel() for a in self.adapters for _, p, _ in a.slot_parameters())
+        active = sum(a.rank * (a.in_features + a.out_features + (1 if a.kind == "svd" else 0)) for a in self.adapters)
+        return {"total": total, "trainable": trainable, "active": trainable - adapter_cap + active,
+                "adapter_capacity": adapter_cap, "adapter_active": active}
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for a in self.adapters for _, p, _ in a.slot_parameters()]
+
+    # ---------------------------------------------------------------------------- training
+    def set_total_steps(self, total_steps: int) -> None:
+        """Tell the method how many optimizer steps the run has (the Trainer callback does this)."""
+        self.allocator.set_total_steps(total_steps)
+
+    def orthogonal_loss(self) -> torch.Tensor:
+        """``R`` of SPEC §1 over active ranks: the unsquared Frobenius norms of ``QQᵀ − I`` and
+        ``PᵀP − I`` averaged over tensors (2 per matrix), as PEFT and the authors' code compute it.
+        Add ``orth_reg_weight · R`` to a loss computed outside the model (the forward hook adds it
+        to ``outputs.loss`` automatically)."""
+        svd = [a for a in self.adapters if isinstance(a, SVDAdapter)]
+        if not svd:
+            p = next(self.model.parameters())
+            return torch.zeros((), device=p.device)
+        return torch.stack([a.orthogonality_penalty() for a in svd]).sum() / (2 * len(svd))
+
+    def _add_orth_reg(self, module, args, output):
+        if not module.training or not torch.is_grad_enabled():
+            return None
+        loss = None
+        if isinstance(output, dict) or hasattr(output, "keys"):
+            loss = output.get("loss") if hasattr(output, "get") else None
+            if loss is not None:
+                output["loss"] = loss + self.config.orth_reg_weight * self.orthogonal_loss()
+                self._orth_added = True
+                return output
+        return None
+
+    @torch.no_grad()
+    def step(self, optimizer: torch.optim.Optimizer | None = None, *, step: int | None = None) -> list[RankEvent]:
+        """The per-optimizer-step call: place it between ``optimizer.step()`` and ``zero_grad()``.
+
+        Updates the importance scores (when the method's phase asks for it) and runs an allocation
+        round when one is due. ``step`` overrides the internal counter (the Trainer callback passes
+        ``state.global_step``). Returns the rank changes made at this step.
+        """
+        t = self.step_count if step is None else int(step)
+        if self.allocator.total_steps is None:
+            total = getattr(self.config, "total_steps", None)
+            if total is None:
+                raise ConfigError("total_steps is unknown: pass total_steps in the config, call "
+                                  "set_total_steps(T), or train with the Trainer callback")
+            self.allocator.set_total_steps(total)
+        skipped = False
+        if self.importance is not None and self.allocator.wants_importance(t):
+            skipped = not self.importance.update()
+        events: list[RankEvent] = []
+        if not skipped:
+            events = self.allocator.on_step(t, optimizer, importance=self.importance, model=self.model)
+        self.events.extend(events)
+        self.step_count = t + 1
+        self._orth_added = False
+        return events
+
+    def callback(self, **kwargs):
+        """A Hugging Face ``TrainerCallback`` driving this model (see :mod:`elalora.integrations.trainer`)."""
+        from .integrations.trainer import ElaLoRACallback
+
+        return ElaLoRACallback(self, **kwargs)
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs besides the model and optimizer state dicts."""
+        return {
+            "format_version": 1,
+            "method": self.config.method,
+            "names": list(self.names),
+            "step_count": self.step_count,
+            "events": [e.to_dict() for e in self.events],
+            "initial_rank_pattern": dict(self.initial_rank_pattern),
+            "masks": {n: a.active.detach().cpu().clone() for n, a in zip(self.names, self.adapters)},
+            "allocator": self.allocator.state_dict(),
+            "importance": None if self.importance is None else self.importance.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format_version", 1) > 1:
+            raise ValueError(f"elalora state format {state['format_version']} is newer than this elalora supports (1); upgrade elalora")
+        if state.get("method") != self.config.method:
+            raise ValueError(f"checkpoint is for method {state.get('method')!r}, this model uses {self.config.method!r}")
+        if list(state["names"]) != self.names:
+            raise ValueError("checkpoint adapts different modules than this model: "
+                             f"{sorted(set(state['names']) ^ set(self.names))[:5]}")
+        for n, a in zip(self.names, self.adapters):
+            m = state["masks"][n]
+            if m.shape != a.active.shape:
+                raise ValueError(f"{n}: checkpoint capacity {m.numel()} != model capacity {a.capacity}")
+            a.active.copy_(m.to(a.active.device))
+        self.step_count = int(state["step_count"])
+        self.events = [RankEvent(**e) for e in state["events"]]
+        self.initial_rank_pattern = dict(state["initial_rank_pattern"])
+        self.allocator.load_state_dict(state["allocator"])
+        if self.importance is not None and state.get("importance") is not None:
+            self.importance.load_state_dict(state["importance"])
+
+    # ----------------------------------------------------------------- persistence shortcuts
+    def save_pretrained(self, path: str, **kw) -> None:
+        from .persistence import save_adapter
+
+        save_adapter(self, path, **kw)
+
+    def export_peft(self, path: str, **kw) -> None:
+        from .persistence import export_peft
+
+        export_peft(self, path, **kw)
+
+    def merge_and_unload(self) -> nn.Module:
+        from .persistence import merge_and_unload
+
+        return merge_and_unload(self)
+
+    def merge(self) -> None:
+        for a in self.adapters:
+            a.merge()
+
+    def unmerge(self) -> None:
+        for a in self.adapters:
+            a.unmerge()
+
+    def set_adapters_enabled(self, enabled: bool) -> None:
+        """Disable (``False``) or re-enable the adapters: disabled, the model is its base."""
+        for a in self.adapters:
+            a.disabled = not enabled
+
+    def remove_hooks(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __repr__(self) -> str:
+        c = self.parameter_counts()
+        return (f"AdaptiveModel(method={self.config.method}, matrices={len(self.adapters)}, "
+                f"total_rank={self.total_rank}, trainable={c['trainable']:,}, active={c['active']:,})")
+
+
+def get_model(model: nn.Module, config: AdapterConfig, **kw) -> AdaptiveModel:
+    """Wrap the target layers of ``model`` in place and return the :class:`AdaptiveModel` handle."""
+    return AdaptiveModel(model, config, **kw)
+
+
+def handle_of(model: nn.Module) -> AdaptiveModel:
+    """The :class:`AdaptiveModel` attached to a wrapped model (also through DDP/accelerate wrappers)."""
+    m = model
+    for _ in range(4):
+        h = getattr(m, "_elalora_handle", None)
+        if h is not None:
+            return h
+        m = getattr(m, "module", None)
+        if m is None:
+            break
+    raise ValueError("this model carries no elalora adapters; wrap it with elalora.get_model first")

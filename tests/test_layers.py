@@ -1,0 +1,203 @@
+"""The adapter layer: maths, masks, merge, dtypes; pinned against PEFT where PEFT has the same form."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from elalora.layers import GatedLoRAAdapter, SVDAdapter
+
+from conftest import tiny_bert
+
+
+def _svd(base, r=3, cap=6, alpha=6.0, seed=0):
+    a = SVDAdapter(base, r=r, capacity=cap, lora_alpha=alpha, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        a.lora_lambda[:r] = torch.randn(r)
+    return a
+
+
+def test_init_is_identity_and_forward_matches_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5)
+    x = torch.randn(4, 7)
+    y0 = base(x)
+    a = SVDAdapter(base, r=3, capacity=6, lora_alpha=6.0)
+    assert torch.equal(a(x), y0)  # λ = 0 at init: outputs unchanged
+    with torch.no_grad():
+        a.lora_lambda.normal_()
+    m = a.active.float()
+    expect = y0 + x @ (a.lora_Q * (a.lora_lambda * m)[:, None]).t() @ a.lora_P.t() * (6.0 / 3)
+    torch.testing.assert_close(a(x), expect)
+    # slots beyond r are inactive and zero
+    assert a.rank == 3 and a.capacity == 6
+    assert torch.all(a.lora_Q[3:] == 0) and torch.all(a.lora_P[:, 3:] == 0)
+
+
+def test_conv1d_matches_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(7, 5)
+    conv = Conv1D(5, 7)
+    with torch.no_grad():
+        conv.weight.copy_(lin.weight.t())
+        conv.bias.copy_(lin.bias)
+    a, b = _svd(lin), _svd(conv)
+    with torch.no_grad():
+        for n in ("lora_P", "lora_Q", "lora_lambda"):
+            getattr(b, n).copy_(getattr(a, n))
+    x = torch.randn(2, 3, 7)
+    torch.testing.assert_close(a(x), b(x))
+    assert b.fan_in_fan_out and not a.fan_in_fan_out
+
+
+def test_inactive_slots_get_zero_grad_and_no_output():
+    torch.manual_seed(0)
+    a = _svd(nn.Linear(7, 5))
+    with torch.no_grad():  # junk in an inactive slot must not leak into the output
+        a.lora_Q[4].normal_(); a.lora_P[:, 4].normal_(); a.lora_lambda[4] = 3.0
+    x = torch.randn(4, 7)
+    y = a(x)
+    with torch.no_grad():
+        a.lora_Q[4] = 0; a.lora_P[:, 4] = 0; a.lora_lambda[4] = 0
+    torch.testing.assert_close(y, a(x))
+    with torch.no_grad():
+        a.lora_Q[4].normal_(); a.lora_P[:, 4].normal_(); a.lora_lambda[4] = 3.0
+    a(x).pow(2).sum().backward()
+    for name, p, dim in a.slot_parameters():
+        g = p.grad.index_select(dim, torch.tensor([3, 4, 5]))
+        assert torch.count_nonzero(g) == 0, name
+        assert torch.count_nonzero(p.grad.index_select(dim, torch.tensor([0, 1, 2]))) > 0, name
+
+
+def test_deactivate_reactivate_keeps_shapes_identities_and_optimizer_params():
+    model = tiny_bert()
+    import elalora
+
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    before = [(id(p), tuple(p.shape)) for p in model.parameters()]
+    group_ids = [id(p) for p in opt.param_groups[0]["params"]]
+    a = h.adapters[0]
+    a.deactivate([1])
+    assert a.rank == 1
+    a.activate([1], generator=torch.Generator().manual_seed(0))
+    assert a.rank == 2
+    assert [(id(p), tuple(p.shape)) for p in model.parameters()] == before
+    assert [id(p) for p in opt.param_groups[0]["params"]] == group_ids
+    with pytest.raises(ValueError, match="already active"):
+        a.activate([1])
+
+
+def test_new_rank_orthogonal_and_delta_unchanged():
+    torch.manual_seed(0)
+    a = _svd(nn.Linear(16, 12), r=4, cap=8)
+    with torch.no_grad():  # make the active rows far from orthonormal
+        a.lora_Q[:4] = torch.randn(4, 16) * torch.tensor([1.0, 5.0, 0.1, 2.0])[:, None]
+        a.lora_Q[1] += a.lora_Q[0]
+    d0 = a.delta_weight()
+    a.activate([5, 6], generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a.delta_weight(), d0, rtol=0, atol=0)
+    act = a.active_indices()
+    q_act = a.lora_Q[act[:4]]
+    for s in (5, 6):
+        assert abs(a.lora_Q[s].norm().item() - 1) < 1e-6
+        assert abs(a.lora_P[:, s].norm().item() - 1) < 1e-6
+        assert (q_act @ a.lora_Q[s]).abs().max() < 1e-4 * q_act.norm()
+        assert (a.lora_P[:, act[:4]].t() @ a.lora_P[:, s]).abs().max() < 1e-4 * a.lora_P.norm()
+    assert abs(float(a.lora_Q[5].detach() @ a.lora_Q[6].detach())) < 1e-6  # new ranks orthogonal to each other too
+    # the new rank learns at once: dL/dλ_new != 0
+    a(torch.randn(3, 16)).sum().backward()
+    assert a.lora_lambda.grad[5] != 0
+
+
+def test_merge_unmerge_exact_and_idempotent():
+    torch.manual_seed(0)
+    a = _svd(nn.Linear(7, 5))
+    x = torch.randn(4, 7)
+    w0 = a.base_layer.weight.detach().clone()
+    y = a(x)
+    a.merge(); a.merge()
+    torch.testing.assert_close(a(x), y)
+    assert a.merged
+    with pytest.raises(RuntimeError, match="unmerge"):
+        a.deactivate([0])
+    a.unmerge(); a.unmerge()
+    assert torch.equal(a.base_layer.weight, w0)
+    torch.testing.assert_close(a(x), y)
+
+
+def test_disabled_mode_is_base():
+    torch.manual_seed(0)
+    a = _svd(nn.Linear(7, 5))
+    x = torch.randn(4, 7)
+    a.disabled = True
+    assert torch.equal(a(x), a.base_layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(8, 6).to(dtype)
+    a = _svd(base)
+    assert a.lora_P.dtype == torch.float32  # fp32 adapters on half bases
+    x = torch.randn(3, 8, dtype=dtype)
+    y = a(x)
+    assert y.dtype == dtype
+    ref = base(x).float() + x.float() @ (a.lora_Q * a.lora_lambda[:, None] * a.active[:, None]).t() @ a.lora_P.t() * a.scaling
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+    a.activate([4], generator=torch.Generator().manual_seed(0))
+    assert a.lora_Q.dtype == torch.float32
+    b = SVDAdapter(nn.Linear(8, 6).to(torch.bfloat16), r=2, capacity=4, lora_alpha=2, dtype=torch.bfloat16)
+    b.activate([3], generator=torch.Generator().manual_seed(0))
+    assert b.lora_Q.dtype == torch.bfloat16  # new ranks keep the parameter dtype
+
+
+def test_gated_lora_matches_peft_lora():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(7, 5))
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=3, lora_alpha=6, target_modules=["0"]))
+    layer = ref.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    a = GatedLoRAAdapter(copy.deepcopy(base[0]), r=3, capacity=5, lora_alpha=6)
+    with torch.no_grad():
+        a.lora_A[:3] = layer.lora_A["default"].weight
+        a.lora_B[:, :3] = layer.lora_B["default"].weight
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(a(x), ref(x))
+    # gating a rank off equals removing it
+    a.deactivate([2])
+    with torch.no_grad():
+        layer.lora_B["default"].weight[:, 2] = 0
+    torch.testing.assert_close(a(x), ref(x))
+
+
+def test_orthogonal_penalty_matches_peft_adalora():
+    """Our R equals PEFT AdaLoRA's regulariser for the same P, Q (unsquared Frobenius, mean over tensors)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    import elalora
+
+    model = tiny_bert()
+    ref = get_peft_model(copy.deepcopy(model), AdaLoraConfig(init_r=3, target_r=2, target_modules=["query", "value"],
+                                                             lora_alpha=3, total_step=10, orth_reg_weight=1.0))
+    h = elalora.get_model(model, elalora.AdaLoRAConfig(r=2, init_r=3, target_modules=["query", "value"], total_steps=10))
+    sd = ref.state_dict()
+    with torch.no_grad():
+        for n, a in zip(h.names, h.adapters):
+            pre = f"base_model.model.{n}"
+            a.lora_Q.copy_(sd[f"{pre}.lora_A.default"])
+            a.lora_P.copy_(sd[f"{pre}.lora_B.default"])
+    x = torch.randint(0, 100, (2, 5))
+    ada = ref.base_model  # AdaLoraModel.forward adds orth_reg_weight * R to the loss
+    ada.train()
+    out = ada(input_ids=x, labels=torch.tensor([0, 1]))
+    ada.peft_config["default"].orth_reg_weight = 0.0
+    task = ada(input_ids=x, labels=torch.tensor([0, 1])).loss
+    expected = out.loss - task
+    torch.testing.assert_close(h.orthogonal_loss(), expected.detach(), rtol=1e-5, atol=1e-6)
