@@ -182,6 +182,15 @@ def test_cola_headerless_with_tab_in_sentence(tmp_path):
     assert train == [{"text_a": "Good sentence.", "label": 1}, {"text_a": "Bad\tsentence.", "label": 0}]
 
 
+def test_sst2_tab_in_sentence(tmp_path):
+    text = "sentence\tlabel\ngreat film \t1\nbad\tand boring \t0\n"
+    write(tmp_path / "sst-2" / "train.tsv", text)  # folder names are matched case/dash-insensitively
+    write(tmp_path / "sst-2" / "dev.tsv", text)
+    train, _, spec = load_task_data("sst2", tmp_path)
+    assert train == [{"text_a": "great film ", "label": 1}, {"text_a": "bad\tand boring ", "label": 0}]
+    assert spec.label_names == ["negative", "positive"]
+
+
 def test_glue_missing_folder_and_file(tmp_path):
     with pytest.raises(TaskError, match=r"no RTE folder .*RTE/train\.tsv"):
         load_task_data("rte", tmp_path)
@@ -254,7 +263,8 @@ def test_custom_errors(tmp_path):
     write(tmp_path / "train.csv", "sentence,gold\nhi,a\nho,b\n")
     with pytest.raises(TaskError, match=r"data file '.*nothere\.csv' not found"):
         load_task_data("custom", None, train_file=tmp_path / "nothere.csv", eval_file=tmp_path / "train.csv")
-    with pytest.raises(TaskError, match=r"column 'label' not found in '.*train\.csv'; available columns: sentence, gold"):
+    with pytest.raises(TaskError, match=r"column 'label' not found in '.*train\.csv'; "
+                                        r"available columns: sentence, gold"):
         load_task_data("custom", None, train_file=tmp_path / "train.csv", eval_file=tmp_path / "train.csv")
     with pytest.raises(TaskError, match=r"column 'txt' not found .*available columns: sentence, gold"):
         load_task_data("custom", None, train_file=tmp_path / "train.csv", eval_file=tmp_path / "train.csv",
@@ -360,7 +370,8 @@ def test_causal_lm_collator_masks_prompt(bert_tokenizer):
     g_ids, g_mask = gen["input_ids"], gen["attention_mask"]
     assert g_mask[0, 0].item() == 0 and g_mask[0, -1].item() == 1  # left padding
     assert g_mask[1].all()
-    assert g_ids[1].tolist() == [tok.cls_token_id] + tok(build_prompt(examples[1]), add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(build_prompt(examples[1]), add_special_tokens=False)["input_ids"]
+    assert g_ids[1].tolist() == [tok.cls_token_id] + prompt_ids
     assert coll.encode_prompts([examples[0]])["input_ids"].shape[0] == 1
 
 

@@ -312,10 +312,11 @@ class AdaptiveModel:
 
         save_adapter(self, path, **kw)
 
-    def export_peft(self, path: str, **kw) -> None:
+    def export_peft(self, path: str, **kw) -> dict[str, int]:
+        """Write a plain PEFT LoRA adapter; returns the exported rank pattern (rank-0 modules dropped)."""
         from .persistence import export_peft
 
-        export_peft(self, path, **kw)
+        return export_peft(self, path, **kw)
 
     def merge_and_unload(self) -> nn.Module:
         from .persistence import merge_and_unload

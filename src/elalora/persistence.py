@@ -310,12 +310,18 @@ def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, d
     for k, v in _trainable_full_modules(handle).items():
         tensors[f"base_model.model.{k}"] = v.detach().to(dtype) if dtype else v.detach()
     top = max(pattern.values())
+    task_type = _peft_task_type(handle.model)
+    saved = handle.modules_to_save_names()
+    if task_type == "SEQ_CLS" and not any(n.split(".")[-1] in ("classifier", "score") for n in saved):
+        # PEFT's sequence-classification wrapper insists on a saved head; without a trained head the
+        # generic PeftModel reproduces the outputs.
+        task_type = None
     ident = _base_identity(handle.model)
     lcfg = LoraConfig(
         r=top, lora_alpha=top, target_modules=sorted(pattern), rank_pattern=dict(pattern),
         alpha_pattern={k: float(v) for k, v in pattern.items()}, lora_dropout=0.0, bias="none",
         fan_in_fan_out=fan_in_fan_out.pop(), modules_to_save=handle.modules_to_save_names() or None,
-        task_type=_peft_task_type(handle.model),
+        task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or ident["name_or_path"],
     )
     with atomic_directory(path) as tmp:

@@ -533,10 +533,11 @@ def plot_rank_over_time(
         else:
             budget = f"total rank {t0} \u2192 {t1} (min {tmin}, max {tmax}; not constant)"
         n_changes = sum(1 for e in events if int(e["old_rank"]) != int(e["new_rank"]))
-        ax_top.set_title(
-            f"{budget}; {n_changes} module rank change(s) in {len(round_steps)} round(s)",
-            fontsize=10, loc="left",
-        )
+        if round_steps:
+            summary = f"{budget}; {n_changes} module rank change(s) in {len(round_steps)} round(s)"
+        else:
+            summary = f"total rank {t0}; no rank-adjustment rounds (fixed ranks)"
+        ax_top.set_title(summary, fontsize=10, loc="left")
         for name, r in ranks.items():
             ax_bot.plot(x, extend(r), drawstyle="steps-post", color=colours[member[name]],
                         lw=0.7, alpha=0.55)
@@ -597,15 +598,15 @@ def _scores_from_events(events: Sequence[Mapping] | None) -> tuple[dict[str, lis
     last: dict[str, list[float]] = {}
     step = None
     for ev in _sorted_events(events):
-        sc = ev.get("scores") or []
-        if len(sc):
+        sc = ev.get("scores")
+        if sc is not None and len(sc):
             last[ev["module"]] = [float(v) for v in sc]
             step = int(ev["step"])
     return last, step
 
 
 def _has_scores(scores: Mapping[str, Sequence[float]] | None) -> bool:
-    return bool(scores) and any(len(v) for v in scores.values())
+    return bool(scores) and any(v is not None and len(v) for v in scores.values())
 
 
 def plot_score_distribution(
@@ -632,7 +633,7 @@ def plot_score_distribution(
     keys = _module_keys(scores)
     per_type: dict[str, list[float]] = {}
     for name, vals in scores.items():
-        if len(vals):
+        if vals is not None and len(vals):
             per_type.setdefault(keys[name][1], []).extend(float(v) for v in vals)
     allv = np.concatenate([np.asarray(v, dtype=float) for v in per_type.values()])
     n_total = allv.size

@@ -323,6 +323,9 @@ def load_task_data(
         text_columns: One or two input columns of a custom task (default: the spec's
             ``text_fields``, else ``text``/``sentence``/``sentence1,sentence2`` when present).
         label_column: Label column of a custom task (default: the spec's ``label_field``, ``label``).
+            Integer or string labels make a classification task (classes sorted, numerically for
+            integers), other numbers a regression task; for integer-valued scores use
+            ``get_task("custom", kind="regression")``.
 
     Returns:
         ``(train_examples, eval_examples, spec)``. ``spec`` is complete: for ``custom`` and
@@ -469,7 +472,8 @@ def _read_glue_tsv(spec: TaskSpec, path: Path) -> list[dict]:
     """Parse one GLUE TSV file into examples.
 
     Rows with more fields than the header (a stray tab in a text) still load: text columns are
-    read by position from the front and a trailing label from the end. Rows with too few fields or
+    read by position from the front and a trailing label from the end; in single-sentence files
+    (CoLA, SST-2) the extra fields are joined back into the sentence. Rows with too few fields or
     an unreadable label are skipped and reported with a logging warning.
     """
     fmt = _GLUE_FORMATS[spec.name]
@@ -514,6 +518,9 @@ def _read_glue_tsv(spec: TaskSpec, path: Path) -> list[dict]:
         if not fmt.has_header and len(row) > min_fields:
             # Headerless CoLA: the sentence is the last column and may itself contain tabs.
             texts[-1] = "\t".join(row[text_idx[-1]:])
+        elif fmt.has_header and len(text_idx) == 1 and label_idx == -1 and len(row) > len(header):
+            # Single-sentence file (SST-2): every field between the sentence and the label is text.
+            texts[0] = "\t".join(row[text_idx[0]:-1])
         ex: dict[str, Any] = {"text_a": texts[0]}
         if len(texts) > 1:
             ex["text_b"] = texts[1]
@@ -1034,7 +1041,8 @@ class CausalLMCollator:
         self.pad_id = _pad_id(tokenizer)
         self.prefix = _special_prefix(tokenizer)
 
-    def encode_prompts(self, prompts: Sequence[str | Mapping[str, Any]], max_length: int | None = None) -> dict[str, Any]:
+    def encode_prompts(self, prompts: Sequence[str | Mapping[str, Any]],
+                       max_length: int | None = None) -> dict[str, Any]:
         """Left-padded generation batch; see :func:`encode_prompts`."""
         return encode_prompts(self.tokenizer, prompts, max_length or self.max_length)
 
