@@ -14,7 +14,8 @@ from .allocation.base import RankEvent
 from .config import AdaLoRAConfig, ALoRAConfig, ConfigError, ElaLoRAConfig, FixedRankConfig
 from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter
 from .model import AdaptiveModel, TargetModuleError, get_model, handle_of
-from .persistence import AdapterLoadError, export_peft, load_adapter, merge_and_unload, save_adapter
+from .persistence import (AdapterLoadError, export_peft, load_adapter, load_checkpoint, merge_and_unload,
+                          save_adapter, save_checkpoint)
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter",
     "AdaptiveModel", "get_model", "handle_of", "TargetModuleError", "RankEvent",
     "save_adapter", "load_adapter", "export_peft", "merge_and_unload", "AdapterLoadError",
+    "save_checkpoint", "load_checkpoint",
 ]

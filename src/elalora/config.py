@@ -281,17 +281,30 @@ class FixedRankConfig(AdapterConfig):
 
 @dataclass
 class ALoRAConfig(AdapterConfig):
-    """ALoRA / AB-LoRA (Liu et al. 2024, arXiv:2403.16187 §3.3): ablation importance, prune n_A
-    ranks per round and give them to the modules that lost none.
+    """ALoRA / AB-LoRA (Liu et al. 2024, arXiv:2403.16187 §3.2–3.3; SPEC §5): ablation importance,
+    prune ``n_a`` ranks per round and give them to the modules that lost none.
+
+    Every adapted matrix starts at ``r`` ranks (budget ``r × N``). After ``k1`` optimizer steps, and
+    then every ``k2`` steps, for at most ``n_rounds`` rounds: score every active rank by ablation on
+    the held-out batch given to ``handle.allocator.set_validation_batch(batch)``, prune the ``n_a``
+    lowest-scoring ones and add as many new ranks to the modules that lost none (see
+    :mod:`elalora.allocation.alora`).
 
     Args:
-        n_a: ranks pruned per round (default: one per adapted module, as in the paper).
-        n_rounds: maximum number of rounds (N_A).
-        k1: warm-up before the first round, in steps (int) or a fraction of the run (float).
-        k2: training between rounds, in steps or a fraction of the run.
-        val_batch_size: size of the held-out batch ``B_val`` used for the ablations.
-        max_rank: per-module capacity (default ``2 r``).
-        ablation_chunk: ablation masks evaluated per forward pass (memory vs speed).
+        n_a: ranks pruned per round (default ``None``: one per adapted module, as in the paper).
+        n_rounds: maximum number of rounds (the paper's ``N_A``; 0 = plain LoRA).
+        k1: warm-up before the first round, in optimizer steps (int) or a fraction of the run (float).
+            The first round runs after ``max(k1, 1)`` optimizer steps.
+        k2: training between rounds, in steps (int >= 1) or a fraction of the run (float).
+        val_batch_size: size of the held-out batch ``B_val`` the integrations draw for the ablations
+            (the paper uses 32). The allocator itself uses whatever batch it is given.
+        max_rank: per-module capacity (default ``2 r``); a module at capacity gets no new rank.
+        min_rank: no module is pruned below this rank (default 1; 0 lets a module lose every rank,
+            as the paper's rule allows — such a module then stays at rank 0).
+        ablation_chunk: ablation masks evaluated per forward pass, each pass over
+            ``ablation_chunk`` copies of ``B_val`` (memory vs speed).
+        total_steps: the run's optimizer steps, needed to resolve fractional ``k1``/``k2`` and by the
+            plain-loop ``handle.step`` (the Trainer callback sets it from ``max_steps``).
     """
 
     n_a: int | None = None
@@ -300,7 +313,9 @@ class ALoRAConfig(AdapterConfig):
     k2: int | float = 0.06
     val_batch_size: int = 32
     max_rank: int | None = None
+    min_rank: int = 1
     ablation_chunk: int = 8
+    total_steps: int | None = None
     method: ClassVar[str] = "alora"
     adapter_kind: ClassVar[str] = "lora"
 
@@ -321,10 +336,27 @@ class ALoRAConfig(AdapterConfig):
             self.max_rank = 2 * self.r
         _require(_is_int(self.max_rank) and self.max_rank >= self.r,
                  f"max_rank (capacity) must be an integer >= r={self.r}; got {self.max_rank!r}")
+        _require(_is_int(self.min_rank) and 0 <= self.min_rank <= self.r,
+                 f"min_rank must be an integer in [0, r={self.r}]; got {self.min_rank!r}")
+        if self.total_steps is not None:
+            self.resolve_schedule(self.total_steps)
 
     @property
     def capacity(self) -> int:
         return int(self.max_rank)
+
+    def resolve_schedule(self, total_steps: int) -> tuple[int, int]:
+        """``(K1, K2)`` in optimizer steps for a run of ``total_steps`` steps (``K1 >= 1``, ``K2 >= 1``).
+
+        Raises if ``n_rounds > 0`` and the first round would fall after the end of the run.
+        """
+        _require(_is_int(total_steps) and total_steps >= 1, f"total_steps must be an integer >= 1; got {total_steps!r}")
+        k1 = max(1, _to_steps(self.k1, total_steps))
+        k2 = max(1, _to_steps(self.k2, total_steps))
+        _require(self.n_rounds == 0 or k1 <= total_steps,
+                 f"k1={self.k1!r} puts the first ALoRA round after {k1} steps, past the end of the run "
+                 f"(total_steps={total_steps}); lower k1 or train longer")
+        return k1, k2
 
 
 _CONFIGS = {c.method: c for c in (ElaLoRAConfig, AdaLoRAConfig, FixedRankConfig, ALoRAConfig)}

@@ -39,6 +39,7 @@ from .model import AdaptiveModel, handle_of
 __all__ = [
     "AdapterLoadError", "save_adapter", "load_adapter", "export_peft", "merge_and_unload",
     "atomic_directory", "atomic_write_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS",
+    "save_checkpoint", "load_checkpoint",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -346,3 +347,55 @@ def merge_and_unload(handle: AdaptiveModel | nn.Module) -> nn.Module:
     handle.remove_hooks()
     model._elalora_handle = None
     return model
+
+
+# ------------------------------------------------------------------------- training checkpoints
+def save_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=None, lr_scheduler=None,
+                    extra: dict | None = None) -> None:
+    """Save everything a plain training loop needs to resume exactly, atomically, to one file:
+    the model's trainable state (adapter parameters, masks, modules kept in full), the method's
+    state (EMA scores, step counter, rank history), optimizer, LR scheduler, the CPU RNG and
+    ``extra``. An interrupted save leaves the previous file intact."""
+    import io
+
+    trainable = {n for n, p in handle.model.named_parameters() if p.requires_grad}
+    model_state = {k: v.detach().cpu().clone() for k, v in handle.model.state_dict().items()
+                   if k in trainable or k.endswith(".active")}
+    blob = {
+        "elalora_checkpoint_version": 1,
+        "model": model_state,
+        "elalora": handle.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "extra": extra or {},
+    }
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=None, lr_scheduler=None) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns its ``extra`` dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterLoadError(f"checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle errors, …
+        raise AdapterLoadError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or "elalora_checkpoint_version" not in blob:
+        raise AdapterLoadError(f"{path} is not an elalora training checkpoint")
+    if blob["elalora_checkpoint_version"] > 1:
+        raise AdapterLoadError(f"{path} was written by a newer elalora (checkpoint version "
+                               f"{blob['elalora_checkpoint_version']}); upgrade elalora")
+    handle.load_state_dict(blob["elalora"])
+    missing, unexpected = handle.model.load_state_dict(blob["model"], strict=False)
+    if unexpected:
+        raise AdapterLoadError(f"checkpoint {path} has parameters this model lacks: {unexpected[:3]}")
+    if optimizer is not None and blob["optimizer"] is not None:
+        optimizer.load_state_dict(blob["optimizer"])
+    if lr_scheduler is not None and blob["lr_scheduler"] is not None:
+        lr_scheduler.load_state_dict(blob["lr_scheduler"])
+    torch.set_rng_state(blob["rng"])
+    return blob["extra"]

@@ -1,0 +1,506 @@
+"""ALoRA: ablation-based rank importance (AB-LoRA) and prune-and-reallocate rounds (Liu et al. 2024,
+arXiv:2403.16187, §3.2–3.3; SPEC §5).
+
+Adapters are gated plain LoRA (:class:`~elalora.layers.GatedLoRAAdapter`,
+``ΔW = B · diag(m) · A · s`` with the 0/1 active mask ``m`` as the gate). Every module starts at
+``r`` ranks, so the budget ``R_target = r × N`` holds from the start.
+
+Importance (AB-LoRA, §3.2)
+--------------------------
+With ``S(·) = −L(·)`` the loss on one held-out batch ``B_val``, the score of active rank ``ρ`` is::
+
+    IS(ρ) = S(M) − S(M \\ ρ) + S(M_ρ)
+          = −L(M) + L(M with only ρ removed) − L(M with only ρ kept, every other rank of EVERY module removed)
+
+Ablations are *batched*: ``B_val`` is repeated ``c = ablation_chunk`` times along the batch dimension
+and every adapter's ``example_gate`` (shape ``(c·|B_val|, capacity)``) switches slots off per copy,
+so one forward pass evaluates ``c`` masks (this needs the batch on dimension 0 of every adapted
+layer's input, as in Hugging Face models). The loss is reduced per mask (see :func:`ablation_scores`). The model runs in eval mode under ``torch.no_grad()``; the training flags
+and ``example_gate = None`` are restored afterwards, also when the forward pass raises.
+
+Cost per round, with ``P`` active ranks and ``c = ablation_chunk``: ``1 + 2P`` masks (the full
+model, ``P`` "removed", ``P`` "kept only"), evaluated in ``⌈(1 + 2P) / c⌉ ≈ 1 + 2P/c`` forward passes,
+each over ``c`` copies of ``B_val`` (the last one possibly fewer). That is the compute of ``1 + 2P``
+forward passes over ``B_val`` — no backward pass — in ``c`` times fewer kernel launches; peak memory is
+that of one no-grad forward pass over ``c·|B_val|`` examples. E.g. BERT-base with all 72 projections at
+``r = 8``: ``P = 576``, 1153 masks, 145 passes of ``8 × 32`` examples at ``c = 8``.
+
+Procedure (§3.3)
+----------------
+``t`` is the 0-based optimizer step; ``K1 = max(k1, 1)`` and ``K2`` are in optimizer steps (fractions
+are resolved against the run's total steps ``T``). A round runs at the ``on_step`` call of step ``t``
+when ``t + 1 = K1 + j·K2`` (after ``K1`` warm-up steps, then every ``K2`` steps), at most
+``n_rounds`` times, and only if ``K2`` training steps still follow it (``t + 1 + K2 ≤ T``): every
+round of the paper is followed by ``K2`` steps of training. One round:
+
+1. score every active rank (above);
+2. prune the ``n_a`` lowest-scoring ranks (default ``n_a = N``, one per module), in the order
+   ``(score, module index, slot)`` — a deterministic tie-break — skipping a rank whose module is
+   already at ``min_rank``;
+3. give as many new ranks as were pruned to the modules that lost none this round: round-robin in
+   decreasing order of the module's *average* importance (mean ``IS`` over its active ranks; ties to the
+   lower module index), i.e. as evenly as possible with the leftover going to the more important
+   modules (the paper's footnote: ``n_A = 8`` over three modules gives 3, 3, 2); a module at capacity
+   (``max_rank``) is skipped and its share goes to the next (:func:`distribute_new_ranks`).
+
+New ranks go through :func:`~.base.apply_rank_changes` like every other method: ``A`` Kaiming-uniform
+from the seeded generator of ``(seed, step, module)``, ``B = 0`` (ΔW unchanged), zero optimizer
+moments; pruned slots are zeroed with zero moments.
+
+Design decisions
+----------------
+* **Minimum rank.** ``min_rank`` (default 1) is a floor on pruning. The paper sets no floor: a module
+  can lose every rank (``min_rank = 0`` reproduces that). The default keeps every adapted module alive,
+  since the ablation score of a module's last rank is noisy on one small batch. A module at rank 0 has
+  no importance and receives no new rank (it stays removed, as in the paper's pruning).
+* **Everyone lost a rank.** The paper adds new ranks only to modules that lost none; if every module
+  lost one (or every such module is at rank 0 or at capacity) nothing — or only part — is added, and
+  the total budget shrinks by the difference, as in the paper. The shortfall is counted in
+  ``budget_lost`` and visible in the :class:`~.base.RankEvent` list (``pruned`` vs ``grown``). With the
+  default ``n_a = N`` this happens only if the ``N`` weakest ranks are spread one per module.
+
+Giving ``B_val``
+----------------
+The allocator needs one held-out batch before its first round::
+
+    handle.allocator.set_validation_batch({"input_ids": ..., "attention_mask": ..., "labels": ...})
+
+a dict (or ``BatchEncoding``) of tensors with the batch on dimension 0, e.g. a collated batch of
+``config.val_batch_size`` (32) examples of the validation split. The CLI and the Trainer integration
+call it; with a plain loop, call it yourself before training. If a round is due and no batch was set,
+:class:`RuntimeError` is raised. The batch is not saved in :meth:`ALoRAAllocator.state_dict`: set it
+again after resuming. Under DDP every process must set the same batch (the decisions are then
+identical without communication).
+
+Default loss (the ``labels`` key is removed from the model inputs and used here, as Hugging Face does):
+logits of shape ``(n, C)`` — cross-entropy, MSE when ``num_labels == 1`` or
+``problem_type == "regression"``, BCE-with-logits for ``"multi_label_classification"`` (HF's rules);
+logits ``(n, T, V)`` — token cross-entropy with ``-100`` ignored, labels shifted by one for causal LMs,
+not for token classification / masked LM / encoder-decoder models; the loss of a mask is the mean over
+its valid tokens (the same value as the model's own loss on ``B_val``). Anything else: pass
+``loss_fn(model_outputs, batch) -> per-example loss`` to :meth:`ALoRAAllocator.set_validation_batch`;
+it receives the repeated batch (labels included) and the mean of its output over each copy of
+``B_val`` is that mask's loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ALoRAConfig, ConfigError
+from ..layers import ElasticAdapter
+from .base import Allocator, apply_rank_changes
+
+__all__ = ["ALoRAAllocator", "ablation_scores", "select_prune", "distribute_new_ranks", "plan_round"]
+
+LossFn = Callable[[object, dict], torch.Tensor]
+
+_NO_SHIFT_LOSS_TYPES = {"ForTokenClassification", "ForMaskedLM", "ForConditionalGeneration"}
+
+
+# ------------------------------------------------------------------------------------ batches
+def _batch_size(batch: dict) -> int:
+    for key in ("labels", "input_ids", "inputs_embeds", "pixel_values"):
+        v = batch.get(key)
+        if torch.is_tensor(v) and v.dim() >= 1:
+            return int(v.shape[0])
+    for v in batch.values():
+        if torch.is_tensor(v) and v.dim() >= 1:
+            return int(v.shape[0])
+    raise ValueError("the validation batch holds no tensor with a batch dimension")
+
+
+def _tile(batch: dict, n: int, size: int, device: torch.device | None) -> dict:
+    """``n`` copies of ``batch`` along dimension 0 (copy-major: rows ``j·size … (j+1)·size − 1``)."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            if device is not None:
+                v = v.to(device)
+            if v.dim() >= 1 and v.shape[0] == size and n > 1:
+                v = v.repeat(n, *([1] * (v.dim() - 1)))
+        out[k] = v
+    return out
+
+
+def _input_device(model: nn.Module) -> torch.device | None:
+    try:
+        emb = model.get_input_embeddings()
+        if emb is not None and getattr(emb, "weight", None) is not None:
+            return emb.weight.device
+    except (AttributeError, NotImplementedError):
+        pass
+    p = next(model.parameters(), None)
+    return None if p is None else p.device
+
+
+def _logits(outputs) -> torch.Tensor:
+    if torch.is_tensor(outputs):
+        return outputs
+    if getattr(outputs, "logits", None) is not None:
+        return outputs.logits
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    if isinstance(outputs, (tuple, list)) and outputs and torch.is_tensor(outputs[0]):
+        return outputs[0]
+    raise TypeError("cannot find logits in the model outputs; pass loss_fn to set_validation_batch")
+
+
+def _per_mask_default_loss(model: nn.Module, outputs, labels: torch.Tensor, n_masks: int) -> torch.Tensor:
+    """Loss of each of the ``n_masks`` copies of the batch, shape ``(n_masks,)`` (float32)."""
+    logits = _logits(outputs).float()
+    labels = labels.to(logits.device)
+    cfg = getattr(model, "config", None)
+    if logits.dim() == 2:  # sequence classification / regression (HF's problem_type rules)
+        n_cls = logits.shape[-1]
+        pt = getattr(cfg, "problem_type", None)
+        if pt is None:
+            if n_cls == 1:
+                pt = "regression"
+            elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
+                pt = "single_label_classification"
+            else:
+                pt = "multi_label_classification"
+        if pt == "regression":
+            pred = logits.squeeze(-1) if n_cls == 1 else logits
+            err = (pred - labels.float().view_as(pred)) ** 2
+            per = err.reshape(err.shape[0], -1).mean(1)
+            valid = torch.ones_like(per)
+        elif pt == "single_label_classification":
+            lab = labels.view(-1).long()
+            per = F.cross_entropy(logits, lab, reduction="none", ignore_index=-100)
+            valid = (lab != -100).float()
+        else:
+            per = F.binary_cross_entropy_with_logits(logits, labels.float().view_as(logits), reduction="none").mean(-1)
+            valid = torch.ones_like(per)
+    elif logits.dim() == 3:  # token-level: causal LM (shifted), token classification / MLM / seq2seq (not)
+        loss_type = getattr(model, "loss_type", None)
+        shift = not (loss_type in _NO_SHIFT_LOSS_TYPES or getattr(cfg, "is_encoder_decoder", False))
+        lab = labels.long()
+        if shift:
+            logits, lab = logits[:, :-1], lab[:, 1:]
+        per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="none",
+                              ignore_index=-100).view(lab.shape)
+        valid = (lab != -100).float()
+    else:
+        raise ValueError(f"no default loss for logits of shape {tuple(logits.shape)}; pass loss_fn to set_validation_batch")
+    per = (per * valid).reshape(n_masks, -1).sum(1)
+    count = valid.reshape(n_masks, -1).sum(1)
+    if bool((count == 0).any()):
+        raise ValueError("the validation batch has no valid label (all -100)")
+    return per / count
+
+
+# --------------------------------------------------------------------------------- importance
+def _gates_for_chunk(kind: torch.Tensor, mod: torch.Tensor, slot: torch.Tensor, m: int, capacity: int) -> torch.Tensor:
+    """``(n, capacity)`` gates of adapter ``m`` for masks ``(kind, module, slot)``:
+    kind 0 = full model, 1 = only ``(module, slot)`` removed, 2 = only ``(module, slot)`` kept."""
+    n = kind.numel()
+    g = torch.ones(n, capacity)
+    only = kind == 2
+    g[only] = 0.0
+    rows = torch.nonzero(only & (mod == m), as_tuple=False).flatten()
+    g[rows, slot[rows]] = 1.0
+    rows = torch.nonzero((kind == 1) & (mod == m), as_tuple=False).flatten()
+    g[rows, slot[rows]] = 0.0
+    return g
+
+
+@torch.no_grad()
+def ablation_scores(
+    model: nn.Module,
+    adapters: Sequence[ElasticAdapter],
+    batch: Mapping,
+    *,
+    chunk: int = 8,
+    loss_fn: LossFn | None = None,
+    return_losses: bool = False,
+):
+    """AB-LoRA scores of every active rank: a list (one per adapter) of float64 tensors of length
+    ``capacity``, ``IS`` at active slots and NaN at inactive ones.
+
+    ``chunk`` masks are evaluated per forward pass over ``chunk`` copies of ``batch`` (module
+    docstring: cost). With ``return_losses`` also returns ``(L(M), L_removed, L_kept)``, the last two
+    lists aligned with the scores.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}")
+    for a in adapters:
+        if a.merged or a.disabled:
+            raise RuntimeError("ALoRA ablations need unmerged, enabled adapters (call unmerge() / set_adapters_enabled(True))")
+    batch = dict(batch)
+    size = _batch_size(batch)
+    labels = batch.get("labels")
+    if loss_fn is None and labels is None:
+        raise ValueError("the validation batch has no 'labels'; add them or pass loss_fn(model_outputs, batch)")
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    pairs = [(m, int(s)) for m, a in enumerate(adapters) for s in a.active_indices().tolist()]
+    p_count = len(pairs)
+    mods = torch.tensor([m for m, _ in pairs], dtype=torch.long)
+    slots = torch.tensor([s for _, s in pairs], dtype=torch.long)
+    kind = torch.cat([torch.zeros(1, dtype=torch.long), torch.ones(p_count, dtype=torch.long),
+                      torch.full((p_count,), 2, dtype=torch.long)])
+    mod = torch.cat([torch.full((1,), -1, dtype=torch.long), mods, mods])
+    slot = torch.cat([torch.zeros(1, dtype=torch.long), slots, slots])
+    n_total = kind.numel()
+
+    device = _input_device(model)
+    flags = [(mod_, mod_.training) for mod_ in model.modules()]
+    losses = []
+    try:
+        model.eval()
+        for lo in range(0, n_total, chunk):
+            hi = min(lo + chunk, n_total)
+            n = hi - lo
+            ck, cm, cs = kind[lo:hi], mod[lo:hi], slot[lo:hi]
+            for m, a in enumerate(adapters):
+                g = _gates_for_chunk(ck, cm, cs, m, a.capacity).repeat_interleave(size, dim=0)
+                a.example_gate = g.to(device=a.lora_A.device, dtype=a.lora_A.dtype)
+            tiled_inputs = _tile(inputs, n, size, device)
+            outputs = model(**tiled_inputs)
+            tiled_labels = None if labels is None else _tile({"l": labels}, n, size, device)["l"]
+            if loss_fn is None:
+                losses.append(_per_mask_default_loss(model, outputs, tiled_labels, n))
+            else:
+                tiled = dict(tiled_inputs)
+                if tiled_labels is not None:
+                    tiled["labels"] = tiled_labels
+                per = torch.as_tensor(loss_fn(outputs, tiled)).float().reshape(-1)
+                if per.numel() != n * size:
+                    raise ValueError(f"loss_fn must return one loss per example ({n * size}); got {per.numel()} values")
+                losses.append(per.view(n, size).mean(1))
+            del outputs
+    finally:
+        for a in adapters:
+            a.example_gate = None
+        for mod_, flag in flags:
+            mod_.training = flag
+    loss = torch.cat([x.detach().double().cpu() for x in losses])
+    if not bool(torch.isfinite(loss).all()):
+        raise FloatingPointError("the validation loss of some ablation is not finite; ALoRA cannot rank the ranks")
+    full, removed, kept = loss[0], loss[1:1 + p_count], loss[1 + p_count:]
+    scores = [torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in adapters]
+    is_ = -full + removed - kept
+    for j, (m, s) in enumerate(pairs):
+        scores[m][s] = is_[j]
+    if not return_losses:
+        return scores
+    rem = [torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in adapters]
+    kep = [torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in adapters]
+    for j, (m, s) in enumerate(pairs):
+        rem[m][s] = removed[j]
+        kep[m][s] = kept[j]
+    return scores, (float(full), rem, kep)
+
+
+# ------------------------------------------------------------------------------------ policy
+def select_prune(scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor], n_a: int, min_rank: int) -> dict[int, list[int]]:
+    """The ``n_a`` lowest-scoring active ranks, ordered by ``(score, module index, slot)``; a rank
+    whose module is already at ``min_rank`` (counting this round's prunes) is skipped."""
+    sc, mo, sl = [], [], []
+    for m, (s, a) in enumerate(zip(scores, active)):
+        idx = torch.nonzero(a.cpu(), as_tuple=False).flatten()
+        sc.append(s.double().cpu()[idx].numpy())
+        mo.append(np.full(idx.numel(), m))
+        sl.append(idx.numpy())
+    if not sc:
+        return {}
+    sc, mo, sl = np.concatenate(sc), np.concatenate(mo), np.concatenate(sl)
+    order = np.lexsort((sl, mo, sc))
+    left = [int(a.sum()) for a in active]
+    prune: dict[int, list[int]] = {}
+    taken = 0
+    for j in order:
+        if taken >= n_a:
+            break
+        m = int(mo[j])
+        if left[m] <= min_rank:
+            continue
+        left[m] -= 1
+        prune.setdefault(m, []).append(int(sl[j]))
+        taken += 1
+    return prune
+
+
+def distribute_new_ranks(n_new: int, avg_importance: Sequence[float], room: Sequence[int]) -> list[int]:
+    """Split ``n_new`` ranks over candidate modules as evenly as possible (ALoRA §3.3).
+
+    Round-robin in decreasing ``avg_importance`` (ties: lower position first): each pass gives one
+    rank to every candidate with free ``room`` (capacity − rank), so the counts differ by at most one
+    among modules not at capacity and the leftover goes to the more important ones. A module at
+    capacity is skipped; its share goes to the next. Returns counts aligned with the inputs; their sum
+    is ``min(n_new, sum(room))``.
+
+    >>> distribute_new_ranks(8, [0.2, 0.9, 0.5], [99, 99, 99])   # the paper's footnote: 3, 3, 2
+    [2, 3, 3]
+    """
+    k = len(avg_importance)
+    if len(room) != k:
+        raise ValueError("avg_importance and room must have the same length")
+    order = sorted(range(k), key=lambda i: (-float(avg_importance[i]), i))
+    given = [0] * k
+    left = int(n_new)
+    while left > 0:
+        progressed = False
+        for i in order:
+            if left == 0:
+                break
+            if given[i] < room[i]:
+                given[i] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            break
+    return given
+
+
+def plan_round(scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor], capacity: Sequence[int], *,
+               n_a: int, min_rank: int) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """One ALoRA round: ``(prune, grow)`` — slots to prune per module, new ranks per module."""
+    prune = select_prune(scores, active, n_a, min_rank)
+    n_pruned = sum(len(v) for v in prune.values())
+    cands, avg, room = [], [], []
+    for m, (s, a) in enumerate(zip(scores, active)):
+        r = int(a.sum())
+        if m in prune or r == 0:
+            continue  # lost a rank this round, or removed (rank 0: no importance)
+        cands.append(m)
+        avg.append(float(s.double().cpu()[a.cpu()].mean()))
+        room.append(int(capacity[m]) - r)
+    counts = distribute_new_ranks(n_pruned, avg, room)
+    grow = {m: c for m, c in zip(cands, counts) if c > 0}
+    return prune, grow
+
+
+class ALoRAAllocator(Allocator):
+    """The ALoRA policy (module docstring). Needs :meth:`set_validation_batch` before its first round."""
+
+    method = "alora"
+    uses_importance = False
+
+    def __init__(self, names, adapters, config: ALoRAConfig) -> None:
+        super().__init__(names, adapters, config)
+        self.n_a = int(config.n_a) if config.n_a is not None else len(adapters)
+        self.k1: int | None = None
+        self.k2: int | None = None
+        self.rounds_done = 0
+        self.last_round_step: int | None = None
+        self.round_steps: list[int] = []
+        self.pruned_total = 0
+        self.grown_total = 0
+        self.budget_lost = 0
+        self.last_scores: list[torch.Tensor] | None = None
+        self.val_batch: dict | None = None
+        self.loss_fn: LossFn | None = None
+        if config.total_steps is not None:
+            self.set_total_steps(config.total_steps)
+
+    # ------------------------------------------------------------------------------ inputs
+    def set_validation_batch(self, batch: Mapping, loss_fn: LossFn | None = None) -> None:
+        """Set the held-out batch ``B_val`` of the ablations (a dict of tensors, batch on dim 0; with
+        ``labels`` unless ``loss_fn(model_outputs, batch) -> per-example loss`` is given). Kept as
+        given (moved to the model's device at each round); not saved in checkpoints."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"the validation batch must be a dict of tensors; got {type(batch).__name__}")
+        batch = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in batch.items()}
+        _batch_size(batch)
+        if loss_fn is None and "labels" not in batch:
+            raise ValueError("the validation batch has no 'labels'; add them or pass loss_fn(model_outputs, batch)")
+        self.val_batch = batch
+        self.loss_fn = loss_fn
+
+    def set_total_steps(self, total_steps: int) -> None:
+        self.k1, self.k2 = self.config.resolve_schedule(int(total_steps))
+        self.total_steps = int(total_steps)
+
+    # ------------------------------------------------------------------------------ schedule
+    def _schedule(self) -> tuple[int, int]:
+        if self.k1 is None:
+            if isinstance(self.config.k1, float) or isinstance(self.config.k2, float):
+                raise ConfigError("k1/k2 are fractions of the run but total_steps is unknown: pass total_steps "
+                                  "in the config, call set_total_steps(T), or train with the Trainer callback")
+            return max(1, int(self.config.k1)), max(1, int(self.config.k2))
+        return self.k1, self.k2
+
+    def is_round(self, t: int) -> bool:
+        """Whether step ``t`` runs a round given the rounds already done."""
+        if self.rounds_done >= self.config.n_rounds:
+            return False
+        if self.last_round_step is not None and t <= self.last_round_step:
+            return False
+        k1, k2 = self._schedule()
+        done = t + 1
+        if done < k1 or (done - k1) % k2:
+            return False
+        return self.total_steps is None or done + k2 <= self.total_steps
+
+    def planned_rounds(self) -> list[int]:
+        """Steps ``t`` of every round of a run from the start (needs the total steps)."""
+        k1, k2 = self._schedule()
+        out = []
+        for j in range(self.config.n_rounds):
+            done = k1 + j * k2
+            if self.total_steps is not None and done + k2 > self.total_steps:
+                break
+            out.append(done - 1)
+        return out
+
+    # ------------------------------------------------------------------------------ rounds
+    def compute_scores(self, model: nn.Module) -> list[torch.Tensor]:
+        """AB-LoRA scores of every active rank on the validation batch (NaN at inactive slots)."""
+        self._require_batch()
+        return ablation_scores(model, self.adapters, self.val_batch, chunk=self.config.ablation_chunk,
+                               loss_fn=self.loss_fn)
+
+    def _require_batch(self) -> None:
+        if self.val_batch is None:
+            raise RuntimeError("ALoRA needs a held-out validation batch before its first round: call "
+                               "handle.allocator.set_validation_batch(batch) with a dict of tensors "
+                               "(input_ids, attention_mask, labels, …) before training")
+
+    def on_step(self, t, optimizer=None, *, importance=None, model=None):
+        if not self.is_round(t):
+            return []
+        self._require_batch()
+        if model is None:
+            raise RuntimeError("ALoRA rounds need the model: call handle.step(optimizer), which passes it")
+        scores = self.compute_scores(model)
+        prune, grow = plan_round(scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
+                                 n_a=self.n_a, min_rank=self.config.min_rank)
+        events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
+                                    seed=self.config.seed, optimizer=optimizer, importance=None, scores=scores)
+        n_pruned = sum(len(v) for v in prune.values())
+        n_grown = sum(grow.values())
+        self.pruned_total += n_pruned
+        self.grown_total += n_grown
+        self.budget_lost += n_pruned - n_grown
+        self.rounds_done += 1
+        self.last_round_step = int(t)
+        self.round_steps.append(int(t))
+        self.last_scores = scores
+        return events
+
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self):
+        return {**super().state_dict(), "rounds_done": self.rounds_done, "last_round_step": self.last_round_step,
+                "round_steps": list(self.round_steps), "pruned_total": self.pruned_total,
+                "grown_total": self.grown_total, "budget_lost": self.budget_lost, "n_a": self.n_a}
+
+    def load_state_dict(self, state):
+        if state.get("total_steps") is not None:
+            self.set_total_steps(state["total_steps"])
+        self.rounds_done = int(state.get("rounds_done", 0))
+        lrs = state.get("last_round_step")
+        self.last_round_step = None if lrs is None else int(lrs)
+        self.round_steps = [int(x) for x in state.get("round_steps", [])]
+        self.pruned_total = int(state.get("pruned_total", 0))
+        self.grown_total = int(state.get("grown_total", 0))
+        self.budget_lost = int(state.get("budget_lost", 0))
+        self.n_a = int(state.get("n_a", self.n_a))

