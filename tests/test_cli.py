@@ -363,6 +363,7 @@ def test_plan_prints_and_writes_json(fx, tmp_path, capsys):
 def test_overwrite_replaces_a_run(fx, runs, tmp_path, capsys):
     out = tmp_path / "ow"
     assert _train(fx, out, "--method", "lora", "--r", "2") == 0
+    capsys.readouterr()
     assert _train(fx, out, "--method", "lora", "--r", "3") == 2  # refuses without --overwrite
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--overwrite" in err[0]

@@ -201,3 +201,24 @@ def test_orthogonal_penalty_matches_peft_adalora():
     task = ada(input_ids=x, labels=torch.tensor([0, 1])).loss
     expected = out.loss - task
     torch.testing.assert_close(h.orthogonal_loss(), expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_orth_reg_is_added_to_the_loss_in_training_only_and_ignores_inactive_slots():
+    import elalora
+
+    model = tiny_bert()
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, b=1, orth_reg_weight=0.3))
+    x, y = torch.randint(0, 100, (2, 6)), torch.tensor([0, 1])
+    model.eval()
+    plain = model(input_ids=x, labels=y).loss
+    model.train()
+    with_reg = model(input_ids=x, labels=y).loss
+    torch.testing.assert_close(with_reg, plain + 0.3 * h.orthogonal_loss())
+    assert with_reg.item() > plain.item()
+    r0 = h.orthogonal_loss().detach()
+    with torch.no_grad():  # junk in an inactive slot must not count
+        h.adapters[0].lora_Q[3].normal_()
+        h.adapters[0].lora_P[:, 3].normal_()
+    torch.testing.assert_close(h.orthogonal_loss().detach(), r0)
+    h.remove_hooks()
+    torch.testing.assert_close(model(input_ids=x, labels=y).loss, plain)

@@ -165,8 +165,9 @@ class ElasticAdapter(nn.Module):
             # (batch, c) gates: broadcast over every position of each example.
             g = self.example_gate.to(h.dtype)
             h = h * g.view(g.shape[0], *([1] * (h.dim() - 2)), g.shape[1])
-        h = (h * gate) @ up.t()
-        return y + (h * self.scaling).to(y.dtype)
+        # The scale rides on the c-sized gate, not on the d_out-sized output.
+        h = (h * (gate * self.scaling)) @ up.t()
+        return y + (h if h.dtype == y.dtype else h.to(y.dtype))
 
     # ------------------------------------------------------------------------------ merge/unmerge
     @torch.no_grad()

@@ -212,7 +212,12 @@ def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer
     from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     transformers.set_seed(seed)
-    kw: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    kw: dict[str, Any] = {}
+    if gguf_file:
+        from transformers import GgufConfig
+
+        # Dequantized at load time into plain nn.Linear weights, which the adapters wrap.
+        kw = {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
     with _loading("model", path if not gguf_file else f"{path}/{gguf_file}"):
         if kind == "generation":
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
@@ -227,6 +232,8 @@ def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer
             model = cls.from_pretrained(path, ignore_mismatched_sizes=True, **kw)
         else:
             raise CLIError(f"unsupported task kind {kind!r}")
+    if gguf_file:
+        _forget_quantization(model)
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if kind == "generation" and tokenizer is not None:
@@ -265,6 +272,21 @@ def select_target_modules(model, targets, head) -> tuple[list[str], Any]:
         if not names:
             raise
         return names, list(names)
+
+
+def _forget_quantization(model) -> None:
+    """A GGUF checkpoint loaded with ``dequantize=True`` holds plain float weights; drop the quantizer so
+    that the Trainer trains it and ``save_pretrained`` writes ordinary safetensors (merged export)."""
+    from torch import nn
+
+    if any(type(m).__name__.startswith("Gguf") and not isinstance(m, nn.Linear) for m in model.modules()):
+        return  # packed GGUF layers: keep the quantizer (the adapters then cannot wrap them)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        with contextlib.suppress(AttributeError):
+            delattr(cfg, "quantization_config")
 
 
 def parse_target_modules(text: str | None):
@@ -644,10 +666,11 @@ def cmd_train(args) -> int:
     if args.method == "alora":
         # ALoRA's ablation batch B_val: held out from the training set when it is large enough.
         k = min(args.alora_val_size, n_train)
-        if n_train >= 4 * args.alora_val_size:
-            val_examples, train = train[:k], train[k:]
-        else:
-            val_examples = random.Random(args.seed).sample(train, k)
+        picked = random.Random(args.seed).sample(range(n_train), k)
+        val_examples = [train[i] for i in picked]
+        if n_train >= 4 * args.alora_val_size:  # else too little data to hold out: B_val overlaps training
+            held = set(picked)
+            train = [ex for i, ex in enumerate(train) if i not in held]
     total_steps = _expected_total_steps(len(train), args.batch_size, args.grad_accum, args.epochs, args.max_steps)
     cfg_probe = None
     if args.method not in PEFT_METHODS:
@@ -675,7 +698,6 @@ def cmd_train(args) -> int:
             result = _train_into(tmp, args, spec, model, tokenizer, image_processor, collate, train, evals,
                                  val_examples, targets, head, module_names, model_path, gguf_file, max_length,
                                  total_steps, trainer_dir, t_start)
-    del torch
     final = result["final"]
     main_metric = spec.metric_names[0]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items())

@@ -82,7 +82,7 @@ class ElaLoRACallback(TrainerCallback):
         events = self.handle.step(optimizer, step=state.global_step)
         if events:
             self._rounds += 1
-            self._moved_since_log += sum(e.pruned for e in events) or sum(abs(e.new_rank - e.old_rank) for e in events)
+            self._moved_since_log += sum(e.pruned for e in events)
             control.should_log = True
         if self.check_consistency and events:
             from .distributed import assert_replicas_agree
