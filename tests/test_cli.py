@@ -231,9 +231,16 @@ def test_alora_unavailable_is_one_line(fx, tmp_path, capsys, monkeypatch):
 # -------------------------------------------------------------------------------- every task type
 def test_train_regression_stsb(fx, tmp_path):
     out = tmp_path / "stsb"
-    assert _train(fx, out, "--method", "elalora", "--r", "4", task="stsb") == 0
+    assert _train(fx, out, "--method", "elalora", "--r", "4", "--eval-steps", "3", task="stsb") == 0
     m, cfg = _check_run(out, ("pearson", "spearmanr"))
     assert cfg["task_spec"]["kind"] == "regression" and cfg["task_spec"]["num_labels"] == 1
+    assert [h["step"] for h in m["history"]] == [3, 6]  # --eval-steps
+    res = []
+    for sub in ("adapter", "peft"):
+        f = tmp_path / f"{sub}.json"
+        assert main(["eval", "--adapter", str(out / sub), "--output", str(f)]) == 0
+        res.append(json.loads(f.read_text())["metrics"])
+    assert res[0] == pytest.approx(res[1], abs=1e-6)
 
 
 def test_train_custom_csv(fx, tmp_path):
@@ -241,9 +248,9 @@ def test_train_custom_csv(fx, tmp_path):
     d = fx / "custom"
     assert main(["train", "--task", "custom", "--train-file", str(d / "train.csv"), "--eval-file", str(d / "dev.csv"),
                  "--text-columns", "text", "--label-column", "label", "--model", str(fx / "bert"), "--method", "adalora",
-                 "--r", "2", "--output-dir", str(out), *TINY]) == 0
+                 "--r", "2", "--grad-accum", "2", "--output-dir", str(out), *TINY]) == 0
     m, cfg = _check_run(out, ("accuracy",))
-    assert cfg["task_spec"]["label_names"] == ["neg", "pos"]
+    assert cfg["task_spec"]["label_names"] == ["neg", "pos"] and cfg["training"]["grad_accum"] == 2
 
 
 def test_train_e2e_generation(fx, tmp_path, capsys):

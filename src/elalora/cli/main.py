@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on a seeded random subset of N examples")
     g.add_argument("--eval-steps", type=_nonneg_int, default=None, metavar="N",
                    help="evaluate every N optimizer steps (default: once per epoch; 0: only at the end)")
-    g.add_argument("--logging-steps", type=_positive_int, default=10, help="log the training loss every N steps (default 10)")
+    g.add_argument("--logging-steps", type=_positive_int, default=None,
+                   help="log the training loss every N steps (default 10, fewer on very short runs)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                    help="do not batch examples of similar length together (grouping is on by default: less padding, faster)")
@@ -287,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``elalora`` command line; returns the exit code (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ELALORA_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     prog = "elalora"
     try:
         parser = build_parser()

@@ -139,21 +139,43 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated.*")
 
 
+def _busy_cores(interval: float = 0.5) -> float | None:
+    """Cores kept busy by other processes right now (from /proc/stat over ``interval`` seconds)."""
+    def snap():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals[:8]), idle
+
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
     """CPU threads for torch: the cores this process may use minus the ones other processes keep busy.
 
     On a shared machine OpenMP threads that wait for a busy core spin, and a step can become several
-    times slower with 2 threads than with 1; the 1-minute load average is a cheap proxy for that.
+    times slower with 2 threads than with 1. Other processes' load is measured over half a second
+    from /proc/stat (the 1-minute load average where that is unavailable).
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        busy = int(round(os.getloadavg()[0]))
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cores, cores - busy))
+    busy = _busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
+    return max(1, min(cores, cores - int(math.floor(busy + 0.5))))
 
 
 def _set_threads(n: int | None) -> int:
@@ -652,6 +674,9 @@ def cmd_train(args) -> int:
     max_length = args.max_length or 128
     if args.gelora_alpha_scale is not None and args.method != "gelora":
         raise CLIError("--gelora-alpha-scale applies to --method gelora only")
+    if args.lora_alpha is not None and args.method == "gelora":
+        raise CLIError("--lora-alpha does not apply to --method gelora (its alphas come from the plan); "
+                       "set the scale alpha/r with --gelora-alpha-scale")
 
     # Validate the method knobs before loading anything heavy (the schedule is checked once T is known).
     if args.method not in PEFT_METHODS:
@@ -765,7 +790,7 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
     if args.group_by_length and spec.kind != "image":
         lengths = example_lengths(spec, tokenizer, train, max_length)
     eval_bs = args.eval_batch_size or 2 * args.batch_size
-    logging_steps = max(1, min(args.logging_steps, max(1, total_steps // 5)))
+    logging_steps = args.logging_steps or max(1, min(10, total_steps // 5))
     targs = _training_args(trainer_dir, batch_size=args.batch_size, eval_batch_size=eval_bs, lr=args.lr,
                            epochs=args.epochs, max_steps=args.max_steps, grad_accum=args.grad_accum,
                            warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, seed=args.seed,
@@ -859,7 +884,7 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
 
     run_config = {
         RUN_MARKER: True,
-        "command": "elalora " + " ".join(sys.argv[1:]) if sys.argv and "elalora" in Path(sys.argv[0]).name else None,
+        "argv": list(sys.argv),
         "task": spec.name,
         "task_spec": {"kind": spec.kind, "num_labels": spec.num_labels, "label_names": spec.label_names,
                       "metric_names": list(spec.metric_names), "text_fields": list(spec.text_fields),
@@ -1298,9 +1323,8 @@ def cmd_inspect(args) -> int:
     print()
     print(format_rank_table(s["rank_pattern"], capacity=s.get("capacity"), params=s["module_params"]))
     adapter_params = sum(s["module_params"].values())
-    print(f"adapter parameters (active ranks): {adapter_params:,}   modules saved in full "
-          f"({', '.join(s.get('modules_to_save') or []) or 'none'}): {s['full_params']:,}   "
-          f"total stored: {adapter_params + s['full_params']:,}")
+    print(f"modules saved in full ({', '.join(s.get('modules_to_save') or []) or 'none'}): {s['full_params']:,} "
+          f"parameters; adapter + saved modules: {adapter_params + s['full_params']:,} parameters")
     return 0
 
 

@@ -1,0 +1,91 @@
+"""Helpers shared by the benchmark scripts: machine description, timing, output files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return []
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count()
+    info = {
+        "cpu": cpu_model(), "cores_available": cores, "torch_threads": threads,
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_start": loadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        import peft
+        import transformers
+
+        info["peft"], info["transformers"] = peft.__version__, transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def iqr(xs) -> tuple[float, float]:
+    if len(xs) < 4:
+        return (min(xs), max(xs)) if xs else (float("nan"), float("nan"))
+    q = statistics.quantiles(xs, n=4)
+    return float(q[0]), float(q[2])
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def machine_md(info: dict) -> str:
+    return (f"Machine: {info['cpu']}, {info['cores_available']} cores available, torch {info['torch']} "
+            f"({info['torch_threads']} threads), Python {info['python']}"
+            + (f", peft {info.get('peft')}, transformers {info.get('transformers')}" if info.get("peft") else "")
+            + f"; load average at start {info['loadavg_start']}, at end {info.get('loadavg_end')}; {info['date']}.")
