@@ -424,7 +424,11 @@ def _training_args(out_dir: str, *, batch_size: int, eval_batch_size: int, lr: f
         lr_scheduler_type="linear", seed=seed, data_seed=seed, save_strategy="no", report_to=[],
         logging_strategy="steps", logging_steps=logging_steps, logging_first_step=True,
         remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
-        disable_tqdm=False, bf16=bf16, use_cpu=not torch.cuda.is_available(), **strategy)
+        disable_tqdm=False, bf16=bf16, use_cpu=not torch.cuda.is_available(),
+        # Under DDP transformers multiplies the loss by the world size for models that accept loss
+        # kwargs but return a per-batch mean (BERT's classifier): it would double the gradients.
+        average_tokens_across_devices=False,
+        ddp_backend=None if torch.cuda.is_available() else "gloo", **strategy)
 
 
 def _prediction_metrics(spec):
