@@ -428,7 +428,16 @@ def _training_args(out_dir: str, *, batch_size: int, eval_batch_size: int, lr: f
         # Under DDP transformers multiplies the loss by the world size for models that accept loss
         # kwargs but return a per-batch mean (BERT's classifier): it would double the gradients.
         average_tokens_across_devices=False,
-        ddp_backend=None if torch.cuda.is_available() else "gloo", **strategy)
+        # gloo for CPU DDP only when launched distributed (torchrun sets WORLD_SIZE): on a single
+        # process a ddp_backend makes accelerate query a process group that does not exist.
+        ddp_backend="gloo" if _distributed_launch() and not torch.cuda.is_available() else None, **strategy)
+
+
+def _distributed_launch() -> bool:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
 
 
 def _prediction_metrics(spec):
