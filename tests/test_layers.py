@@ -222,3 +222,18 @@ def test_orth_reg_is_added_to_the_loss_in_training_only_and_ignores_inactive_slo
     torch.testing.assert_close(h.orthogonal_loss().detach(), r0)
     h.remove_hooks()
     torch.testing.assert_close(model(input_ids=x, labels=y).loss, plain)
+
+
+def test_default_targets_for_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    import elalora
+
+    model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=37))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, b=1, modules_to_save=["classifier"]))
+    assert len(h.adapters) == 12  # q, k, v, o, fc1, fc2 in each of 2 blocks; the head stays out
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h.adapters[0].lora_lambda.normal_()
+    assert model(pixel_values=x).logits.shape == (2, 2)
