@@ -18,9 +18,9 @@ round-robin in blocks of ``--steps`` steps (order rotated each repeat), ``--repe
 
 Reported per variant: the median over blocks of the mean step time of a block (each block of 20
 steps holds 2 allocation rounds, so round costs are included at Δt = 10), the median single step,
-and both as ratios to PEFT LoRA; peak RSS of a separate process that builds only that variant and
-trains ``--mem-steps`` steps (resident memory is what a CPU user pays; ``tracemalloc`` does not see
-torch's allocations); allocator-state bytes per adapter-parameter byte; and the optimizer-state
+and both as ratios to PEFT LoRA; peak RSS (``VmHWM``, reset after the tokenizer and batch are ready) of a
+separate process that builds only that variant and trains ``--mem-steps`` steps (resident memory is
+what a CPU user pays; ``tracemalloc`` does not see torch's allocations); allocator-state bytes per adapter-parameter byte; and the optimizer-state
 bytes of *kept* rank slots that a round changed (measured: snapshot of every AdamW moment before
 the per-step call on a round step, compared after it).
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -156,15 +155,27 @@ class Variant:
         return False
 
 
-def rss_mib() -> float:
+def rss_mib(field: str = "VmRSS") -> float:
+    """Resident set size (``VmRSS``) or its high-water mark (``VmHWM``) of this process, MiB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5). ``ru_maxrss`` cannot be used: it
+    survives ``execve``, so a child would report its parent's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def memory_child(name: str, steps: int, batch_size: int, length: int, data_dir: str | None, threads: int) -> dict:
@@ -174,14 +185,18 @@ def memory_child(name: str, steps: int, batch_size: int, length: int, data_dir: 
 
     tok = AutoTokenizer.from_pretrained(model_dir())
     batch, _ = fixed_batch(tok, data_dir, batch_size, length)
+    import gc
+
+    gc.collect()
+    reset = reset_peak_rss()
     rss0 = rss_mib()
     v = Variant(name, total_steps=steps + 50)
     rss_built = rss_mib()
     for _ in range(steps):
         v.step(batch)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mib("VmHWM")
     return {"rss_before_model_mib": rss0, "rss_after_build_mib": rss_built, "rss_end_mib": rss_mib(),
-            "peak_rss_mib": peak}
+            "peak_rss_mib": peak, "peak_reset_before_build": reset}
 
 
 def optimizer_state_check(v: Variant, batch, rounds: int) -> dict:

