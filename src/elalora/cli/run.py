@@ -46,7 +46,8 @@ class CLIError(Exception):
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if _is_main_process():  # one copy of each progress line under DDP
+        print(msg, file=sys.stderr, flush=True)
 
 
 # =============================================================================================
@@ -386,8 +387,11 @@ def _make_trainer_class():
 
         def _get_train_sampler(self, train_dataset=None):
             if self._lengths is not None:
-                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                            lengths=self._lengths)
+                # Megabatches of the *global* batch: under DDP every optimizer step then sees the same
+                # examples as one process with the same global batch (accelerate hands consecutive
+                # per-device batches to consecutive processes), so the rank decisions agree too.
+                return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps
+                                            * max(1, self.args.world_size), lengths=self._lengths)
             return super()._get_train_sampler(train_dataset)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -433,11 +437,24 @@ def _training_args(out_dir: str, *, batch_size: int, eval_batch_size: int, lr: f
         ddp_backend="gloo" if _distributed_launch() and not torch.cuda.is_available() else None, **strategy)
 
 
-def _distributed_launch() -> bool:
+def _world_size() -> int:
+    """Processes of a distributed launch (``WORLD_SIZE``, set by torchrun / accelerate), else 1."""
     try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError:
-        return False
+        return 1
+
+
+def _distributed_launch() -> bool:
+    return _world_size() > 1
+
+
+def _is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed launch (``RANK`` set by torchrun / accelerate)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
 
 
 def _prediction_metrics(spec):
@@ -709,7 +726,9 @@ def cmd_train(args) -> int:
         if n_train >= 4 * args.alora_val_size:  # else too little data to hold out: B_val overlaps training
             held = set(picked)
             train = [ex for i, ex in enumerate(train) if i not in held]
-    total_steps = _expected_total_steps(len(train), args.batch_size, args.grad_accum, args.epochs, args.max_steps)
+    # under DDP one optimizer step consumes batch_size × world_size examples
+    total_steps = _expected_total_steps(len(train), args.batch_size * _world_size(), args.grad_accum, args.epochs,
+                                        args.max_steps)
     cfg_probe = None
     if args.method not in PEFT_METHODS:
         cfg_probe = build_method_config(args, targets, None, rank_pattern=None)
@@ -732,10 +751,15 @@ def cmd_train(args) -> int:
     with tempfile.TemporaryDirectory(prefix="elalora-trainer-") as trainer_dir:
         from ..persistence import atomic_directory
 
-        with atomic_directory(out_dir) as tmp:
-            result = _train_into(tmp, args, spec, model, tokenizer, image_processor, collate, train, evals,
+        # Under DDP every process trains and evaluates (both are collective); only the main process
+        # writes the run directory, the others write into a scratch folder that is thrown away.
+        target = atomic_directory(out_dir) if _is_main_process() else tempfile.TemporaryDirectory(prefix="elalora-rank-")
+        with target as tmp:
+            result = _train_into(Path(tmp), args, spec, model, tokenizer, image_processor, collate, train, evals,
                                  val_examples, targets, head, module_names, model_path, gguf_file, max_length,
                                  total_steps, trainer_dir, t_start)
+    if not _is_main_process():
+        return 0
     final = result["final"]
     main_metric = spec.metric_names[0]
     shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
@@ -817,7 +841,8 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
                           data_collator=collate, compute_metrics=None if gen_eval else _prediction_metrics(spec),
                           lengths=lengths, generation_eval=gen_eval)
     if handle is not None:
-        handle.callback().attach(trainer)
+        # under DDP also all-gather a digest of the rank pattern after every round (fails loudly on drift)
+        handle.callback(check_consistency=_distributed_launch()).attach(trainer)
 
     t_train = time.time()
     train_out = trainer.train()

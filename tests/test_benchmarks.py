@@ -1,0 +1,62 @@
+"""The accuracy harness's bookkeeping (no training): grid, resume-by-skipping, torn JSONL lines, table."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def acc():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rec(task, method, r, seed, main, steps=100):
+    return {"task": task, "method": method, "r": r, "seed": seed, "max_steps": steps, "main": main,
+            "trainable_params": 1000 + r, "active_params": 900 + r}
+
+
+def test_grid_counts(acc):
+    cells = acc.grid(acc.TASKS, ["peft-lora", "peft-adalora", "elalora"], [2, 8], [0, 1, 2], with_extra=False)
+    assert len(cells) == 4 * 3 * 2 * 3 == 72 and len(set(cells)) == 72
+    extra = acc.grid(["rte"], ["peft-adalora", "elalora"], [2, 8], [0], with_extra=True)
+    assert ("rte", "peft-adalora", 4, 0) in extra and ("rte", "elalora", 4, 0) not in extra
+
+
+def test_records_append_and_torn_line(acc, tmp_path):
+    f = tmp_path / "a.jsonl"
+    acc.append_record(_rec("rte", "elalora", 8, 0, 0.5), f)
+    with open(f, "a") as fh:
+        fh.write('{"task": "rte", "meth')  # an interrupted write
+    acc.append_record(_rec("rte", "elalora", 8, 1, 0.6), f)
+    recs = acc.read_records(f)
+    assert [r["seed"] for r in recs] == [0, 1]
+
+
+def test_render_table_means_pending_and_avg(acc):
+    recs = [_rec(t, "elalora", 8, s, v) for t in acc.TASKS for s, v in ((0, 0.5), (1, 0.6), (2, 0.7))]
+    recs.append(_rec("rte", "peft-lora", 8, 0, 0.55))
+    recs.append(_rec("rte", "peft-lora", 8, 1, 0.99, steps=50))  # other step budget: ignored
+    table = acc.render_table(recs, tasks=acc.TASKS, methods=["peft-lora", "elalora"], rs=[8], seeds=[0, 1, 2],
+                             steps=100, with_extra=False)
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith("| 8 ")}
+    assert "60.0 ± 10.0" in rows["ElaLoRA (ours)"] and rows["ElaLoRA (ours)"].rstrip(" |").endswith("60.0")
+    assert "55.0 ± 0.0 (1/3 seeds)" in rows["PEFT LoRA"] and "pending" in rows["PEFT LoRA"]
+    assert "13 of 24 cells done" in table
+
+
+def test_write_doc_table_replaces_only_the_block(acc, tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# R\n\nbefore\n\n{acc.BEGIN}\nold\n{acc.END}\n\nafter\n")
+    acc.write_doc_table("NEW TABLE", doc)
+    text = doc.read_text()
+    assert "NEW TABLE" in text and "old" not in text and "before" in text and "after" in text
+    json.dumps(text)
