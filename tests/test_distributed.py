@@ -37,10 +37,9 @@ def test_torchrun_plain_loop_matches_single_process(tmp_path):
     for e_ddp, e_one in zip(ddp["events"], one["events"]):
         torch.testing.assert_close(torch.tensor(e_ddp["scores"]), torch.tensor(e_one["scores"]), rtol=1e-3, atol=1e-9)
     assert all(torch.equal(a, b) for a, b in zip(ddp["masks"], one["masks"]))
-    # The all-reduce sums in another order than one process does; over 24 Adam steps those ~1e-7
-    # differences grow on near-zero gradients (Adam divides by sqrt(v)), so weights agree to ~1e-3.
+    # The all-reduce sums in another order than one process does: weights agree to float tolerance.
     for n in one["params"]:
-        torch.testing.assert_close(ddp["params"][n], one["params"][n], rtol=0, atol=2e-3, msg=n)
+        torch.testing.assert_close(ddp["params"][n], one["params"][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_assert_replicas_agree_is_noop_without_distributed():
