@@ -161,7 +161,8 @@ class OursVariant:
         self.label, self.adapters, self.alloc = label, adapters, allocator
         self.tracker = ImportanceTracker(adapters)
         self.t = 1
-        self.rec = {"update": [], "plain_on_step": [], "round": [], "rank_scores": [], "select": [], "apply": []}
+        self.rec = {"update": [], "plain_on_step": [], "round": [], "rank_scores": [], "select": [], "apply": [],
+                    "guard": []}
 
     def warmup(self):
         self.tracker.update()
@@ -170,6 +171,11 @@ class OursVariant:
     def run_pair(self):
         d, _ = _t(self.tracker.update)
         self.rec["update"].append(d)
+        # The non-finite-gradient guard inside update() (one fused norm per gradient; PEFT has none),
+        # timed on its own so the table can show what the safety costs.
+        grads = [p.grad for p in self.tracker._params if p.grad is not None]
+        d, _ = _t(lambda: self.tracker._grads_finite(grads))
+        self.rec["guard"].append(d)
         d, ev = _t(lambda: self.alloc.on_step(self.t, None, importance=self.tracker))
         assert not ev
         self.rec["plain_on_step"].append(d)
@@ -349,8 +355,9 @@ def render(res: dict) -> str:
             ratio = f"{v['update'] / p['update']:.2f}"
             sb = f"{v['state_bytes'] / v['adapter_bytes']:.2f}" if "state_bytes" in v else "–"
             slots = L["layout"]["slots"] if k != "ours_elalora_cap2r" else 2 * L["layout"]["r"]
-            rows.append([lay, L["layout"]["matrices"], slots, label, f(v["update"]), ratio, rnd, sb])
-    lines.append(md_table(["layout", "matrices", "slots/matrix", "variant", "score update (ms)",
+            upd = f(v["update"]) + (f" (guard {f(v['guard'])})" if "guard" in v else "")
+            rows.append([lay, L["layout"]["matrices"], slots, label, upd, ratio, rnd, sb])
+    lines.append(md_table(["layout", "matrices", "slots/matrix", "variant", "score update (ms) (of which non-finite guard)",
                            "update ÷ PEFT", "round extra (ms)", "state B / adapter B"], rows))
     sc = res.get("scaling")
     if sc:

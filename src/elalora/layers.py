@@ -234,17 +234,20 @@ class SVDAdapter(ElasticAdapter):
         """New ranks (SPEC §3): ``q, p ~ N(0, I)`` orthogonalised in fp32 against the active rows
         of Q / columns of P (and against the other new ranks), unit norm, ``λ = 0``: ΔW is unchanged
         and ``∂L/∂λ_new ≠ 0``, so the rank starts learning at once."""
-        act = self.active.clone()
-        for s in slots:
-            idx = act.nonzero().flatten()
-            basis_q = self.lora_Q.detach().index_select(0, idx)      # (a, d_in)
-            basis_p = self.lora_P.detach().index_select(1, idx).t()  # (a, d_out)
-            q = _orthonormal_complement_vector(basis_q, self.in_features, generator)
-            p = _orthonormal_complement_vector(basis_p, self.out_features, generator)
-            self.lora_Q[s] = q.to(self.lora_Q.device, self.lora_Q.dtype)
-            self.lora_P[:, s] = p.to(self.lora_P.device, self.lora_P.dtype)
-            self.lora_lambda[s] = 0.0
-            act[s] = True
+        slots = [int(s) for s in slots]
+        idx = self.active.nonzero().flatten()
+        # Draw order (q then p, slot by slot) is part of the determinism contract: resume and DDP
+        # replicas rebuild the same vectors from the same generator.
+        draws_q, draws_p = [], []
+        for _ in slots:
+            draws_q.append(torch.randn(self.in_features, generator=generator, dtype=torch.float32))
+            draws_p.append(torch.randn(self.out_features, generator=generator, dtype=torch.float32))
+        q = _orthonormal_complement_rows(self.lora_Q.detach().index_select(0, idx), torch.stack(draws_q))
+        p = _orthonormal_complement_rows(self.lora_P.detach().index_select(1, idx).t(), torch.stack(draws_p))
+        at = torch.as_tensor(slots, dtype=torch.long, device=self.lora_Q.device)
+        self.lora_Q.index_copy_(0, at, q.to(self.lora_Q.device, self.lora_Q.dtype))
+        self.lora_P.index_copy_(1, at.to(self.lora_P.device), p.t().to(self.lora_P.device, self.lora_P.dtype))
+        self.lora_lambda.index_fill_(0, at.to(self.lora_lambda.device), 0.0)
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``‖Q_a Q_aᵀ − I‖_F + ‖P_aᵀ P_a − I‖_F`` over the active slots ``a`` only (SPEC §1)."""
@@ -293,36 +296,47 @@ def _kaiming_rows(n: int, d_in: int, generator: torch.Generator | None) -> torch
     return (torch.rand(n, d_in, generator=generator) * 2 - 1) * bound
 
 
-def _orthonormal_complement_vector(basis: torch.Tensor, dim: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A unit vector of length ``dim`` orthogonal to the rows of ``basis`` (fp32, CPU draw).
+def _orthonormal_complement_rows(basis: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Orthonormalise the rows of ``draws`` (n × dim, fp32 Gaussian) against the rows of ``basis``
+    and against each other, in order: row i is the unit direction of draw i orthogonal to the basis
+    and to rows 0..i-1 (Gram–Schmidt of ``[basis; draws]``).
 
-    Exact projection ``v ← v − Bᵀ (B Bᵀ)⁻¹ B v`` in float64 (Cholesky of the small Gram matrix), so
-    the fp32 result is orthogonal to working precision even when the rows of ``B`` are far from
-    orthonormal — unlike the single projection ``q − Qᵀ(Qq)`` of the authors' code, which is exact
-    only for orthonormal Q. If ``B`` is ill-conditioned (cond² > 1e6) a rank-revealing QR basis is
-    used instead, with the projection applied twice ("twice is enough", Giraud et al. 2005). The
-    Gram route costs under half a QR of the tall ``d × a`` matrix (benchmarks/alloc_scaling.py).
+    The projection on the basis is exact, ``W ← W − Bᵀ (B Bᵀ)⁻¹ B W`` in float64 (Cholesky of the
+    small Gram matrix), so the fp32 result is orthogonal to working precision even when the rows of
+    ``B`` are far from orthonormal — unlike the single projection ``q − Qᵀ(Qq)`` of the authors'
+    code, which is exact only for orthonormal Q. If ``B`` is ill-conditioned (cond² > 1e6) a
+    rank-revealing QR basis is used instead, with the projection applied twice ("twice is enough",
+    Giraud et al. 2005). All new ranks of one matrix share one Gram matrix and one projection
+    (benchmarks/alloc_scaling.py: the round cost on a 7B layout is dominated by this function).
     """
-    v = torch.randn(dim, generator=generator, dtype=torch.float32)
-    if basis.shape[0] > 0:
-        if basis.shape[0] >= dim:
-            raise ValueError(f"cannot add a rank: {basis.shape[0]} active ranks already span all {dim} dimensions")
+    n, dim = draws.shape
+    a = basis.shape[0]
+    if a + n > dim:
+        raise ValueError(f"cannot add {n} rank(s): {a} active ranks of a {dim}-dimensional space leave room for {dim - a}")
+    w = draws.to(torch.float64)
+    if a > 0:
         b = basis.detach().to("cpu", torch.float64)
         gram = b @ b.t()
         chol, info = torch.linalg.cholesky_ex(gram)
         # cond(B)² ≲ 1e6: one float64 pass leaves |B w| ~ 1e-16·cond(B)², far below float32 precision
         well_posed = int(info) == 0 and float(chol.diagonal().min()) ** 2 > 1e-6 * float(gram.diagonal().max())
-        w = v.double()
         if well_posed:
-            w = w - b.t() @ torch.cholesky_solve((b @ w)[:, None], chol)[:, 0]
+            w = w - torch.cholesky_solve(b @ w.t(), chol).t() @ b
         else:
             u, r = torch.linalg.qr(b.t())  # (dim, a): orthonormal basis of the row space
             keep = r.diagonal().abs() > 1e-6 * max(1.0, float(r.diagonal().abs().max()))
             u = u[:, keep]
             for _ in range(2):
-                w = w - u @ (u.t() @ w)
-        v = w.float()
-    n = v.norm()
-    if not torch.isfinite(n) or n < 1e-6:
-        raise ValueError("could not draw a new rank orthogonal to the active ones")
-    return v / n
+                w = w - (w @ u) @ u.t()
+    out = torch.empty(n, dim, dtype=torch.float64)
+    for i in range(n):
+        v = w[i]
+        if i:
+            prev = out[:i]
+            for _ in range(2):  # classical Gram–Schmidt, twice (the earlier rows are orthonormal)
+                v = v - (prev @ v) @ prev
+        nv = v.norm()
+        if not torch.isfinite(nv) or nv < 1e-6:
+            raise ValueError("could not draw a new rank orthogonal to the active ones")
+        out[i] = v / nv
+    return out.to(torch.float32)
