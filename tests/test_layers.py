@@ -113,6 +113,44 @@ def test_new_rank_orthogonal_and_delta_unchanged():
     assert a.lora_lambda.grad[5] != 0
 
 
+def test_new_ranks_equal_sequential_gram_schmidt_reference():
+    """All new ranks of a matrix are orthonormalised in one batch; they must equal the one-at-a-time
+    construction (each draw projected on span(active rows, earlier new rows), in float64 via QR)."""
+    torch.manual_seed(1)
+    a = _svd(nn.Linear(20, 14), r=3, cap=8)
+    with torch.no_grad():
+        a.lora_Q[:3] = torch.randn(3, 20) * torch.tensor([3.0, 0.2, 1.0])[:, None]
+        a.lora_P[:, :3] = torch.randn(14, 3)
+    basis_q, basis_p = a.lora_Q[:3].detach().double(), a.lora_P[:, :3].detach().t().double()
+    g = torch.Generator().manual_seed(7)
+    draws = [(torch.randn(20, generator=g), torch.randn(14, generator=g)) for _ in range(3)]  # q, p per slot
+
+    def one_at_a_time(basis, v):
+        u, _ = torch.linalg.qr(basis.t())
+        w = v.double()
+        for _ in range(2):
+            w = w - u @ (u.t() @ w)
+        return w / w.norm()
+
+    ref_q, ref_p = [], []
+    for vq, vp in draws:
+        ref_q.append(one_at_a_time(torch.cat([basis_q] + [r[None] for r in ref_q]), vq))
+        ref_p.append(one_at_a_time(torch.cat([basis_p] + [r[None] for r in ref_p]), vp))
+    a.activate([3, 4, 5], generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a.lora_Q[3:6].detach(), torch.stack(ref_q).float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.lora_P[:, 3:6].detach(), torch.stack(ref_p, 1).float(), rtol=0, atol=1e-6)
+    assert torch.equal(a.lora_lambda[3:6].detach(), torch.zeros(3))
+
+
+def test_new_ranks_cannot_exceed_the_space():
+    a = _svd(nn.Linear(4, 9), r=3, cap=6)
+    with pytest.raises(ValueError, match="3 active ranks of a 4-dimensional space leave room for 1"):
+        a.activate([3, 4], generator=torch.Generator().manual_seed(0))
+    assert a.rank == 3  # nothing switched on
+    a.activate([3], generator=torch.Generator().manual_seed(0))
+    assert a.rank == 4
+
+
 def test_merge_unmerge_exact_and_idempotent():
     torch.manual_seed(0)
     a = _svd(nn.Linear(7, 5))
