@@ -62,6 +62,7 @@ DEFAULT_R = [2, 8]
 EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2 vs AdaLoRA r=4)
 LABEL = {"peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
          "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA"}
+DEFAULT_STEPS = 100  # the step budget of the main table in docs/results.md
 DELTA_T = 0.05  # fraction of the steps between allocation rounds (AdaLoRA, ElaLoRA: ours and PEFT's)
 METRIC_NAME = {"rte": "acc", "mrpc": "F1", "cola": "MCC", "stsb": "Pearson"}
 
@@ -71,7 +72,7 @@ SHARED = {
     "target_modules": "query, key, value, attention.output.dense, intermediate.dense, output.dense (36 matrices)",
     "head": "classifier trained in full", "max_length": 128, "padding": "dynamic, length-grouped batches",
     "batch_size": 16, "lr": 1e-3, "schedule": "linear decay, warm-up 6 %", "optimizer": "AdamW, weight decay 0",
-    "lora_dropout": 0.0, "max_steps": 100, "eval": "full dev set, once at the end", "max_eval_samples": None,
+    "lora_dropout": 0.0, "max_steps": DEFAULT_STEPS, "eval": "full dev set, once at the end", "max_eval_samples": None,
 }
 
 
@@ -309,20 +310,33 @@ def write_heatmaps(records: list[dict], *, steps: int, r: int = 8, seed: int = 0
             continue
         if not rec.get("rank_pattern"):
             continue
-        path = ROOT / "docs" / "figures" / f"results_{rec['task']}_{method}_r{r}_heatmap.png"
+        suffix = "" if steps == DEFAULT_STEPS else f"_{steps}steps"  # another budget never overwrites these
+        path = ROOT / "docs" / "figures" / f"results_{rec['task']}_{method}_r{r}{suffix}_heatmap.png"
         plot_rank_heatmap(rec["rank_pattern"], path, initial=rec.get("initial_rank_pattern"),
                           title=f"{LABEL[method]} r={r}, {rec['task'].upper()} (seed {seed}, {steps} steps): final ranks")
         out.append(path)
     return out
 
 
-def write_doc_table(table: str, doc: Path = DOC) -> None:
-    block = f"{BEGIN}\n{table}\n{END}"
+def _markers(steps: int) -> tuple[str, str]:
+    """The doc block of one step budget: the default budget owns the main table; any other budget
+    (``--steps 300``) gets its own block, so filling a second grid never overwrites the first."""
+    if steps == DEFAULT_STEPS:
+        return BEGIN, END
+    return f"<!-- accuracy-table-{steps}-steps:begin -->", f"<!-- accuracy-table-{steps}-steps:end -->"
+
+
+def write_doc_table(table: str, doc: Path = DOC, steps: int | None = None) -> None:
+    begin, end = _markers(DEFAULT_STEPS if steps is None else steps)
+    block = f"{begin}\n{table}\n{end}"
     text = doc.read_text() if doc.exists() else "# Results\n"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
         text = pre + block + post
+    elif begin != BEGIN and END in text:  # a new step budget: right after the main table
+        pre, post = text.split(END, 1)
+        text = pre + END + f"\n\n#### {steps} steps per cell\n\n" + block + post
     else:
         text = text.rstrip() + "\n\n## Accuracy\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -366,7 +380,7 @@ def main(argv=None):
         # the table always shows the full default grid, so that missing cells read "pending"
         table = render_table(read_records(), tasks=TASKS, methods=METHODS, rs=DEFAULT_R, seeds=[0, 1, 2],
                              steps=args.steps)
-        write_doc_table(table)
+        write_doc_table(table, steps=args.steps)
         print(table)
         if args.figures:
             for p in write_heatmaps(read_records(), steps=args.steps):

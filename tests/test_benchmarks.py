@@ -60,3 +60,40 @@ def test_write_doc_table_replaces_only_the_block(acc, tmp_path):
     text = doc.read_text()
     assert "NEW TABLE" in text and "old" not in text and "before" in text and "after" in text
     json.dumps(text)
+
+
+def test_layer_forward_ablation_variants_compute_the_same_function():
+    """benchmarks/layer_forward.py compares 'scale on the output' with 'scale on the rank dimension':
+    only a fair ablation if both are the same maths (same output and same gradients)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_layer_forward", ROOT / "benchmarks" / "layer_forward.py")
+    lf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lf)
+    import torch
+
+    out_s, gate_s = lf.build("plain_out_scale", 12, 20), lf.build("plain_gate_scale", 12, 20)
+    gate_s.load_state_dict(out_s.state_dict())
+    x = torch.randn(7, 12, requires_grad=True)
+    y1 = out_s(x)
+    y1.sum().backward()
+    g1 = (x.grad.clone(), out_s.A.grad.clone(), out_s.B.grad.clone())
+    x.grad = None
+    y2 = gate_s(x)
+    y2.sum().backward()
+    torch.testing.assert_close(y1, y2)
+    for a, b in zip(g1, (x.grad, gate_s.A.grad, gate_s.B.grad)):
+        torch.testing.assert_close(a, b)
+    for name in lf.VARIANTS:  # every variant builds at a MiniLM shape and maps d_in -> d_out
+        assert lf.build(name, 16, 24)(torch.randn(3, 16)).shape == (3, 24)
+
+
+def test_other_step_budget_gets_its_own_block(acc, tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text(f"# R\n\n{acc.BEGIN}\nMAIN\n{acc.END}\n\nafter\n")
+    acc.write_doc_table("LONG", doc, steps=300)
+    acc.write_doc_table("LONG2", doc, steps=300)  # second render replaces its own block only
+    acc.write_doc_table("MAIN2", doc, steps=acc.DEFAULT_STEPS)
+    text = doc.read_text()
+    assert "MAIN2" in text and "MAIN\n" not in text
+    assert "LONG2" in text and "LONG\n" not in text
+    assert text.index(acc.END) < text.index("300 steps per cell") < text.index("LONG2") < text.index("after")
