@@ -377,9 +377,16 @@ def main(argv=None):
     SHARED["max_steps"] = args.steps
 
     def render():
-        # the table always shows the full default grid, so that missing cells read "pending"
-        table = render_table(read_records(), tasks=TASKS, methods=METHODS, rs=DEFAULT_R, seeds=[0, 1, 2],
-                             steps=args.steps)
+        # the main table always shows the full default grid, so that missing cells read "pending"; a table
+        # of another step budget (a partial grid by design) shows only the tasks and methods it has
+        recs = read_records()
+        t_show, m_show = TASKS, METHODS
+        if args.steps != DEFAULT_STEPS:
+            have = [r for r in recs if int(r.get("max_steps", -1)) == args.steps]
+            t_show = [t for t in TASKS if any(r["task"] == t for r in have)] or tasks
+            m_show = [m for m in METHODS if any(r["method"] == m for r in have)] or methods
+        table = render_table(recs, tasks=t_show, methods=m_show, rs=DEFAULT_R, seeds=[0, 1, 2], steps=args.steps,
+                             with_extra=args.steps == DEFAULT_STEPS or not args.no_extra)
         write_doc_table(table, steps=args.steps)
         print(table)
         if args.figures:
