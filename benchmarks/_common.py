@@ -89,3 +89,12 @@ def machine_md(info: dict) -> str:
             f"({info['torch_threads']} threads), Python {info['python']}"
             + (f", peft {info.get('peft')}, transformers {info.get('transformers')}" if info.get("peft") else "")
             + f"; load average at start {info['loadavg_start']}, at end {info.get('loadavg_end')}; {info['date']}.")
+
+
+def write_results(out: str, res: dict, md: str, *, quick: bool = False) -> None:
+    """Print the Markdown report and, unless ``quick``, write ``<out>.json`` and ``<out>.md``."""
+    print(md)
+    if not quick:
+        write_json(Path(out + ".json"), res)
+        Path(out + ".md").write_text(md)
+        print(f"wrote {out}.json and .md")

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, iqr, loadavg, machine_info, machine_md, md_table, median, write_json  # noqa: E402
+from _common import (RESULTS, command_line, iqr, loadavg, machine_info, machine_md, md_table, median,  # noqa: E402
+                     write_results)
 
 from elalora import AdaLoRAConfig, ElaLoRAConfig  # noqa: E402
 from elalora.allocation.adalora import AdaLoRAAllocator  # noqa: E402
@@ -432,11 +433,7 @@ def main(argv=None):
     md = (f"# Allocation scaling\n\nCommand: `{res['command']}`\n\n{machine_md(info)}\n\n"
           f"Medians over {reps} plain+round step pairs per variant ({sreps} for the scaling series), variants "
           f"interleaved round-robin. Times in ms.\n\n" + render(res) + "\n")
-    print(md)
-    if not args.quick:
-        write_json(Path(args.out + ".json"), res)
-        Path(args.out + ".md").write_text(md)
-        print(f"wrote {args.out}.json and .md")
+    write_results(args.out, res, md, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, machine_info, machine_md, md_table, median, write_json  # noqa: E402
+from _common import RESULTS, command_line, machine_info, machine_md, md_table, median, write_results  # noqa: E402
 
 SHAPES = [(384, 384), (384, 1536), (1536, 384)]
 VARIANTS = ["peft_lora", "peft_adalora", "ours", "plain_out_scale", "plain_gate_scale"]
@@ -136,11 +136,7 @@ def main(argv=None):
           f"{args.tokens} tokens, frozen base, input gradient needed, medians of {args.repeats} interleaved repeats.\n\n"
           + md_table(["shape (d_in×d_out)", "variant", "median fwd+bwd (ms)", "median paired ratio to peft_lora"], rows)
           + "\n")
-    print(md)
-    if not args.quick:
-        write_json(Path(args.out + ".json"), res)
-        Path(args.out + ".md").write_text(md)
-        print(f"wrote {args.out}.json and .md")
+    write_results(args.out, res, md, quick=args.quick)
 
 
 if __name__ == "__main__":
