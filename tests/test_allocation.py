@@ -81,6 +81,14 @@ def test_select_prune_grow_hand_case():
     # m0's score-5 rank; growth goes to the owners of 6 (m0) and then 4 (m2), skipping pruned entries
     prune, grow = select_prune_grow(scores, active, [6, 6, 6], k=2, b=2, min_rank=2)
     assert prune == {0: [0], 1: [0]} and grow == {0: 1, 2: 1}
+    # rows of different lengths (per-matrix capacities) are padded with inactive slots: same decisions
+    short = [scores[0], scores[1], scores[2][:2]]
+    short_act = [active[0], active[1], active[2][:2]]
+    assert select_prune_grow(short, short_act, [6, 6, 6], k=2, b=2, min_rank=1) == ({1: [0, 1]}, {0: 2})
+    # rows exactly as long as the capacity take the stacked fast path: same decisions again
+    full = [torch.cat([x, torch.zeros(2)]) for x in scores]
+    full_act = [torch.cat([a, torch.zeros(2, dtype=torch.bool)]) for a in active]
+    assert select_prune_grow(full, full_act, [6, 6, 6], k=2, b=2, min_rank=1) == ({1: [0, 1]}, {0: 2})
 
 
 def test_min_rank_matrix_can_grow_and_capacity_matrix_can_shrink():

@@ -43,6 +43,27 @@ def elalora_b_t(t: int, *, b: int, tinit: int, tfinal: int, total_steps: int, us
     return int(round(b * (1.0 - p**3)))
 
 
+def _padded_rows(rows: list[torch.Tensor], width: int, fill) -> torch.Tensor:
+    """The 1-D tensors ``rows`` as one CPU ``(M × width)`` matrix, cut or padded with ``fill``.
+
+    One ``torch.stack`` in the usual case (every matrix has the same capacity): a per-matrix Python
+    loop, or even ``pad_sequence`` (10× slower than ``stack`` here), costs milliseconds per round
+    with a few hundred matrices (benchmarks/alloc_scaling.py).
+    """
+    m = None
+    if all(x.numel() == width for x in rows):
+        try:
+            m = torch.stack(rows).detach().cpu()
+        except RuntimeError:  # tensors on several devices
+            m = None
+    if m is None:
+        m = torch.nn.utils.rnn.pad_sequence([x.detach().cpu()[:width] for x in rows], batch_first=True,
+                                            padding_value=fill)
+    if m.shape[1] < width:  # every row shorter than the capacity: the missing slots are padding
+        m = torch.nn.functional.pad(m, (0, width - m.shape[1]), value=fill)
+    return m
+
+
 def select_prune_grow(
     scores: list[torch.Tensor],
     active: list[torch.Tensor],
@@ -59,24 +80,9 @@ def select_prune_grow(
     """
     m_count = len(scores)
     cmax = max(capacity)
-    # One padded (M × c_max) matrix built by two C++ calls, not a Python loop over matrices: with a
-    # few hundred matrices a per-matrix loop costs milliseconds (benchmarks/alloc_scaling.py).
-    s = act = None
-    if len({x.numel() for x in scores} | {a.numel() for a in active}) == 1:  # usual case: one capacity
-        try:  # no per-matrix .cpu()/.detach() calls: with thousands of matrices those dominate a round
-            s, act = torch.stack(scores).detach().cpu().double(), torch.stack(active).cpu()
-        except RuntimeError:  # tensors on several devices
-            s = act = None
-    if s is None:
-        pad = torch.nn.utils.rnn.pad_sequence  # 10x slower than stack for a few hundred short rows
-        s = pad([x.detach().cpu() for x in scores], batch_first=True, padding_value=float("inf")).double()
-        act = pad([a.cpu() for a in active], batch_first=True, padding_value=False)
-    if s.shape[1] < cmax:  # scores shorter than the capacity: the missing slots are inactive
-        s = torch.nn.functional.pad(s, (0, cmax - s.shape[1]), value=float("inf"))
-    act = act[:, :cmax]
-    if act.shape[1] < cmax:
-        act = torch.nn.functional.pad(act, (0, cmax - act.shape[1]), value=False)
-    s = s[:, :cmax].masked_fill(~act, float("inf"))
+    s = _padded_rows(scores, cmax, float("inf")).double()
+    act = _padded_rows(active, cmax, False)
+    s = s.masked_fill(~act, float("inf"))
     ranks = act.sum(1).numpy()
     kk = min(k, cmax)
     vals, slots = torch.topk(s, kk, dim=1, largest=False, sorted=True)
