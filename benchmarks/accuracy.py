@@ -390,7 +390,7 @@ def main(argv=None):
         write_doc_table(table, steps=args.steps)
         print(table)
         if args.figures:
-            for p in write_heatmaps(read_records(), steps=args.steps):
+            for p in write_heatmaps(recs, steps=args.steps):
                 print(f"wrote {p.relative_to(ROOT)}")
 
     if args.render:

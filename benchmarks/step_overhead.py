@@ -338,7 +338,7 @@ def main(argv=None):
              "trainable_params": sum(p.numel() for p in v.params)}
         r["allocator_state_per_adapter_byte"] = r["allocator_state_bytes"] / ab if ab else 0.0
         if "paired" in res:
-            r.update({f"paired_{k}": v for k, v in res["paired"][n].items()})
+            r.update({f"paired_{key}": val for key, val in res["paired"][n].items()})
         if ref_b:
             r["ratio_block_vs_peft_lora"] = r["median_block_step_ms"] / (ref_b * 1e3)
             r["ratio_single_vs_peft_lora"] = r["median_single_step_ms"] / (ref_s * 1e3)

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo): replicas stay bitwise identical and match one process with the same global batch."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -129,7 +130,6 @@ def test_accelerate_cli_matches_single_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "elalora", *common, "--batch-size", "8", "--output-dir",
                         str(tmp_path / "one")], env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    import json
 
     def load(run):
         m = json.loads((run / "metrics.json").read_text())
