@@ -12,6 +12,7 @@ The handle does no file I/O; :mod:`elalora.persistence` saves, loads and exports
 from __future__ import annotations
 
 import re
+import warnings
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
@@ -22,9 +23,10 @@ from .allocation import make_allocator
 from .allocation.base import RankEvent
 from .config import AdapterConfig, ConfigError, ElaLoRAConfig
 from .importance import ImportanceTracker
-from .layers import SUPPORTED_BASE_LAYERS, ElasticAdapter, GatedLoRAAdapter, SVDAdapter
+from .layers import SUPPORTED_BASE_LAYERS, ElasticAdapter, GatedLoRAAdapter, SVDAdapter, _base_shape
 
-__all__ = ["get_model", "AdaptiveModel", "DEFAULT_TARGET_MODULES", "find_target_modules", "TargetModuleError"]
+__all__ = ["get_model", "AdaptiveModel", "DEFAULT_TARGET_MODULES", "find_target_modules", "TargetModuleError",
+           "TrainingDivergedError"]
 
 # Defaults per model_type: every projection of every block, as in the ElaLoRA / AdaLoRA GLUE
 # experiments (q, k, v, attention output, intermediate, output).
@@ -46,6 +48,15 @@ class TargetModuleError(ConfigError):
     """``target_modules`` matched nothing (or something that cannot be wrapped)."""
 
 
+class TrainingDivergedError(FloatingPointError):
+    """The loss or the adapter weights became NaN/inf; the message names the step."""
+
+
+def _diverged_message(step: int, what: str) -> str:
+    return (f"training diverged at step {step}: {what} is NaN or inf. Lower the learning rate (or add warm-up / "
+            "gradient clipping) and train again")
+
+
 def _matches(name: str, target: list[str] | str) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
@@ -65,6 +76,7 @@ def _candidate_names(model: nn.Module) -> list[str]:
 
 def find_target_modules(model: nn.Module, target_modules, modules_to_save: Sequence[str] | None = None) -> list[str]:
     """Names of the layers of ``model`` that ``target_modules`` selects (in module order)."""
+    explicit = target_modules is not None
     if target_modules is None:
         mtype = getattr(getattr(model, "config", None), "model_type", None)
         if mtype not in DEFAULT_TARGET_MODULES:
@@ -73,10 +85,12 @@ def find_target_modules(model: nn.Module, target_modules, modules_to_save: Seque
                 + ", ".join(_candidate_names(model)[:20]))
         target_modules = DEFAULT_TARGET_MODULES[mtype]
     keep = list(modules_to_save or [])
-    names, bad = [], []
+    names, bad, hit = [], [], set()
     for name, mod in model.named_modules():
         if not name or not _matches(name, target_modules):
             continue
+        if isinstance(target_modules, list):
+            hit.update(t for t in target_modules if name == t or name.endswith("." + t))
         if keep and any(name == k or name.endswith("." + k) or f".{k}." in f".{name}." for k in keep):
             continue  # a module kept trainable in full is not adapted as well
         if isinstance(mod, ElasticAdapter):
@@ -90,6 +104,19 @@ def find_target_modules(model: nn.Module, target_modules, modules_to_save: Seque
         raise TargetModuleError(
             f"target_modules={target_modules!r} matched no nn.Linear/Conv1D layer{extra}. "
             f"Candidate names in this model: {', '.join(_candidate_names(model)[:30])}")
+    if explicit and isinstance(target_modules, list):
+        # Names the user listed: each must select something, and nothing they select may be skipped
+        # silently (a Conv2d named in the list would otherwise just not be adapted). Regexes and the
+        # per-architecture defaults keep PEFT's lenient matching.
+        if bad:
+            raise TargetModuleError(
+                f"target_modules names layers that cannot be adapted: {', '.join(bad[:5])}; only nn.Linear and "
+                "transformers' Conv1D are supported. Remove them from target_modules")
+        unused = [t for t in target_modules if t not in hit]
+        if unused:
+            raise TargetModuleError(
+                f"target_modules entr{'y' if len(unused) == 1 else 'ies'} {unused} matched no layer (a typo?). "
+                f"Candidate names in this model: {', '.join(_candidate_names(model)[:30])}")
     return names
 
 
@@ -132,13 +159,24 @@ class AdaptiveModel:
         unknown = set(rank_pattern) - set(names)
         if unknown:
             raise TargetModuleError(f"rank_pattern names modules that are not adapted: {sorted(unknown)[:5]}")
+        plan = []
+        for name in names:
+            r = int(rank_pattern.get(name, config.initial_rank))
+            cap = int((capacity_pattern or {}).get(name, max(config.capacity, r)))
+            d_in, d_out, _ = _base_shape(model.get_submodule(name))
+            if cap > min(d_in, d_out):
+                # Checked before anything is allocated: a huge r would otherwise allocate
+                # capacity × (d_in + d_out) per matrix and only fail (or be killed) much later.
+                raise ConfigError(
+                    f"rank capacity {cap} (r={r}) of module {name!r} exceeds its matrix size min(d_in, d_out) = "
+                    f"min({d_in}, {d_out}) = {min(d_in, d_out)}; lower r (and max_rank / init_r) to at most "
+                    f"{min(d_in, d_out)}, or leave this module out of target_modules")
+            plan.append((name, r, cap))
         gen = torch.Generator().manual_seed(config.seed)
         self.names: list[str] = names
         self.adapters: list[ElasticAdapter] = []
-        for name in names:
+        for name, r, cap in plan:
             base = model.get_submodule(name)
-            r = int(rank_pattern.get(name, config.initial_rank))
-            cap = int((capacity_pattern or {}).get(name, max(config.capacity, r)))
             a = _build_adapter(base, config, r, cap, float(config.lora_alpha), gen)
             # The scale is fixed for the run (SPEC §1). With an alpha_pattern (PEFT semantics, e.g. a
             # GeLoRA plan) it is alpha_m / r_m; otherwise one global lora_alpha / r, so that a rank
@@ -156,6 +194,7 @@ class AdaptiveModel:
             self.importance = ImportanceTracker(self.adapters, config.beta1, config.beta2)
         self.events: list[RankEvent] = []
         self.step_count = 0
+        self.num_steps_without_grad = 0
         self.initial_rank_pattern = self.rank_pattern()
         self._hook = None
         if getattr(config, "orth_reg_weight", 0) and config.adapter_kind == "svd":
@@ -258,14 +297,40 @@ class AdaptiveModel:
             self.allocator.set_total_steps(total)
         skipped = False
         if self.importance is not None and self.allocator.wants_importance(t):
-            skipped = not self.importance.update()
+            if not any(p.grad is not None for p in self.adapter_parameters()):
+                # After zero_grad() or without backward(): scores from nothing would drive the
+                # round, so this step neither updates them nor changes ranks.
+                self.num_steps_without_grad += 1
+                warnings.warn(
+                    f"handle.step() at step {t} found no gradient on any adapter (called after optimizer.zero_grad() "
+                    "or without loss.backward()): the importance scores were not updated and no ranks changed. Call "
+                    "it between optimizer.step() and optimizer.zero_grad()", RuntimeWarning, stacklevel=2)
+                skipped = True
+            else:
+                skipped = not self.importance.update()
+                if skipped:
+                    # Non-finite gradients: an fp16 step the grad scaler skipped (weights intact), or a
+                    # diverged run (weights already NaN/inf after optimizer.step()). Only here, on the
+                    # rare skipped step, are the weights scanned.
+                    self.check_finite(t)
         events: list[RankEvent] = []
         if not skipped:
             events = self.allocator.on_step(t, optimizer, importance=self.importance, model=self.model)
+            if events:
+                self.check_finite(t)  # a round is rare; its decisions must not come from NaN weights
         self.events.extend(events)
         self.step_count = t + 1
         self._orth_added = False
         return events
+
+    @torch.no_grad()
+    def check_finite(self, step: int | None = None) -> None:
+        """Raise :class:`TrainingDivergedError` if any adapter weight (or module kept in full) is NaN/inf."""
+        t = self.step_count if step is None else step
+        for n, a in zip(self.names, self.adapters):
+            for pname, p, _ in a.slot_parameters():
+                if not bool(torch.isfinite(p).all()):
+                    raise TrainingDivergedError(_diverged_message(t, f"the adapter weight {n}.{pname}"))
 
     def callback(self, **kwargs):
         """A Hugging Face ``TrainerCallback`` driving this model (see :mod:`elalora.integrations.trainer`)."""
@@ -289,6 +354,39 @@ class AdaptiveModel:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Everything is checked first: a state that does not fit
+        raises ``ValueError`` and leaves the handle unchanged."""
+        self.validate_state_dict(state)
+        masks = [state["masks"][n] for n in self.names]
+        events = [RankEvent(**e) for e in state["events"]]
+        backup = self.state_dict()
+        try:
+            for m, a in zip(masks, self.adapters):
+                a.active.copy_(m.to(a.active.device))
+            self.step_count = int(state["step_count"])
+            self.events = events
+            self.initial_rank_pattern = dict(state["initial_rank_pattern"])
+            self.allocator.load_state_dict(state["allocator"])
+            if self.importance is not None and state.get("importance") is not None:
+                self.importance.load_state_dict(state["importance"])
+        except BaseException:
+            self._restore_state(backup)
+            raise
+
+    def _restore_state(self, backup: dict[str, Any]) -> None:
+        for n, a in zip(self.names, self.adapters):
+            a.active.copy_(backup["masks"][n].to(a.active.device))
+        self.step_count = backup["step_count"]
+        self.events = [RankEvent(**e) for e in backup["events"]]
+        self.initial_rank_pattern = dict(backup["initial_rank_pattern"])
+        self.allocator.load_state_dict(backup["allocator"])
+        if self.importance is not None and backup.get("importance") is not None:
+            self.importance.load_state_dict(backup["importance"])
+
+    def validate_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be loaded into this handle (changes nothing)."""
+        if not isinstance(state, dict) or not {"names", "masks", "step_count", "events", "allocator"} <= set(state):
+            raise ValueError("not an elalora handle state (missing names/masks/step_count/events/allocator)")
         if state.get("format_version", 1) > 1:
             raise ValueError(f"elalora state format {state['format_version']} is newer than this elalora supports (1); upgrade elalora")
         if state.get("method") != self.config.method:
@@ -297,16 +395,15 @@ class AdaptiveModel:
             raise ValueError("checkpoint adapts different modules than this model: "
                              f"{sorted(set(state['names']) ^ set(self.names))[:5]}")
         for n, a in zip(self.names, self.adapters):
-            m = state["masks"][n]
-            if m.shape != a.active.shape:
-                raise ValueError(f"{n}: checkpoint capacity {m.numel()} != model capacity {a.capacity}")
-            a.active.copy_(m.to(a.active.device))
-        self.step_count = int(state["step_count"])
-        self.events = [RankEvent(**e) for e in state["events"]]
-        self.initial_rank_pattern = dict(state["initial_rank_pattern"])
-        self.allocator.load_state_dict(state["allocator"])
-        if self.importance is not None and state.get("importance") is not None:
-            self.importance.load_state_dict(state["importance"])
+            m = state["masks"].get(n) if isinstance(state["masks"], dict) else None
+            if not torch.is_tensor(m) or m.shape != a.active.shape:
+                got = "none" if not torch.is_tensor(m) else m.numel()
+                raise ValueError(f"{n}: checkpoint capacity {got} != model capacity {a.capacity}")
+        try:
+            [RankEvent(**e) for e in state["events"]]
+            int(state["step_count"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint history is malformed: {e}") from None
 
     # ----------------------------------------------------------------- persistence shortcuts
     def save_pretrained(self, path: str, **kw) -> None:
@@ -326,10 +423,16 @@ class AdaptiveModel:
         return merge_and_unload(self)
 
     def merge(self) -> None:
+        if getattr(self, "unloaded", False):
+            raise RuntimeError("merge_and_unload() already folded the adapters into the base weights")
         for a in self.adapters:
             a.merge()
 
     def unmerge(self) -> None:
+        if getattr(self, "unloaded", False):
+            raise RuntimeError("merge_and_unload() folded the adapters into the base weights and removed them from "
+                               "the model; there is nothing to unmerge. Reload the adapter onto a fresh base model "
+                               "(the handle can still save_pretrained / export_peft)")
         for a in self.adapters:
             a.unmerge()
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..config import AdaLoRAConfig
-from .base import Allocator, apply_rank_changes
+from .base import Allocator, apply_rank_changes, no_information
 
 __all__ = ["AdaLoRAAllocator", "adalora_budget", "select_to_budget"]
 
@@ -83,6 +83,8 @@ class AdaLoRAAllocator(Allocator):
         if not (mask_now or t == final_t):
             return []
         scores = importance.rank_scores()
+        if no_information(scores, t):
+            return []
         prune = select_to_budget(scores, [a.active for a in self.adapters], budget)
         return apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow={},
                                   seed=self.config.seed, optimizer=optimizer, importance=importance, scores=scores)

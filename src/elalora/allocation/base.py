@@ -115,6 +115,20 @@ def apply_rank_changes(
     return events
 
 
+def no_information(scores: Sequence[torch.Tensor], step: int) -> bool:
+    """True (with a warning) when every rank score is exactly 0: the gradients the scores came from
+    were all zero (``zero_grad(set_to_none=False)`` before ``handle.step``), so a round would rank
+    ties. The caller then skips the round."""
+    if any(bool(s.any()) for s in scores):
+        return False
+    import warnings
+
+    warnings.warn(f"rank-allocation round at step {step} skipped: every importance score is 0 (were the gradients "
+                  "zeroed before handle.step()? call it between optimizer.step() and optimizer.zero_grad())",
+                  RuntimeWarning, stacklevel=3)
+    return True
+
+
 class Allocator:
     """A rank-allocation policy. Subclasses implement :meth:`on_step`.
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import ElaLoRAConfig
-from .base import Allocator, apply_rank_changes
+from .base import Allocator, apply_rank_changes, no_information
 
 __all__ = ["ElaLoRAAllocator", "elalora_b_t", "select_prune_grow"]
 
@@ -177,6 +177,8 @@ class ElaLoRAAllocator(Allocator):
         if not self.is_round(t):
             return []
         scores = importance.rank_scores()
+        if no_information(scores, t):
+            return []
         prune, grow = select_prune_grow(
             scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
             k=self.config.k, b=self.b_at(t), min_rank=self.config.min_rank)

@@ -19,6 +19,7 @@ with exit code 2 and no traceback; ``--debug`` (or ``ELALORA_DEBUG=1``) shows th
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Sequence
@@ -51,8 +52,46 @@ def step_value(text: str) -> int | float:
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expected an integer number of steps (e.g. 300) or a fraction of the run (e.g. 0.1); got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0; got {text!r}")
+    if not (isinstance(v, int) or math.isfinite(v)) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text!r}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**32); got {text!r}") from None
+    if not 0 <= v < 2**32:  # numpy (seeded by the Trainer) accepts no other seeds
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**32); got {text!r}")
+    return v
+
+
+def _threads(text: str) -> int:
+    v = _positive_int(text)
+    n = os.cpu_count() or 1
+    if v > 4 * n:
+        raise argparse.ArgumentTypeError(f"{v} threads on a machine with {n} CPUs; give at most {4 * n}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0; got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0; got {text!r}")
+    return v
+
+
+def _open_fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1); got {text!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1); got {text!r}")
     return v
 
 
@@ -81,8 +120,8 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
+    if not (v > 0 and math.isfinite(v)):  # inf would pass 'v > 0' (and --lr inf trains NaN weights)
+        raise argparse.ArgumentTypeError(f"expected a finite positive number; got {text!r}")
     return v
 
 
@@ -152,9 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tinit", type=step_value, default=0.1, help="warm-up before the first round (default 0.1)")
     g.add_argument("--tfinal", type=step_value, default=0.2, help="final steps with frozen ranks (default 0.2)")
     g.add_argument("--delta-t", type=step_value, default=0.02, help="steps between rounds (default 0.02)")
-    g.add_argument("--beta1", type=float, default=0.85, help="sensitivity EMA (default 0.85)")
-    g.add_argument("--beta2", type=float, default=0.85, help="uncertainty EMA (default 0.85)")
-    g.add_argument("--orth-reg-weight", type=float, default=0.1, help="orthogonal regulariser weight (default 0.1)")
+    g.add_argument("--beta1", type=_open_fraction, default=0.85, help="sensitivity EMA (default 0.85)")
+    g.add_argument("--beta2", type=_open_fraction, default=0.85, help="uncertainty EMA (default 0.85)")
+    g.add_argument("--orth-reg-weight", type=_nonneg_float, default=0.1, help="orthogonal regulariser weight (default 0.1)")
     g.add_argument("--init-r", type=_positive_int, default=None, help="AdaLoRA: initial rank (default ceil(1.5 r))")
     g.add_argument("--max-rank", type=_positive_int, default=None,
                    help="ElaLoRA/ALoRA: per-matrix capacity (default 2r; gelora-elalora: max(2r, largest planned rank))")
@@ -180,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps (default 1)")
     g.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
     g.add_argument("--warmup-ratio", type=_fraction, default=0.06, help="linear LR warm-up, fraction of the run (default 0.06)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--seed", type=int, default=42, help="seed of data order, subsets, head and adapter init (default 42)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--seed", type=_seed, default=42, help="seed of data order, subsets, head and adapter init (default 42)")
     g.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="N",
                    help="train on a seeded random subset of N examples")
     g.add_argument("--eval-steps", type=_nonneg_int, default=None, metavar="N",
@@ -191,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                    help="do not batch examples of similar length together (grouping is on by default: less padding, faster)")
-    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="generation tasks: tokens generated per example (default 64)")
     g = t.add_argument_group("output")
     g.add_argument("--output-dir", default=None, metavar="DIR",
@@ -208,10 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(e, for_train=False)
     _add_data_flags(e, required_task=False)
     e.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch size (default 64)")
-    e.add_argument("--seed", type=int, default=None, help="seed of the evaluation subset (default: the run's)")
+    e.add_argument("--seed", type=_seed, default=None, help="seed of the evaluation subset (default: the run's)")
     e.add_argument("--max-new-tokens", type=_positive_int, default=None, help="generation tasks: tokens per example")
     e.add_argument("--output", default=None, metavar="FILE", help="also write the metrics as JSON to FILE")
-    e.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    e.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
     e.set_defaults(handler="eval")
 
     # --------------------------------------------------------------------------------- export
@@ -252,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--gelora-pooling", default="mean", choices=("mean", "cls", "last"), help="pooling (default mean)")
     pn.add_argument("--gelora-alpha-scale", type=_positive_float, default=32.0, help="alpha/r of every module (default 32)")
     pn.add_argument("--batch-size", type=_positive_int, default=32, help="batch size of the forward passes (default 32)")
-    pn.add_argument("--seed", type=int, default=42, help="seed of the example sample (default 42)")
+    pn.add_argument("--seed", type=_seed, default=42, help="seed of the example sample (default 42)")
     pn.add_argument("--output", default=None, metavar="FILE", help="also write the plan as JSON to FILE")
-    pn.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    pn.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
     pn.set_defaults(handler="plan")
     return parser
 
@@ -271,9 +310,10 @@ def _user_error_types() -> tuple[type, ...]:
     if "elalora.config" in mods:
         types.append(mods["elalora.config"].ConfigError)  # TargetModuleError is a ConfigError
     if "elalora.persistence" in mods:
-        types.append(mods["elalora.persistence"].AdapterLoadError)
+        pm = mods["elalora.persistence"]
+        types += [pm.AdapterLoadError, pm.OutputPathError, pm.OutputLockedError]
     if "elalora.model" in mods:
-        types.append(mods["elalora.model"].TargetModuleError)
+        types += [mods["elalora.model"].TargetModuleError, mods["elalora.model"].TrainingDivergedError]
     return tuple(types)
 
 

@@ -427,6 +427,8 @@ def _training_args(out_dir: str, *, batch_size: int, eval_batch_size: int, lr: f
         gradient_accumulation_steps=grad_accum, warmup_steps=warmup_ratio, weight_decay=weight_decay,
         lr_scheduler_type="linear", seed=seed, data_seed=seed, save_strategy="no", report_to=[],
         logging_strategy="steps", logging_steps=logging_steps, logging_first_step=True,
+        # NaN/inf losses must reach the logs (the divergence check reads them), not be averaged away
+        logging_nan_inf_filter=False,
         remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
         disable_tqdm=False, bf16=bf16, use_cpu=not torch.cuda.is_available(),
         # Under DDP transformers multiplies the loss by the world size for models that accept loss
@@ -523,20 +525,111 @@ def evaluate_model(model, spec, tokenizer, image_processor, examples, *, batch_s
 # =============================================================================================
 
 def _is_run_dir(p: Path) -> bool:
-    return any((p / f).exists() for f in RUN_FILES)
+    """Whether ``p`` is a run directory that ``elalora train`` wrote: its config.json carries the
+    run marker (a Hugging Face model folder also has a config.json, and must never count)."""
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get(RUN_MARKER) is True
 
 
-def check_output_dir(out: Path, overwrite: bool, *, what: str = "run") -> None:
+EXPORT_MARKER = "elalora_export.json"
+_ADAPTER_DIR_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md", EXPORT_MARKER}
+
+
+def _is_replaceable_export(p: Path) -> bool:
+    """What ``export --overwrite`` may replace: a folder an earlier ``elalora export`` wrote (it holds
+    the export marker), or a bare adapter folder (adapter files and nothing else)."""
+    if (p / EXPORT_MARKER).is_file() and not _is_run_dir(p):
+        return True
+    names = {e.name for e in p.iterdir()}
+    return "adapter_config.json" in names and names <= _ADAPTER_DIR_FILES
+
+
+def _input_at_risk(out: Path, inputs) -> tuple[str, str] | None:
+    """The first input (flag, path) that replacing the directory ``out`` would delete."""
+    o = out.expanduser().resolve()
+    for flag, path in inputs:
+        if not path:
+            continue
+        ip = Path(path).expanduser()
+        if not ip.exists():
+            continue
+        ip = ip.resolve()
+        if ip == o or o in ip.parents:
+            return flag, str(path)
+    return None
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Fail now, not after the work, if ``path`` cannot be created: probe the nearest existing
+    folder on its way with a real temporary file (permission bits say nothing for root, nor for a
+    read-only mount)."""
+    probe = path.expanduser().absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if path.exists() and path.is_file() and not os.access(path, os.W_OK):
+        raise CLIError(f"cannot write {flag} {str(path)!r}: the file is read-only")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".elalora-probe-"):
+            pass
+    except OSError as e:
+        raise CLIError(f"cannot write {flag} {str(path)!r}: {str(probe)!r} is not writable "
+                       f"({e.strerror or e}); choose another location") from None
+
+
+def check_output_dir(out: Path, overwrite: bool, *, what: str = "run", inputs=()) -> None:
+    """Refuse an output directory that would destroy something: a file, an input of the job
+    (the --model folder, the data, the adapter being exported), a non-empty folder elalora did
+    not write, or (without --overwrite) an earlier result."""
+    from ..persistence import recover_interrupted_swap
+
+    recover_interrupted_swap(out)  # an earlier save interrupted mid-swap: put its result back first
     if out.exists() and not out.is_dir():
         raise CLIError(f"--output-dir {str(out)!r} is a file; choose a directory")
+    hit = _input_at_risk(out, inputs)
+    if hit:
+        raise CLIError(f"--output-dir {str(out)!r} is or contains the input {hit[0]} {hit[1]!r}; writing there "
+                       "would delete it. Choose another --output-dir")
     if out.is_dir() and any(out.iterdir()):
         if what == "run" and not _is_run_dir(out):
             raise CLIError(f"--output-dir {str(out)!r} is not empty and does not hold an elalora run; "
                            "choose a new or empty directory")
+        if what == "export" and not _is_replaceable_export(out):
+            why = "an elalora run" if _is_run_dir(out) else "files elalora did not write"
+            raise CLIError(f"--output-dir {str(out)!r} holds {why}; --overwrite only replaces an earlier export. "
+                           "Choose a new or empty directory")
         if not overwrite:
-            held = "another run" if what == "run" else "files"
+            held = "another run" if what == "run" else "an export"
             raise CLIError(f"--output-dir {str(out)!r} already holds {held}; pass --overwrite to replace it "
                            "or choose another --output-dir")
+    check_writable(out, "--output-dir")
+
+
+def _position_limit(model) -> int | None:
+    """Positions a model with learned absolute position embeddings can encode (None: no such limit)."""
+    from torch import nn
+
+    lims = [m.num_embeddings for n, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and n.split(".")[-1] in ("position_embeddings", "wpe", "embed_positions")]
+    if not lims:
+        return None
+    cfg = getattr(model, "config", None)
+    declared = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return min(lims + ([int(declared)] if declared else []))
+
+
+def resolve_max_length(model, requested: int | None, default: int = 128) -> int:
+    """``--max-length`` checked against the model's positions (a longer one crashes mid-run);
+    the default is lowered to the model's limit silently."""
+    lim = _position_limit(model)
+    if requested is not None:
+        if lim is not None and requested > lim:
+            raise CLIError(f"--max-length {requested} exceeds the {lim} positions of this model "
+                           f"(max_position_embeddings); give --max-length {lim} or less")
+        return requested
+    return min(default, lim) if lim is not None else default
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -676,12 +769,25 @@ def run_gelora_plan(model, train, collate, module_names, *, r: int | None, sampl
     n = min(samples, len(train))
     if n < 3:
         raise CLIError(f"GeLoRA needs at least 3 training examples for the intrinsic dimensions; got {n}")
+    sizes = {}
+    for name in module_names:
+        w = model.get_submodule(name).weight
+        sizes[name] = min(int(w.shape[0]), int(w.shape[1]))
+    if r is not None and r > max(sizes.values()):
+        raise CLIError(f"--r {r} exceeds the size of every adapted matrix (the widest allows rank {max(sizes.values())}); "
+                       f"lower --r")
     try:
-        return plan_gelora(model, _gelora_batches(train, collate, n, batch_size, seed), module_names, pooling=pooling,
+        plan = plan_gelora(model, _gelora_batches(train, collate, n, batch_size, seed), module_names, pooling=pooling,
                            target_avg_rank=r, alpha_scale=alpha_scale)
     except ValueError as e:
         raise CLIError(f"GeLoRA planning failed: {' '.join(str(e).split())}; try more --gelora-samples or "
                        "--gelora-pooling mean") from None
+    over = [(m, k, sizes[m]) for m, k in plan.rank_pattern.items() if m in sizes and k > sizes[m]]
+    if over:
+        m, k, lim = over[0]
+        raise CLIError(f"the GeLoRA plan for --r {r} gives module {m!r} rank {k}, more than its matrix size {lim} "
+                       f"({len(over)} module(s) over); lower --r")
+    return plan
 
 
 # =============================================================================================
@@ -695,13 +801,24 @@ def cmd_train(args) -> int:
 
     spec0 = get_task(args.task)  # unknown task: TaskError before anything else
     out_dir = Path(args.output_dir or f"runs/{spec0.name}-{args.method}-r{args.r}").expanduser()
-    check_output_dir(out_dir, args.overwrite)
+    inputs = [("--model", args.model), ("--data-dir", args.data_dir), ("--train-file", args.train_file),
+              ("--eval-file", args.eval_file)]
+    check_output_dir(out_dir, args.overwrite, inputs=inputs)
+    if not _is_main_process():
+        return _cmd_train(args, spec0, out_dir, t_start)
+    from ..persistence import output_lock
+
+    with output_lock(out_dir):  # a second `train` into the same directory fails now, not silently later
+        check_output_dir(out_dir, args.overwrite, inputs=inputs)  # again: another job may have just finished
+        return _cmd_train(args, spec0, out_dir, t_start)
+
+
+def _cmd_train(args, spec0, out_dir: Path, t_start: float) -> int:
     if args.method == "alora" and not _alora_available():
         raise CLIError("method 'alora' is not available in this installation of elalora "
                        "(elalora.allocation.alora is missing); choose another --method")
     targets = parse_target_modules(args.target_modules)
     model_path, gguf_file = resolve_model(args.model, args.gguf_file, spec0.kind)
-    max_length = args.max_length or 128
     if args.gelora_alpha_scale is not None and args.method != "gelora":
         raise CLIError("--gelora-alpha-scale applies to --method gelora only")
     if args.lora_alpha is not None and args.method == "gelora":
@@ -736,6 +853,7 @@ def cmd_train(args) -> int:
 
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     model = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
+    max_length = resolve_max_length(model, args.max_length)
     image_processor = load_image_processor(model_path, model.config) if spec.kind == "image" else None
     collate = make_collator(spec, tokenizer, image_processor, max_length)
     head = head_modules(model) if spec.kind != "generation" else None
@@ -843,6 +961,10 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
     if handle is not None:
         # under DDP also all-gather a digest of the rank pattern after every round (fails loudly on drift)
         handle.callback(check_consistency=_distributed_launch()).attach(trainer)
+    else:
+        from ..integrations.trainer import DivergenceCallback
+
+        trainer.add_callback(DivergenceCallback())  # the elalora callback does this check itself
 
     t_train = time.time()
     train_out = trainer.train()
@@ -885,6 +1007,12 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
             scores = {n: [float(v) for v in s[a.active.cpu()].tolist()]
                       for n, s, a in zip(handle.names, sc, handle.adapters)}
     else:
+        from ..model import TrainingDivergedError
+
+        for n, prm in peft_model.named_parameters():
+            if prm.requires_grad and not bool(torch.isfinite(prm).all()):
+                raise TrainingDivergedError(f"training diverged by step {steps_done}: {n} is NaN or inf; lower the "
+                                            "learning rate and train again")
         peft_model.save_pretrained(str(tmp / "adapter"))
         peft_model.save_pretrained(str(tmp / "peft"))
         final_pattern = peft_rank_pattern(peft_model)
@@ -1030,7 +1158,14 @@ def _safetensors_header(path: Path) -> dict:
             if n > 100_000_000:
                 raise ValueError("header too large")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            size = f.seek(0, 2)
+            end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                       if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"file is {size} bytes, its header promises {8 + n + end}")
+    except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError) as e:
         raise CLIError(f"cannot read the safetensors header of {str(path)!r} ({e}); the file is truncated or corrupt") from None
     header.pop("__metadata__", None)
     return header
@@ -1109,6 +1244,16 @@ def _check_peft_fits(model, adir: Path) -> None:
     from ..persistence import AdapterLoadError
 
     header = _safetensors_header(adir / "adapter_model.safetensors")
+    from ..persistence import _safetensors_metadata, check_base_model_weights
+
+    fp = _safetensors_metadata(adir / "adapter_model.safetensors").get("elalora_base_fingerprint")
+    if fp:  # exported by elalora: the base weights it was trained on are recorded
+        try:
+            fp = json.loads(fp)
+        except ValueError:
+            fp = None
+        if isinstance(fp, dict):
+            check_base_model_weights(model, fp, source=f" ({_read_json(adir / 'adapter_config.json').get('base_model_name_or_path')})")
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
     src = _read_json(adir / "adapter_config.json").get("base_model_name_or_path")
@@ -1157,7 +1302,9 @@ def load_adapted_model(adir: Path, base):
     _check_peft_fits(base, adir)
     try:
         model = PeftModel.from_pretrained(base, str(adir))
-    except (RuntimeError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001  (SafetensorError of a truncated file, shape errors, bad config keys)
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
         raise AdapterLoadError(f"cannot load the PEFT adapter {str(adir)!r} onto this model: "
                                f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
     model.eval()
@@ -1213,12 +1360,23 @@ def cmd_eval(args) -> int:
     max_new = args.max_new_tokens or tr.get("max_new_tokens") or 64
     args.max_train_samples = None
 
+    if args.output:
+        outp = Path(args.output).expanduser()
+        if outp.is_dir():
+            raise CLIError(f"--output {args.output!r} is a directory; give a file name")
+        if outp.exists() and (outp.resolve() == adir.resolve() or adir.resolve() in outp.resolve().parents):
+            raise CLIError(f"--output {args.output!r} is a file of the adapter being evaluated; give another file name")
+        check_writable(outp, "--output")  # before the evaluation, not after it
     train, evals, spec = load_data(args, for_eval_only=True)
     del train
     model_path, gguf_file = _base_for_adapter(adir, args, run_cfg, spec.kind)
     _set_threads(args.threads)
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
+    if args.max_length is not None:
+        max_length = resolve_max_length(base, args.max_length)
+    else:
+        max_length = resolve_max_length(base, None, default=max_length)
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     model.eval()
@@ -1227,10 +1385,12 @@ def cmd_eval(args) -> int:
     for k, v in metrics.items():
         print(f"{k}: {v:.6f}")
     if args.output:
+        from ..persistence import atomic_write_bytes
+
         out = Path(args.output).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(out, {"task": spec.name, "adapter": str(adir.resolve()), "format": adapter_format(adir),
-                          "model": model_path, "n_eval": len(evals), "metrics": metrics})
+        atomic_write_bytes(out, (json.dumps({"task": spec.name, "adapter": str(adir.resolve()), "format": adapter_format(adir),
+                          "model": model_path, "n_eval": len(evals), "metrics": metrics},
+                                            indent=2, default=_json_default) + "\n").encode())
     return 0
 
 
@@ -1243,16 +1403,31 @@ def cmd_export(args) -> int:
     adir = resolve_adapter_dir(args.adapter)
     fmt = adapter_format(adir)
     out = Path(args.output_dir).expanduser()
-    check_output_dir(out, args.overwrite, what="export")
     if out.resolve() == adir.resolve() or adir.resolve() in out.resolve().parents:
         raise CLIError("--output-dir must not be the adapter directory or inside it")
+    inputs = [("--adapter", str(adir)), ("--model", getattr(args, "model", None))]
+    check_output_dir(out, args.overwrite, what="export", inputs=inputs)
+    from ..persistence import output_lock
+
+    with output_lock(out):
+        check_output_dir(out, args.overwrite, what="export", inputs=inputs)
+        return _cmd_export(args, adir, fmt, out)
+
+
+def _write_export_marker(tmp: Path, adir: Path, to: str, model_path: str | None) -> None:
+    _write_json(tmp / EXPORT_MARKER, {"elalora_export": True, "to": to, "adapter": str(adir.resolve()),
+                                      "model": model_path, "versions": _versions()})
+
+
+def _cmd_export(args, adir: Path, fmt: str, out: Path) -> int:
     from ..persistence import atomic_directory
 
     if args.to == "peft" and fmt == "peft":
         with atomic_directory(out) as tmp:
             for f in adir.iterdir():
-                if f.is_file():
+                if f.is_file() and f.name != EXPORT_MARKER:
                     shutil.copy2(f, tmp / f.name)
+            _write_export_marker(tmp, adir, "peft", None)
         print(f"{adir} is already a PEFT LoRA adapter; copied to {out}")
         return 0
     run_cfg = run_config_for(adir)
@@ -1269,6 +1444,7 @@ def cmd_export(args) -> int:
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     with atomic_directory(out) as tmp:
+        _write_export_marker(tmp, adir, args.to, model_path)
         if args.to == "peft":
             from ..model import handle_of
 
@@ -1381,13 +1557,17 @@ def cmd_plan(args) -> int:
         outp = Path(args.output).expanduser()
         if outp.is_dir():
             raise CLIError(f"--output {args.output!r} is a directory; give a file name")
+        if _input_at_risk(outp, [("--model", args.model), ("--data-dir", args.data_dir),
+                                 ("--train-file", args.train_file), ("--eval-file", args.eval_file)]):
+            raise CLIError(f"--output {args.output!r} is an input of this command; give another file name")
+        check_writable(outp, "--output")
     args.max_train_samples = None
     train, evals, spec = load_data(args)
     del evals
     _set_threads(args.threads)
-    max_length = args.max_length or 128
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     model = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
+    max_length = resolve_max_length(model, args.max_length)
     image_processor = load_image_processor(model_path, model.config) if spec.kind == "image" else None
     collate = make_collator(spec, tokenizer, image_processor, max_length)
     head = head_modules(model) if spec.kind != "generation" else None
@@ -1409,8 +1589,10 @@ def cmd_plan(args) -> int:
     print()
     print(format_rank_table(plan.rank_pattern))
     if args.output:
+        from ..persistence import atomic_write_bytes
+
         outp = Path(args.output).expanduser()
-        outp.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(outp, {"task": spec.name, "model": model_path, "gguf_file": gguf_file, **plan.to_dict()})
+        atomic_write_bytes(outp, (json.dumps({"task": spec.name, "model": model_path, "gguf_file": gguf_file,
+                                              **plan.to_dict()}, indent=2, default=_json_default) + "\n").encode())
         print(f"\nwrote {outp}")
     return 0

@@ -754,6 +754,13 @@ def _load_custom(spec: TaskSpec, data_dir: Path | None, train_path: Path | None,
         if len(label_names) < 2:
             raise TaskError(f"label column {label_col!r} has a single value {label_names[0]!r}; "
                             "classification needs at least two classes")
+        train_classes = {key(v) for v in train_raw}
+        if len(train_classes) < 2:
+            # checked on the training split alone: an evaluation file with other labels does not
+            # make a one-class training set learnable
+            raise TaskError(f"the training data {str(train_path)!r} has a single class "
+                            f"{next(iter(train_classes), None)!r} in column {label_col!r}; classification needs at "
+                            "least two classes in the training data")
         index = {n: i for i, n in enumerate(label_names)}
 
         def to_id(v: Any, path: Path) -> int:

@@ -22,9 +22,35 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-__all__ = ["ElaLoRACallback", "STATE_FILE"]
+__all__ = ["ElaLoRACallback", "DivergenceCallback", "STATE_FILE"]
 
 STATE_FILE = "elalora_state.pt"
+
+
+def check_logs_finite(logs: dict | None, step: int) -> None:
+    """Raise :class:`~elalora.model.TrainingDivergedError` if the logged loss or gradient norm is
+    NaN/inf. This is the cheap divergence check: the Trainer computes both anyway, once per logging
+    interval, and a NaN weight makes every later loss NaN, so the run stops at most
+    ``logging_steps`` steps after it diverged (set ``logging_nan_inf_filter=False`` so that the
+    Trainer does not average NaN losses away)."""
+    import math
+
+    from ..model import TrainingDivergedError, _diverged_message
+
+    if not logs:
+        return
+    for key in ("loss", "grad_norm"):
+        v = logs.get(key)
+        if isinstance(v, (int, float)) and not math.isfinite(v):
+            raise TrainingDivergedError(_diverged_message(step, f"the training {key.replace('_', ' ')} ({v})"))
+
+
+class DivergenceCallback(TrainerCallback):
+    """Stops a ``Trainer`` run whose loss or gradient norm becomes NaN/inf (see :func:`check_logs_finite`);
+    :class:`ElaLoRACallback` does the same check itself."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        check_logs_finite(logs, state.global_step)
 
 
 class ElaLoRACallback(TrainerCallback):
@@ -42,10 +68,24 @@ class ElaLoRACallback(TrainerCallback):
         self._moved_since_log = 0
         self._rounds = 0
         self._restored = False
+        self._resume_path = None
 
     def attach(self, trainer) -> "ElaLoRACallback":
-        """Insert this callback first in ``trainer``'s callback list and return it."""
+        """Insert this callback first in ``trainer``'s callback list and return it.
+
+        Also records the path given to ``trainer.train(resume_from_checkpoint=PATH)`` (the Trainer
+        passes it to no callback), so that a checkpoint outside ``args.output_dir`` resumes too.
+        """
         trainer.callback_handler.callbacks.insert(0, self)
+        train = trainer.train
+        cb = self
+
+        def train_recording_resume_path(*args, **kwargs):
+            rfc = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+            cb._resume_path = rfc if isinstance(rfc, (str, os.PathLike)) else None
+            return train(*args, **kwargs)
+
+        trainer.train = train_recording_resume_path
         return self
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -64,9 +104,9 @@ class ElaLoRACallback(TrainerCallback):
         if state.global_step == 0 or self.handle.step_count == state.global_step:
             return
         candidates = [Path(args.output_dir) / f"checkpoint-{state.global_step}"]
-        rfc = getattr(args, "resume_from_checkpoint", None)
-        if isinstance(rfc, str):
-            candidates.insert(0, Path(rfc))
+        for rfc in (getattr(args, "resume_from_checkpoint", None), self._resume_path):
+            if isinstance(rfc, (str, os.PathLike)) and Path(rfc) not in candidates:
+                candidates.insert(0, Path(rfc))
         for c in candidates:
             f = c / STATE_FILE
             if f.is_file():
@@ -90,6 +130,7 @@ class ElaLoRACallback(TrainerCallback):
             assert_replicas_agree(self.handle)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        check_logs_finite(logs, state.global_step)
         if logs is None or "loss" not in logs and "train_loss" not in logs:
             return
         extra = {"elalora/total_rank": self.handle.total_rank, "elalora/ranks_moved": self._moved_since_log,
