@@ -240,6 +240,12 @@ def test_rank_larger_than_the_matrix_fails_before_allocation():
     elalora.get_model(model, elalora.ElaLoRAConfig(r=16, b=1))  # capacity 32 = min(d_in, d_out) fits
 
 
+@pytest.mark.parametrize("field", ["lora_alpha", "orth_reg_weight"])
+def test_infinite_scales_rejected(field):
+    with pytest.raises(ConfigError, match=f"{field} must be .* finite"):
+        elalora.ElaLoRAConfig(r=2, **{field: float("inf")})
+
+
 class ConvNet(nn.Module):
     def __init__(self):
         super().__init__()

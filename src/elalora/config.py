@@ -103,8 +103,8 @@ class AdapterConfig:
         _require(_is_int(self.r) and self.r >= 1, f"r must be an integer >= 1; got {self.r!r}")
         if self.lora_alpha is None:
             self.lora_alpha = float(self.default_alpha())
-        _require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0,
-                 f"lora_alpha must be > 0; got {self.lora_alpha!r}")
+        _require(isinstance(self.lora_alpha, (int, float)) and 0 < self.lora_alpha < math.inf,
+                 f"lora_alpha must be > 0 and finite; got {self.lora_alpha!r}")
         _require(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1,
                  f"lora_dropout must be in [0, 1); got {self.lora_dropout!r}")
         tm = self.target_modules
@@ -161,8 +161,8 @@ class _ScoredConfig(AdapterConfig):
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             _require(isinstance(v, (int, float)) and 0 < v < 1, f"{name} must be in (0, 1); got {v!r}")
-        _require(isinstance(self.orth_reg_weight, (int, float)) and self.orth_reg_weight >= 0,
-                 f"orth_reg_weight must be >= 0; got {self.orth_reg_weight!r}")
+        _require(isinstance(self.orth_reg_weight, (int, float)) and 0 <= self.orth_reg_weight < math.inf,
+                 f"orth_reg_weight must be >= 0 and finite; got {self.orth_reg_weight!r}")
         if self.total_steps is not None:
             self.resolve_schedule(self.total_steps)
 

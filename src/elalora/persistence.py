@@ -425,6 +425,8 @@ def save_adapter(handle: AdaptiveModel, path: str | os.PathLike, *, include_hist
 def read_adapter_config(path: str | os.PathLike) -> dict:
     recover_interrupted_swap(path)  # a save interrupted mid-swap: put the previous adapter back
     p = Path(path) / ADAPTER_CONFIG
+    if Path(path).is_file():
+        raise AdapterLoadError(f"{path} is a file, not an adapter directory")
     if not Path(path).is_dir():
         raise AdapterLoadError(f"adapter directory {path} does not exist")
     if not p.is_file():

@@ -303,7 +303,7 @@ def _user_error_types() -> tuple[type, ...]:
     """The library's error classes that mean 'bad input' (only those already imported)."""
     from .run import CLIError
 
-    types: list[type] = [CLIError, UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
+    types: list[type] = [CLIError, UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError]
     mods = sys.modules
     if "elalora.cli.tasks" in mods:
         types.append(mods["elalora.cli.tasks"].TaskError)

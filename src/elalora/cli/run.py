@@ -1523,7 +1523,11 @@ def cmd_inspect(args) -> int:
     from .plots import format_rank_table
 
     adir = resolve_adapter_dir(args.adapter)
-    s = read_adapter_summary(adir)
+    try:
+        s = read_adapter_summary(adir)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a hand-edited config
+        raise CLIError(f"{str(adir)!r}/adapter_config.json is malformed ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())[:200]}); the adapter config was edited or is corrupt") from None
     if args.json:
         print(json.dumps(s, indent=2, default=_json_default))
         return 0
