@@ -573,3 +573,14 @@ def test_eval_of_broken_adapters_is_one_line(run_dir, fx, tmp_path, capsys):
         line = _one_line(capsys, _cli("eval", "--adapter", str(run_dir / sub), "--model", str(fx / "bert_other"),
                                       "--max-eval-samples", "4"))
         assert "not the base model" in line
+
+
+@needs_minilm
+def test_cli_restores_a_run_whose_swap_was_interrupted(run_dir, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(run_dir, tmp_path / ".r.old-00000000000000000001-1-abcdef")  # what the crash leaves
+    with pytest.warns(RuntimeWarning, match="restored"):
+        assert _cli("inspect", str(tmp_path / "r")) == 0
+    assert (tmp_path / "r" / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]

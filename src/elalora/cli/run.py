@@ -1111,7 +1111,10 @@ def _read_json(path: Path) -> dict:
 
 
 def resolve_adapter_dir(path: str) -> Path:
+    from ..persistence import recover_interrupted_swap
+
     p = Path(path).expanduser()
+    recover_interrupted_swap(p)  # a run or export whose final swap was interrupted: put it back
     if not p.exists():
         raise CLIError(f"adapter directory {path!r} does not exist")
     if not p.is_dir():
