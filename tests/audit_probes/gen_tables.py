@@ -10,7 +10,7 @@ def load(f):
         out[parts[0]] = "\t".join(parts[1:])
     return out
 def esc(s):
-    s = s.replace("|", "\\|").replace("/tmp/probe-", "TMP/probe-").strip()
+    s = s.replace("|", "\\|").replace("\t", " — ").strip()
     import re
     s = re.sub(r"/tmp/[\w./-]*?(probe|pcli)-\w+", "TMP", s)
     return s[:160]
