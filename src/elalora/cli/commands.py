@@ -17,7 +17,7 @@ from pathlib import Path
 from .._io import atomic_directory, json_default, write_json
 from ..errors import RunError
 from ..model import handle_of
-from ..persistence import adapter_format, adapter_summary
+from ..persistence import ADAPTER_CONFIG, adapter_format, adapter_summary
 from ..recipe import RunSpec, train
 from ..recipe.loading import (head_modules, load_adapted_model, load_base_model, load_image_processor, load_tokenizer,
                               quiet_transformers, resolve_model, set_threads)
@@ -188,7 +188,7 @@ def cmd_plot(args) -> int:
     final = met.get("rank_pattern") or {}
     if not initial and not final and not events and not plan:
         adir = run_dir / "adapter"
-        if (adir / "adapter_config.json").is_file():
+        if (adir / ADAPTER_CONFIG).is_file():
             summary = adapter_summary(adir)
             final = summary["rank_pattern"]
     written = figures_strict(run_dir, initial, final, events, met.get("importance_scores"), plan,
@@ -202,7 +202,7 @@ def figures_strict(run_dir, initial, final, events, scores, plan, total_steps) -
     from .. import plots
 
     try:
-        return plots.write_allwrite_figures(run_dir, initial=initial, final=final, events=events, scores=scores,
+        return plots.write_all_figures(run_dir, initial=initial, final=final, events=events, scores=scores,
                                        ids=(plan or {}).get("intrinsic_dims"),
                                        block_ranks=(plan or {}).get("block_ranks"), total_steps=total_steps)
     except (ValueError, KeyError, TypeError) as e:

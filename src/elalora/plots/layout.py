@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..targets import split_block_name
+from ..targets import matches_suffix, split_block_name
 
 __all__ = ["split_module_name", "rank_matrix", "rank_timeline", "format_rank_table"]
 
@@ -83,7 +83,7 @@ def _short_labels(types: Sequence[str]) -> dict[str, str]:
         label = t
         for k in range(1, len(comps) + 1):
             cand = ".".join(comps[-k:])
-            if not any(o != t and (o == cand or o.endswith("." + cand)) for o in types):
+            if not any(o != t and matches_suffix(o, cand) for o in types):
                 label = cand
                 break
         out[t] = label
