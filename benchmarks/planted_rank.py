@@ -245,6 +245,7 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
     if method.endswith("-orth"):
         cfg.orth_reg_weight = ORTH_VARIANT
     handle = elalora.get_model(model, cfg)
+    handle.set_total_steps(steps)
     if m == "alora":
         handle.allocator.set_validation_batch(
             val_batch, loss_fn=lambda out, b: per_example_mse(out["last_hidden_state"], b["target"], b["attention_mask"]))
