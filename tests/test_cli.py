@@ -219,16 +219,6 @@ def test_train_each_method_on_glue(runs, method):
         assert cfg["alora_validation_examples"] == 32  # sampled from the 32 training examples (too few to hold out)
 
 
-def test_alora_unavailable_is_one_line(fx, tmp_path, capsys, monkeypatch):
-    from elalora.cli import run as run_mod
-
-    monkeypatch.setattr(run_mod, "_alora_available", lambda: False)
-    assert _train(fx, tmp_path / "a", "--method", "alora") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not available" in err[0]
-    assert not (tmp_path / "a").exists()
-
-
 # -------------------------------------------------------------------------------- every task type
 def test_train_regression_stsb(fx, tmp_path):
     out = tmp_path / "stsb"

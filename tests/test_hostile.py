@@ -233,7 +233,7 @@ def test_output_lock_is_exclusive_and_survives_a_dead_holder(tmp_path):
 def test_rank_larger_than_the_matrix_fails_before_allocation():
     model = tiny_bert()  # 32-wide matrices
     for cfg in (elalora.ElaLoRAConfig(r=100_000, b=1), elalora.ElaLoRAConfig(r=20, b=1),  # capacity 40 > 32
-                elalora.AdaLoRAConfig(r=30, init_r=45), elalora.FixedRankConfig(r=33)):
+                elalora.AdaLoRAConfig(r=30, init_r=45), elalora.ALoRAConfig(r=33)):
         with pytest.raises(ConfigError, match="exceeds its matrix size"):
             elalora.get_model(model, cfg)
         assert _adapted(model) == 0 and getattr(model, "_elalora_handle", None) is None
@@ -256,10 +256,10 @@ class ConvNet(nn.Module):
 
 def test_unsupported_or_unmatched_target_modules_fail():
     with pytest.raises(TargetModuleError, match=r"conv \(Conv2d\)"):
-        elalora.get_model(ConvNet(), elalora.FixedRankConfig(r=2, target_modules=["conv", "fc", "fc2"]))
+        elalora.get_model(ConvNet(), elalora.ALoRAConfig(r=2, target_modules=["conv", "fc", "fc2"]))
     with pytest.raises(TargetModuleError, match="fc3"):
-        elalora.get_model(ConvNet(), elalora.FixedRankConfig(r=2, target_modules=["fc", "fc3"]))
-    h = elalora.get_model(ConvNet(), elalora.FixedRankConfig(r=2, target_modules=["fc", "fc2"]))
+        elalora.get_model(ConvNet(), elalora.ALoRAConfig(r=2, target_modules=["fc", "fc3"]))
+    h = elalora.get_model(ConvNet(), elalora.ALoRAConfig(r=2, max_rank=2, target_modules=["fc", "fc2"]))
     assert h.names == ["fc", "fc2"]
 
 
@@ -539,7 +539,7 @@ def test_single_class_training_file(fx, tmp_path, capsys):
 
 @needs_minilm
 def test_eval_output_on_a_read_only_location_fails_before_evaluating(run_dir, capsys, monkeypatch):
-    import elalora.cli.run as R
+    import elalora.cli.commands as R
 
     called = []
     monkeypatch.setattr(R, "evaluate_model", lambda *a, **k: called.append(1) or {})

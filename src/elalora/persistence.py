@@ -15,253 +15,56 @@ Formats:
   Modules at rank 0 are dropped; modules kept trainable in full go to ``modules_to_save``.
   ``peft.PeftModel.from_pretrained(base, dir)`` loads it with no code from this project.
 
-Every directory is written atomically: into a temporary sibling, then swapped into place, so an
-interrupted save leaves the previous contents loadable.
+* **adapter summary** (``adapter_summary``): rank pattern, capacities and parameter counts of an
+  elalora or PEFT LoRA directory from its JSON and the safetensors header (no tensor data read).
+
+Every directory is written atomically (:mod:`elalora._io`): into a temporary sibling, then swapped
+into place, so an interrupted save leaves the previous contents loadable.
+
+The handle is taken by duck type (``names``, ``adapters``, ``model``, ``config``, ...): this module
+sits below :mod:`elalora.model` in the import order; :func:`elalora.model.load_adapter` builds the
+handle from what :func:`read_adapter` returns.
+
+Saves never delete what elalora did not write: into a folder holding other files only the adapter
+files are replaced (:func:`elalora._io.keep_user_files_directory`), and an existing file at the path
+is refused. Non-finite weights are never written nor loaded (:mod:`elalora.adapter_checks`).
+
+Imports: :mod:`elalora.layers`, :mod:`elalora.config`, :mod:`elalora.errors`, :mod:`elalora._io`,
+:mod:`elalora._handle`, :mod:`elalora.adapter_checks`; ``peft`` and ``safetensors`` lazily.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
+import math
 import os
-import shutil
-import tempfile
-import time
+import struct
 import uuid
-import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .config import CONFIG_FORMAT_VERSION, config_from_dict
-from .layers import ElasticAdapter, SVDAdapter
-from .model import AdaptiveModel, handle_of
+from ._handle import detach_handle, handle_of
+from ._io import atomic_directory, atomic_write_bytes, keep_user_files_directory, output_lock, recover_interrupted_swap
+from .adapter_checks import (base_fingerprint, check_base_model_weights, check_finite_tensors, check_optimizer_state,
+                             slot_shapes, validate_adapter_config)
+from .config import CONFIG_FORMAT_VERSION
+from .errors import AdapterLoadError, OutputLockedError, OutputPathError
+from .layers import ElasticAdapter, adapter_param_count, base_shape
 
 __all__ = [
-    "AdapterLoadError", "save_adapter", "load_adapter", "export_peft", "merge_and_unload",
-    "atomic_directory", "atomic_write_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS",
-    "save_checkpoint", "load_checkpoint", "OutputPathError", "OutputLockedError", "output_lock",
-    "recover_interrupted_swap",
+    "AdapterLoadError", "save_adapter", "read_adapter", "restore_adapter", "export_peft", "merge_and_unload",
+    "atomic_directory", "atomic_write_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX",
+    "save_checkpoint", "load_checkpoint", "peft_task_type", "adapter_format", "adapter_summary",
+    "check_peft_adapter_fits", "OutputPathError", "OutputLockedError", "output_lock", "recover_interrupted_swap",
+    "check_base_model_weights", "safetensors_metadata",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class AdapterLoadError(ValueError):
-    """An adapter directory that cannot be loaded onto the given model; the message says why."""
-
-
-# ------------------------------------------------------------------------------------ atomic I/O
-class OutputPathError(ValueError):
-    """A save that would destroy something elalora did not write (a file, a user's folder); the
-    message says what to change."""
-
-
-class OutputLockedError(RuntimeError):
-    """Another live process is writing the same output directory."""
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _new_mode(path: Path, *, is_dir: bool) -> int:
-    """Mode for a file or folder that replaces ``path``: the old one's if there was one, else the
-    default that ``umask`` gives (``mkdtemp``/``mkstemp`` create 0700/0600, which would lock the
-    group out of a shared run folder)."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        return (0o777 if is_dir else 0o666) & ~_umask()
-
-
-def _stamp() -> str:
-    # sortable in time, unique across processes: the newest leftover of an interrupted swap wins
-    return f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def _old_siblings(path: Path) -> list[Path]:
-    if not path.parent.is_dir():
-        return []
-    pre = f".{path.name}.old-"
-    return sorted((p for p in path.parent.iterdir() if p.name.startswith(pre) and p.is_dir()), key=lambda p: p.name)
-
-
-def recover_interrupted_swap(path: str | os.PathLike) -> Path | None:
-    """Undo a directory swap that was interrupted between its two renames.
-
-    :func:`atomic_directory` replaces ``NAME`` by renaming it to a hidden ``.NAME.old-<stamp>``
-    sibling and then renaming the new folder to ``NAME``. A crash between the two leaves no
-    ``NAME``, only the hidden copy of the previous contents. When ``path`` is missing and such a
-    copy exists, the newest one is renamed back to ``path`` (a warning says so). Returns ``path``
-    when something was restored, else ``None``.
-    """
-    path = Path(path)
-    if path.exists() or path.is_symlink():
-        return None
-    olds = _old_siblings(path)
-    if not olds:
-        return None
-    os.replace(olds[-1], path)
-    warnings.warn(f"{path} was missing after an interrupted save; restored its previous contents from "
-                  f"{olds[-1].name}", RuntimeWarning, stacklevel=2)
-    return path
-
-
-def _fsync_tree(root: Path) -> None:
-    for d, _, files in os.walk(root):
-        for f in files:
-            fp = Path(d) / f
-            if fp.is_file() and not fp.is_symlink():
-                with open(fp, "rb+") as fh:
-                    os.fsync(fh.fileno())
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces ``path``, on error it is removed.
-
-    ``path`` must be a directory or absent: an existing file is never replaced (``OutputPathError``).
-    A symbolic link to a directory is followed, so the swap happens where the link points and the
-    link stays. A swap that a crash interrupted earlier is first undone
-    (:func:`recover_interrupted_swap`). The new folder gets the old one's permissions (or the
-    ``umask`` default), not ``mkdtemp``'s 0700.
-    """
-    path = Path(path)
-    if path.is_symlink() and path.resolve().is_dir():
-        path = path.resolve()
-    if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{path} is an existing file; refusing to replace it with a directory. "
-                              "Choose a directory path")
-    recover_interrupted_swap(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = _new_mode(path, is_dir=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        os.chmod(tmp, mode)
-        yield tmp
-        _fsync_tree(tmp)  # flush file contents (sub-folders too) before the swap
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{_stamp()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            for o in _old_siblings(path):  # this one and any left by an earlier interrupted clean-up
-                shutil.rmtree(o, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def _adapter_output(path: str | os.PathLike, own: Sequence[str]) -> Iterator[Path]:
-    """Where :func:`save_adapter` / :func:`export_peft` write: a temporary folder whose files end
-    up in ``path``.
-
-    * ``path`` absent, empty, or holding only files named in ``own``: the whole folder is swapped
-      atomically (:func:`atomic_directory`).
-    * ``path`` holding anything else (a user's notes, a model's weights, ...): those entries are left
-      exactly as they are; each of our files is replaced atomically, in the order of ``own``
-      (weights first, the config that makes the folder an adapter last).
-    * ``path`` an existing file: ``OutputPathError``.
-    """
-    path = Path(path)
-    if path.is_symlink() and path.resolve().is_dir():
-        path = path.resolve()
-    if path.exists() and not path.is_dir():
-        raise OutputPathError(f"{path} is an existing file; refusing to replace it with an adapter directory. "
-                              "Choose a directory path")
-    recover_interrupted_swap(path)
-    foreign = [e.name for e in path.iterdir() if e.name not in own] if path.is_dir() else []
-    if not foreign:
-        with atomic_directory(path) as tmp:
-            yield tmp
-        return
-    tmp = Path(tempfile.mkdtemp(prefix=".elalora-save.tmp-", dir=path))
-    try:
-        yield tmp
-        names = [n for n in own if (tmp / n).exists()] + sorted(p.name for p in tmp.iterdir() if p.name not in own)
-        for n in names:
-            with open(tmp / n, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp / n, _new_mode(path / n, is_dir=False))
-            os.replace(tmp / n, path / n)
-        os.rmdir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file via a temporary sibling and ``os.replace`` (keeping the old file's mode)."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputPathError(f"{path} is a directory; refusing to replace it with a file")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = _new_mode(path, is_dir=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def output_lock(path: str | os.PathLike) -> Iterator[Path]:
-    """Hold an exclusive lock on the output ``path`` for the duration of a job.
-
-    The lock is ``fcntl.flock`` on a hidden sibling ``.NAME.lock`` (holding the owner's pid and host
-    for the message). The kernel releases a flock when its process dies, so a lock left by a
-    killed process never blocks: the next job takes it over. A second live job gets
-    ``OutputLockedError`` at once instead of silently replacing the first one's output.
-    """
-    import fcntl
-    import socket
-
-    path = Path(path)
-    lock = path.parent / f".{path.name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise OutputLockedError(
-                f"{path} is being written by another elalora process ({holder}); wait for it to finish "
-                "or choose another output directory") from None
-        try:
-            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed the file between our open and flock: retry
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        yield lock
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
+PEFT_PREFIX = "base_model.model."  # PEFT's tensor-name prefix in adapter_model.safetensors
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -270,7 +73,8 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def _safetensors_metadata(path: Path) -> dict:
+def safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a .safetensors file (``{}`` when it cannot be read: the load reports that)."""
     from safetensors import safe_open
 
     try:
@@ -293,40 +97,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------- base identity
-FINGERPRINT_VALUES = 16
-# Relative L2 distance of the sampled weights below which two bases count as the same model:
-# far above bf16/fp16 rounding (2^-8) of the same weights, far below the ~1.4 of two different
-# initialisations or fine-tunes of the shapes.
-FINGERPRINT_RTOL = 0.02
-
-
-def _frozen_base_weight(a: ElasticAdapter) -> torch.Tensor:
-    """The base weight without this adapter's update, merged or not."""
-    if a._unmerged_weight is not None:
-        return a._unmerged_weight
-    w = a.base_layer.weight.detach()
-    if a.merged:  # merge_and_unload dropped the copy: subtract ΔW again (exact to fp32 rounding)
-        d = a.delta_weight(torch.float32)
-        return w.float() - (d.t() if a.fan_in_fan_out else d)
-    return w
-
-
-def weight_fingerprint(w: torch.Tensor, n: int = FINGERPRINT_VALUES) -> list[float]:
-    """``n`` evenly spaced entries of ``w`` (flattened), as floats: a cheap identity of a weight."""
-    flat = w.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel())).round().long().to(flat.device)
-    return [float(v) for v in flat.index_select(0, idx).double().cpu()]
-
-
-def _fingerprint_mismatch(saved: list[float], now: list[float]) -> float:
-    a = torch.tensor(saved, dtype=torch.float64)
-    b = torch.tensor(now, dtype=torch.float64)
-    if a.shape != b.shape:
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def _base_identity(model: nn.Module, handle: AdaptiveModel | None = None) -> dict:
+def _base_identity(model: nn.Module, handle=None) -> dict:
     cfg = getattr(model, "config", None)
     out = {
         "class": type(model).__name__,
@@ -334,33 +105,11 @@ def _base_identity(model: nn.Module, handle: AdaptiveModel | None = None) -> dic
         "model_type": getattr(cfg, "model_type", None),
     }
     if handle is not None:
-        out["fingerprint"] = {n: weight_fingerprint(_frozen_base_weight(a)) for n, a in zip(handle.names, handle.adapters)}
+        out["fingerprint"] = base_fingerprint(handle)
     return out
 
 
-def check_base_model_weights(model: nn.Module, fingerprint: dict[str, list[float]], *, source: str = "") -> None:
-    """Raise :class:`AdapterLoadError` when the (unwrapped) modules of ``model`` named in
-    ``fingerprint`` do not hold the weights the adapter was trained on."""
-    bad = []
-    for name, saved in fingerprint.items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            continue  # reported by the structural checks
-        w = m.base_layer.weight if isinstance(m, ElasticAdapter) else getattr(m, "weight", None)
-        if w is None:
-            continue
-        d = _fingerprint_mismatch(saved, weight_fingerprint(w))
-        if d > FINGERPRINT_RTOL:
-            bad.append((name, d))
-    if bad:
-        raise AdapterLoadError(
-            f"the given model is not the base model this adapter was trained on{source}: the weights of "
-            f"{len(bad)} of {len(fingerprint)} adapted modules differ (first: {bad[0][0]!r}, relative difference "
-            f"{bad[0][1]:.3g}). Load it onto its base model, or pass check_base_model=False to load it anyway")
-
-
-def _trainable_full_modules(handle: AdaptiveModel) -> dict[str, torch.Tensor]:
+def _trainable_full_modules(handle) -> dict[str, torch.Tensor]:
     out = {}
     for mname in handle.modules_to_save_names():
         for pname, p in handle.model.get_submodule(mname).named_parameters():
@@ -368,24 +117,14 @@ def _trainable_full_modules(handle: AdaptiveModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    from .model import TrainingDivergedError
-
-    for k, v in tensors.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise TrainingDivergedError(
-                f"{what}: {k} holds NaN or inf values (the training diverged); nothing was written. "
-                "Train again with a lower learning rate")
-
-
 # ------------------------------------------------------------------------------------- save/load
-def save_adapter(handle: AdaptiveModel, path: str | os.PathLike, *, include_history: bool = True) -> None:
+def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = True) -> None:
     """Save the adapter compacted to its active ranks (see the module docstring).
 
     ``path`` may be new, empty, or a folder with other files in it: only ``adapter_config.json``
     and ``adapter_model.safetensors`` are written, each atomically, and everything else in the
     folder is left alone. An existing file at ``path`` is refused (:class:`OutputPathError`).
-    Non-finite weights are refused (:class:`~elalora.model.TrainingDivergedError`).
+    Non-finite weights are refused (:class:`~elalora.errors.TrainingDivergedError`).
     """
     modules, tensors = {}, {}
     for name, a in zip(handle.names, handle.adapters):
@@ -399,7 +138,7 @@ def save_adapter(handle: AdaptiveModel, path: str | os.PathLike, *, include_hist
             tensors[f"{name}.{pname}"] = p.detach().index_select(dim, idx.to(p.device))
     full = _trainable_full_modules(handle)
     tensors.update({k: v.detach() for k, v in full.items()})
-    _check_finite(tensors, f"save_adapter({str(path)!r})")
+    check_finite_tensors(tensors, f"save_adapter({str(path)!r})")
     save_id = uuid.uuid4().hex
     cfg = {
         "elalora_format_version": CONFIG_FORMAT_VERSION,
@@ -416,7 +155,7 @@ def save_adapter(handle: AdaptiveModel, path: str | os.PathLike, *, include_hist
     }
     if include_history:
         cfg["events"] = [e.to_dict() for e in handle.events]
-    with _adapter_output(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
+    with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
         _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS,
                           metadata={"format": "pt", "elalora": str(CONFIG_FORMAT_VERSION), "elalora_save_id": save_id})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
@@ -451,87 +190,32 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def _is_count(v, lo: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+def read_adapter(model: nn.Module, path: str | os.PathLike, *,
+                 check_base_model: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter config, tensors)`` of the elalora adapter at ``path``, checked against ``model``.
 
-
-def _slot_shapes(info: dict) -> dict[str, tuple[int, ...]]:
-    r, din, dout = info["rank"], info["in_features"], info["out_features"]
-    if info["kind"] == "svd":
-        return {"lora_P": (dout, r), "lora_lambda": (r,), "lora_Q": (r, din)}
-    return {"lora_B": (dout, r), "lora_A": (r, din)}
-
-
-def validate_adapter_config(cfg: dict, where: str) -> None:
-    """Check a hand-editable ``adapter_config.json`` before anything is allocated from it: every
-    module entry's kind, rank, capacity (bounded by the matrix size, so a hand-edited capacity
-    cannot allocate gigabytes), shape and scale; the method config; the history."""
-    import math
-
-    def bad(msg):
-        raise AdapterLoadError(f"{where}/{ADAPTER_CONFIG}: {msg}; the adapter config was edited or is corrupt")
-
-    modules = cfg.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        bad("'modules' must be a non-empty object of module entries")
-    for n, info in modules.items():
-        if not isinstance(info, dict):
-            bad(f"module {n!r}: entry must be an object")
-        missing = [k for k in ("kind", "rank", "capacity", "in_features", "out_features", "scaling") if k not in info]
-        if missing:
-            bad(f"module {n!r}: missing {', '.join(missing)}")
-        if info["kind"] not in ("svd", "lora"):
-            bad(f"module {n!r}: kind must be 'svd' or 'lora', got {info['kind']!r}")
-        for k in ("in_features", "out_features"):
-            if not _is_count(info[k], 1):
-                bad(f"module {n!r}: {k} must be an integer >= 1, got {info[k]!r}")
-        if not _is_count(info["capacity"], 1):
-            bad(f"module {n!r}: capacity must be an integer >= 1, got {info['capacity']!r}")
-        lim = min(info["in_features"], info["out_features"])
-        if info["capacity"] > lim:
-            bad(f"module {n!r}: capacity {info['capacity']} exceeds min(in_features, out_features) = {lim}")
-        if not _is_count(info["rank"], 0) or info["rank"] > info["capacity"]:
-            bad(f"module {n!r}: rank must be an integer in [0, capacity={info['capacity']}], got {info['rank']!r}")
-        sc = info["scaling"]
-        if isinstance(sc, bool) or not isinstance(sc, (int, float)) or not math.isfinite(sc):
-            bad(f"module {n!r}: scaling must be a finite number, got {sc!r}")
-        if "r_init" in info and not _is_count(info["r_init"], 0):
-            bad(f"module {n!r}: r_init must be an integer >= 0, got {info['r_init']!r}")
-    if not isinstance(cfg.get("config"), dict):
-        bad("'config' (the method configuration) is missing")
-    if not _is_count(cfg.get("step_count", 0), 0):
-        bad(f"step_count must be an integer >= 0, got {cfg.get('step_count')!r}")
-    fp = cfg.get("full_parameters", [])
-    if not isinstance(fp, list) or not all(isinstance(k, str) for k in fp):
-        bad("'full_parameters' must be a list of parameter names")
-    ev = cfg.get("events", [])
-    if not isinstance(ev, list) or not all(isinstance(e, dict) for e in ev):
-        bad("'events' must be a list of objects")
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False,
-                 check_base_model: bool = True) -> AdaptiveModel:
-    """Wrap a fresh ``model`` and load the adapter saved at ``path`` onto it.
-
-    Everything is checked before the model is touched, so a failed load leaves ``model`` as it
-    was: the config (:func:`validate_adapter_config`), that every saved module exists in ``model``
-    with the same shape, that the weight file holds exactly the tensors the config lists (no
-    missing, no leftover ones) with the right shapes and finite values, and — unless
-    ``check_base_model=False`` — that ``model``'s weights are the ones the adapter was trained on
-    (a fingerprint of a few values per adapted matrix, recorded at save time).
+    Everything is checked before anything touches the model, so a wrong base model or a corrupt
+    file fails with a message naming the first mismatch: the config (:func:`validate_adapter_config`),
+    that config and weights come from the same save, every saved module exists in ``model`` with
+    the same shape, the weight file holds exactly the listed tensors with the right shapes and finite
+    values, and (unless ``check_base_model=False``) the base weights match the saved fingerprint.
     """
-    from .allocation.base import RankEvent
-    from .config import ConfigError
-
     cfg = read_adapter_config(path)
     validate_adapter_config(cfg, str(path))
     tensors = _load_safetensors(Path(path) / ADAPTER_WEIGHTS)
-    meta_id = _safetensors_metadata(Path(path) / ADAPTER_WEIGHTS).get("elalora_save_id")
+    meta_id = safetensors_metadata(Path(path) / ADAPTER_WEIGHTS).get("elalora_save_id")
     if cfg.get("save_id") and meta_id and cfg["save_id"] != meta_id:
         raise AdapterLoadError(f"{path}: {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} come from different saves "
                                "(an interrupted save into a folder with other files?); save the adapter again")
-    modules = cfg["modules"]
     base = cfg.get("base_model") if isinstance(cfg.get("base_model"), dict) else {}
+    _check_modules_fit(model, cfg["modules"], base)
+    _check_tensors(model, cfg, tensors, path)
+    if check_base_model and isinstance(base.get("fingerprint"), dict):
+        check_base_model_weights(model, base["fingerprint"], source=f" ({base.get('name_or_path')})")
+    return cfg, tensors
+
+
+def _check_modules_fit(model: nn.Module, modules: dict, base: dict) -> None:
     have = dict(model.named_modules())
     missing = [n for n in modules if n not in have]
     if missing:
@@ -540,20 +224,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
             f"({type(model).__name__}) has no module {missing[0]!r} ({len(missing)} of {len(modules)} missing). "
             "Load it onto the base model it was trained from")
     for n, info in modules.items():
-        m = have[n]
-        if isinstance(m, ElasticAdapter):
+        if isinstance(have[n], ElasticAdapter):
             raise AdapterLoadError(f"module {n!r} of the given model already carries an adapter; load onto a fresh model")
-        shape = (getattr(m, "in_features", None), getattr(m, "out_features", None))
-        if hasattr(m, "weight") and m.weight.dim() == 2 and not isinstance(m, nn.Linear):  # Conv1D
-            shape = tuple(m.weight.shape)
+        try:
+            shape = base_shape(have[n])[:2]
+        except TypeError:
+            shape = (getattr(have[n], "in_features", None), getattr(have[n], "out_features", None))
         if shape != (info["in_features"], info["out_features"]):
             raise AdapterLoadError(
                 f"module {n!r} is {info['in_features']}→{info['out_features']} in the adapter but "
                 f"{shape[0]}→{shape[1]} in the given model: wrong base model (saved from "
                 f"{base.get('name_or_path')})")
-    expected: dict[str, tuple[int, ...] | None] = {}
-    for n, info in modules.items():
-        for pname, shp in _slot_shapes(info).items():
+
+
+def _check_tensors(model: nn.Module, cfg: dict, tensors: dict[str, torch.Tensor], path) -> None:
+    """The weight file holds exactly the tensors the config lists, with their shapes, all finite."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for n, info in cfg["modules"].items():
+        for pname, shp in slot_shapes(info).items():
             expected[f"{n}.{pname}"] = shp
     params = dict(model.named_parameters())
     for k in cfg.get("full_parameters", []):
@@ -574,45 +262,38 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise AdapterLoadError(f"{path}: {k} holds NaN or inf values (the training diverged); "
                                    "train again with a lower learning rate")
-    if check_base_model and isinstance(base.get("fingerprint"), dict):
-        check_base_model_weights(model, base["fingerprint"], source=f" ({base.get('name_or_path')})")
-    try:
-        conf_d = dict(cfg["config"])
-        conf_d["target_modules"] = list(modules)
-        conf_d.pop("rank_pattern", None) if conf_d.get("method") == "elalora" else None
-        config = config_from_dict(conf_d)
-        events = [RankEvent(**e) for e in cfg.get("events", [])]
-    except (ConfigError, TypeError, ValueError, KeyError) as e:
-        raise AdapterLoadError(f"{path}/{ADAPTER_CONFIG}: the method config or history is invalid "
-                               f"({' '.join(str(e).split())}); the adapter config was edited or is corrupt") from None
-    handle = AdaptiveModel(
-        model, config,
-        rank_pattern={n: i["rank"] for n, i in modules.items()},
-        capacity_pattern={n: i["capacity"] for n, i in modules.items()},
-    )
-    with torch.no_grad():
-        for n, a in zip(handle.names, handle.adapters):
-            info = modules[n]
-            a.scaling = float(info["scaling"])
-            a.r_init = int(info.get("r_init", a.r_init))
-            r = info["rank"]
-            for pname, p, dim in a.slot_parameters():
-                p.zero_()
-                p.narrow(dim, 0, r).copy_(tensors[f"{n}.{pname}"].to(p.dtype))
-        for k in cfg.get("full_parameters", []):
-            params[k].copy_(tensors[k].to(params[k].dtype))
+
+
+@torch.no_grad()
+def restore_adapter(handle, cfg: dict, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Copy what :func:`read_adapter` returned into a handle built with the saved ranks and capacities
+    (scales, saved ranks, modules kept in full, initial rank pattern, step count)."""
+    modules = cfg["modules"]
+    for n, a in zip(handle.names, handle.adapters):
+        info = modules[n]
+        a.scaling = float(info["scaling"])
+        a.r_init = int(info.get("r_init", a.r_init))
+        r = info["rank"]
+        for pname, p, dim in a.slot_parameters():
+            t = tensors[f"{n}.{pname}"]
+            expect = list(p.shape)
+            expect[dim] = r
+            if list(t.shape) != expect:
+                raise AdapterLoadError(f"{path}: {n}.{pname} has shape {tuple(t.shape)}, expected {tuple(expect)}")
+            p.zero_()
+            p.narrow(dim, 0, r).copy_(t.to(p.dtype))
+    params = dict(handle.model.named_parameters())
+    for k in cfg.get("full_parameters", []):
+        if k not in params or params[k].shape != tensors[k].shape:
+            raise AdapterLoadError(f"{path}: full parameter {k} does not fit the given model")
+        params[k].copy_(tensors[k].to(params[k].dtype))
     handle.initial_rank_pattern = dict(cfg.get("initial_rank_pattern", handle.rank_pattern()))
-    handle.events = events
     handle.step_count = int(cfg.get("step_count", 0))
-    if not is_trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-    return handle
 
 
 # ------------------------------------------------------------------------------------ PEFT export
-def _peft_task_type(model: nn.Module) -> str | None:
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT ``task_type`` of a Hugging Face model, from its class name (``None``: the generic PeftModel)."""
     cls = type(model).__name__
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
                          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
@@ -634,13 +315,12 @@ def peft_lora_factors(a: ElasticAdapter, dtype: torch.dtype = torch.float32) -> 
     return lora_a.to(dtype).contiguous(), up.to(dtype).contiguous()
 
 
-def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                 base_model_name_or_path: str | None = None) -> dict[str, int]:
     """Write a standard PEFT LoRA adapter directory (SPEC §8). Returns the exported rank pattern."""
     from peft import LoraConfig
 
-    if not isinstance(handle, AdaptiveModel):
-        handle = handle_of(handle)
+    handle = handle_of(handle)  # a handle or a wrapped model
     # Merged or not (even after merge_and_unload), the factors are unchanged, so the export is the same.
     tensors: dict[str, torch.Tensor] = {}
     pattern: dict[str, int] = {}
@@ -661,7 +341,7 @@ def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, d
     for k, v in _trainable_full_modules(handle).items():
         tensors[f"base_model.model.{k}"] = v.detach().to(dtype) if dtype else v.detach()
     top = max(pattern.values())
-    task_type = _peft_task_type(handle.model)
+    task_type = peft_task_type(handle.model)
     saved = handle.modules_to_save_names()
     if task_type == "SEQ_CLS" and not any(n.split(".")[-1] in ("classifier", "score") for n in saved):
         # PEFT's sequence-classification wrapper insists on a saved head; without a trained head the
@@ -675,9 +355,9 @@ def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, d
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or ident["name_or_path"],
     )
-    _check_finite(tensors, f"export_peft({str(path)!r})")
-    meta = {"format": "pt", "elalora_base_fingerprint": json.dumps(_base_identity(handle.model, handle)["fingerprint"])}
-    with _adapter_output(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
+    check_finite_tensors(tensors, f"export_peft({str(path)!r})")
+    meta = {"format": "pt", "elalora_base_fingerprint": json.dumps(base_fingerprint(handle))}
+    with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
         lcfg.save_pretrained(str(tmp))
         _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata=meta)
     return pattern
@@ -685,10 +365,9 @@ def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, d
 
 # ------------------------------------------------------------------------------------------ merge
 @torch.no_grad()
-def merge_and_unload(handle: AdaptiveModel | nn.Module) -> nn.Module:
+def merge_and_unload(handle) -> nn.Module:
     """Fold every ΔW into its base weight and put the plain base layers back. Returns the model."""
-    if not isinstance(handle, AdaptiveModel):
-        handle = handle_of(handle)
+    handle = handle_of(handle)  # a handle or a wrapped model
     model = handle.model
     for name, a in zip(handle.names, handle.adapters):
         a.merge()
@@ -698,12 +377,12 @@ def merge_and_unload(handle: AdaptiveModel | nn.Module) -> nn.Module:
         setattr(parent, child, a.base_layer)
     handle.remove_hooks()
     handle.unloaded = True  # the handle's adapters are no longer in the model: unmerge() is impossible
-    model._elalora_handle = None
+    detach_handle(model)
     return model
 
 
 # ------------------------------------------------------------------------- training checkpoints
-def save_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=None, lr_scheduler=None,
+def save_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_scheduler=None,
                     extra: dict | None = None) -> None:
     """Save everything a plain training loop needs to resume exactly, atomically, to one file:
     the model's trainable state (adapter parameters, masks, modules kept in full), the method's
@@ -728,7 +407,7 @@ def save_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=No
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=None, lr_scheduler=None) -> dict:
+def load_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_scheduler=None) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns its ``extra`` dict."""
     path = Path(path)
     if not path.is_file():
@@ -742,32 +421,17 @@ def load_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=No
     if blob["elalora_checkpoint_version"] > 1:
         raise AdapterLoadError(f"{path} was written by a newer elalora (checkpoint version "
                                f"{blob['elalora_checkpoint_version']}); upgrade elalora")
-    # Everything is checked before anything is applied, and what is applied is rolled back if a
-    # later part still fails: a failed load leaves handle, model, optimizer and scheduler as they were.
-    try:
-        handle.validate_state_dict(blob.get("elalora"))
-    except ValueError as e:
-        raise AdapterLoadError(f"checkpoint {path} does not fit this model: {e}") from None
-    model_state = blob.get("model")
+    _check_checkpoint_fits(path, blob, handle, optimizer)
+    # Everything was checked above; what is applied is rolled back if a later part still fails: a
+    # failed load leaves handle, model, optimizer and scheduler as they were.
     own = handle.model.state_dict()
-    if not isinstance(model_state, dict):
-        raise AdapterLoadError(f"checkpoint {path} holds no model state")
-    unexpected = [k for k in model_state if k not in own]
-    if unexpected:
-        raise AdapterLoadError(f"checkpoint {path} has parameters this model lacks: {unexpected[:3]}")
-    wrong = [k for k, v in model_state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if wrong:
-        raise AdapterLoadError(f"checkpoint {path}: {wrong[0]} has shape {tuple(model_state[wrong[0]].shape)}, the model "
-                               f"{tuple(own[wrong[0]].shape)}")
-    if optimizer is not None and blob.get("optimizer") is not None:
-        _check_optimizer_state(optimizer, blob["optimizer"], path)
     backup_handle = handle.state_dict()
-    backup_model = {k: own[k].detach().clone() for k in model_state}
+    backup_model = {k: own[k].detach().clone() for k in blob["model"]}
     backup_opt = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
     backup_sched = None if lr_scheduler is None else copy.deepcopy(lr_scheduler.state_dict())
     try:
         handle.load_state_dict(blob["elalora"])
-        handle.model.load_state_dict(model_state, strict=False)
+        handle.model.load_state_dict(blob["model"], strict=False)
         if optimizer is not None and blob.get("optimizer") is not None:
             optimizer.load_state_dict(blob["optimizer"])
         if lr_scheduler is not None and blob.get("lr_scheduler") is not None:
@@ -785,14 +449,162 @@ def load_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=No
     return blob["extra"]
 
 
-def _check_optimizer_state(optimizer, state: dict, path) -> None:
-    """The checks ``Optimizer.load_state_dict`` makes, done before anything else is loaded."""
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-        raise AdapterLoadError(f"checkpoint {path}: the optimizer has {len(optimizer.param_groups)} parameter groups, "
-                               f"the checkpoint {len(groups) if isinstance(groups, list) else 'none'}; build the same "
-                               "optimizer as when it was saved")
-    for i, (g, mine) in enumerate(zip(groups, optimizer.param_groups)):
-        if len(g.get("params", [])) != len(mine["params"]):
-            raise AdapterLoadError(f"checkpoint {path}: optimizer group {i} has {len(mine['params'])} parameters, the "
-                                   f"checkpoint {len(g.get('params', []))}; build the same optimizer as when it was saved")
+def _check_checkpoint_fits(path, blob: dict, handle, optimizer) -> None:
+    """The handle state, model state and optimizer state of a checkpoint fit (nothing is changed)."""
+    try:
+        handle.validate_state_dict(blob.get("elalora"))
+    except ValueError as e:
+        raise AdapterLoadError(f"checkpoint {path} does not fit this model: {e}") from None
+    model_state = blob.get("model")
+    own = handle.model.state_dict()
+    if not isinstance(model_state, dict):
+        raise AdapterLoadError(f"checkpoint {path} holds no model state")
+    unexpected = [k for k in model_state if k not in own]
+    if unexpected:
+        raise AdapterLoadError(f"checkpoint {path} has parameters this model lacks: {unexpected[:3]}")
+    wrong = [k for k, v in model_state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise AdapterLoadError(f"checkpoint {path}: {wrong[0]} has shape {tuple(model_state[wrong[0]].shape)}, the model "
+                               f"{tuple(own[wrong[0]].shape)}")
+    if optimizer is not None and blob.get("optimizer") is not None:
+        check_optimizer_state(optimizer, blob["optimizer"], path)
+
+
+# ------------------------------------------------------------------------------- adapter summary
+def _read_json_file(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterLoadError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
+
+
+def adapter_format(adir: str | os.PathLike) -> str:
+    """``"elalora"`` or ``"peft"`` (a PEFT LoRA adapter) for an adapter directory; raises otherwise."""
+    cfg = _read_json_file(Path(adir) / ADAPTER_CONFIG)
+    if "elalora_format_version" in cfg:
+        return "elalora"
+    if cfg.get("peft_type"):
+        if str(cfg["peft_type"]).upper() != "LORA":
+            raise AdapterLoadError(f"{str(adir)!r} is a PEFT {cfg['peft_type']} adapter; only LoRA adapters are supported")
+        return "peft"
+    raise AdapterLoadError(f"{str(adir)!r}/{ADAPTER_CONFIG} is neither an elalora nor a PEFT adapter config")
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """Tensor names -> {dtype, shape} from a .safetensors header (no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file too short")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            size = f.seek(0, 2)
+            end = max((int(v["data_offsets"][1]) for k, v in header.items()
+                       if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"file is {size} bytes, its header promises {8 + n + end}")
+    except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError) as e:
+        raise AdapterLoadError(f"cannot read the safetensors header of {str(path)!r} ({e}); the file is truncated or corrupt") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _peft_module_of(name: str, tags: tuple[str, ...]) -> str | None:
+    for tag in tags:
+        if name.endswith(tag):
+            return name[: -len(tag)]
+    return None
+
+
+def adapter_summary(adir: str | os.PathLike) -> dict:
+    """Rank pattern, capacities and parameter counts of an adapter from its JSON and safetensors header."""
+    adir = Path(adir)
+    fmt = adapter_format(adir)
+    cfg = _read_json_file(adir / ADAPTER_CONFIG)
+    wfile = adir / ADAPTER_WEIGHTS
+    header = safetensors_header(wfile) if wfile.is_file() else {}
+    numel = {k: math.prod(v.get("shape", [])) for k, v in header.items()}
+    if fmt == "elalora":
+        modules = cfg.get("modules", {})
+        pattern = {n: int(i["rank"]) for n, i in modules.items()}
+        capacity = {n: int(i["capacity"]) for n, i in modules.items()}
+        params = {n: adapter_param_count(i.get("kind", "lora"), i["rank"], i["in_features"], i["out_features"])
+                  for n, i in modules.items()}
+        full = {k: numel.get(k, 0) for k in cfg.get("full_parameters", [])}
+        return {"format": "elalora", "method": cfg.get("method"), "base_model": cfg.get("base_model"),
+                "rank_pattern": pattern, "capacity": capacity, "module_params": params,
+                "full_params": sum(full.values()), "modules_to_save": cfg.get("modules_to_save"),
+                "step_count": cfg.get("step_count"), "events": len(cfg.get("events", []) or [])}
+    pattern, params = {}, {}
+    full = 0
+    for k, info in header.items():
+        name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        shape = info.get("shape", [])
+        mod_a = _peft_module_of(name, (".lora_A.weight", ".lora_A.default.weight"))
+        mod_b = _peft_module_of(name, (".lora_B.weight", ".lora_B.default.weight"))
+        if mod_a is not None:
+            pattern[mod_a] = int(shape[0])
+        mod = mod_a if mod_a is not None else mod_b
+        if mod is not None:
+            params[mod] = params.get(mod, 0) + math.prod(shape)
+        else:
+            full += math.prod(shape)
+    return {"format": "peft", "method": "lora", "base_model": {"name_or_path": cfg.get("base_model_name_or_path")},
+            "rank_pattern": pattern, "capacity": None, "module_params": params, "full_params": full,
+            "modules_to_save": cfg.get("modules_to_save"), "task_type": cfg.get("task_type"),
+            "lora_alpha": cfg.get("lora_alpha"), "r": cfg.get("r")}
+
+
+def check_peft_adapter_fits(model: nn.Module, adir: str | os.PathLike) -> None:
+    """Every module of a PEFT LoRA adapter exists in ``model`` with matching shapes (else AdapterLoadError)."""
+    adir = Path(adir)
+    header = safetensors_header(adir / ADAPTER_WEIGHTS)
+    _check_peft_fingerprint(model, adir)
+    mods = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    src = _read_json_file(adir / ADAPTER_CONFIG).get("base_model_name_or_path")
+    for k, info in header.items():
+        name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        shape = list(info.get("shape", []))
+        for tag, dim, attr in ((".lora_A.weight", 1, "in"), (".lora_B.weight", 0, "out")):
+            if name.endswith(tag):
+                mod = name[: -len(tag)]
+                m = mods.get(mod)
+                if m is None:
+                    raise AdapterLoadError(f"this PEFT adapter (trained on {src}) adapts module {mod!r}, which the given "
+                                           f"model ({type(model).__name__}) does not have; use the base model it was trained from")
+                try:
+                    d_in, d_out, _ = base_shape(m)
+                except TypeError:
+                    raise AdapterLoadError(f"module {mod!r} of the given model is not a linear layer; wrong base model") from None
+                feat = d_in if attr == "in" else d_out
+                if shape[dim] != feat:
+                    raise AdapterLoadError(f"module {mod!r} has {attr}_features {feat} in the given model but "
+                                           f"{shape[dim]} in the adapter (trained on {src}): wrong base model")
+                break
+        else:
+            if ".lora_" in name:
+                continue
+            p = params.get(name)
+            if p is not None and list(p.shape) != shape:
+                raise AdapterLoadError(f"{name} has shape {tuple(shape)} in the adapter but {tuple(p.shape)} in the "
+                                       f"given model: wrong base model or a different number of labels")
+
+
+def _check_peft_fingerprint(model: nn.Module, adir: Path) -> None:
+    """A PEFT adapter exported by elalora records the base weights it was trained on: check them."""
+    fp = safetensors_metadata(adir / ADAPTER_WEIGHTS).get("elalora_base_fingerprint")
+    if not fp:
+        return
+    try:
+        fp = json.loads(fp)
+    except ValueError:
+        return
+    if isinstance(fp, dict):
+        src = _read_json_file(adir / ADAPTER_CONFIG).get("base_model_name_or_path")
+        check_base_model_weights(model, fp, source=f" ({src})")

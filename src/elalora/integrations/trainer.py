@@ -11,6 +11,10 @@ Trainer's own checkpoint holds them; the rest of the method's state (EMA scores,
 rank history) goes to ``elalora_state.pt`` in the same ``checkpoint-N`` folder. On resume the
 Trainer restores its state *after* ``on_train_begin``, so the callback restores its own at the
 first step it sees with ``global_step > 0``.
+
+The handle is taken by duck type (this module sits below :mod:`elalora.model`, which builds the
+callback in ``handle.callback()``). Imports: transformers, :mod:`elalora._io`, :mod:`elalora.errors`,
+:mod:`elalora.integrations.distributed`.
 """
 
 from __future__ import annotations
@@ -22,27 +26,29 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .._io import atomic_write_bytes
+
 __all__ = ["ElaLoRACallback", "DivergenceCallback", "STATE_FILE"]
 
 STATE_FILE = "elalora_state.pt"
 
 
 def check_logs_finite(logs: dict | None, step: int) -> None:
-    """Raise :class:`~elalora.model.TrainingDivergedError` if the logged loss or gradient norm is
+    """Raise :class:`~elalora.errors.TrainingDivergedError` if the logged loss or gradient norm is
     NaN/inf. This is the cheap divergence check: the Trainer computes both anyway, once per logging
     interval, and a NaN weight makes every later loss NaN, so the run stops at most
     ``logging_steps`` steps after it diverged (set ``logging_nan_inf_filter=False`` so that the
     Trainer does not average NaN losses away)."""
     import math
 
-    from ..model import TrainingDivergedError, _diverged_message
+    from ..errors import TrainingDivergedError, diverged_message
 
     if not logs:
         return
     for key in ("loss", "grad_norm"):
         v = logs.get(key)
         if isinstance(v, (int, float)) and not math.isfinite(v):
-            raise TrainingDivergedError(_diverged_message(step, f"the training {key.replace('_', ' ')} ({v})"))
+            raise TrainingDivergedError(diverged_message(step, f"the training {key.replace('_', ' ')} ({v})"))
 
 
 class DivergenceCallback(TrainerCallback):
@@ -146,8 +152,6 @@ class ElaLoRACallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not ckpt.is_dir():
             return
-        from ..persistence import atomic_write_bytes
-
         buf = io.BytesIO()
         torch.save(self.handle.state_dict(), buf)
         atomic_write_bytes(ckpt / STATE_FILE, buf.getvalue())
