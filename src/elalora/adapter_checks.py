@@ -5,12 +5,14 @@ The base-model fingerprint is a few evenly spaced values of each adapted base we
 save time; a load compares them (relative L2 distance, :data:`FINGERPRINT_RTOL`) so that an adapter
 put onto a different model of the same shapes fails instead of silently giving wrong outputs.
 
-Imports: :mod:`elalora.layers`, :mod:`elalora.errors`.
+Imports: :mod:`elalora.layers`, :mod:`elalora.errors`; ``safetensors`` lazily.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +21,8 @@ from .errors import AdapterLoadError, TrainingDivergedError
 from .layers import ElasticAdapter
 
 __all__ = ["FINGERPRINT_VALUES", "FINGERPRINT_RTOL", "weight_fingerprint", "base_fingerprint",
-           "check_base_model_weights", "check_finite_tensors", "validate_adapter_config", "check_optimizer_state", "slot_shapes"]
+           "check_base_model_weights", "check_finite_tensors", "validate_adapter_config", "check_optimizer_state", "slot_shapes",
+           "safetensors_metadata", "check_peft_fingerprint"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -158,3 +161,31 @@ def check_optimizer_state(optimizer, state: dict, path) -> None:
         if len(g.get("params", [])) != len(mine["params"]):
             raise AdapterLoadError(f"checkpoint {path}: optimizer group {i} has {len(mine['params'])} parameters, the "
                                    f"checkpoint {len(g.get('params', []))}; build the same optimizer as when it was saved")
+
+
+def safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a .safetensors file (``{}`` when it cannot be read: the load reports that)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except Exception:  # noqa: BLE001  (the load itself reports corrupt files)
+        return {}
+
+
+def check_peft_fingerprint(model: nn.Module, adir: Path) -> None:
+    """A PEFT adapter exported by elalora records the base weights it was trained on: check them."""
+    fp = safetensors_metadata(adir / "adapter_model.safetensors").get("elalora_base_fingerprint")
+    if not fp:
+        return
+    try:
+        fp = json.loads(fp)
+    except ValueError:
+        return
+    if isinstance(fp, dict):
+        try:
+            src = json.loads((adir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            src = None
+        check_base_model_weights(model, fp, source=f" ({src})")

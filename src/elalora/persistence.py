@@ -49,7 +49,7 @@ from torch import nn
 from ._handle import detach_handle, handle_of
 from ._io import atomic_directory, atomic_write_bytes, keep_user_files_directory, output_lock, recover_interrupted_swap
 from .adapter_checks import (base_fingerprint, check_base_model_weights, check_finite_tensors, check_optimizer_state,
-                             slot_shapes, validate_adapter_config)
+                             check_peft_fingerprint, safetensors_metadata, slot_shapes, validate_adapter_config)
 from .config import CONFIG_FORMAT_VERSION
 from .errors import AdapterLoadError, OutputLockedError, OutputPathError
 from .layers import ElasticAdapter, adapter_param_count, base_shape
@@ -71,17 +71,6 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-
-
-def safetensors_metadata(path: Path) -> dict:
-    """The ``__metadata__`` of a .safetensors file (``{}`` when it cannot be read: the load reports that)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
-    except Exception:  # noqa: BLE001  (the load itself reports corrupt files)
-        return {}
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -564,7 +553,7 @@ def check_peft_adapter_fits(model: nn.Module, adir: str | os.PathLike) -> None:
     """Every module of a PEFT LoRA adapter exists in ``model`` with matching shapes (else AdapterLoadError)."""
     adir = Path(adir)
     header = safetensors_header(adir / ADAPTER_WEIGHTS)
-    _check_peft_fingerprint(model, adir)
+    check_peft_fingerprint(model, adir)
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
     src = _read_json_file(adir / ADAPTER_CONFIG).get("base_model_name_or_path")
@@ -595,16 +584,3 @@ def check_peft_adapter_fits(model: nn.Module, adir: str | os.PathLike) -> None:
                 raise AdapterLoadError(f"{name} has shape {tuple(shape)} in the adapter but {tuple(p.shape)} in the "
                                        f"given model: wrong base model or a different number of labels")
 
-
-def _check_peft_fingerprint(model: nn.Module, adir: Path) -> None:
-    """A PEFT adapter exported by elalora records the base weights it was trained on: check them."""
-    fp = safetensors_metadata(adir / ADAPTER_WEIGHTS).get("elalora_base_fingerprint")
-    if not fp:
-        return
-    try:
-        fp = json.loads(fp)
-    except ValueError:
-        return
-    if isinstance(fp, dict):
-        src = _read_json_file(adir / ADAPTER_CONFIG).get("base_model_name_or_path")
-        check_base_model_weights(model, fp, source=f" ({src})")

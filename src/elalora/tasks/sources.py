@@ -476,6 +476,15 @@ def _label_kind(values: list[Any]) -> str:
 
 # Over 80 lines: one linear validation of a user's files (find them, read, pick columns, infer the
 # label kind, map labels), each step raising its own one-line TaskError in that order.
+def _check_two_training_classes(train_classes: set, train_path, label_col) -> None:
+    """Checked on the training split alone: an evaluation file with other labels does not make a
+    one-class training set learnable."""
+    if len(train_classes) < 2:
+        raise TaskError(f"the training data {str(train_path)!r} has a single class "
+                        f"{next(iter(train_classes), None)!r} in column {label_col!r}; classification needs at "
+                        "least two classes in the training data")
+
+
 def _load_custom(spec: TaskSpec, data_dir: Path | None, train_path: Path | None, eval_path: Path | None,
                  text_columns: Sequence[str] | str | None, label_column: str | None
                  ) -> tuple[list[dict], list[dict], TaskSpec]:
@@ -559,13 +568,7 @@ def _load_custom(spec: TaskSpec, data_dir: Path | None, train_path: Path | None,
         if len(label_names) < 2:
             raise TaskError(f"label column {label_col!r} has a single value {label_names[0]!r}; "
                             "classification needs at least two classes")
-        train_classes = {key(v) for v in train_raw}
-        if len(train_classes) < 2:
-            # checked on the training split alone: an evaluation file with other labels does not
-            # make a one-class training set learnable
-            raise TaskError(f"the training data {str(train_path)!r} has a single class "
-                            f"{next(iter(train_classes), None)!r} in column {label_col!r}; classification needs at "
-                            "least two classes in the training data")
+        _check_two_training_classes({key(v) for v in train_raw}, train_path, label_col)
         index = {n: i for i, n in enumerate(label_names)}
 
         def to_id(v: Any, path: Path) -> int:
