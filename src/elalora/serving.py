@@ -1,0 +1,212 @@
+"""Which LoRA consumers read a PEFT LoRA export correctly, and why (pure functions, no I/O).
+
+An adaptive-rank adapter has a different rank per module. PEFT reads that exactly through
+``rank_pattern`` / ``alpha_pattern``; the serving engines each apply their own, simpler rule
+(read from their sources):
+
+==============  ==========================================================================
+consumer        what it does with ``adapter_config.json`` and the ``lora_A`` / ``lora_B`` tensors
+==============  ==========================================================================
+PEFT            ``ΔW_m = (alpha_m / r_m) · B_m A_m`` with ``r_m`` / ``alpha_m`` from the
+                patterns (top-level ``r`` / ``lora_alpha`` otherwise); the tensors must have
+                rank ``r_m``.
+vLLM            ``vllm/lora/peft_helper.py``: one scale ``lora_alpha / r`` (``/ sqrt(r)`` with
+                rsLoRA) for every module, patterns ignored; ``r`` is checked against
+                ``--max-lora-rank`` and each module's tensors are copied into max-rank slots.
+                ``modules_to_save`` and DoRA are refused.
+TGI / LoRAX     ``server/.../adapters/lora.py``: ``lora_alpha / r`` folded into B, then A and B
+                ``torch.stack``-ed per layer type (all layers must have one shape); a layer
+                type missing from any layer is skipped for the whole model. Only
+                ``lora_A`` / ``lora_B`` are loaded.
+SGLang          one adapter-wide ``lora_alpha / r``; adapters with non-default
+                ``rank_pattern`` / ``alpha_pattern`` are refused; no ``modules_to_save``.
+llama.cpp       ``convert_lora_to_gguf.py`` keeps only the top-level ``lora_alpha``;
+                ``src/llama-adapter.cpp`` scales each tensor by ``alpha / (its own rank)``.
+                Tensors other than lora_A/B (modules saved in full) stop the converter.
+==============  ==========================================================================
+
+So the compact export (``r == lora_alpha``, ``alpha_m == r_m``, scale 1 everywhere) is right in
+PEFT and vLLM but not in llama.cpp (a module of rank ``r_m`` gets ``r / r_m``), TGI (stacking
+fails on uneven ranks, a rank-0 module dropped from one layer disables that type everywhere) or
+SGLang (patterns refused). The uniform export (every tensor at rank ``R``, ``r = lora_alpha = R``,
+no patterns) gives scale 1 under every rule.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+__all__ = ["ConsumerVerdict", "CONSUMERS", "peft_module_shapes", "serving_report", "format_serving_report"]
+
+CONSUMERS = ("peft", "vllm", "tgi/lorax", "sglang", "llama.cpp")
+_REL = 1e-6  # scales are ratios of small integers / floats: equal to float precision or not at all
+
+
+@dataclass(frozen=True)
+class ConsumerVerdict:
+    """Whether ``consumer`` applies exactly the update PEFT applies, with the reason in one line."""
+
+    consumer: str
+    ok: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def peft_module_shapes(shapes: dict[str, list[int] | tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{module: {"A": shape, "B": shape}}`` from safetensors tensor shapes (``base_model.model.`` prefix dropped)."""
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        for tag, which in ((".lora_A.weight", "A"), (".lora_B.weight", "B"),
+                           (".lora_A.default.weight", "A"), (".lora_B.default.weight", "B")):
+            if name.endswith(tag):
+                out.setdefault(name[: -len(tag)], {})[which] = tuple(int(d) for d in shape)
+                break
+    return out
+
+
+def _pattern_value(pattern: dict, module: str):
+    """PEFT's lookup: a key matches a module whose full name is the key or ends with ``.key`` (or the key as regex)."""
+    if module in pattern:
+        return pattern[module]
+    for key, v in pattern.items():
+        if re.fullmatch(rf"(.*\.)?({key})$", module):
+            return v
+    return None
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=_REL, abs_tol=0.0)
+
+
+def _layer_and_type(module: str) -> tuple[str | None, str]:
+    """``("3", "q_proj")`` for ``model.layers.3.self_attn.q_proj``; the layer is the last integer in the name."""
+    parts = module.split(".")
+    layer = next((p for p in reversed(parts[:-1]) if p.isdigit()), None)
+    return layer, parts[-1]
+
+
+def serving_report(config: dict, shapes: dict[str, list[int] | tuple[int, ...]]) -> list[ConsumerVerdict]:
+    """Which of :data:`CONSUMERS` read a PEFT LoRA export exactly as PEFT does (module docstring).
+
+    ``config`` is the export's ``adapter_config.json``; ``shapes`` maps tensor names of
+    ``adapter_model.safetensors`` to their shapes (the header is enough). The reference update is
+    PEFT's, ``ΔW_m = (alpha_m / r_m) B_m A_m``; a consumer is "ok" when its own scale rule gives
+    the same factor for every module and it accepts the file's shapes and extra tensors."""
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        return [ConsumerVerdict(c, c == "peft", f"a PEFT {config.get('peft_type')} adapter, not LoRA")
+                for c in CONSUMERS]
+    modules = peft_module_shapes(shapes)
+    r_top = int(config.get("r") or 8)
+    alpha_top = float(config.get("lora_alpha") or 8)
+    rank_pat = config.get("rank_pattern") or {}
+    alpha_pat = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    dora = bool(config.get("use_dora"))
+    saved = list(config.get("modules_to_save") or [])
+    extra = [k for k in shapes if not any(t in k for t in (".lora_A.", ".lora_B."))]
+
+    def rule(alpha: float, r: float) -> float:
+        return alpha / math.sqrt(r) if rslora else alpha / r
+
+    # PEFT: per-module r_m, alpha_m; the tensors must have rank r_m
+    peft_scale, rank, bad_shape = {}, {}, []
+    for m, ab in modules.items():
+        r_m = _pattern_value(rank_pat, m)
+        r_m = int(r_m) if r_m is not None else r_top
+        a_m = _pattern_value(alpha_pat, m)
+        a_m = float(a_m) if a_m is not None else alpha_top
+        peft_scale[m] = rule(a_m, r_m)
+        rank[m] = ab.get("A", (0,))[0]
+        if rank[m] != r_m or ab.get("B", (0, 0))[-1] != r_m:
+            bad_shape.append(m)
+    out: list[ConsumerVerdict] = []
+    if not modules:
+        return [ConsumerVerdict(c, False, "no lora_A / lora_B tensors") for c in CONSUMERS]
+    if bad_shape:
+        out.append(ConsumerVerdict("peft", False, f"{bad_shape[0]}: tensor rank {rank[bad_shape[0]]} differs from "
+                                                  f"its configured r ({len(bad_shape)} modules); PEFT cannot load it"))
+    else:
+        out.append(ConsumerVerdict("peft", True, "per-module r and alpha from rank_pattern/alpha_pattern"
+                                   if rank_pat or alpha_pat else "one r and lora_alpha for every module"))
+
+    ranks = sorted(set(rank.values()))
+    rank_txt = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}..{ranks[-1]}"
+    g = rule(alpha_top, r_top)
+    wrong_global = [m for m in modules if not _close(peft_scale[m], g)]
+
+    # vLLM: global alpha/r, patterns ignored, slots of max rank r
+    if dora:
+        out.append(ConsumerVerdict("vllm", False, "vLLM refuses DoRA"))
+    elif saved:
+        out.append(ConsumerVerdict("vllm", False, f"vLLM refuses modules_to_save ({', '.join(saved)})"))
+    elif wrong_global:
+        m = wrong_global[0]
+        out.append(ConsumerVerdict("vllm", False, f"global lora_alpha/r = {g:g} but {m} needs {peft_scale[m]:g} "
+                                                  f"({len(wrong_global)} modules wrong); patterns are ignored"))
+    elif max(ranks) > r_top:
+        out.append(ConsumerVerdict("vllm", False, f"a tensor of rank {max(ranks)} exceeds r = {r_top} (--max-lora-rank check)"))
+    else:
+        out.append(ConsumerVerdict("vllm", True, f"global lora_alpha/r = {g:g} is every module's scale; {rank_txt} fit the r = {r_top} slots"))
+
+    # TGI / LoRAX: global scale folded into B, torch.stack per layer type
+    by_type: dict[str, dict[str, int]] = {}
+    for m in modules:
+        layer, typ = _layer_and_type(m)
+        by_type.setdefault(typ, {})[layer] = rank[m]
+    layers = {layer for t in by_type.values() for layer in t}
+    uneven = [t for t, d in by_type.items() if len(set(d.values())) > 1]
+    missing = [t for t, d in by_type.items() if set(d) != layers]
+    if wrong_global:
+        m = wrong_global[0]
+        out.append(ConsumerVerdict("tgi/lorax", False, f"global lora_alpha/r = {g:g} folded into B but {m} needs "
+                                                       f"{peft_scale[m]:g} ({len(wrong_global)} modules wrong)"))
+    elif uneven:
+        t = uneven[0]
+        out.append(ConsumerVerdict("tgi/lorax", False, f"{t} has ranks {sorted(set(by_type[t].values()))} across layers: "
+                                                       "torch.stack of the per-layer tensors fails"))
+    elif missing:
+        t = missing[0]
+        out.append(ConsumerVerdict("tgi/lorax", False, f"{t} is missing from {len(layers - set(by_type[t]))} layer(s): "
+                                                       f"the whole {t} type is skipped"))
+    elif extra:
+        out.append(ConsumerVerdict("tgi/lorax", False, f"only lora_A/lora_B are loaded: {len(extra)} tensors saved in "
+                                                       f"full ({', '.join(saved) or extra[0]}) would be missing"))
+    else:
+        out.append(ConsumerVerdict("tgi/lorax", True, f"global lora_alpha/r = {g:g}; every layer type has one shape ({rank_txt})"))
+
+    # SGLang: one adapter-wide scale, non-default patterns refused
+    if rank_pat or alpha_pat:
+        out.append(ConsumerVerdict("sglang", False, "rank_pattern/alpha_pattern are not supported (adapter refused)"))
+    elif wrong_global or len(ranks) > 1:
+        out.append(ConsumerVerdict("sglang", False, f"one adapter-wide scale lora_alpha/r but {rank_txt}"))
+    elif saved or extra:
+        out.append(ConsumerVerdict("sglang", False, f"tensors saved in full ({', '.join(saved) or extra[0]}) are not loaded"))
+    else:
+        out.append(ConsumerVerdict("sglang", True, f"one adapter-wide scale {g:g}, every module at rank {ranks[0]}"))
+
+    # llama.cpp: alpha / (rank of the tensor)
+    own = {m: alpha_top / rank[m] for m in modules if rank[m] > 0}
+    wrong_own = [m for m in own if not _close(own[m], peft_scale[m])]
+    if rslora:
+        out.append(ConsumerVerdict("llama.cpp", False, "rsLoRA's alpha/sqrt(r) is not llama.cpp's alpha/rank"))
+    elif extra:
+        out.append(ConsumerVerdict("llama.cpp", False, f"convert_lora_to_gguf.py stops at tensors that are not "
+                                                       f"lora_A/lora_B ({', '.join(saved) or extra[0]})"))
+    elif wrong_own:
+        m = wrong_own[0]
+        out.append(ConsumerVerdict("llama.cpp", False, f"alpha/own rank = {alpha_top:g}/{rank[m]} = {own[m]:g} for {m} "
+                                                       f"but it needs {peft_scale[m]:g} ({len(wrong_own)} modules wrong)"))
+    else:
+        out.append(ConsumerVerdict("llama.cpp", True, f"alpha/own rank = each module's scale ({rank_txt}, alpha {alpha_top:g})"))
+    return out
+
+
+def format_serving_report(verdicts: list[ConsumerVerdict]) -> str:
+    """One line per consumer: ``  vllm       ok     reason``."""
+    width = max(len(v.consumer) for v in verdicts)
+    return "\n".join(f"  {v.consumer:<{width}}  {'ok' if v.ok else 'WRONG':<5}  {v.reason}" for v in verdicts)
