@@ -875,7 +875,8 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
     # ---- save adapters
     if handle is not None:
         handle.save_pretrained(str(tmp / "adapter"))
-        handle.export_peft(str(tmp / "peft"), base_model_name_or_path=model_path)
+        handle.export_peft(str(tmp / "peft"), base_model_name_or_path=model_path,
+                           layout=getattr(args, "export_layout", "compact"))
         final_pattern = handle.rank_pattern()
         counts = handle.parameter_counts()
         events = [e.to_dict() for e in handle.events]
@@ -1248,6 +1249,15 @@ def cmd_export(args) -> int:
         raise CLIError("--output-dir must not be the adapter directory or inside it")
     from ..persistence import atomic_directory
 
+    layout = getattr(args, "layout", None)
+    if args.to == "gguf" and layout == "compact":
+        raise CLIError("--to gguf is always written in the uniform layout (llama.cpp scales each tensor by "
+                       "alpha / its own rank); drop --layout compact")
+    if args.to == "merged" and layout:
+        raise CLIError("--layout applies to --to peft only")
+    if fmt == "peft" and (args.to == "gguf" or layout == "uniform"):
+        raise CLIError(f"{adir} is a PEFT LoRA adapter; --to gguf and --layout uniform convert elalora adapters "
+                       "(a run's adapter/). For a PEFT adapter use llama.cpp's convert_lora_to_gguf.py")
     if args.to == "peft" and fmt == "peft":
         with atomic_directory(out) as tmp:
             for f in adir.iterdir():
@@ -1272,8 +1282,20 @@ def cmd_export(args) -> int:
         if args.to == "peft":
             from ..model import handle_of
 
-            pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path)
-            msg = f"PEFT LoRA adapter with {len(pattern)} modules, total rank {sum(pattern.values())}"
+            pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path,
+                                                   layout=layout or "compact")
+            msg = (f"PEFT LoRA adapter ({layout or 'compact'} layout) with {len(pattern)} modules, "
+                   f"total rank {sum(pattern.values())}")
+        elif args.to == "gguf":
+            from ..export_gguf import export_gguf
+            from ..model import handle_of
+
+            try:
+                info = export_gguf(handle_of(model), tmp / "adapter.gguf")
+            except (ValueError, ImportError) as e:
+                raise CLIError(str(e)) from None
+            msg = (f"llama.cpp LoRA adapter adapter.gguf ({info['architecture']}, {len(info['tensors']) // 2} "
+                   f"modules at rank {info['rank']}, alpha {info['alpha']:g})")
         else:
             if fmt == "elalora":
                 from ..model import handle_of
@@ -1348,6 +1370,12 @@ def cmd_inspect(args) -> int:
 
     adir = resolve_adapter_dir(args.adapter)
     s = read_adapter_summary(adir)
+    if s["format"] == "peft":  # which serving engines read this export right (elalora.serving)
+        from ..serving import serving_report
+
+        header = _safetensors_header(adir / "adapter_model.safetensors")
+        s["consumers"] = [v.to_dict() for v in serving_report(
+            _read_json(adir / "adapter_config.json"), {k: v["shape"] for k, v in header.items() if "shape" in v})]
     if args.json:
         print(json.dumps(s, indent=2, default=_json_default))
         return 0
@@ -1363,6 +1391,11 @@ def cmd_inspect(args) -> int:
     adapter_params = sum(s["module_params"].values())
     print(f"modules saved in full ({', '.join(s.get('modules_to_save') or []) or 'none'}): {s['full_params']:,} "
           f"parameters; adapter + saved modules: {adapter_params + s['full_params']:,} parameters")
+    if s.get("consumers"):
+        from ..serving import ConsumerVerdict, format_serving_report
+
+        print("\nLoRA consumers (each one's scale rule against PEFT's update):")
+        print(format_serving_report([ConsumerVerdict(**v) for v in s["consumers"]]))
     return 0
 
 
