@@ -4,7 +4,8 @@ Subcommands (``elalora <command> --help`` lists every flag):
 
 * ``train``   fine-tune a model on a task with LoRA, AdaLoRA, ElaLoRA, ALoRA, GeLoRA or GeLoRA+ElaLoRA;
 * ``eval``    evaluate a saved adapter (elalora format or a PEFT LoRA export);
-* ``export``  convert an adapter to a plain PEFT LoRA adapter or to merged full weights;
+* ``export``  convert an adapter to a plain PEFT LoRA adapter (compact or uniform layout), a llama.cpp
+              GGUF LoRA adapter, or merged full weights;
 * ``plot``    (re)draw the figures of a run directory;
 * ``inspect`` print the rank pattern and parameter counts of an adapter (no model load);
 * ``plan``    print a GeLoRA rank plan without training.
