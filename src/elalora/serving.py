@@ -84,10 +84,11 @@ def _close(a: float, b: float) -> bool:
 
 
 def _layer_and_type(module: str) -> tuple[str | None, str]:
-    """``("3", "q_proj")`` for ``model.layers.3.self_attn.q_proj``; the layer is the last integer in the name."""
+    """``("3", "self_attn.q_proj")`` for ``model.layers.3.self_attn.q_proj``: the layer is the last integer
+    in the name, the type what follows it (so BERT's three ``...dense`` modules stay apart)."""
     parts = module.split(".")
-    layer = next((p for p in reversed(parts[:-1]) if p.isdigit()), None)
-    return layer, parts[-1]
+    i = next((j for j in range(len(parts) - 2, -1, -1) if parts[j].isdigit()), None)
+    return (None, module) if i is None else (parts[i], ".".join(parts[i + 1:]))
 
 
 def serving_report(config: dict, shapes: dict[str, list[int] | tuple[int, ...]]) -> list[ConsumerVerdict]:
