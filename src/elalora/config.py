@@ -7,6 +7,10 @@ that names the field and its allowed range.
 Schedule knobs (``tinit``, ``tfinal``, ``delta_t``) accept either an absolute number of optimizer
 steps (an ``int``) or a fraction of the run's total steps (a ``float`` in (0, 1)), so that a short run
 still adjusts ranks.
+
+Plain LoRA has no config here: ``elalora train --method lora`` trains PEFT's own LoRA.
+
+Imports: :mod:`elalora.errors` only.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from .errors import ConfigError
 
 __all__ = [
     "ConfigError",
@@ -23,7 +29,6 @@ __all__ = [
     "ElaLoRAConfig",
     "AdaLoRAConfig",
     "ALoRAConfig",
-    "FixedRankConfig",
     "Schedule",
     "config_from_dict",
     "CONFIG_FORMAT_VERSION",
@@ -32,8 +37,6 @@ __all__ = [
 CONFIG_FORMAT_VERSION = 1
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the field and the allowed range."""
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -264,22 +267,6 @@ class AdaLoRAConfig(_ScoredConfig):
 
 
 @dataclass
-class FixedRankConfig(AdapterConfig):
-    """Plain LoRA with fixed per-module ranks (optionally a ``rank_pattern``, e.g. from GeLoRA).
-
-    ``lora_alpha`` defaults to ``2 r``; ``alpha_pattern`` gives per-module alphas.
-    """
-
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, float] | None = None
-    method: ClassVar[str] = "lora"
-    adapter_kind: ClassVar[str] = "lora"
-
-    def default_alpha(self) -> float:
-        return float(2 * self.r)
-
-
-@dataclass
 class ALoRAConfig(AdapterConfig):
     """ALoRA / AB-LoRA (Liu et al. 2024, arXiv:2403.16187 §3.2–3.3; SPEC §5): ablation importance,
     prune ``n_a`` ranks per round and give them to the modules that lost none.
@@ -359,7 +346,7 @@ class ALoRAConfig(AdapterConfig):
         return k1, k2
 
 
-_CONFIGS = {c.method: c for c in (ElaLoRAConfig, AdaLoRAConfig, FixedRankConfig, ALoRAConfig)}
+_CONFIGS = {c.method: c for c in (ElaLoRAConfig, AdaLoRAConfig, ALoRAConfig)}
 
 
 def config_from_dict(d: dict) -> AdapterConfig:

@@ -21,6 +21,12 @@ Llama-architecture decoders only: the GGUF conversion of a Llama base (``convert
 ``LlamaModel.modify_tensors``) permutes the rows of ``q_proj`` and ``k_proj`` into llama.cpp's
 rotary layout, and ``transformers`` undoes it when it loads a GGUF; the rows of our ``lora_B`` for
 q/k get the same permutation (B's rows are W's rows), as the converter does for PEFT adapters.
+
+The handle is taken by duck type, as in :mod:`elalora.persistence` (this module sits at its level,
+below :mod:`elalora.model`, which offers it as ``AdaptiveModel.export_gguf``).
+
+Imports: :mod:`elalora.persistence`, :mod:`elalora._handle`, :mod:`elalora._extras`,
+:mod:`elalora.errors`; ``gguf`` lazily (the ``gguf`` extra).
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .model import AdaptiveModel, handle_of
+from ._extras import require
+from ._handle import handle_of
+from .errors import ExportError
 from .persistence import uniform_lora_factors
 
 __all__ = ["export_gguf", "llama_rope_permute", "GGUF_ARCHITECTURES", "GGUF_EXTRA"]
@@ -41,15 +48,7 @@ __all__ = ["export_gguf", "llama_rope_permute", "GGUF_ARCHITECTURES", "GGUF_EXTR
 # reproduce exactly (the rotary permutation of q/k above). Others: export PEFT and use llama.cpp's
 # convert_lora_to_gguf.py.
 GGUF_ARCHITECTURES = {"llama": "llama"}
-GGUF_EXTRA = "gguf"  # pip install 'elalora[gguf]'
-
-
-def _gguf():
-    try:
-        import gguf  # noqa: PLC0415  (optional dependency)
-    except ImportError:
-        raise ImportError("GGUF export needs the 'gguf' package: pip install 'elalora[gguf]' (or pip install gguf)") from None
-    return gguf
+GGUF_EXTRA = "gguf"  # pip install 'elalora[gguf]' (elalora._extras.PROVIDERS)
 
 
 def llama_rope_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
@@ -64,24 +63,23 @@ def llama_rope_permute(rows: torch.Tensor, n_head: int, n_head_kv: int | None = 
 
 
 @torch.no_grad()
-def export_gguf(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, name: str | None = None) -> dict:
+def export_gguf(handle, path: str | os.PathLike, *, name: str | None = None) -> dict:
     """Write ``path`` (a ``.gguf`` file, atomically): the adapter as a llama.cpp LoRA adapter.
 
     Uniform layout with ``alpha = R`` so that llama.cpp's ``alpha / rank`` is 1 (module docstring).
-    Returns ``{"rank": R, "alpha": R, "tensors": {gguf_name: shape}}``. Raises ``ValueError`` for a
+    Returns ``{"rank": R, "alpha": R, "tensors": {gguf_name: shape}}``. Raises :class:`ExportError` for a
     model whose architecture is not supported, adapted modules llama.cpp has no LoRA slot for, or
     modules trained in full (a GGUF LoRA adapter holds only A/B pairs)."""
-    gguf = _gguf()
-    if not isinstance(handle, AdaptiveModel):
-        handle = handle_of(handle)
+    gguf = require("gguf", "GGUF export")
+    handle = handle_of(handle)  # a handle or a wrapped model
     cfg = getattr(handle.model, "config", None)
     model_type = getattr(cfg, "model_type", None)
     if model_type not in GGUF_ARCHITECTURES:
-        raise ValueError(f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))} decoders; this model is "
+        raise ExportError(f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))} decoders; this model is "
                          f"{model_type!r}. Export --to peft --layout uniform and convert it with llama.cpp's "
                          "convert_lora_to_gguf.py")
     if handle.modules_to_save_names():
-        raise ValueError(f"modules trained in full ({', '.join(handle.modules_to_save_names())}) cannot go into a "
+        raise ExportError(f"modules trained in full ({', '.join(handle.modules_to_save_names())}) cannot go into a "
                          "llama.cpp LoRA adapter (it holds only lora_a/lora_b pairs)")
     arch_name = GGUF_ARCHITECTURES[model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
@@ -96,7 +94,7 @@ def export_gguf(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, n
         hf = module if module.startswith("model.") or module.startswith("lm_head") else f"model.{module}"
         gname = tmap.get_name(hf + ".weight", try_suffixes=(".weight", ".bias"))
         if gname is None or not gname.startswith("blk."):
-            raise ValueError(f"adapted module {module!r} has no LoRA slot in llama.cpp's {arch_name} graph "
+            raise ExportError(f"adapted module {module!r} has no LoRA slot in llama.cpp's {arch_name} graph "
                              "(only the projections inside the blocks do); leave it out of target_modules")
         if module.endswith("q_proj"):
             lb = llama_rope_permute(lb, n_head, n_head)

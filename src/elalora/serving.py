@@ -30,13 +30,16 @@ PEFT and vLLM but not in llama.cpp (a module of rank ``r_m`` gets ``r / r_m``), 
 fails on uneven ranks, a rank-0 module dropped from one layer disables that type everywhere) or
 SGLang (patterns refused). The uniform export (every tensor at rank ``R``, ``r = lora_alpha = R``,
 no patterns) gives scale 1 under every rule.
+
+Imports: the standard library only (it reads a config dict and tensor shapes; ``elalora inspect``
+passes them from the files).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 __all__ = ["ConsumerVerdict", "CONSUMERS", "peft_module_shapes", "serving_report", "format_serving_report"]
 
@@ -91,6 +94,151 @@ def _layer_and_type(module: str) -> tuple[str | None, str]:
     return (None, module) if i is None else (parts[i], ".".join(parts[i + 1:]))
 
 
+@dataclass
+class _Export:
+    """What every consumer rule reads from one PEFT LoRA export (see :func:`serving_report`)."""
+
+    modules: dict[str, dict[str, tuple[int, ...]]]
+    r_top: int
+    alpha_top: float
+    rank_pat: dict
+    alpha_pat: dict
+    rslora: bool
+    dora: bool
+    saved: list[str]
+    extra: list[str]  # tensors that are not lora_A / lora_B (modules saved in full)
+    peft_scale: dict[str, float] = field(default_factory=dict)  # PEFT's alpha_m / r_m, the reference
+    rank: dict[str, int] = field(default_factory=dict)  # each module's tensor rank (rows of A)
+    bad_shape: list[str] = field(default_factory=list)  # tensor rank != configured r_m
+
+    def rule(self, alpha: float, r: float) -> float:
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted(set(self.rank.values()))
+
+    @property
+    def rank_txt(self) -> str:
+        ranks = self.ranks
+        return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}..{ranks[-1]}"
+
+    @property
+    def global_scale(self) -> float:
+        return self.rule(self.alpha_top, self.r_top)
+
+    @property
+    def wrong_global(self) -> list[str]:
+        """Modules whose PEFT scale differs from the one global ``lora_alpha / r``."""
+        return [m for m in self.modules if not _close(self.peft_scale[m], self.global_scale)]
+
+
+def _read_export(config: dict, shapes: dict[str, list[int] | tuple[int, ...]]) -> _Export:
+    ex = _Export(modules=peft_module_shapes(shapes), r_top=int(config.get("r") or 8),
+                 alpha_top=float(config.get("lora_alpha") or 8), rank_pat=config.get("rank_pattern") or {},
+                 alpha_pat=config.get("alpha_pattern") or {}, rslora=bool(config.get("use_rslora")),
+                 dora=bool(config.get("use_dora")), saved=list(config.get("modules_to_save") or []),
+                 extra=[k for k in shapes if not any(t in k for t in (".lora_A.", ".lora_B."))])
+    # PEFT: per-module r_m, alpha_m; the tensors must have rank r_m
+    for m, ab in ex.modules.items():
+        r_m = _pattern_value(ex.rank_pat, m)
+        r_m = int(r_m) if r_m is not None else ex.r_top
+        a_m = _pattern_value(ex.alpha_pat, m)
+        a_m = float(a_m) if a_m is not None else ex.alpha_top
+        ex.peft_scale[m] = ex.rule(a_m, r_m)
+        ex.rank[m] = ab.get("A", (0,))[0]
+        if ex.rank[m] != r_m or ab.get("B", (0, 0))[-1] != r_m:
+            ex.bad_shape.append(m)
+    return ex
+
+
+def _peft(ex: _Export) -> ConsumerVerdict:
+    if ex.bad_shape:
+        m = ex.bad_shape[0]
+        return ConsumerVerdict("peft", False, f"{m}: tensor rank {ex.rank[m]} differs from its configured r "
+                                              f"({len(ex.bad_shape)} modules); PEFT cannot load it")
+    return ConsumerVerdict("peft", True, "per-module r and alpha from rank_pattern/alpha_pattern"
+                           if ex.rank_pat or ex.alpha_pat else "one r and lora_alpha for every module")
+
+
+def _vllm(ex: _Export) -> ConsumerVerdict:
+    """vLLM: global alpha/r, patterns ignored, slots of max rank r."""
+    g, wrong = ex.global_scale, ex.wrong_global
+    if ex.dora:
+        return ConsumerVerdict("vllm", False, "vLLM refuses DoRA")
+    if ex.saved:
+        return ConsumerVerdict("vllm", False, f"vLLM refuses modules_to_save ({', '.join(ex.saved)})")
+    if wrong:
+        m = wrong[0]
+        return ConsumerVerdict("vllm", False, f"global lora_alpha/r = {g:g} but {m} needs {ex.peft_scale[m]:g} "
+                                              f"({len(wrong)} modules wrong); patterns are ignored")
+    if max(ex.ranks) > ex.r_top:
+        return ConsumerVerdict("vllm", False, f"a tensor of rank {max(ex.ranks)} exceeds r = {ex.r_top} "
+                                              "(--max-lora-rank check)")
+    return ConsumerVerdict("vllm", True, f"global lora_alpha/r = {g:g} is every module's scale; {ex.rank_txt} "
+                                         f"fit the r = {ex.r_top} slots")
+
+
+def _tgi(ex: _Export) -> ConsumerVerdict:
+    """TGI / LoRAX: global scale folded into B, ``torch.stack`` per layer type."""
+    g, wrong = ex.global_scale, ex.wrong_global
+    by_type: dict[str, dict[str, int]] = {}
+    for m in ex.modules:
+        layer, typ = _layer_and_type(m)
+        by_type.setdefault(typ, {})[layer] = ex.rank[m]
+    layers = {layer for t in by_type.values() for layer in t}
+    uneven = [t for t, d in by_type.items() if len(set(d.values())) > 1]
+    missing = [t for t, d in by_type.items() if set(d) != layers]
+    if wrong:
+        m = wrong[0]
+        return ConsumerVerdict("tgi/lorax", False, f"global lora_alpha/r = {g:g} folded into B but {m} needs "
+                                                   f"{ex.peft_scale[m]:g} ({len(wrong)} modules wrong)")
+    if uneven:
+        t = uneven[0]
+        return ConsumerVerdict("tgi/lorax", False, f"{t} has ranks {sorted(set(by_type[t].values()))} across "
+                                                   "layers: torch.stack of the per-layer tensors fails")
+    if missing:
+        t = missing[0]
+        return ConsumerVerdict("tgi/lorax", False, f"{t} is missing from {len(layers - set(by_type[t]))} layer(s): "
+                                                   f"the whole {t} type is skipped")
+    if ex.extra:
+        return ConsumerVerdict("tgi/lorax", False, f"only lora_A/lora_B are loaded: {len(ex.extra)} tensors saved "
+                                                   f"in full ({', '.join(ex.saved) or ex.extra[0]}) would be missing")
+    return ConsumerVerdict("tgi/lorax", True, f"global lora_alpha/r = {g:g}; every layer type has one shape "
+                                              f"({ex.rank_txt})")
+
+
+def _sglang(ex: _Export) -> ConsumerVerdict:
+    """SGLang: one adapter-wide scale, non-default patterns refused."""
+    if ex.rank_pat or ex.alpha_pat:
+        return ConsumerVerdict("sglang", False, "rank_pattern/alpha_pattern are not supported (adapter refused)")
+    if ex.wrong_global or len(ex.ranks) > 1:
+        return ConsumerVerdict("sglang", False, f"one adapter-wide scale lora_alpha/r but {ex.rank_txt}")
+    if ex.saved or ex.extra:
+        return ConsumerVerdict("sglang", False, f"tensors saved in full ({', '.join(ex.saved) or ex.extra[0]}) "
+                                                "are not loaded")
+    return ConsumerVerdict("sglang", True, f"one adapter-wide scale {ex.global_scale:g}, every module at rank "
+                                           f"{ex.ranks[0]}")
+
+
+def _llama_cpp(ex: _Export) -> ConsumerVerdict:
+    """llama.cpp: alpha / (rank of the tensor)."""
+    own = {m: ex.alpha_top / ex.rank[m] for m in ex.modules if ex.rank[m] > 0}
+    wrong_own = [m for m in own if not _close(own[m], ex.peft_scale[m])]
+    if ex.rslora:
+        return ConsumerVerdict("llama.cpp", False, "rsLoRA's alpha/sqrt(r) is not llama.cpp's alpha/rank")
+    if ex.extra:
+        return ConsumerVerdict("llama.cpp", False, f"convert_lora_to_gguf.py stops at tensors that are not "
+                                                   f"lora_A/lora_B ({', '.join(ex.saved) or ex.extra[0]})")
+    if wrong_own:
+        m = wrong_own[0]
+        return ConsumerVerdict("llama.cpp", False, f"alpha/own rank = {ex.alpha_top:g}/{ex.rank[m]} = {own[m]:g} "
+                                                   f"for {m} but it needs {ex.peft_scale[m]:g} "
+                                                   f"({len(wrong_own)} modules wrong)")
+    return ConsumerVerdict("llama.cpp", True, f"alpha/own rank = each module's scale ({ex.rank_txt}, "
+                                              f"alpha {ex.alpha_top:g})")
+
+
 def serving_report(config: dict, shapes: dict[str, list[int] | tuple[int, ...]]) -> list[ConsumerVerdict]:
     """Which of :data:`CONSUMERS` read a PEFT LoRA export exactly as PEFT does (module docstring).
 
@@ -101,110 +249,10 @@ def serving_report(config: dict, shapes: dict[str, list[int] | tuple[int, ...]])
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         return [ConsumerVerdict(c, c == "peft", f"a PEFT {config.get('peft_type')} adapter, not LoRA")
                 for c in CONSUMERS]
-    modules = peft_module_shapes(shapes)
-    r_top = int(config.get("r") or 8)
-    alpha_top = float(config.get("lora_alpha") or 8)
-    rank_pat = config.get("rank_pattern") or {}
-    alpha_pat = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora"))
-    dora = bool(config.get("use_dora"))
-    saved = list(config.get("modules_to_save") or [])
-    extra = [k for k in shapes if not any(t in k for t in (".lora_A.", ".lora_B."))]
-
-    def rule(alpha: float, r: float) -> float:
-        return alpha / math.sqrt(r) if rslora else alpha / r
-
-    # PEFT: per-module r_m, alpha_m; the tensors must have rank r_m
-    peft_scale, rank, bad_shape = {}, {}, []
-    for m, ab in modules.items():
-        r_m = _pattern_value(rank_pat, m)
-        r_m = int(r_m) if r_m is not None else r_top
-        a_m = _pattern_value(alpha_pat, m)
-        a_m = float(a_m) if a_m is not None else alpha_top
-        peft_scale[m] = rule(a_m, r_m)
-        rank[m] = ab.get("A", (0,))[0]
-        if rank[m] != r_m or ab.get("B", (0, 0))[-1] != r_m:
-            bad_shape.append(m)
-    out: list[ConsumerVerdict] = []
-    if not modules:
+    ex = _read_export(config, shapes)
+    if not ex.modules:
         return [ConsumerVerdict(c, False, "no lora_A / lora_B tensors") for c in CONSUMERS]
-    if bad_shape:
-        out.append(ConsumerVerdict("peft", False, f"{bad_shape[0]}: tensor rank {rank[bad_shape[0]]} differs from "
-                                                  f"its configured r ({len(bad_shape)} modules); PEFT cannot load it"))
-    else:
-        out.append(ConsumerVerdict("peft", True, "per-module r and alpha from rank_pattern/alpha_pattern"
-                                   if rank_pat or alpha_pat else "one r and lora_alpha for every module"))
-
-    ranks = sorted(set(rank.values()))
-    rank_txt = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}..{ranks[-1]}"
-    g = rule(alpha_top, r_top)
-    wrong_global = [m for m in modules if not _close(peft_scale[m], g)]
-
-    # vLLM: global alpha/r, patterns ignored, slots of max rank r
-    if dora:
-        out.append(ConsumerVerdict("vllm", False, "vLLM refuses DoRA"))
-    elif saved:
-        out.append(ConsumerVerdict("vllm", False, f"vLLM refuses modules_to_save ({', '.join(saved)})"))
-    elif wrong_global:
-        m = wrong_global[0]
-        out.append(ConsumerVerdict("vllm", False, f"global lora_alpha/r = {g:g} but {m} needs {peft_scale[m]:g} "
-                                                  f"({len(wrong_global)} modules wrong); patterns are ignored"))
-    elif max(ranks) > r_top:
-        out.append(ConsumerVerdict("vllm", False, f"a tensor of rank {max(ranks)} exceeds r = {r_top} (--max-lora-rank check)"))
-    else:
-        out.append(ConsumerVerdict("vllm", True, f"global lora_alpha/r = {g:g} is every module's scale; {rank_txt} fit the r = {r_top} slots"))
-
-    # TGI / LoRAX: global scale folded into B, torch.stack per layer type
-    by_type: dict[str, dict[str, int]] = {}
-    for m in modules:
-        layer, typ = _layer_and_type(m)
-        by_type.setdefault(typ, {})[layer] = rank[m]
-    layers = {layer for t in by_type.values() for layer in t}
-    uneven = [t for t, d in by_type.items() if len(set(d.values())) > 1]
-    missing = [t for t, d in by_type.items() if set(d) != layers]
-    if wrong_global:
-        m = wrong_global[0]
-        out.append(ConsumerVerdict("tgi/lorax", False, f"global lora_alpha/r = {g:g} folded into B but {m} needs "
-                                                       f"{peft_scale[m]:g} ({len(wrong_global)} modules wrong)"))
-    elif uneven:
-        t = uneven[0]
-        out.append(ConsumerVerdict("tgi/lorax", False, f"{t} has ranks {sorted(set(by_type[t].values()))} across layers: "
-                                                       "torch.stack of the per-layer tensors fails"))
-    elif missing:
-        t = missing[0]
-        out.append(ConsumerVerdict("tgi/lorax", False, f"{t} is missing from {len(layers - set(by_type[t]))} layer(s): "
-                                                       f"the whole {t} type is skipped"))
-    elif extra:
-        out.append(ConsumerVerdict("tgi/lorax", False, f"only lora_A/lora_B are loaded: {len(extra)} tensors saved in "
-                                                       f"full ({', '.join(saved) or extra[0]}) would be missing"))
-    else:
-        out.append(ConsumerVerdict("tgi/lorax", True, f"global lora_alpha/r = {g:g}; every layer type has one shape ({rank_txt})"))
-
-    # SGLang: one adapter-wide scale, non-default patterns refused
-    if rank_pat or alpha_pat:
-        out.append(ConsumerVerdict("sglang", False, "rank_pattern/alpha_pattern are not supported (adapter refused)"))
-    elif wrong_global or len(ranks) > 1:
-        out.append(ConsumerVerdict("sglang", False, f"one adapter-wide scale lora_alpha/r but {rank_txt}"))
-    elif saved or extra:
-        out.append(ConsumerVerdict("sglang", False, f"tensors saved in full ({', '.join(saved) or extra[0]}) are not loaded"))
-    else:
-        out.append(ConsumerVerdict("sglang", True, f"one adapter-wide scale {g:g}, every module at rank {ranks[0]}"))
-
-    # llama.cpp: alpha / (rank of the tensor)
-    own = {m: alpha_top / rank[m] for m in modules if rank[m] > 0}
-    wrong_own = [m for m in own if not _close(own[m], peft_scale[m])]
-    if rslora:
-        out.append(ConsumerVerdict("llama.cpp", False, "rsLoRA's alpha/sqrt(r) is not llama.cpp's alpha/rank"))
-    elif extra:
-        out.append(ConsumerVerdict("llama.cpp", False, f"convert_lora_to_gguf.py stops at tensors that are not "
-                                                       f"lora_A/lora_B ({', '.join(saved) or extra[0]})"))
-    elif wrong_own:
-        m = wrong_own[0]
-        out.append(ConsumerVerdict("llama.cpp", False, f"alpha/own rank = {alpha_top:g}/{rank[m]} = {own[m]:g} for {m} "
-                                                       f"but it needs {peft_scale[m]:g} ({len(wrong_own)} modules wrong)"))
-    else:
-        out.append(ConsumerVerdict("llama.cpp", True, f"alpha/own rank = each module's scale ({rank_txt}, alpha {alpha_top:g})"))
-    return out
+    return [check(ex) for check in (_peft, _vllm, _tgi, _sglang, _llama_cpp)]
 
 
 def format_serving_report(verdicts: list[ConsumerVerdict]) -> str:
