@@ -276,3 +276,57 @@ def test_default_targets_for_vit():
     with torch.no_grad():
         h.adapters[0].lora_lambda.normal_()
     assert model(pixel_values=x).logits.shape == (2, 2)
+
+
+# ----------------------------------------------------------------- why γ defaults to 0 (planted-rank study)
+def test_task_gradient_on_P_Q_is_zero_at_the_svd_start_but_the_regulariser_gradient_is_not():
+    """At the SVD-form start (λ = 0) ``∂L/∂P = s·G·Qᵀ·diag(λ) = 0`` and ``∂L/∂Q = 0`` exactly, while
+    ``∂R/∂P, ∂R/∂Q`` are not: under Adam (per-element normalised steps) any γ > 0 alone decides the
+    first updates of P and Q, and keeps deciding them while the task gradient (∝ λ) stays smaller."""
+    import elalora
+
+    model = tiny_bert()
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, target_modules=["query", "value"], orth_reg_weight=0.0))
+    model.train()
+    x, y = torch.randint(0, 100, (4, 6)), torch.tensor([0, 1, 0, 1])
+    model(input_ids=x, labels=y).loss.backward()
+    for a in h.adapters:
+        assert torch.count_nonzero(a.lora_P.grad) == 0 and torch.count_nonzero(a.lora_Q.grad) == 0
+        assert torch.count_nonzero(a.lora_lambda.grad[a.active]) == a.rank  # only λ learns at first
+    model.zero_grad()
+    h.orthogonal_loss().backward()
+    for a in h.adapters:
+        assert a.lora_Q.grad[a.active].norm(dim=1).min() > 0 and a.lora_P.grad[:, a.active].norm(dim=0).min() > 0
+
+
+@pytest.mark.parametrize("r", [2, 8])
+@pytest.mark.parametrize("eps", [1e-2, 1e-4])
+def test_unsquared_orth_penalty_gradient_does_not_vanish_near_orthonormality(r, eps):
+    """``∇_Q ‖QQᵀ − I‖_F = 2 M Q / ‖M‖`` (``M = QQᵀ − I``) has Frobenius norm → 2 as Q → orthonormal,
+    however close it gets: a constant pull of size 2/√r per rank row (it shrinks as the matrix's rank
+    grows), unlike the papers' squared norm whose gradient ``4 M Q`` vanishes there."""
+    base = nn.Linear(64, 64)
+    a = SVDAdapter(base, r=r, capacity=r, lora_alpha=r, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        q, _ = torch.linalg.qr(torch.randn(64, r, generator=g, dtype=torch.float64))
+        a.lora_Q.copy_((q.t() + eps * torch.randn(r, 64, generator=g, dtype=torch.float64)).float())
+        p, _ = torch.linalg.qr(torch.randn(64, r, generator=g, dtype=torch.float64))
+        a.lora_P.copy_(p.float())  # exactly orthonormal up to float32 rounding
+    m = a.lora_Q @ a.lora_Q.t() - torch.eye(r)
+    unsq = torch.autograd.grad(torch.linalg.matrix_norm(m), a.lora_Q)[0]
+    sq = torch.autograd.grad(torch.linalg.matrix_norm(a.lora_Q @ a.lora_Q.t() - torch.eye(r)) ** 2, a.lora_Q)[0]
+    assert abs(unsq.norm().item() - 2.0) < 10 * eps + 1e-3
+    assert unsq.norm(dim=1).mean().item() == pytest.approx(2 / r**0.5, rel=0.3)
+    assert sq.norm().item() < 8 * eps * (64 * r) ** 0.5  # ∝ the distance to orthonormality (→ 0)
+
+
+def test_orth_reg_is_off_by_default():
+    import elalora
+    from elalora.cli.main import build_parser
+
+    assert elalora.ElaLoRAConfig().orth_reg_weight == 0.0 and elalora.AdaLoRAConfig().orth_reg_weight == 0.0
+    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, b=1, target_modules=["query"]))
+    assert h._hook is None  # nothing is added to the loss
+    args = build_parser().parse_args(["train", "--task", "rte", "--model", "m", "--method", "elalora", "--output-dir", "o"])
+    assert args.orth_reg_weight == 0.0

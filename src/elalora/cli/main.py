@@ -155,7 +155,9 @@ def _add_train(sub) -> None:
     g.add_argument("--delta-t", type=step_value, default=0.02, help="steps between rounds (default 0.02)")
     g.add_argument("--beta1", type=float, default=0.85, help="sensitivity EMA (default 0.85)")
     g.add_argument("--beta2", type=float, default=0.85, help="uncertainty EMA (default 0.85)")
-    g.add_argument("--orth-reg-weight", type=float, default=0.1, help="orthogonal regulariser weight (default 0.1)")
+    g.add_argument("--orth-reg-weight", type=float, default=0.0,
+                   help="orthogonal regulariser weight γ (default 0: off; the papers' GLUE scripts use 0.1, PEFT 0.5; "
+                        "see docs/results.md, planted-rank benchmark)")
     g.add_argument("--init-r", type=_positive_int, default=None, help="AdaLoRA: initial rank (default ceil(1.5 r))")
     g.add_argument("--max-rank", type=_positive_int, default=None,
                    help="ElaLoRA/ALoRA: per-matrix capacity (default 2r; gelora-elalora: max(2r, largest planned rank))")
