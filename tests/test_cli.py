@@ -370,6 +370,13 @@ def test_serving_exports_uniform_peft_and_gguf(fx, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_uniform_export_layout_is_refused_for_peft_native_methods(fx, tmp_path, capsys):
+    """--method lora / gelora save PEFT's own adapter as peft/: --export-layout uniform cannot apply."""
+    for m in ("lora", "gelora"):
+        line = _assert_one_line_error(capsys, _train(fx, tmp_path / m, "--method", m, "--export-layout", "uniform"))
+        assert f"--method {m} trains PEFT's own LoRA" in line and not (tmp_path / m).exists()
+
+
 def test_gguf_export_of_a_bert_run_is_refused(runs, tmp_path, capsys):
     pytest.importorskip("gguf")
     line = _assert_one_line_error(capsys, main(["export", "--adapter", str(runs["elalora"]), "--to", "gguf",
