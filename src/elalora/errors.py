@@ -13,7 +13,7 @@ Imports: nothing (the bottom of the import order).
 
 from __future__ import annotations
 
-__all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError",
+__all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError", "ExportError",
            "MissingExtraError", "ReplicaMismatchError"]
 
 
@@ -47,6 +47,11 @@ class TaskError(ElaLoRAError, ValueError):
 class RunError(ElaLoRAError):
     """A training/evaluation run that cannot start as asked: a model path that does not exist, an
     output directory holding something else, options that do not combine."""
+
+
+class ExportError(ElaLoRAError, ValueError):
+    """An adapter that cannot be written in the asked export format or layout (an unknown layout, a
+    model architecture or module the format has no slot for); the message names what to use instead."""
 
 
 class MissingExtraError(ElaLoRAError, ImportError):

@@ -251,8 +251,17 @@ class AdaptiveModel:
         persistence.save_adapter(self, path, **kw)
 
     def export_peft(self, path: str, **kw) -> dict[str, int]:
-        """Write a plain PEFT LoRA adapter; returns the exported rank pattern (rank-0 modules dropped)."""
+        """Write a plain PEFT LoRA adapter; returns the exported rank pattern.
+
+        ``layout="compact"`` (default, rank-0 modules dropped) or ``layout="uniform"`` (every module
+        zero-padded to the largest rank, for serving engines); see :func:`elalora.persistence.export_peft`."""
         return persistence.export_peft(self, path, **kw)
+
+    def export_gguf(self, path: str, **kw) -> dict:
+        """Write a llama.cpp LoRA adapter (``.gguf``, uniform layout); see :func:`elalora.export_gguf.export_gguf`."""
+        from .export_gguf import export_gguf
+
+        return export_gguf(self, path, **kw)
 
     def merge_and_unload(self) -> nn.Module:
         return persistence.merge_and_unload(self)

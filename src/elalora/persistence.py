@@ -14,6 +14,16 @@ Formats:
 
   Modules at rank 0 are dropped; modules kept trainable in full go to ``modules_to_save``.
   ``peft.PeftModel.from_pretrained(base, dir)`` loads it with no code from this project.
+  This is the default ``layout="compact"``: smallest on disk, read exactly by PEFT and vLLM.
+* **PEFT LoRA, uniform layout** (``export_peft(..., layout="uniform")``): every adapted module,
+  rank 0 included, padded to one rank ``R = max_m r_m`` with zero rows of A and zero columns of B::
+
+      lora_A = [diag(λ_k) · Q_k · s ; 0]  (R × in)      lora_B = [P_k , 0]  (out × R)
+      r = lora_alpha = R, no rank_pattern / alpha_pattern  (scale 1 under every rule)
+
+  ``B·A`` is unchanged by the padding, and because every tensor has rank R and alpha = R, PEFT's
+  per-module ``alpha/r``, vLLM's and TGI/LoRAX's global ``lora_alpha / r`` and llama.cpp's
+  ``alpha / (rank of the tensor)`` are all exactly 1 (see :mod:`elalora.serving`).
 
 * **adapter summary** (``adapter_summary``): rank pattern, capacities and parameter counts of an
   elalora or PEFT LoRA directory from its JSON and the safetensors header (no tensor data read).
@@ -44,18 +54,19 @@ from torch import nn
 from ._handle import detach_handle, handle_of
 from ._io import atomic_directory, atomic_write_bytes
 from .config import CONFIG_FORMAT_VERSION
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, ExportError
 from .layers import ElasticAdapter, adapter_param_count, base_shape
 
 __all__ = [
     "AdapterLoadError", "save_adapter", "read_adapter", "restore_adapter", "export_peft", "merge_and_unload",
     "atomic_directory", "atomic_write_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX",
     "save_checkpoint", "load_checkpoint", "peft_task_type", "adapter_format", "adapter_summary",
-    "check_peft_adapter_fits",
+    "check_peft_adapter_fits", "EXPORT_LAYOUTS", "uniform_lora_factors",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPORT_LAYOUTS = ("compact", "uniform")  # export_peft(layout=...)
 PEFT_PREFIX = "base_model.model."  # PEFT's tensor-name prefix in adapter_model.safetensors
 
 
@@ -240,26 +251,77 @@ def peft_lora_factors(a: ElasticAdapter, dtype: torch.dtype = torch.float32) -> 
     return lora_a.to(dtype).contiguous(), up.to(dtype).contiguous()
 
 
+@torch.no_grad()
+def uniform_lora_factors(handle, dtype: torch.dtype = torch.float32
+                         ) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``(R, {module: (lora_A, lora_B)})`` of the uniform layout (module docstring).
+
+    ``R`` is the largest active rank; each module's factors from :func:`peft_lora_factors` (scale
+    folded into A) are padded with zero rows of A (``R × in``) and zero columns of B (``out × R``),
+    so ``B·A`` is the module's ΔW exactly. A module at rank 0 gets all-zero factors."""
+    if any(a.merged for a in handle.adapters):
+        raise RuntimeError("unmerge() the adapters before exporting")
+    top = max((a.rank for a in handle.adapters), default=0)
+    if top == 0:
+        raise RuntimeError("every adapted module is at rank 0: nothing to export")
+    out = {}
+    for name, a in zip(handle.names, handle.adapters):
+        la, lb = peft_lora_factors(a, torch.float32)
+        r = la.shape[0]
+        pa = torch.zeros(top, la.shape[1], dtype=torch.float32)
+        pb = torch.zeros(lb.shape[0], top, dtype=torch.float32)
+        pa[:r] = la
+        pb[:, :r] = lb
+        out[name] = (pa.to(dtype).contiguous(), pb.to(dtype).contiguous())
+    return top, out
+
+
+def _uniform_target_modules(handle) -> list[str]:
+    """Module-type suffixes (``q_proj``, ...) when they name exactly the adapted modules, else full names.
+
+    Serving engines key their LoRA slots by module type (TGI/LoRAX and SGLang per layer type), so
+    the short form is the conventional one; it is only used when it selects nothing more."""
+    names = set(handle.names)
+    suffixes = {n.rsplit(".", 1)[-1] for n in names}
+    matched = {n for n, _ in handle.model.named_modules()
+               if n.rsplit(".", 1)[-1] in suffixes and ".base_layer" not in n and n}
+    return sorted(suffixes) if matched == names else sorted(names)
+
+
 def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                base_model_name_or_path: str | None = None) -> dict[str, int]:
-    """Write a standard PEFT LoRA adapter directory (SPEC §8). Returns the exported rank pattern."""
+                base_model_name_or_path: str | None = None, layout: str = "compact") -> dict[str, int]:
+    """Write a standard PEFT LoRA adapter directory (SPEC §8). Returns the exported rank pattern.
+
+    ``layout="compact"`` (default): each module at its own rank through ``rank_pattern`` /
+    ``alpha_pattern``, rank-0 modules dropped. ``layout="uniform"``: every adapted module at one rank
+    ``R`` (zero-padded), ``r = lora_alpha = R`` and no patterns, for serving engines that apply one
+    global scale (vLLM, TGI/LoRAX, SGLang) or ``alpha / own rank`` (llama.cpp); see the module docstring.
+    """
     from peft import LoraConfig
 
+    if layout not in EXPORT_LAYOUTS:
+        raise ExportError(f"unknown export layout {layout!r}; choose one of {', '.join(EXPORT_LAYOUTS)}")
     handle = handle_of(handle)  # a handle or a wrapped model
     if any(a.merged for a in handle.adapters):
         raise RuntimeError("unmerge() the adapters before exporting")
     tensors: dict[str, torch.Tensor] = {}
     pattern: dict[str, int] = {}
-    fan_in_fan_out = set()
-    for name, a in zip(handle.names, handle.adapters):
-        r = a.rank
-        if r == 0:
-            continue  # a module at rank 0 contributes nothing: PEFT gets no adapter there
-        la, lb = peft_lora_factors(a, dtype or torch.float32)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = la
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lb
-        pattern[name] = r
-        fan_in_fan_out.add(a.fan_in_fan_out)
+    fan_in_fan_out = {a.fan_in_fan_out for a in handle.adapters if layout == "uniform" or a.rank > 0}
+    if layout == "uniform":
+        top, factors = uniform_lora_factors(handle, dtype or torch.float32)
+        for name, (la, lb) in factors.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = la
+            tensors[f"base_model.model.{name}.lora_B.weight"] = lb
+            pattern[name] = top
+    else:
+        for name, a in zip(handle.names, handle.adapters):
+            r = a.rank
+            if r == 0:
+                continue  # a module at rank 0 contributes nothing: PEFT gets no adapter there
+            la, lb = peft_lora_factors(a, dtype or torch.float32)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = la
+            tensors[f"base_model.model.{name}.lora_B.weight"] = lb
+            pattern[name] = r
     if not pattern:
         raise RuntimeError("every adapted module is at rank 0: nothing to export")
     if len(fan_in_fan_out) > 1:
@@ -274,9 +336,13 @@ def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = 
         # generic PeftModel reproduces the outputs.
         task_type = None
     ident = _base_identity(handle.model)
+    if layout == "uniform":
+        shape_kw = dict(target_modules=_uniform_target_modules(handle))
+    else:
+        shape_kw = dict(target_modules=sorted(pattern), rank_pattern=dict(pattern),
+                        alpha_pattern={k: float(v) for k, v in pattern.items()})
     lcfg = LoraConfig(
-        r=top, lora_alpha=top, target_modules=sorted(pattern), rank_pattern=dict(pattern),
-        alpha_pattern={k: float(v) for k, v in pattern.items()}, lora_dropout=0.0, bias="none",
+        r=top, lora_alpha=top, **shape_kw, lora_dropout=0.0, bias="none",
         fan_in_fan_out=fan_in_fan_out.pop(), modules_to_save=handle.modules_to_save_names() or None,
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or ident["name_or_path"],

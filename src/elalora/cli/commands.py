@@ -5,7 +5,8 @@ the run directory), :mod:`elalora.persistence` (adapter summaries, exports) and 
 Every user-facing error is an :class:`~elalora.errors.ElaLoRAError`, reported by ``main`` as one line.
 
 Imports: :mod:`elalora.recipe`, :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.plots`,
-:mod:`elalora.tasks`, :mod:`elalora.errors`, :mod:`elalora._io`.
+:mod:`elalora.tasks`, :mod:`elalora.serving`, :mod:`elalora.export_gguf`, :mod:`elalora.errors`,
+:mod:`elalora._io`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from .._io import atomic_directory, json_default, write_json
 from ..errors import RunError
+from ..export_gguf import export_gguf
 from ..model import handle_of
-from ..persistence import ADAPTER_CONFIG, adapter_format, adapter_summary
+from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
 from ..recipe import RunSpec, train
 from ..recipe.loading import (head_modules, load_adapted_model, load_base_model, load_image_processor, load_tokenizer,
                               quiet_transformers, resolve_model, set_threads)
@@ -25,6 +27,7 @@ from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (HeadSpec, base_for_adapter, check_output_dir, infer_task_kind, read_json,
                              resolve_adapter_dir, run_config_for)
 from ..recipe.trainer import evaluate_model, make_collator
+from ..serving import ConsumerVerdict, format_serving_report, serving_report
 from ..targets import select_target_modules
 from ..tasks import get_task, load_task_data
 
@@ -126,6 +129,7 @@ def cmd_export(args) -> int:
     check_output_dir(out, args.overwrite, what="export")
     if out.resolve() == adir.resolve() or adir.resolve() in out.resolve().parents:
         raise RunError("--output-dir must not be the adapter directory or inside it")
+    layout = _export_layout(args, adir, fmt)
     if args.to == "peft" and fmt == "peft":
         with atomic_directory(out) as tmp:
             for f in adir.iterdir():
@@ -148,8 +152,13 @@ def cmd_export(args) -> int:
     model = load_adapted_model(adir, base)
     with atomic_directory(out) as tmp:
         if args.to == "peft":
-            pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path)
-            msg = f"PEFT LoRA adapter with {len(pattern)} modules, total rank {sum(pattern.values())}"
+            pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path, layout=layout)
+            msg = (f"PEFT LoRA adapter ({layout} layout) with {len(pattern)} modules, "
+                   f"total rank {sum(pattern.values())}")
+        elif args.to == "gguf":
+            info = export_gguf(handle_of(model), tmp / "adapter.gguf")  # ExportError / MissingExtraError: one line
+            msg = (f"llama.cpp LoRA adapter adapter.gguf ({info['architecture']}, {len(info['tensors']) // 2} "
+                   f"modules at rank {info['rank']}, alpha {info['alpha']:g})")
         else:
             if fmt == "elalora":
                     merged = handle_of(model).merge_and_unload()
@@ -163,6 +172,20 @@ def cmd_export(args) -> int:
             msg = f"merged {type(merged).__name__} (loads with transformers' from_pretrained)"
     print(f"wrote {msg} to {out}")
     return 0
+
+
+def _export_layout(args, adir: Path, fmt: str) -> str:
+    """The PEFT layout ``export`` writes (``compact`` unless ``--layout uniform``); refuses what does not combine."""
+    layout = getattr(args, "layout", None)
+    if args.to == "gguf" and layout == "compact":
+        raise RunError("--to gguf is always written in the uniform layout (llama.cpp scales each tensor by "
+                       "alpha / its own rank); drop --layout compact")
+    if args.to == "merged" and layout:
+        raise RunError("--layout applies to --to peft only")
+    if fmt == "peft" and (args.to == "gguf" or layout == "uniform"):
+        raise RunError(f"{adir} is a PEFT LoRA adapter; --to gguf and --layout uniform convert elalora adapters "
+                       "(a run's adapter/). For a PEFT adapter use llama.cpp's convert_lora_to_gguf.py")
+    return layout or "compact"
 
 
 def cmd_plot(args) -> int:
@@ -214,6 +237,9 @@ def cmd_inspect(args) -> int:
 
     adir = resolve_adapter_dir(args.adapter)
     s = adapter_summary(adir)
+    if s["format"] == "peft":  # which serving engines read this export right (elalora.serving)
+        shapes = {k: v["shape"] for k, v in safetensors_header(adir / ADAPTER_WEIGHTS).items() if "shape" in v}
+        s["consumers"] = [v.to_dict() for v in serving_report(read_json(adir / ADAPTER_CONFIG), shapes)]
     if args.json:
         print(json.dumps(s, indent=2, default=json_default))
         return 0
@@ -229,6 +255,9 @@ def cmd_inspect(args) -> int:
     adapter_params = sum(s["module_params"].values())
     print(f"modules saved in full ({', '.join(s.get('modules_to_save') or []) or 'none'}): {s['full_params']:,} "
           f"parameters; adapter + saved modules: {adapter_params + s['full_params']:,} parameters")
+    if s.get("consumers"):
+        print("\nLoRA consumers (each one's scale rule against PEFT's update):")
+        print(format_serving_report([ConsumerVerdict(**v) for v in s["consumers"]]))
     return 0
 
 

@@ -4,7 +4,8 @@ Subcommands (``elalora <command> --help`` lists every flag):
 
 * ``train``   fine-tune a model on a task with LoRA, AdaLoRA, ElaLoRA, ALoRA, GeLoRA or GeLoRA+ElaLoRA;
 * ``eval``    evaluate a saved adapter (elalora format or a PEFT LoRA export);
-* ``export``  convert an adapter to a plain PEFT LoRA adapter or to merged full weights;
+* ``export``  convert an adapter to a plain PEFT LoRA adapter (compact or uniform layout), a llama.cpp
+              GGUF LoRA adapter, or merged full weights;
 * ``plot``    (re)draw the figures of a run directory;
 * ``inspect`` print the rank pattern and parameter counts of an adapter (no model load);
 * ``plan``    print a GeLoRA rank plan without training.
@@ -200,6 +201,9 @@ def _add_train(sub) -> None:
                    help="run directory (default runs/<task>-<method>-r<r>); must be new or empty")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     g.add_argument("--no-figures", dest="figures", action="store_false", help="do not draw figures/")
+    g.add_argument("--export-layout", default="compact", choices=("compact", "uniform"),
+                   help="layout of peft/: compact (per-module ranks via rank_pattern, the default) or uniform "
+                        "(every module padded to the largest rank, scale 1: for vLLM, TGI/LoRAX, SGLang, llama.cpp)")
     t.set_defaults(handler="train")
 
 
@@ -219,11 +223,16 @@ def _add_eval_export_plot(sub) -> None:
     e.set_defaults(handler="eval")
 
     # --------------------------------------------------------------------------------- export
-    x = sub.add_parser("export", help="export an adapter to PEFT LoRA or merged weights", description=(
-        "Export an adapter directory to a plain PEFT LoRA adapter (--to peft) or to a full model with "
+    x = sub.add_parser("export", help="export an adapter to PEFT LoRA, llama.cpp GGUF or merged weights", description=(
+        "Export an adapter directory to a plain PEFT LoRA adapter (--to peft), a llama.cpp LoRA adapter "
+        "(--to gguf, Llama-architecture decoders: OUTPUT_DIR/adapter.gguf) or to a full model with "
         "the update merged into the weights (--to merged; loads with transformers alone)."))
     x.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (a run directory means its adapter/)")
-    x.add_argument("--to", required=True, choices=("peft", "merged"), help="output format")
+    x.add_argument("--to", required=True, choices=("peft", "gguf", "merged"), help="output format")
+    x.add_argument("--layout", default=None, choices=("compact", "uniform"),
+                   help="--to peft: compact (per-module ranks via rank_pattern, default) or uniform (every module "
+                        "padded to the largest rank, r = lora_alpha: what serving engines read right). "
+                        "--to gguf is always uniform")
     x.add_argument("--output-dir", required=True, metavar="DIR", help="where to write (must be new or empty)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     _add_model_flags(x, for_train=False)

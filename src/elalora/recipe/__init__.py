@@ -32,7 +32,7 @@ import torch
 from .._io import atomic_directory, json_default, write_json
 from ..errors import RunError
 from ..model import get_model
-from ..persistence import peft_task_type
+from ..persistence import EXPORT_LAYOUTS, peft_task_type
 from ..targets import select_target_modules
 from ..tasks import TaskSpec, get_task, load_task_data
 from .loading import (head_modules, load_base_model, load_image_processor, load_tokenizer, quiet_transformers,
@@ -101,6 +101,7 @@ class RunSpec:
     threads: int | None = None
     max_new_tokens: int = 64
     figures: bool = True
+    export_layout: str = "compact"  # peft/: "compact" (rank_pattern) or "uniform" (serving engines)
 
     @classmethod
     def from_namespace(cls, ns: Any) -> "RunSpec":
@@ -147,6 +148,11 @@ def _check_flags(spec: RunSpec) -> None:
     if spec.lora_alpha is not None and spec.method == "gelora":
         raise RunError("--lora-alpha does not apply to --method gelora (its alphas come from the plan); "
                        "set the scale alpha/r with --gelora-alpha-scale")
+    if spec.export_layout not in EXPORT_LAYOUTS:
+        raise RunError(f"--export-layout {spec.export_layout!r}: choose one of {', '.join(EXPORT_LAYOUTS)}")
+    if spec.export_layout != "compact" and spec.method in PEFT_METHODS:
+        raise RunError(f"--export-layout {spec.export_layout} applies to the adaptive methods; --method "
+                       f"{spec.method} trains PEFT's own LoRA, whose peft/ is PEFT's save as it is")
     if spec.method not in PEFT_METHODS:
         build_method_config(spec, spec.target_modules, None, max_planned=None)  # ConfigError on bad knobs
 
@@ -338,8 +344,9 @@ class RunResult:
         return self.metrics["main_metric"]
 
 
-def _save_adapters(built: Built, run_dir: Path, model_path: str) -> tuple[dict, dict, list, dict | None]:
-    """Write adapter/ and peft/; returns (final rank pattern, parameter counts, events, final scores)."""
+def _save_adapters(built: Built, run_dir: Path, model_path: str, layout: str = "compact"
+                   ) -> tuple[dict, dict, list, dict | None]:
+    """Write adapter/ and peft/ (in ``layout``); returns (final rank pattern, parameter counts, events, final scores)."""
     handle = built.handle
     if handle is None:
         pm = built.peft_model
@@ -349,7 +356,7 @@ def _save_adapters(built: Built, run_dir: Path, model_path: str) -> tuple[dict, 
         counts = {"total": sum(p.numel() for p in pm.parameters()), "trainable": trainable, "active": trainable}
         return peft_rank_pattern(pm), counts, [], None
     handle.save_pretrained(str(run_dir / "adapter"))
-    handle.export_peft(str(run_dir / "peft"), base_model_name_or_path=model_path)
+    handle.export_peft(str(run_dir / "peft"), base_model_name_or_path=model_path, layout=layout)
     scores = None
     if handle.importance is not None:
         sc = handle.importance.rank_scores()
@@ -422,7 +429,7 @@ def save_run(prep: Prepared, built: Built, fitted: Fitted, run_dir: Path, t_star
              record: dict | None = None) -> dict:
     """Write adapter/, peft/, rank_history.jsonl, metrics.json, config.json and figures/ into ``run_dir``;
     returns the metrics. ``record`` adds to config.json (the CLI records its arguments there)."""
-    final_pattern, counts, events, scores = _save_adapters(built, run_dir, prep.model_path)
+    final_pattern, counts, events, scores = _save_adapters(built, run_dir, prep.model_path, prep.spec.export_layout)
     with open(run_dir / "rank_history.jsonl", "w") as f:
         for e in events:
             f.write(json.dumps(e, default=json_default) + "\n")
