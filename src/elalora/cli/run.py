@@ -229,6 +229,52 @@ def head_modules(model) -> list[str] | None:
     return None
 
 
+def apply_pooling(model, pooling: str, kind: str) -> None:
+    """``--pooling mean``: the classifier reads the masked mean of the last hidden states (elalora.heads)."""
+    if pooling == "cls":
+        return
+    if kind not in ("classification", "regression"):
+        raise CLIError(f"--pooling {pooling} applies to text classification and regression tasks, not {kind}")
+    from ..heads import use_mean_pooling
+
+    try:
+        use_mean_pooling(model)
+    except ValueError as e:
+        raise CLIError(f"--pooling {pooling}: {e}") from None
+
+
+def _copy(names: list[str] | None) -> list[str] | None:
+    """A copy for PEFT, whose sequence-classification model appends its default heads to the list in place."""
+    return None if names is None else list(names)
+
+
+def resolve_modules_to_save(model, text: str | None, head: list[str] | None) -> list[str] | None:
+    """``--modules-to-save``: the modules trained in full (PEFT's ``modules_to_save``); default ``head``.
+
+    Names are module names or dotted suffixes (``pooler``, ``bert.pooler``), matched as PEFT matches
+    them. The task head must stay in the list: a frozen, randomly initialised head cannot learn.
+    """
+    if text is None:
+        return head
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CLIError("--modules-to-save is empty; give comma-separated module names, e.g. 'pooler,classifier'")
+    modules = {n: m for n, m in model.named_modules() if n}
+    for name in names:
+        hits = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
+        if hits and not any(p.numel() for m in hits for p in m.parameters()):
+            raise CLIError(f"--modules-to-save: module {name!r} has no parameters to train "
+                           f"(with --pooling mean the pooler is a parameter-free mean)")
+        if not hits:
+            raise CLIError(f"--modules-to-save: no module of the model is named {name!r} "
+                           f"(top-level modules: {', '.join(n for n, _ in model.named_children())})")
+    missing = [h for h in (head or []) if h not in names]
+    if missing:
+        raise CLIError(f"--modules-to-save must include the task head {', '.join(missing)!r} "
+                       f"(it is randomly initialised and has to be trained); e.g. '{','.join(names + missing)}'")
+    return list(dict.fromkeys(names))
+
+
 def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer=None, seed: int = 0):
     """A fresh base model with the task's head (classification/regression/generation/image)."""
     import transformers
@@ -739,6 +785,10 @@ def cmd_train(args) -> int:
     image_processor = load_image_processor(model_path, model.config) if spec.kind == "image" else None
     collate = make_collator(spec, tokenizer, image_processor, max_length)
     head = head_modules(model) if spec.kind != "generation" else None
+    pooling = getattr(args, "pooling", "cls")
+    if pooling == "mean":
+        apply_pooling(model, pooling, spec.kind)
+    head = resolve_modules_to_save(model, args.modules_to_save, head)
 
     module_names, targets = select_target_modules(model, targets, head)
     if cfg_probe is not None and hasattr(cfg_probe, "check_pool"):
@@ -798,13 +848,13 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
         if method == "lora":
             alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.r
             lcfg = LoraConfig(r=args.r, lora_alpha=alpha, target_modules=list(module_names),
-                              lora_dropout=args.lora_dropout, bias="none", modules_to_save=head,
+                              lora_dropout=args.lora_dropout, bias="none", modules_to_save=_copy(head),
                               task_type=_peft_task_type(spec.kind))
         else:
             scale = plan.alpha_scale
             lcfg = LoraConfig(r=args.r, lora_alpha=scale * args.r, target_modules=list(module_names),
                               rank_pattern=dict(plan.rank_pattern), alpha_pattern=dict(plan.alpha_pattern),
-                              lora_dropout=args.lora_dropout, bias="none", modules_to_save=head,
+                              lora_dropout=args.lora_dropout, bias="none", modules_to_save=_copy(head),
                               task_type=_peft_task_type(spec.kind))
         torch.manual_seed(args.seed)
         peft_model = get_peft_model(model, lcfg)
@@ -936,6 +986,7 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
         "model_type": getattr(model.config, "model_type", None),
         "method": method, "r": args.r, "method_config": method_config,
         "target_modules": list(module_names), "modules_to_save": head,
+        "pooling": getattr(args, "pooling", "cls"),
         "schedule": schedule, "total_steps": max_steps,
         "training": {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": args.batch_size,
                      "eval_batch_size": eval_bs, "grad_accum": args.grad_accum, "lr": args.lr,
@@ -1219,6 +1270,7 @@ def cmd_eval(args) -> int:
     _set_threads(args.threads)
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
+    apply_pooling(base, run_cfg.get("pooling") or "cls", spec.kind)  # as trained (--pooling)
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     model.eval()
@@ -1262,10 +1314,17 @@ def cmd_export(args) -> int:
     else:
         kind, n = _infer_kind(adir, fmt)
         spec = _Spec(kind, n, None)
+    pooling = (run_cfg or {}).get("pooling") or "cls"
+    if pooling != "cls" and args.to == "merged":
+        # a merged checkpoint loads as a plain transformers model, which would read its own pooler
+        raise CLIError(f"the run was trained with --pooling {pooling}, which a plain transformers checkpoint "
+                       "cannot express; export --to peft and apply elalora.heads.use_mean_pooling to the base "
+                       "model before loading the adapter")
     model_path, gguf_file = _base_for_adapter(adir, args, run_cfg, spec.kind)
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     seed = (run_cfg or {}).get("training", {}).get("seed", 0)
     base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=seed)
+    apply_pooling(base, pooling, spec.kind)
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     with atomic_directory(out) as tmp:
