@@ -8,6 +8,7 @@ final metrics, the evaluation history (learning curve) and the logged training l
     # after every run, so runs can be appended while it works; runs already in the JSONL are skipped
     python benchmarks/protocol_study.py --plan benchmarks/results/protocol_plan.jsonl
     python benchmarks/protocol_study.py --summary      # one line per recorded run
+    python benchmarks/protocol_study.py --figure docs/figures/protocol_study.png   # learning curves
 
 Common arguments added to every run (unless the plan's args override them): all-MiniLM-L6-v2, the
 local GLUE copy, seed 0, batch 16, warm-up 6 %, weight decay 0, no figures, ``--threads 1``.
@@ -94,13 +95,42 @@ def summary() -> None:
         print(f"{r['name']:40s} {r['main']:.4f}  wall {r['wall_s']:6.0f}s  train {r['train_runtime_s']:6.0f}s  [{curve}]")
 
 
+def figure(path: Path) -> Path:
+    """Learning curves (main metric against optimizer steps), one panel per task, every recorded run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in read() if not r.get("rc")]
+    tasks = [t for t in ("stsb", "cola", "mrpc", "rte") if any(r["task"] == t for r in recs)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in recs if r["task"] == task):
+            xs = [h["step"] for h in r["history"]]
+            ys = [h[r["main_metric"]] for h in r["history"]]
+            ax.plot(xs, ys, marker="o", ms=3, label=r["name"].removeprefix(task + "-"))
+        ax.set_title(f"{task.upper()} ({next(r['main_metric'] for r in recs if r['task'] == task)})")
+        ax.set_xlabel("optimizer step (batch 16)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", type=Path, default=RESULTS / "protocol_plan.jsonl")
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--figure", type=Path, default=None, help="draw the learning curves into this PNG and exit")
     a = ap.parse_args()
     if a.summary:
         summary()
+        return 0
+    if a.figure:
+        print(figure(a.figure))
         return 0
     while True:
         done = {r["name"] for r in read()}
