@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -68,11 +69,15 @@ def run_one(name: str, args: list[str]) -> dict:
         out = str(Path(tmp) / "run")
         argv = build_argv(args, out)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-        t0 = time.time()
+        t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run([sys.executable, "-m", "elalora", *argv], env=env, capture_output=True, text=True)
         wall = time.time() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds of the run (user + system): what the run costs on an idle core, whatever the machine load
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         rec = {"name": name, "args": args, "command": "elalora " + " ".join(argv[:-4]), "rc": proc.returncode,
-               "wall_s": round(wall, 1), "loadavg_end": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+               "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "loadavg_end": loadavg(),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         if proc.returncode != 0:
             rec["stderr_tail"] = proc.stderr[-2000:]
             return rec
