@@ -102,7 +102,7 @@ def protocol_settings(name: str | None) -> dict | None:
 
 def protocol_steps(proto: dict, task: str, data_dir: str) -> int:
     """Optimizer steps of ``task`` under ``proto``: its epochs over the full training set."""
-    from elalora.cli.tasks import load_task_data
+    from elalora.tasks import load_task_data
 
     n = len(load_task_data(task, data_dir, seed=0)[0])
     return int(math.ceil(n / proto["batch_size"]) * proto["epochs"][task])
@@ -175,7 +175,9 @@ def grid(tasks, methods, rs, seeds, with_extra: bool) -> list[tuple]:
 
 
 # ----------------------------------------------------------------------------------- training
-def _cli_args(task, method, r, seed, steps, data_dir, out_dir, threads, proto=None) -> list[str]:
+def _cli_args(task, method, r, seed, steps, data_dir, out_dir, threads, proto=None, overrides=None) -> list[str]:
+    """The ``elalora train`` arguments of one cell; ``overrides`` ({flag: value}) replaces or adds flags
+    (benchmarks/orth_reg_check.py: ``{"--orth-reg-weight": "0"}``)."""
     c = cell_settings(task, method, proto)
     a = ["train", "--task", task, "--data-dir", data_dir, "--model", model_path(), "--method", CLI_METHOD[method],
          "--r", str(r), "--seed", str(seed), "--max-steps", str(steps), "--batch-size", str(c["batch_size"]),
@@ -188,15 +190,20 @@ def _cli_args(task, method, r, seed, steps, data_dir, out_dir, threads, proto=No
         a += ["--modules-to-save", ",".join(c["modules_to_save"])]
     if threads:
         a += ["--threads", str(threads)]
+    for flag, value in (overrides or {}).items():
+        if flag in a:
+            a[a.index(flag) + 1] = str(value)
+        else:
+            a += [flag, str(value)]
     return a
 
 
-def run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto=None) -> dict:
+def run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto=None, overrides=None) -> dict:
     from elalora.cli.main import main as cli_main
 
     with tempfile.TemporaryDirectory(prefix="acc-cell-") as tmp:
         out = str(Path(tmp) / "run")
-        argv = _cli_args(task, method, r, seed, steps, data_dir, out, threads, proto)
+        argv = _cli_args(task, method, r, seed, steps, data_dir, out, threads, proto, overrides)
         rc = cli_main(argv)
         if rc != 0:
             raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
@@ -219,21 +226,23 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -
     from peft import AdaLoraConfig, get_peft_model
     from transformers import TrainerCallback
 
-    from elalora.cli import run as R
-    from elalora.cli.tasks import get_task, load_task_data
+    from elalora.recipe import loading as L
+    from elalora.recipe import trainer as R
+    from elalora.targets import select_target_modules
+    from elalora.tasks import get_task, load_task_data
 
-    R._quiet_transformers()
-    R._set_threads(threads)
+    L.quiet_transformers()
+    L.set_threads(threads)
     spec = get_task(task)
     train, evals, spec = load_task_data(spec, data_dir, seed=seed)
     path = model_path()
-    tok = R.load_tokenizer(path, None, spec.kind)
-    model = R.load_base_model(spec.kind, path, None, spec, tok, seed=seed)
+    tok = L.load_tokenizer(path, None, spec.kind)
+    model = L.load_base_model(spec.kind, path, None, spec, tok, seed=seed)
     c = cell_settings(task, "peft-adalora", proto)
-    R.apply_pooling(model, c["pooling"], spec.kind)
+    L.apply_pooling(model, c["pooling"], spec.kind)
     collate = R.make_collator(spec, tok, None, c["max_length"])
-    head = list(c["modules_to_save"] or R.head_modules(model))
-    names, _ = R.select_target_modules(model, None, head)
+    head = list(c["modules_to_save"] or L.head_modules(model))
+    names, _ = select_target_modules(model, None, head)
     init_r = int(math.ceil(1.5 * r))
     tinit, tfinal, delta_t = round(0.1 * steps), round(0.2 * steps), max(1, round(DELTA_T * steps))
     cfg = AdaLoraConfig(init_r=init_r, target_r=r, lora_alpha=16, lora_dropout=0.0, tinit=tinit, tfinal=tfinal,
@@ -251,12 +260,11 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -
 
     lengths = R.example_lengths(spec, tok, train, c["max_length"])
     with tempfile.TemporaryDirectory(prefix="acc-peft-") as tmp:
-        targs = R._training_args(tmp, batch_size=c["batch_size"], eval_batch_size=2 * c["batch_size"],
-                                 lr=c["lr"], epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
+        targs = R.training_args(tmp, batch_size=c["batch_size"], eval_batch_size=2 * c["batch_size"],
+                                lr=c["lr"], epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
                                  seed=seed, eval_steps=0, logging_steps=max(1, steps // 5))
-        trainer = R._make_trainer_class()(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
-                                          data_collator=collate, compute_metrics=R._prediction_metrics(spec),
-                                          lengths=lengths)
+        trainer = R.TaskTrainer(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
+                                data_collator=collate, compute_metrics=R.prediction_metrics(spec), lengths=lengths)
         trainer.add_callback(UpdateAndAllocate())
         t0 = time.time()
         trainer.train()
@@ -359,7 +367,7 @@ def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_
 
 def write_heatmaps(records: list[dict], *, steps: int, r: int = 8, seed: int = 0, method: str = "elalora") -> list[Path]:
     """One rank heatmap per task (the ``method`` run at budget ``r`` and ``seed``) into docs/figures/."""
-    from elalora.cli.plots import plot_rank_heatmap
+    from elalora.plots import plot_rank_heatmap
 
     out = []
     for rec in records:
@@ -404,8 +412,7 @@ def write_doc_table(table: str, doc: Path = DOC, steps: int | str | None = None)
     doc.write_text(text)
 
 
-def main(argv=None):
-    global JSONL
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -427,7 +434,12 @@ def main(argv=None):
                     "ElaLoRA r=8 seed-0 run of each task into docs/figures/")
     ap.add_argument("--dry-run", action="store_true", help="list the cells that would run")
     ap.add_argument("--results", default=str(JSONL), help="JSON-lines file of finished cells (default %(default)s)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    global JSONL
+    args = _parser().parse_args(argv)
     JSONL = Path(args.results).resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -435,7 +447,7 @@ def main(argv=None):
     methods = [m for m in args.methods.split(",") if m]
     bad = set(methods) - set(METHODS)
     if bad:
-        ap.error(f"unknown methods {sorted(bad)}; choose from {METHODS}")
+        _parser().error(f"unknown methods {sorted(bad)}; choose from {METHODS}")
     rs = [int(x) for x in args.r.split(",") if x]
     seeds = [int(x) for x in args.seeds.split(",") if x]
     SHARED["max_steps"] = args.steps

