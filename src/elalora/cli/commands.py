@@ -21,8 +21,8 @@ from ..export_gguf import export_gguf
 from ..model import handle_of
 from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
 from ..recipe import RunSpec, train
-from ..recipe.loading import (head_modules, load_adapted_model, load_base_model, load_image_processor, load_tokenizer,
-                              quiet_transformers, resolve_model, set_threads)
+from ..recipe.loading import (apply_pooling, head_modules, load_adapted_model, load_base_model, load_image_processor,
+                              load_tokenizer, quiet_transformers, resolve_model, set_threads)
 from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (HeadSpec, base_for_adapter, check_output_dir, infer_task_kind, read_json,
                              resolve_adapter_dir, run_config_for)
@@ -47,6 +47,11 @@ def parse_target_modules(text: str | None):
     return names
 
 
+def parse_names(text: str | None) -> list[str] | None:
+    """``--modules-to-save``: comma-separated module names (an empty list is refused by the recipe)."""
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
 def load_data(args, *, for_eval_only: bool = False):
     """``(train, evals, task spec)`` from the data flags of ``eval`` / ``plan``."""
     spec = get_task(args.task)
@@ -63,6 +68,7 @@ def cmd_train(args) -> int:
     targets = parse_target_modules(args.target_modules)
     spec = RunSpec.from_namespace(args)
     spec.target_modules = targets
+    spec.modules_to_save = parse_names(args.modules_to_save)
     record = {"args": {k: v for k, v in vars(args).items() if k not in ("handler",)}}
     result = train(spec, args.output_dir, overwrite=args.overwrite, record=record)
     if result is None:  # a non-main process of a distributed launch
@@ -106,6 +112,7 @@ def cmd_eval(args) -> int:
     set_threads(args.threads)
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
+    apply_pooling(base, run_cfg.get("pooling") or "cls", spec.kind)  # as trained (--pooling)
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     model.eval()
@@ -144,10 +151,17 @@ def cmd_export(args) -> int:
     else:
         kind, n = infer_task_kind(adir, fmt)
         spec = HeadSpec(kind, n, None)
+    pooling = (run_cfg or {}).get("pooling") or "cls"
+    if pooling != "cls" and args.to == "merged":
+        # a merged checkpoint loads as a plain transformers model, which would read its own pooler
+        raise RunError(f"the run was trained with --pooling {pooling}, which a plain transformers checkpoint "
+                       "cannot express; export --to peft and apply elalora.heads.use_mean_pooling to the base "
+                       "model before loading the adapter")
     model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     seed = (run_cfg or {}).get("training", {}).get("seed", 0)
     base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=seed)
+    apply_pooling(base, pooling, spec.kind)
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     with atomic_directory(out) as tmp:

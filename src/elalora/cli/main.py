@@ -147,6 +147,14 @@ def _add_train(sub) -> None:
     g.add_argument("--lora-alpha", type=_positive_float, default=None,
                    help="scale numerator (default: 2r for lora/alora, 16 for elalora/adalora)")
     g.add_argument("--lora-dropout", type=_fraction, default=0.0, help="dropout on the adapter input (default 0)")
+    g.add_argument("--modules-to-save", default=None, metavar="NAMES",
+                   help="comma-separated modules trained in full besides the adapters, as PEFT's modules_to_save "
+                        "(default: the task head, 'classifier' or 'score'); e.g. 'pooler,classifier' also trains "
+                        "BERT's pooler. The task head must be in the list")
+    g.add_argument("--pooling", default="cls", choices=("cls", "mean"),
+                   help="what a BERT-like classifier reads: 'cls' the model's pooler over [CLS] (default), "
+                        "'mean' the masked mean of the last hidden states (what sentence-transformers "
+                        "checkpoints such as all-MiniLM-L6-v2 were trained for)")
     g = t.add_argument_group("ElaLoRA / AdaLoRA knobs (steps: an int = optimizer steps, a float < 1 = fraction of the run)")
     g.add_argument("--b", type=_positive_int, default=4, help="ElaLoRA: ranks moved per round at the start (default 4)")
     g.add_argument("--k", type=_positive_int, default=2, help="ElaLoRA: candidates per matrix per round (default 2)")

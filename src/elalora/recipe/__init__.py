@@ -35,8 +35,8 @@ from ..model import get_model
 from ..persistence import EXPORT_LAYOUTS, peft_task_type
 from ..targets import select_target_modules
 from ..tasks import TaskSpec, get_task, load_task_data
-from .loading import (head_modules, load_base_model, load_image_processor, load_tokenizer, quiet_transformers,
-                      resolve_model, set_threads)
+from .loading import (apply_pooling, head_modules, load_base_model, load_image_processor, load_tokenizer,
+                      quiet_transformers, resolve_model, resolve_modules_to_save, set_threads)
 from .methods import (PEFT_METHODS, build_method_config, expected_total_steps, peft_rank_pattern, run_gelora_plan,
                       schedule_dict)
 from .rundir import RUN_MARKER, abspath_or_none, check_output_dir, versions
@@ -67,6 +67,8 @@ class RunSpec:
     target_modules: list[str] | str | None = None
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
+    modules_to_save: list[str] | None = None  # trained in full besides the adapters; None: the task head
+    pooling: str = "cls"  # "mean": the classifier reads the masked mean of the last hidden states (elalora.heads)
     b: int = 4
     k: int = 2
     tinit: int | float = 0.1
@@ -193,7 +195,9 @@ def prepare(spec: RunSpec) -> Prepared:
     model = load_base_model(task.kind, model_path, gguf_file, task, tokenizer, seed=spec.seed)
     image_processor = load_image_processor(model_path, model.config) if task.kind == "image" else None
     collate = make_collator(task, tokenizer, image_processor, max_length)
+    apply_pooling(model, spec.pooling, task.kind)  # before the adapters wrap the model
     head = head_modules(model) if task.kind != "generation" else None
+    head = resolve_modules_to_save(model, spec.modules_to_save, head)
     module_names, targets = select_target_modules(model, spec.target_modules, head)
     if probe is not None and hasattr(probe, "check_pool"):
         probe.check_pool(len(module_names))  # ElaLoRA: b too large for k and the number of matrices
@@ -217,12 +221,17 @@ class Built:
     initial_pattern: dict[str, int]
 
 
+def _copy(names: list[str] | None) -> list[str] | None:
+    """A copy for PEFT, whose sequence-classification model appends its default heads to the list in place."""
+    return None if names is None else list(names)
+
+
 def _peft_lora(prep: Prepared, plan) -> tuple[Any, dict]:
     from peft import LoraConfig, get_peft_model
 
     spec = prep.spec
     common = dict(r=spec.r, target_modules=list(prep.module_names), lora_dropout=spec.lora_dropout, bias="none",
-                  modules_to_save=prep.head, task_type=peft_task_type(prep.model))
+                  modules_to_save=_copy(prep.head), task_type=peft_task_type(prep.model))
     if plan is None:
         lcfg = LoraConfig(lora_alpha=spec.lora_alpha if spec.lora_alpha is not None else 2.0 * spec.r, **common)
     else:
@@ -409,6 +418,7 @@ def _run_config(prep: Prepared, built: Built, fitted: Fitted, t_start: float, re
         "model_type": getattr(prep.model.config, "model_type", None),
         "method": spec.method, "r": spec.r, "method_config": built.method_config,
         "target_modules": list(prep.module_names), "modules_to_save": prep.head,
+        "pooling": spec.pooling,
         "schedule": schedule, "total_steps": max_steps,
         "training": {"epochs": spec.epochs, "max_steps": spec.max_steps, "batch_size": spec.batch_size,
                      "eval_batch_size": fitted.eval_batch_size, "grad_accum": spec.grad_accum, "lr": spec.lr,
