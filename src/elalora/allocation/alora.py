@@ -25,13 +25,24 @@ forward passes over ``B_val`` — no backward pass — in ``c`` times fewer kern
 that of one no-grad forward pass over ``c·|B_val|`` examples. E.g. BERT-base with all 72 projections at
 ``r = 8``: ``P = 576``, 1153 masks, 145 passes of ``8 × 32`` examples at ``c = 8``.
 
+Prefix reuse (``prefix_reuse=True``, the default): a mask that removes or keeps one rank of adapter
+``a`` computes, up to ``a``, what the full model (removed) or the base model (kept only) computes.
+The outputs of the modules that finish before each adapter starts are cached once per round from
+those two models, and each chunk of masks (sorted by adapter, in execution order) runs with them
+stubbed, so only the part of the forward pass from ``a`` on is recomputed — about half a forward pass
+on average over a layer stack, less for deeper models. Same scores to float rounding, generic over
+Hugging Face models, with a fallback to the full forward pass: :mod:`elalora.allocation.alora_reuse`.
+``progress(done, total)`` (``ALoRAAllocator.progress``) reports the masks evaluated during a round.
+
 Procedure (§3.3)
 ----------------
 ``t`` is the 0-based optimizer step; ``K1 = max(k1, 1)`` and ``K2`` are in optimizer steps (fractions
 are resolved against the run's total steps ``T``). A round runs at the ``on_step`` call of step ``t``
 when ``t + 1 = K1 + j·K2`` (after ``K1`` warm-up steps, then every ``K2`` steps), at most
 ``n_rounds`` times, and only if ``K2`` training steps still follow it (``t + 1 + K2 ≤ T``): every
-round of the paper is followed by ``K2`` steps of training. One round:
+round of the paper is followed by ``K2`` steps of training. ``n_rounds`` is further capped by
+``ablation_budget`` (:meth:`ALoRAAllocator.max_rounds`): no more rounds than keep the ablations'
+cost within ``ablation_budget ×`` the training cost, but at least one (``ALoRAConfig``). One round:
 
 1. score every active rank (above);
 2. prune the ``n_a`` lowest-scoring ranks (default ``n_a = N``, one per module), in the order
@@ -85,6 +96,8 @@ it receives the repeated batch (labels included) and the mean of its output over
 
 from __future__ import annotations
 
+import inspect
+import time
 from collections.abc import Mapping
 from typing import Callable, Sequence
 
@@ -95,6 +108,7 @@ from torch import nn
 
 from ..config import ALoRAConfig, ConfigError
 from ..layers import ElasticAdapter
+from .alora_reuse import PrefixCache, StubMisuse, TraceMismatch, warn_fallback
 from .base import Allocator, apply_rank_changes
 
 __all__ = ["ALoRAAllocator", "ablation_scores", "select_prune", "distribute_new_ranks", "plan_round"]
@@ -212,6 +226,36 @@ def _gates_for_chunk(kind: torch.Tensor, mod: torch.Tensor, slot: torch.Tensor, 
     return g
 
 
+def _mask_losses(model, outputs, inputs: dict, labels, n: int, size: int, loss_fn: LossFn | None) -> torch.Tensor:
+    """Loss of each of the ``n`` masks of one forward pass over ``n`` stacked copies of the batch."""
+    if loss_fn is None:
+        return _per_mask_default_loss(model, outputs, labels, n)
+    full = dict(inputs)
+    if labels is not None:
+        full["labels"] = labels
+    per = torch.as_tensor(loss_fn(outputs, full)).float().reshape(-1)
+    if per.numel() != n * size:
+        raise ValueError(f"loss_fn must return one loss per example ({n * size}); got {per.numel()} values")
+    return per.view(n, size).mean(1)
+
+
+def _without_kv_cache(model: nn.Module, inputs: dict) -> dict:
+    """``use_cache=False`` where the model's forward takes it: ablations never decode, and a KV cache
+    is memory for nothing (and state that prefix reuse would have to keep consistent)."""
+    if "use_cache" in inputs:
+        return inputs
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return inputs
+    if "use_cache" in params:
+        return {**inputs, "use_cache": False}
+    return inputs
+
+
+ProgressFn = Callable[[int, int], None]
+
+
 @torch.no_grad()
 def ablation_scores(
     model: nn.Module,
@@ -221,13 +265,19 @@ def ablation_scores(
     chunk: int = 8,
     loss_fn: LossFn | None = None,
     return_losses: bool = False,
+    prefix_reuse: bool = True,
+    progress: ProgressFn | None = None,
 ):
     """AB-LoRA scores of every active rank: a list (one per adapter) of float64 tensors of length
     ``capacity``, ``IS`` at active slots and NaN at inactive ones.
 
     ``chunk`` masks are evaluated per forward pass over ``chunk`` copies of ``batch`` (module
-    docstring: cost). With ``return_losses`` also returns ``(L(M), L_removed, L_kept)``, the last two
-    lists aligned with the scores.
+    docstring: cost). With ``prefix_reuse`` (default) each mask skips the modules that finished
+    before its adapter started, using outputs cached once from the full and the base model
+    (:mod:`elalora.allocation.alora_reuse`; same scores to float rounding, automatic fallback to the
+    full forward pass). ``progress(done, total)`` is called with the number of masks evaluated so
+    far (first with 0, last with ``total = 1 + 2P``). With ``return_losses`` also returns
+    ``(L(M), L_removed, L_kept)``, the last two lists aligned with the scores.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}")
@@ -239,7 +289,7 @@ def ablation_scores(
     labels = batch.get("labels")
     if loss_fn is None and labels is None:
         raise ValueError("the validation batch has no 'labels'; add them or pass loss_fn(model_outputs, batch)")
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = _without_kv_cache(model, {k: v for k, v in batch.items() if k != "labels"})
 
     pairs = [(m, int(s)) for m, a in enumerate(adapters) for s in a.active_indices().tolist()]
     p_count = len(pairs)
@@ -253,36 +303,70 @@ def ablation_scores(
 
     device = _input_device(model)
     flags = [(mod_, mod_.training) for mod_ in model.modules()]
-    losses = []
+    loss = torch.full((n_total,), float("nan"), dtype=torch.float64)
+    done = 0
+
+    def tell(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(done, n_total)
+
+    def set_all_gates(value: float) -> None:
+        for a in adapters:
+            a.example_gate = torch.full((size, a.capacity), value, device=a.lora_A.device, dtype=a.lora_A.dtype)
+
     try:
         model.eval()
-        for lo in range(0, n_total, chunk):
-            hi = min(lo + chunk, n_total)
-            n = hi - lo
-            ck, cm, cs = kind[lo:hi], mod[lo:hi], slot[lo:hi]
+        tell(0)
+        cache = None
+        order = list(range(n_total))
+        if prefix_reuse and p_count:
+            one = _tile(inputs, 1, size, device)
+            try:
+                cache = PrefixCache.build(model, adapters, one, size, set_all_gates)
+            except TraceMismatch as e:
+                warn_fallback(str(e))
+            if cache is not None and cache.useful:
+                one_labels = None if labels is None else labels.to(device) if device is not None else labels
+                loss[0] = _mask_losses(model, cache.full_outputs, one, one_labels, 1, size, loss_fn)[0].double().cpu()
+                cache.full_outputs = None
+                tell(1)
+                # masks of the same adapter (then of neighbouring ones) share a chunk: the chunk skips
+                # what its earliest adapter skips
+                order = sorted(range(1, n_total),
+                               key=lambda j: (cache.adapter_order[int(mod[j])], int(mod[j]), int(kind[j]), int(slot[j])))
+            else:
+                cache = None
+        pos = 0
+        while pos < len(order):
+            idx = torch.tensor(order[pos:pos + chunk], dtype=torch.long)
+            n = idx.numel()
+            ck, cm, cs = kind[idx], mod[idx], slot[idx]
             for m, a in enumerate(adapters):
                 g = _gates_for_chunk(ck, cm, cs, m, a.capacity).repeat_interleave(size, dim=0)
                 a.example_gate = g.to(device=a.lora_A.device, dtype=a.lora_A.dtype)
             tiled_inputs = _tile(inputs, n, size, device)
-            outputs = model(**tiled_inputs)
             tiled_labels = None if labels is None else _tile({"l": labels}, n, size, device)["l"]
-            if loss_fn is None:
-                losses.append(_per_mask_default_loss(model, outputs, tiled_labels, n))
+            if cache is not None:
+                try:
+                    with cache.stubbed(cm.tolist(), (ck == 2).tolist()):
+                        outputs = model(**tiled_inputs)
+                except StubMisuse as e:
+                    warn_fallback(str(e))
+                    cache = None
+                    continue  # the same chunk again, without stubs
             else:
-                tiled = dict(tiled_inputs)
-                if tiled_labels is not None:
-                    tiled["labels"] = tiled_labels
-                per = torch.as_tensor(loss_fn(outputs, tiled)).float().reshape(-1)
-                if per.numel() != n * size:
-                    raise ValueError(f"loss_fn must return one loss per example ({n * size}); got {per.numel()} values")
-                losses.append(per.view(n, size).mean(1))
+                outputs = model(**tiled_inputs)
+            loss[idx] = _mask_losses(model, outputs, tiled_inputs, tiled_labels, n, size, loss_fn).detach().double().cpu()
             del outputs
+            pos += n
+            tell(n)
     finally:
         for a in adapters:
             a.example_gate = None
         for mod_, flag in flags:
             mod_.training = flag
-    loss = torch.cat([x.detach().double().cpu() for x in losses])
     if not bool(torch.isfinite(loss).all()):
         raise FloatingPointError("the validation loss of some ablation is not finite; ALoRA cannot rank the ranks")
     full, removed, kept = loss[0], loss[1:1 + p_count], loss[1 + p_count:]
@@ -399,6 +483,11 @@ class ALoRAAllocator(Allocator):
         self.last_scores: list[torch.Tensor] | None = None
         self.val_batch: dict | None = None
         self.loss_fn: LossFn | None = None
+        self.step_examples: int | None = None
+        self.round_seconds: list[float] = []
+        # Optional ``progress(done, total)`` called with the masks evaluated so far during a round
+        # (the CLI shows a progress bar with it); not saved.
+        self.progress: ProgressFn | None = None
         if config.total_steps is not None:
             self.set_total_steps(config.total_steps)
 
@@ -420,6 +509,45 @@ class ALoRAAllocator(Allocator):
         self.k1, self.k2 = self.config.resolve_schedule(int(total_steps))
         self.total_steps = int(total_steps)
 
+    def set_step_examples(self, n: int) -> None:
+        """Training examples per optimizer step on this process (batch size × gradient
+        accumulation), for the ``ablation_budget`` cap on the rounds. The Trainer callback sets it."""
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ValueError(f"examples per step must be an integer >= 1; got {n!r}")
+        self.step_examples = int(n)
+
+    # ------------------------------------------------------------------------------ cost
+    def _val_size(self) -> int:
+        return _batch_size(self.val_batch) if self.val_batch is not None else int(self.config.val_batch_size)
+
+    def expected_cost(self) -> dict:
+        """The ablation cost of the run, in example forward passes (see ``ALoRAConfig.ablation_budget``):
+        ``rounds × masks × held-out examples``, with ``masks = 1 + 2R`` at the starting budget ``R``,
+        and, when the examples per step are known, the training cost ``2 × T × examples_per_step``
+        it is compared with. ``rounds_uncapped`` is what the schedule alone would give."""
+        ranks = sum(int(a.r_init) for a in self.adapters)
+        masks = 1 + 2 * ranks
+        val = self._val_size()
+        uncapped = len(self._scheduled_rounds(self.config.n_rounds))
+        rounds = len(self.planned_rounds())
+        out = {"rounds": rounds, "rounds_uncapped": uncapped, "masks": masks, "val_examples": val,
+               "ablation_example_forwards": rounds * masks * val, "training_example_forwards": None,
+               "budget": self.config.ablation_budget}
+        if self.total_steps is not None and self.step_examples is not None:
+            out["training_example_forwards"] = 2 * self.total_steps * self.step_examples
+        return out
+
+    def max_rounds(self) -> int:
+        """``n_rounds``, capped by ``ablation_budget`` when the run's length and examples per step are
+        known (at least one round when ``n_rounds >= 1``)."""
+        n = int(self.config.n_rounds)
+        budget = self.config.ablation_budget
+        if n == 0 or budget is None or self.total_steps is None or self.step_examples is None:
+            return n
+        per_round = (1 + 2 * sum(int(a.r_init) for a in self.adapters)) * self._val_size()
+        training = 2 * self.total_steps * self.step_examples
+        return min(n, max(1, int(budget * training // per_round)))
+
     # ------------------------------------------------------------------------------ schedule
     def _schedule(self) -> tuple[int, int]:
         if self.k1 is None:
@@ -431,7 +559,7 @@ class ALoRAAllocator(Allocator):
 
     def is_round(self, t: int) -> bool:
         """Whether step ``t`` runs a round given the rounds already done."""
-        if self.rounds_done >= self.config.n_rounds:
+        if self.rounds_done >= self.max_rounds():
             return False
         if self.last_round_step is not None and t <= self.last_round_step:
             return False
@@ -442,10 +570,14 @@ class ALoRAAllocator(Allocator):
         return self.total_steps is None or done + k2 <= self.total_steps
 
     def planned_rounds(self) -> list[int]:
-        """Steps ``t`` of every round of a run from the start (needs the total steps)."""
+        """Steps ``t`` of every round of a run from the start (needs the total steps; capped by
+        :meth:`max_rounds`)."""
+        return self._scheduled_rounds(self.max_rounds())
+
+    def _scheduled_rounds(self, n_rounds: int) -> list[int]:
         k1, k2 = self._schedule()
         out = []
-        for j in range(self.config.n_rounds):
+        for j in range(n_rounds):
             done = k1 + j * k2
             if self.total_steps is not None and done + k2 > self.total_steps:
                 break
@@ -457,7 +589,7 @@ class ALoRAAllocator(Allocator):
         """AB-LoRA scores of every active rank on the validation batch (NaN at inactive slots)."""
         self._require_batch()
         return ablation_scores(model, self.adapters, self.val_batch, chunk=self.config.ablation_chunk,
-                               loss_fn=self.loss_fn)
+                               loss_fn=self.loss_fn, prefix_reuse=self.config.prefix_reuse, progress=self.progress)
 
     def _require_batch(self) -> None:
         if self.val_batch is None:
@@ -471,7 +603,9 @@ class ALoRAAllocator(Allocator):
         self._require_batch()
         if model is None:
             raise RuntimeError("ALoRA rounds need the model: call handle.step(optimizer), which passes it")
+        t0 = time.perf_counter()
         scores = self.compute_scores(model)
+        self.round_seconds.append(round(time.perf_counter() - t0, 3))
         prune, grow = plan_round(scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
                                  n_a=self.n_a, min_rank=self.config.min_rank)
         events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
@@ -491,7 +625,8 @@ class ALoRAAllocator(Allocator):
     def state_dict(self):
         return {**super().state_dict(), "rounds_done": self.rounds_done, "last_round_step": self.last_round_step,
                 "round_steps": list(self.round_steps), "pruned_total": self.pruned_total,
-                "grown_total": self.grown_total, "budget_lost": self.budget_lost, "n_a": self.n_a}
+                "grown_total": self.grown_total, "budget_lost": self.budget_lost, "n_a": self.n_a,
+                "step_examples": self.step_examples, "round_seconds": list(self.round_seconds)}
 
     def load_state_dict(self, state):
         if state.get("total_steps") is not None:
@@ -504,3 +639,7 @@ class ALoRAAllocator(Allocator):
         self.grown_total = int(state.get("grown_total", 0))
         self.budget_lost = int(state.get("budget_lost", 0))
         self.n_a = int(state.get("n_a", self.n_a))
+        se = state.get("step_examples")
+        if se is not None and self.step_examples is None:
+            self.step_examples = int(se)
+        self.round_seconds = [float(x) for x in state.get("round_seconds", [])]
