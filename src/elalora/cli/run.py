@@ -617,8 +617,24 @@ def build_method_config(args, targets, head, *, rank_pattern=None, max_planned: 
                   val_batch_size=args.alora_val_size)
         if "min_rank" in fields:
             kw["min_rank"] = args.min_rank
+        if "ablation_budget" in fields:
+            kw["ablation_budget"] = getattr(args, "alora_budget", 1.0)
+            kw["ablation_chunk"] = getattr(args, "alora_chunk", 8)
         return elalora.ALoRAConfig(**common, **kw)
     raise CLIError(f"unknown method {m!r}")
+
+
+def _alora_progress(allocator, total_steps: int, step_examples: int) -> None:
+    """Print the expected cost of the ALoRA schedule; show each round's progress and duration."""
+    if not hasattr(allocator, "expected_cost"):
+        return
+    from ..integrations.progress import RoundProgress, describe_cost
+
+    allocator.set_total_steps(int(total_steps))  # the Trainer callback sets the same values again
+    allocator.set_step_examples(int(step_examples))
+    cost = allocator.expected_cost()
+    _log(describe_cost(cost) + f"; rounds after steps {[t + 1 for t in allocator.planned_rounds()]}")
+    allocator.progress = RoundProgress(log=_log, disable=not _is_main_process())
 
 
 def peft_rank_pattern(peft_model) -> dict[str, int]:
@@ -819,6 +835,7 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
         if method == "alora":
             vb = collate(val_examples)
             handle.allocator.set_validation_batch(vb)
+            _alora_progress(handle.allocator, total_steps, args.batch_size * args.grad_accum)
         train_model = model
         method_config = config.to_dict()
         initial_pattern = dict(handle.initial_rank_pattern)
@@ -916,8 +933,11 @@ def _train_into(tmp: Path, args, spec, model, tokenizer, image_processor, collat
     }
     if handle is not None and method == "alora":
         alloc = handle.allocator
-        metrics["alora"] = {k: getattr(alloc, k) for k in ("round_steps", "pruned_total", "grown_total", "budget_lost")
+        metrics["alora"] = {k: getattr(alloc, k) for k in ("round_steps", "pruned_total", "grown_total", "budget_lost",
+                                                           "round_seconds")
                             if hasattr(alloc, k)}
+        if hasattr(alloc, "expected_cost"):
+            metrics["alora"]["expected_cost"] = alloc.expected_cost()
     _write_json(tmp / "metrics.json", metrics)
 
     run_config = {
