@@ -475,6 +475,25 @@ def test_ablation_budget_caps_rounds():
     assert h.allocator.round_steps == [1]
 
 
+def test_round_progress_bar_and_cost_line():
+    from elalora.integrations.progress import RoundProgress, describe_cost
+
+    lines = []
+    prog = RoundProgress(log=lines.append, disable=True)
+    model = tiny_bert()
+    h = _handle(model)
+    _randomise(h)
+    h.allocator.set_validation_batch(_val_batch())
+    h.allocator.progress = prog
+    h.allocator.compute_scores(model)
+    h.allocator.compute_scores(model)
+    n_masks = 1 + 2 * h.total_rank
+    assert len(lines) == 2 and lines[1].startswith(f"ALoRA round 2: {n_masks} masks in ")
+    line = describe_cost({"rounds": 1, "rounds_uncapped": 8, "masks": 289, "val_examples": 32,
+                          "ablation_example_forwards": 9248, "training_example_forwards": 640, "budget": 1.0})
+    assert "1 round(s) × 289 masks × 32 held-out examples = 9,248" in line and "capped from 8 rounds" in line
+
+
 def test_missing_validation_batch_raises():
     model = tiny_bert()
     h = _handle(model, k1=1, k2=1, n_rounds=1, total_steps=4)
