@@ -42,10 +42,8 @@ VARIANTS = ["batched", "prefix_reuse"]
 
 
 def _tasks():
-    try:  # after the redesign the task helpers live in elalora.tasks
-        from elalora.tasks import TextClassificationCollator, load_task_data
-    except ImportError:
-        from elalora.cli.tasks import TextClassificationCollator, load_task_data
+    from elalora.tasks import TextClassificationCollator, load_task_data
+
     return TextClassificationCollator, load_task_data
 
 

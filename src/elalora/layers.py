@@ -21,6 +21,10 @@ are also zeroed on deactivation so that decoupled weight decay leaves them at ze
 
 The scale ``s`` is computed once from the *initial* rank and never changes when ranks are pruned or
 added (SPEC §1): that is what makes a rank change function-preserving.
+
+Holds: the adapter modules, the one rule for a base layer's ``(d_in, d_out)`` (:func:`base_shape`)
+and the one count of an adapter's parameters per active rank (:func:`adapter_param_count`).
+Imports: torch and transformers only (the bottom of the package, with :mod:`elalora.config`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS"]
+__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS", "base_shape",
+           "adapter_param_count"]
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -340,3 +345,12 @@ def _orthonormal_complement_rows(basis: torch.Tensor, draws: torch.Tensor) -> to
             raise ValueError("could not draw a new rank orthogonal to the active ones")
         out[i] = v / nv
     return out.to(torch.float32)
+
+
+#: ``(d_in, d_out, fan_in_fan_out)`` of a supported base layer; ``TypeError`` for any other layer.
+base_shape = _base_shape
+
+
+def adapter_param_count(kind: str, rank: int, in_features: int, out_features: int) -> int:
+    """Parameters of ``rank`` active ranks: ``r (d_in + d_out)``, plus ``r`` singular values for ``svd``."""
+    return int(rank) * (int(in_features) + int(out_features) + (1 if kind == "svd" else 0))

@@ -60,6 +60,8 @@ outputs of the modules listed above: for an ``L``-layer stack about ``2 × L × 
 float32 ≈ 72 MB for MiniLM at 128 tokens; a 32-layer, 4096-wide decoder at 512 tokens needs
 ≈ 2 × 32 × 5 × 0.27 GB ≈ 86 GB, so on such models use a smaller ``B_val`` or ``T`` or
 ``prefix_reuse=False``.
+
+Imports: torch only (the adapters are plain ``nn.Module`` objects here; the caller sets their gates).
 """
 
 from __future__ import annotations

@@ -4,12 +4,16 @@ The library core only calls ``progress(done, total)`` (``ALoRAAllocator.progress
 those calls into a progress bar and a log line, for the CLI or any script::
 
     handle.allocator.progress = RoundProgress(log=print)
+
+Imports: :mod:`elalora._extras`; ``tqdm`` (the ``[cli]`` extra) only when the first round starts.
 """
 
 from __future__ import annotations
 
 import time
 from typing import Callable
+
+from .._extras import require
 
 __all__ = ["RoundProgress", "describe_cost"]
 
@@ -31,7 +35,7 @@ class RoundProgress:
 
     def __call__(self, done: int, total: int) -> None:
         if done == 0 or self._bar is None:
-            from tqdm.auto import tqdm
+            tqdm = require("tqdm.auto", "the ALoRA round progress bar").tqdm
 
             self._close()
             self.rounds += 1
