@@ -11,8 +11,9 @@ Modules: :mod:`.loading` (model paths, tokenizers, base models, adapters), :mod:
 (collators, the Trainer subclass, training arguments, evaluation), :mod:`.rundir` (the run
 directory), :mod:`.methods` (method configs, GeLoRA plans, schedules).
 
-Imports: :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.tasks`, :mod:`elalora.plots`, :mod:`elalora.integrations`,
-:mod:`elalora.targets`, :mod:`elalora.errors`, :mod:`elalora._io`, transformers, peft.
+Imports: :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.tasks`, :mod:`elalora.plots`,
+:mod:`elalora.integrations` (the ALoRA progress bar), :mod:`elalora.targets`, :mod:`elalora.errors`,
+:mod:`elalora._io`, transformers, peft.
 """
 
 from __future__ import annotations
