@@ -96,7 +96,7 @@ it receives the repeated batch (labels included) and the mean of its output over
 The ablations themselves (:func:`ablation_scores`) live in :mod:`.alora_ablation`, prefix reuse in
 :mod:`.alora_reuse`; this module holds the reallocation rule and the rounds.
 
-Imports: numpy, torch, :mod:`elalora.config`, :mod:`elalora.layers`, :mod:`.alora_ablation`, :mod:`.base`.
+Imports: numpy, torch, :mod:`elalora.config`, :mod:`.alora_ablation`, :mod:`.base`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,6 @@ import torch
 from torch import nn
 
 from ..config import ALoRAConfig, ConfigError
-from ..layers import ElasticAdapter
 from .alora_ablation import LossFn, ProgressFn, _batch_size, ablation_scores
 from .base import Allocator, apply_rank_changes
 
