@@ -217,6 +217,10 @@ def test_train_each_method_on_glue(runs, method):
             assert cfg["method_config"]["max_rank"] >= max(8, max(plan["rank_pattern"].values()))
     if method == "alora":
         assert cfg["alora_validation_examples"] == 32  # sampled from the 32 training examples (too few to hold out)
+        cost = m["alora"]["expected_cost"]  # what the CLI printed before training
+        assert cost["masks"] == 1 + 2 * 4 * n and cost["val_examples"] == 32
+        assert cost["training_example_forwards"] == 2 * 6 * cfg["training"]["batch_size"]
+        assert cost["rounds"] == len(m["alora"]["round_steps"]) == len(m["alora"]["round_seconds"]) >= 1
 
 
 # -------------------------------------------------------------------------------- every task type

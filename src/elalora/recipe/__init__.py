@@ -12,7 +12,8 @@ Modules: :mod:`.loading` (model paths, tokenizers, base models, adapters), :mod:
 directory), :mod:`.methods` (method configs, GeLoRA plans, schedules).
 
 Imports: :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.tasks`, :mod:`elalora.plots`,
-:mod:`elalora.targets`, :mod:`elalora.errors`, :mod:`elalora._io`, transformers, peft.
+:mod:`elalora.integrations` (the ALoRA progress bar), :mod:`elalora.targets`, :mod:`elalora.errors`,
+:mod:`elalora._io`, transformers, peft.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class RunSpec:
     delta_t: int | float = 0.02
     beta1: float = 0.85
     beta2: float = 0.85
-    orth_reg_weight: float = 0.1
+    orth_reg_weight: float = 0.0  # the library default (config._ScoredConfig): off, see docs/results.md §4
     init_r: int | None = None
     max_rank: int | None = None
     min_rank: int = 1
@@ -84,6 +85,8 @@ class RunSpec:
     alora_k1: int | float = 0.25
     alora_k2: int | float = 0.06
     alora_val_size: int = 32
+    alora_budget: float | None = 1.0
+    alora_chunk: int = 8
     gelora_samples: int = 256
     gelora_pooling: str = "mean"
     gelora_alpha_scale: float | None = None
@@ -265,7 +268,18 @@ def build(prep: Prepared, run_dir: Path | None = None) -> Built:
     handle = get_model(prep.model, config)
     if spec.method == "alora":
         handle.allocator.set_validation_batch(prep.collate(prep.val_examples))
+        _alora_progress(handle.allocator, prep.total_steps, spec.batch_size * spec.grad_accum)
     return Built(plan, handle, None, prep.model, config.to_dict(), dict(handle.initial_rank_pattern))
+
+
+def _alora_progress(allocator, total_steps: int, step_examples: int) -> None:
+    """Log the expected cost of the ALoRA schedule; show each round's progress bar and duration."""
+    from ..integrations.progress import RoundProgress, describe_cost
+
+    allocator.set_total_steps(int(total_steps))  # the Trainer callback sets the same values again
+    allocator.set_step_examples(int(step_examples))
+    log(describe_cost(allocator.expected_cost()) + f"; rounds after steps {[t + 1 for t in allocator.planned_rounds()]}")
+    allocator.progress = RoundProgress(log=log, disable=not is_main_process())
 
 
 # ---------------------------------------------------------------------------------------- phase 3: fit
@@ -387,8 +401,9 @@ def _metrics(prep: Prepared, built: Built, fitted: Fitted, final_pattern, counts
     }
     if built.handle is not None and prep.spec.method == "alora":
         alloc = built.handle.allocator
-        metrics["alora"] = {k: getattr(alloc, k) for k in ("round_steps", "pruned_total", "grown_total", "budget_lost")
-                            if hasattr(alloc, k)}
+        metrics["alora"] = {k: getattr(alloc, k) for k in ("round_steps", "pruned_total", "grown_total", "budget_lost",
+                                                           "round_seconds")}
+        metrics["alora"]["expected_cost"] = alloc.expected_cost()
     return metrics
 
 
