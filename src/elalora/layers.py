@@ -38,7 +38,11 @@ SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
 def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
-    """(d_in, d_out, fan_in_fan_out) of a supported base layer."""
+    """(d_in, d_out, fan_in_fan_out) of a supported base layer.
+
+    bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` are ``nn.Linear`` subclasses whose weight is packed
+    (4-bit: a ``(d_in·d_out/2) × 1`` uint8 column): their logical shape is ``in_features`` /
+    ``out_features``, never the storage's."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features, False
     if isinstance(base, Conv1D):
@@ -85,8 +89,11 @@ class ElasticAdapter(nn.Module):
         w = base_layer.weight
         if dtype is None:
             # Half-precision bases keep fp32 adapters (as PEFT does): small rank-1 updates of
-            # bf16 values round away.
-            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+            # bf16 values round away. Quantised bases (bitsandbytes 4-bit uint8 / 8-bit int8 storage)
+            # get fp32 adapters too: the storage dtype is not a dtype one can train in.
+            dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        elif not dtype.is_floating_point:
+            raise ValueError(f"adapter dtype must be a floating point dtype, got {dtype}")
         self._factory = {"device": w.device, "dtype": dtype}
         active = torch.zeros(self.capacity, dtype=torch.bool, device=w.device)
         active[:r] = True
@@ -170,11 +177,28 @@ class ElasticAdapter(nn.Module):
         return y + (h if h.dtype == y.dtype else h.to(y.dtype))
 
     # ------------------------------------------------------------------------------ merge/unmerge
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is stored quantised (bitsandbytes 4-bit / 8-bit)."""
+        return not (self.base_layer.weight.dtype.is_floating_point or self.base_layer.weight.dtype.is_complex)
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into the base weight. Idempotent; :meth:`unmerge` restores the weight bit-exactly."""
+        """Fold ΔW into the base weight. Idempotent; :meth:`unmerge` restores the weight bit-exactly.
+
+        Not available on a quantised base: W0 + ΔW cannot be stored back in 4 or 8 bits without a
+        new quantisation error, so an exact unmerge would be impossible. ``merge_and_unload`` replaces
+        the layer with a float ``nn.Linear`` instead (see :func:`elalora.persistence.merge_and_unload`).
+        """
         if self.merged:
             return
+        if self.quantized:
+            from .quant import QuantizationError
+
+            raise QuantizationError(
+                f"cannot merge in place into a quantised {type(self.base_layer).__name__}: W0 + ΔW does not fit "
+                "its 4/8-bit storage. Use merge_and_unload(), which dequantises and returns float nn.Linear "
+                "layers, or export_peft() and merge onto a float copy of the base")
         w = self.base_layer.weight
         self._unmerged_weight = w.detach().clone()
         delta = self.delta_weight(torch.float32)

@@ -171,6 +171,11 @@ class AdaptiveModel:
             if any(x in name.split(".") for x in ("lora_P", "lora_Q", "lora_lambda", "lora_A", "lora_B")):
                 p.requires_grad_(True)
             elif keep and any(f".{k}." in f".{name}" for k in keep):
+                if not p.dtype.is_floating_point:
+                    raise TargetModuleError(
+                        f"modules_to_save: {name} is stored quantised ({p.dtype}) and cannot be trained in full; "
+                        "keep that module out of the quantisation (BitsAndBytesConfig(llm_int8_skip_modules=[...])) "
+                        "or drop it from modules_to_save")
                 p.requires_grad_(True)
                 kept.update(k for k in keep if f".{k}." in f".{name}")
             else:

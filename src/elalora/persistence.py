@@ -334,15 +334,45 @@ def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, d
 # ------------------------------------------------------------------------------------------ merge
 @torch.no_grad()
 def merge_and_unload(handle: AdaptiveModel | nn.Module) -> nn.Module:
-    """Fold every ΔW into its base weight and put the plain base layers back. Returns the model."""
+    """Fold every ΔW into its base weight and put plain base layers back. Returns the model (the same
+    object), which no longer carries adapters.
+
+    On a float base each adapter is merged into its own base layer (``W ← W0 + ΔW``), which is then put
+    back in the adapter's place.
+
+    On a quantised base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) the merged weight cannot be
+    stored in 4 or 8 bits without a second quantisation error (PEFT re-quantises and warns that
+    generations may differ). Here each adapted quantised layer is **replaced by a float**
+    ``nn.Linear`` holding ``dequant(W0) + ΔW`` (fp32 ΔW added to the dequantised weight, then cast to
+    the dtype the base was quantised from, e.g. fp32 or bf16; bias copied). For a 4-bit base the
+    merged model computes what the trained model computed (``Linear4bit`` dequantises before its
+    matmul); for an 8-bit base it drops LLM.int8()'s activation quantisation, so its outputs differ by
+    that error. Layers that were not adapted stay quantised; the model's ``quantization_config`` is
+    left alone. To deploy a fully float merged model, load the base in float, load the
+    :func:`export_peft` directory with PEFT and call PEFT's ``merge_and_unload`` there.
+    """
+    from .quant import dequantize_weight, original_dtype
+
     if not isinstance(handle, AdaptiveModel):
         handle = handle_of(handle)
     model = handle.model
     for name, a in zip(handle.names, handle.adapters):
-        a.merge()
-        a._unmerged_weight = None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if a.quantized:
+            base = a.base_layer
+            dtype = original_dtype(base)
+            w = dequantize_weight(base).float() + a.delta_weight(torch.float32).to(base.weight.device)
+            lin = nn.Linear(a.in_features, a.out_features, bias=base.bias is not None,
+                            device=base.weight.device, dtype=dtype)
+            lin.weight.copy_(w.to(dtype))
+            if base.bias is not None:
+                lin.bias.copy_(base.bias.to(dtype))
+            lin.requires_grad_(False)
+            setattr(parent, child, lin)
+            continue
+        a.merge()
+        a._unmerged_weight = None
         setattr(parent, child, a.base_layer)
     handle.remove_hooks()
     model._elalora_handle = None
