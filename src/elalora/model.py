@@ -150,6 +150,10 @@ class AdaptiveModel:
             _set_submodule(model, name, a)
             self.adapters.append(a)
         self._freeze()
+        if any(a.quantized for a in self.adapters):
+            from .quant import allow_trainer_on_quantized_base
+
+            allow_trainer_on_quantized_base(model)
         self.importance: ImportanceTracker | None = None
         self.allocator = make_allocator(config, names, self.adapters)
         if self.allocator.uses_importance:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "QuantizationError", "is_quantized_layer", "quantization_kind", "dequantize_weight",
+    "QuantizationError", "allow_trainer_on_quantized_base", "is_quantized_layer", "quantization_kind", "dequantize_weight",
     "bnb_quantization_config", "prepare_quantized_model", "load_quantized_causal_lm",
 ]
 
@@ -100,6 +100,33 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
         return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))
     raise QuantizationError(f"cannot dequantise a {type(layer).__name__} with a {w.dtype} weight: only "
                             "bitsandbytes 4-bit and 8-bit layers are supported")
+
+
+_TRAINABLE_QUANTIZERS: dict[type, type] = {}
+
+
+def allow_trainer_on_quantized_base(model: nn.Module) -> None:
+    """Let ``transformers.Trainer`` (and TRL's trainers) accept a quantised model carrying elalora adapters.
+
+    ``Trainer.__init__`` refuses a model whose ``is_quantized`` is set unless it is a ``PeftModel`` or
+    its quantizer is QAT-trainable ("You cannot perform fine-tuning on purely quantized models"): the
+    check exists to stop training with no adapters at all. :func:`elalora.get_model` calls this on a
+    quantised base. It changes only this model's quantizer *instance* (its class becomes a subclass whose
+    ``is_qat_trainable`` is true, the one flag that check reads and that nothing else in transformers,
+    accelerate, PEFT or TRL reads); the base weights stay frozen and quantised.
+    """
+    q = getattr(model, "hf_quantizer", None)
+    if q is None or getattr(q, "is_qat_trainable", False):
+        return
+    cls = type(q)
+    sub = _TRAINABLE_QUANTIZERS.get(cls)
+    if sub is None:
+        name = f"ElaLoRATrainable{cls.__name__}"
+        sub = type(name, (cls,), {"is_qat_trainable": property(lambda self: True), "__module__": __name__,
+                                  "__doc__": f"{cls.__name__} whose model carries trainable elalora adapters."})
+        globals()[name] = sub  # importable by name, so the model still pickles
+        _TRAINABLE_QUANTIZERS[cls] = sub
+    q.__class__ = sub
 
 
 def bnb_quantization_config(bits: int, *, compute_dtype: torch.dtype = torch.float32, quant_type: str = "nf4",

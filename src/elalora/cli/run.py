@@ -229,12 +229,16 @@ def head_modules(model) -> list[str] | None:
     return None
 
 
-def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer=None, seed: int = 0):
-    """A fresh base model with the task's head (classification/regression/generation/image)."""
+def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer=None, seed: int = 0,
+                    bits: int | None = None, bf16: bool = False):
+    """A fresh base model with the task's head (classification/regression/generation/image);
+    ``bits`` (4 or 8): a bitsandbytes-quantised causal LM (:func:`elalora.quant.load_quantized_causal_lm`)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     transformers.set_seed(seed)
+    if bits:
+        return _set_pad_and_eos(_load_quantized_base(kind, path, gguf_file, bits, bf16), kind, tokenizer)
     kw: dict[str, Any] = {}
     if gguf_file:
         from transformers import GgufConfig
@@ -257,6 +261,27 @@ def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer
             raise CLIError(f"unsupported task kind {kind!r}")
     if gguf_file:
         _forget_quantization(model)
+    return _set_pad_and_eos(model, kind, tokenizer)
+
+
+def _load_quantized_base(kind: str, path: str, gguf_file: str | None, bits: int, bf16: bool):
+    """``--load-in-4bit`` / ``--load-in-8bit``: the base quantised by bitsandbytes (library code in
+    :mod:`elalora.quant`; compute dtype bf16 with ``--bf16``, else fp32)."""
+    import torch
+
+    from ..quant import QuantizationError, load_quantized_causal_lm
+
+    if kind != "generation":
+        raise CLIError(f"--load-in-{bits}bit applies to generation tasks (causal LMs) only")
+    try:
+        with _loading("model", path if not gguf_file else f"{path}/{gguf_file}"):
+            return load_quantized_causal_lm(path, bits, gguf_file=gguf_file,
+                                            compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    except QuantizationError as e:
+        raise CLIError(str(e)) from None
+
+
+def _set_pad_and_eos(model, kind: str, tokenizer):
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if kind == "generation" and tokenizer is not None:
@@ -735,7 +760,8 @@ def cmd_train(args) -> int:
         _schedule_dict(cfg_probe, total_steps)  # ConfigError if tinit + tfinal >= T etc.
 
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
-    model = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
+    model = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed,
+                            bits=getattr(args, "load_in_bits", None), bf16=args.bf16)
     image_processor = load_image_processor(model_path, model.config) if spec.kind == "image" else None
     collate = make_collator(spec, tokenizer, image_processor, max_length)
     head = head_modules(model) if spec.kind != "generation" else None
