@@ -43,7 +43,7 @@ from typing import Sequence
 
 import torch
 
-from .layers import ElasticAdapter
+from .layers import ElasticAdapter, full_tensor, is_dtensor
 
 __all__ = ["ImportanceTracker"]
 
@@ -198,7 +198,19 @@ class ImportanceTracker:
                 return True
         return False
 
+    def _refresh_params(self) -> None:
+        """Follow parameter objects that were swapped under the adapters after the tracker was built:
+        FSDP2's ``fully_shard`` replaces every parameter with a sharded DTensor parameter of the same
+        (global) shape, so the tracker must read the module's current attributes, not its first list."""
+        i = 0
+        for a in self.adapters:
+            for _, p, _ in a.slot_parameters():
+                if self._params[i] is not p:
+                    self._params[i] = p
+                i += 1
+
     def _ensure_state(self) -> None:
+        self._refresh_params()
         if self.sens is None:
             self._build()
         elif self._stale():  # the model moved (e.g. .to("cuda") after wrapping): follow it
@@ -276,6 +288,12 @@ class ImportanceTracker:
         self._ensure_state()
         params = self._params
         grads = [p.grad for p in params]
+        if any(is_dtensor(p) for p in params):
+            # FSDP2: parameters and their (reduce-scattered) gradients are sharded DTensors. The state is
+            # kept whole and identical on every process: gather both (one all-gather each; adapters are
+            # small next to the base), so scores and decisions equal a one-process run's.
+            params = [full_tensor(p.detach()) for p in params]
+            grads = [None if g is None else full_tensor(g) for g in grads]
         present = [g for g in grads if g is not None]
         if present and not self._grads_finite(present):
             self.num_skipped += 1

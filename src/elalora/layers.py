@@ -21,6 +21,13 @@ are also zeroed on deactivation so that decoupled weight decay leaves them at ze
 
 The scale ``s`` is computed once from the *initial* rank and never changes when ranks are pruned or
 added (SPEC §1): that is what makes a rank change function-preserving.
+
+Sharded parameters (FSDP2's ``fully_shard`` turns every parameter into a ``DTensor`` sharded on dim 0)
+are supported through two helpers, :func:`full_tensor` and :func:`edit_`: every rank-slot edit
+(deactivate, new-rank initialisation, optimizer-state zeroing) gathers the full tensor, edits it the
+same way on every process and writes each process's own shard back, in place — the parameter object
+and its sharding never change. Inside the forward pass FSDP has already unsharded the parameters, so
+the layer maths sees plain tensors.
 """
 
 from __future__ import annotations
@@ -32,9 +39,42 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS"]
+__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS", "full_tensor", "edit_",
+           "is_dtensor"]
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover  (torch built without distributed)
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole (unsharded) value of ``t``: ``t.full_tensor()`` for a DTensor (an all-gather, so every
+    process must call it; differentiable), ``t`` itself otherwise."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+@torch.no_grad()
+def edit_(t: torch.Tensor, fn) -> None:
+    """Apply the in-place edit ``fn`` to ``t``. For a DTensor: ``fn`` edits the gathered full tensor
+    (identically on every process, which must all call this) and each process copies its own shard back
+    into ``t``'s local tensor, so ``t`` keeps its identity, shape and sharding."""
+    if not is_dtensor(t):
+        fn(t)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    full = t.full_tensor().clone()
+    fn(full)
+    # src_data_rank=None: no communication, each process slices its shard out of its own (equal) copy.
+    mine = distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+    t.to_local().copy_(mine.to_local())
 
 
 def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
@@ -137,7 +177,7 @@ class ElasticAdapter(nn.Module):
             return
         self.active[idx] = False
         for _, p, dim in self.slot_parameters():
-            p.index_fill_(dim, idx.to(p.device), 0.0)
+            edit_(p, lambda t, dim=dim: t.index_fill_(dim, idx.to(t.device), 0.0))
 
     @torch.no_grad()
     def activate(self, slots: Sequence[int], generator: torch.Generator | None = None) -> None:
@@ -250,8 +290,11 @@ class SVDAdapter(ElasticAdapter):
         return [("lora_P", self.lora_P, 1), ("lora_lambda", self.lora_lambda, 0), ("lora_Q", self.lora_Q, 0)]
 
     def _factors(self):
-        gate = self.lora_lambda * self.active.to(self.lora_lambda.dtype)
-        return self.lora_Q, gate, self.lora_P
+        # full_tensor: a no-op inside the forward pass (FSDP has unsharded the parameters), an
+        # all-gather when ΔW is needed from sharded parameters (export, merge).
+        lam = full_tensor(self.lora_lambda)
+        gate = lam * self.active.to(lam.dtype).to(lam.device)
+        return full_tensor(self.lora_Q), gate, full_tensor(self.lora_P)
 
     @torch.no_grad()
     def init_slots(self, slots, generator=None):
@@ -266,18 +309,25 @@ class SVDAdapter(ElasticAdapter):
         for _ in slots:
             draws_q.append(torch.randn(self.in_features, generator=generator, dtype=torch.float32))
             draws_p.append(torch.randn(self.out_features, generator=generator, dtype=torch.float32))
-        q = _orthonormal_complement_rows(self.lora_Q.detach().index_select(0, idx), torch.stack(draws_q))
-        p = _orthonormal_complement_rows(self.lora_P.detach().index_select(1, idx).t(), torch.stack(draws_p))
-        at = torch.as_tensor(slots, dtype=torch.long, device=self.lora_Q.device)
-        self.lora_Q.index_copy_(0, at, q.to(self.lora_Q.device, self.lora_Q.dtype))
-        self.lora_P.index_copy_(1, at.to(self.lora_P.device), p.t().to(self.lora_P.device, self.lora_P.dtype))
-        self.lora_lambda.index_fill_(0, at.to(self.lora_lambda.device), 0.0)
+        # Sharded (FSDP2) parameters: the orthogonalisation needs the whole active basis (gathered);
+        # every process draws the same vectors from the same generator and writes its own shard.
+        q = _orthonormal_complement_rows(full_tensor(self.lora_Q.detach()).index_select(0, idx.to(self.lora_Q.device)),
+                                         torch.stack(draws_q))
+        p = _orthonormal_complement_rows(full_tensor(self.lora_P.detach()).index_select(1, idx.to(self.lora_P.device)).t(),
+                                         torch.stack(draws_p))
+        at = torch.as_tensor(slots, dtype=torch.long)
+        edit_(self.lora_Q, lambda t: t.index_copy_(0, at.to(t.device), q.to(t.device, t.dtype)))
+        edit_(self.lora_P, lambda t: t.index_copy_(1, at.to(t.device), p.t().to(t.device, t.dtype)))
+        edit_(self.lora_lambda, lambda t: t.index_fill_(0, at.to(t.device), 0.0))
 
     def orthogonality_penalty(self) -> torch.Tensor:
-        """``‖Q_a Q_aᵀ − I‖_F + ‖P_aᵀ P_a − I‖_F`` over the active slots ``a`` only (SPEC §1)."""
+        """``‖Q_a Q_aᵀ − I‖_F + ‖P_aᵀ P_a − I‖_F`` over the active slots ``a`` only (SPEC §1).
+
+        On FSDP2-sharded parameters (outside the forward pass they are DTensors) the penalty is computed
+        on the gathered full matrices; the all-gather is differentiable, so each shard gets its gradient."""
         m = self.active.to(self.lora_Q.dtype)
-        q = self.lora_Q * m[:, None]
-        p = self.lora_P * m[None, :]
+        q = full_tensor(self.lora_Q) * m[:, None].to(self.lora_Q.device)
+        p = full_tensor(self.lora_P) * m[None, :].to(self.lora_P.device)
         eye = torch.diag(m)
         return torch.linalg.matrix_norm(q @ q.t() - eye) + torch.linalg.matrix_norm(p.t() @ p - eye)
 
@@ -305,13 +355,19 @@ class GatedLoRAAdapter(ElasticAdapter):
         return [("lora_B", self.lora_B, 1), ("lora_A", self.lora_A, 0)]
 
     def _factors(self):
-        return self.lora_A, self.active.to(self.lora_A.dtype), self.lora_B
+        a = full_tensor(self.lora_A)
+        return a, self.active.to(a.dtype).to(a.device), full_tensor(self.lora_B)
 
     @torch.no_grad()
     def init_slots(self, slots, generator=None):
-        for s in slots:
-            self.lora_A[s] = _kaiming_rows(1, self.in_features, generator)[0].to(self.lora_A.device, self.lora_A.dtype)
-            self.lora_B[:, s] = 0.0
+        rows = [_kaiming_rows(1, self.in_features, generator)[0] for _ in slots]
+
+        def write_a(t):
+            for s, r in zip(slots, rows):
+                t[s] = r.to(t.device, t.dtype)
+
+        edit_(self.lora_A, write_a)
+        edit_(self.lora_B, lambda t: t.index_fill_(1, torch.as_tensor(list(slots), dtype=torch.long, device=t.device), 0.0))
 
 
 def _kaiming_rows(n: int, d_in: int, generator: torch.Generator | None) -> torch.Tensor:

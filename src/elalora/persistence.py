@@ -17,6 +17,12 @@ Formats:
 
 Every directory is written atomically: into a temporary sibling, then swapped into place, so an
 interrupted save leaves the previous contents loadable.
+
+Sharded models (FSDP2 ``fully_shard``: adapter parameters are DTensors): :func:`save_adapter`,
+:func:`export_peft` and :func:`save_checkpoint` must then be called on **every** process — the
+tensors are gathered (a collective) — and only global rank 0 writes; the others wait at a barrier
+until the files exist. :func:`load_checkpoint` is called on every process and writes each process's
+shards back.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_FORMAT_VERSION, config_from_dict
-from .layers import ElasticAdapter, SVDAdapter
+from .layers import ElasticAdapter, SVDAdapter, full_tensor, is_dtensor
 from .model import AdaptiveModel, handle_of
 
 __all__ = [
@@ -125,8 +131,33 @@ def _trainable_full_modules(handle: AdaptiveModel) -> dict[str, torch.Tensor]:
     out = {}
     for mname in handle.modules_to_save_names():
         for pname, p in handle.model.get_submodule(mname).named_parameters():
-            out[f"{mname}.{pname}"] = p
+            out[f"{mname}.{pname}"] = full_tensor(p.detach())
     return out
+
+
+def _sharded(handle: AdaptiveModel) -> bool:
+    """Whether the model's parameters are sharded DTensors (FSDP2): then saving is collective."""
+    return any(is_dtensor(p) for p in handle.model.parameters())
+
+
+@contextlib.contextmanager
+def _write_on_rank0(handle: AdaptiveModel) -> Iterator[bool]:
+    """Yield whether this process writes; on a sharded model only rank 0 does, and every process
+    leaves only once the files are complete (a barrier)."""
+    if not _sharded(handle):
+        yield True
+        return
+    import torch.distributed as dist
+
+    ok = True
+    try:
+        yield dist.get_rank() == 0
+    except BaseException:
+        ok = False
+        raise
+    finally:
+        if ok:
+            dist.barrier()
 
 
 # ------------------------------------------------------------------------------------- save/load
@@ -141,7 +172,8 @@ def save_adapter(handle: AdaptiveModel, path: str | os.PathLike, *, include_hist
             "r_init": a.r_init,
         }
         for pname, p, dim in a.slot_parameters():
-            tensors[f"{name}.{pname}"] = p.detach().index_select(dim, idx.to(p.device))
+            full = full_tensor(p.detach())
+            tensors[f"{name}.{pname}"] = full.index_select(dim, idx.to(full.device))
     full = _trainable_full_modules(handle)
     tensors.update({k: v.detach() for k, v in full.items()})
     cfg = {
@@ -158,6 +190,12 @@ def save_adapter(handle: AdaptiveModel, path: str | os.PathLike, *, include_hist
     }
     if include_history:
         cfg["events"] = [e.to_dict() for e in handle.events]
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            _write_adapter_dir(path, tensors, cfg)
+
+
+def _write_adapter_dir(path, tensors, cfg) -> None:
     with atomic_directory(path) as tmp:
         _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt", "elalora": str(CONFIG_FORMAT_VERSION)})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
@@ -325,9 +363,11 @@ def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, d
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or ident["name_or_path"],
     )
-    with atomic_directory(path) as tmp:
-        lcfg.save_pretrained(str(tmp))
-        _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            with atomic_directory(path) as tmp:
+                lcfg.save_pretrained(str(tmp))
+                _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     return pattern
 
 
@@ -389,20 +429,34 @@ def save_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=No
     import io
 
     trainable = {n for n, p in handle.model.named_parameters() if p.requires_grad}
-    model_state = {k: v.detach().cpu().clone() for k, v in handle.model.state_dict().items()
+    model_state = {k: full_tensor(v.detach()).cpu().clone() for k, v in handle.model.state_dict().items()
                    if k in trainable or k.endswith(".active")}
+    sharded = _sharded(handle)
+    opt_state = None
+    if optimizer is not None:
+        if sharded:
+            # Sharded optimizer state (DTensors): gathered into one full, FQN-keyed state dict.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opt_state = get_optimizer_state_dict(handle.model, optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt_state = optimizer.state_dict()
     blob = {
         "elalora_checkpoint_version": 1,
+        "sharded_optimizer": sharded,
         "model": model_state,
         "elalora": handle.state_dict(),
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "optimizer": opt_state,
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "extra": extra or {},
     }
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            buf = io.BytesIO()
+            torch.save(blob, buf)
+            atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=None, lr_scheduler=None) -> dict:
@@ -420,11 +474,27 @@ def load_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=No
         raise AdapterLoadError(f"{path} was written by a newer elalora (checkpoint version "
                                f"{blob['elalora_checkpoint_version']}); upgrade elalora")
     handle.load_state_dict(blob["elalora"])
-    missing, unexpected = handle.model.load_state_dict(blob["model"], strict=False)
+    current = handle.model.state_dict()
+    unexpected = [k for k in blob["model"] if k not in current]
     if unexpected:
         raise AdapterLoadError(f"checkpoint {path} has parameters this model lacks: {unexpected[:3]}")
+    from .layers import edit_
+
+    with torch.no_grad():
+        for k, v in blob["model"].items():
+            # edit_ writes each process's shard of a sharded (FSDP2) tensor; plain tensors are copied.
+            edit_(current[k], lambda t, v=v: t.copy_(v.to(t.device, t.dtype)))
     if optimizer is not None and blob["optimizer"] is not None:
-        optimizer.load_state_dict(blob["optimizer"])
+        if blob.get("sharded_optimizer") != _sharded(handle):
+            raise AdapterLoadError(f"checkpoint {path} was saved from a {'sharded' if blob.get('sharded_optimizer') else 'plain'} "
+                                   "model; resume it with the same parallelism (FSDP or not)")
+        if blob.get("sharded_optimizer"):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(handle.model, optimizer, blob["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(blob["optimizer"])
     if lr_scheduler is not None and blob["lr_scheduler"] is not None:
         lr_scheduler.load_state_dict(blob["lr_scheduler"])
     torch.set_rng_state(blob["rng"])
