@@ -20,14 +20,13 @@ STEPS = 14
 
 
 def _config(method):
-    common = dict(target_modules=["q_proj", "v_proj", "down_proj"], total_steps=STEPS, seed=2, lora_dropout=0.0)
+    common = dict(target_modules=["q_proj", "v_proj", "down_proj"], seed=2, lora_dropout=0.0)
     if method == "elalora":
         return elalora.ElaLoRAConfig(r=2, b=1, k=1, tinit=2, tfinal=2, delta_t=2, **common)
     if method == "adalora":
         return elalora.AdaLoRAConfig(init_r=3, r=1, tinit=2, tfinal=4, delta_t=2, **common)
     if method == "alora":
         return elalora.ALoRAConfig(r=2, max_rank=4, k1=2, k2=2, n_rounds=3, **common)
-    common.pop("total_steps")
     return elalora.FixedRankConfig(r=2, **common)
 
 
@@ -35,6 +34,7 @@ def _run(method, *, checkpointing=False, compile_backend=None):
     torch.manual_seed(0)
     model = tiny_llama(seed=0)
     h = elalora.get_model(model, _config(method))
+    h.set_total_steps(STEPS)
     if method == "alora":
         g = torch.Generator().manual_seed(9)
         ids = torch.randint(0, 100, (4, 10), generator=g)
