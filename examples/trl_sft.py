@@ -60,6 +60,11 @@ trainer = SFTTrainer(
                    logging_steps=5, save_strategy="no", report_to=[], max_length=64, bf16=args.bf16,
                    use_cpu=not torch.cuda.is_available(), disable_tqdm=True),
 )
+# TRL casts the trainable parameters of a quantised model to bf16 (the QLoRA paper's choice). Small
+# rank updates of bf16 values round away, so the adapters go back to fp32 here (the optimizer is
+# built in train(), after this); drop these two lines to keep TRL's bf16 adapters.
+for p in handle.adapter_parameters():
+    p.data = p.data.float()
 handle.callback().attach(trainer)
 trainer.train()
 print("rank pattern:", handle.rank_pattern(), "total rank:", handle.total_rank, "rank changes:", len(handle.events))

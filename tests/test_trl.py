@@ -66,6 +66,12 @@ def test_sft_trainer_with_callback_on_a_4bit_base(tmp_path):
                          args=SFTConfig(output_dir=str(tmp_path / "out"), max_steps=12, per_device_train_batch_size=4,
                                         learning_rate=5e-3, logging_steps=4, save_strategy="no", report_to=[],
                                         max_length=48, use_cpu=True, disable_tqdm=True, seed=0))
+    # TRL casts every trainable parameter of a quantised model to bf16 (its QLoRA default); put the
+    # adapters back to fp32 before the optimizer is built (in train()), as the example does.
+    assert {p.dtype for p in handle.adapter_parameters()} == {torch.bfloat16}
+    for p in handle.adapter_parameters():
+        p.data = p.data.float()
+    assert trainer.args.gradient_checkpointing  # SFTConfig's default: checkpointing on a 4-bit base too
     handle.callback().attach(trainer)
     out = trainer.train()
     assert trainer.state.global_step == 12 and handle.step_count == 12
