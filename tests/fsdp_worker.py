@@ -4,7 +4,8 @@
     python tests/fsdp_worker.py OUTDIR                          # one process, the whole global batch
 
 Writes OUTDIR/result.pt (rank 0 only) and, from the trained model, OUTDIR/adapter (elalora format),
-OUTDIR/peft (PEFT export) and OUTDIR/ckpt.pt (training checkpoint), each written once by rank 0.
+OUTDIR/peft (PEFT export) and OUTDIR/ckpt.pt (training checkpoint), each written once by rank 0; then
+restores the checkpoint into a fresh (sharded) model and optimizer and records whether they match.
 """
 import os
 import sys
@@ -72,18 +73,36 @@ def main(out: str) -> None:
     digest = rank_pattern_digest(handle, include_weights=True)
     # Persistence from the sharded model: every process calls (the adapter tensors are gathered),
     # rank 0 writes.
-    if os.environ.get("FSDP_SKIP_SAVE"):
-        return
     save_adapter(handle, out / "adapter")
     export_peft(handle, out / "peft")
     save_checkpoint(out / "ckpt.pt", handle, opt)
     params = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters() if p.requires_grad}
+    resumed = _resume_matches(out / "ckpt.pt", cfg, opt, digest, distributed)
     if rank == 0:
         torch.save({"pattern": handle.rank_pattern(), "events": [e.to_dict() for e in handle.events],
                     "params": params, "losses": losses, "masks": [a.active.clone() for a in handle.adapters],
-                    "digest": digest, "world": world}, out / "result.pt")
+                    "digest": digest, "world": world, "resumed": resumed}, out / "result.pt")
     if distributed:
         dist.destroy_process_group()
+
+
+def _resume_matches(ckpt, cfg, opt, digest, distributed) -> bool:
+    """A fresh (sharded) model and optimizer restored from the checkpoint equal the trained ones."""
+    from elalora.persistence import load_checkpoint
+
+    model = tiny_llama(seed=0)
+    handle = elalora.get_model(model, cfg)
+    if distributed:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    opt2 = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    load_checkpoint(ckpt, handle, opt2)
+    same = rank_pattern_digest(handle, include_weights=True) == digest and handle.step_count == STEPS
+    bufs = lambda o: [full_tensor(o.state[p]["momentum_buffer"]) for g in o.param_groups for p in g["params"]]  # noqa: E731
+    return bool(same and all(torch.equal(a, b) for a, b in zip(bufs(opt), bufs(opt2))))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def test_fsdp2_matches_one_process(runs):
     one = torch.load(runs / "one" / "result.pt", weights_only=False)
     assert fsdp["world"] == 2 and one["world"] == 1
     assert fsdp["events"], "the run must contain rank changes"
+    assert fsdp["resumed"] and one["resumed"], "load_checkpoint did not restore model, method and optimizer state"
     strip = lambda evs: [{k: v for k, v in e.items() if k != "scores"} for e in evs]  # noqa: E731
     assert strip(fsdp["events"]) == strip(one["events"])
     assert fsdp["pattern"] == one["pattern"]

@@ -27,6 +27,9 @@ possible):
 * In the same pass the per-rank score sums ``S_i`` are recomputed for the chunk (a product and two
   sums, in cache), so an allocation round only reads ``n_adapters × capacity`` cached numbers:
   :meth:`rank_scores` costs one small transfer, and :meth:`reset_slots` keeps the cache exact.
+* FSDP2 (sharded DTensor parameters): :meth:`update` gathers every adapter parameter and gradient, so
+  the state is whole and identical on every process and decisions need no further agreement; the
+  tracker re-reads the adapters' parameter attributes each step, since ``fully_shard`` swaps them.
 * Non-finite gradients are detected before anything is written (one norm per gradient, one host
   sync), so a skipped fp16 step changes nothing.
 
