@@ -171,19 +171,21 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads) -> dict:
     from peft import AdaLoraConfig, get_peft_model
     from transformers import TrainerCallback
 
-    from elalora.cli import run as R
-    from elalora.cli.tasks import get_task, load_task_data
+    from elalora.recipe import loading as L
+    from elalora.recipe import trainer as R
+    from elalora.targets import select_target_modules
+    from elalora.tasks import get_task, load_task_data
 
-    R._quiet_transformers()
-    R._set_threads(threads)
+    L.quiet_transformers()
+    L.set_threads(threads)
     spec = get_task(task)
     train, evals, spec = load_task_data(spec, data_dir, seed=seed)
     path = model_path()
-    tok = R.load_tokenizer(path, None, spec.kind)
-    model = R.load_base_model(spec.kind, path, None, spec, tok, seed=seed)
+    tok = L.load_tokenizer(path, None, spec.kind)
+    model = L.load_base_model(spec.kind, path, None, spec, tok, seed=seed)
     collate = R.make_collator(spec, tok, None, SHARED["max_length"])
-    head = R.head_modules(model)
-    names, _ = R.select_target_modules(model, None, head)
+    head = L.head_modules(model)
+    names, _ = select_target_modules(model, None, head)
     init_r = int(math.ceil(1.5 * r))
     tinit, tfinal, delta_t = round(0.1 * steps), round(0.2 * steps), max(1, round(DELTA_T * steps))
     cfg = AdaLoraConfig(init_r=init_r, target_r=r, lora_alpha=16, lora_dropout=0.0, tinit=tinit, tfinal=tfinal,
@@ -201,12 +203,11 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads) -> dict:
 
     lengths = R.example_lengths(spec, tok, train, SHARED["max_length"])
     with tempfile.TemporaryDirectory(prefix="acc-peft-") as tmp:
-        targs = R._training_args(tmp, batch_size=SHARED["batch_size"], eval_batch_size=2 * SHARED["batch_size"],
+        targs = R.training_args(tmp, batch_size=SHARED["batch_size"], eval_batch_size=2 * SHARED["batch_size"],
                                  lr=SHARED["lr"], epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
                                  seed=seed, eval_steps=0, logging_steps=max(1, steps // 5))
-        trainer = R._make_trainer_class()(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
-                                          data_collator=collate, compute_metrics=R._prediction_metrics(spec),
-                                          lengths=lengths)
+        trainer = R.TaskTrainer(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
+                                data_collator=collate, compute_metrics=R.prediction_metrics(spec), lengths=lengths)
         trainer.add_callback(UpdateAndAllocate())
         t0 = time.time()
         trainer.train()
@@ -302,7 +303,7 @@ def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_
 
 def write_heatmaps(records: list[dict], *, steps: int, r: int = 8, seed: int = 0, method: str = "elalora") -> list[Path]:
     """One rank heatmap per task (the ``method`` run at budget ``r`` and ``seed``) into docs/figures/."""
-    from elalora.cli.plots import plot_rank_heatmap
+    from elalora.plots import plot_rank_heatmap
 
     out = []
     for rec in records:

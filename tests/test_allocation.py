@@ -12,6 +12,7 @@ from elalora.allocation.elalora import ElaLoRAAllocator, elalora_b_t, select_pru
 from elalora.importance import ImportanceTracker
 
 from conftest import tiny_bert
+from tolerances import assert_close
 
 
 def _grads_like(h, seed=0):
@@ -30,13 +31,13 @@ def test_one_ema_step_from_zero():
     assert tr.update()
     for p, s, u in zip(tr._params, tr.sens, tr.unc):
         ipt = (p * p.grad).abs()
-        torch.testing.assert_close(s, (1 - 0.7) * ipt)            # Ī = (1−β1) I
-        torch.testing.assert_close(u, (1 - 0.6) * 0.7 * ipt)      # Ū = (1−β2) β1 I
+        assert_close(s, (1 - 0.7) * ipt)            # Ī = (1−β1) I
+        assert_close(u, (1 - 0.6) * 0.7 * ipt)      # Ū = (1−β2) β1 I
     # per-rank score S_i = s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji)
     a = 0
     el = [s * u for s, u in zip(tr.sens, tr.unc)]
     expect = el[1] + el[2].mean(1) + el[0].mean(0)
-    torch.testing.assert_close(tr.rank_scores()[a], expect)
+    assert_close(tr.rank_scores()[a], expect)
 
 
 def test_non_finite_grads_skip_and_none_grads_score_zero():
@@ -51,7 +52,7 @@ def test_non_finite_grads_skip_and_none_grads_score_zero():
     for p in h.adapter_parameters():
         p.grad = None
     assert tr.update()  # no grads at all: I = 0, EMAs decay
-    torch.testing.assert_close(tr.sens[0], before[0] * 0.85)
+    assert_close(tr.sens[0], before[0] * 0.85)
 
 
 def test_rte_schedule_matches_spec():

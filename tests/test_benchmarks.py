@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tolerances import assert_close
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -80,9 +82,9 @@ def test_layer_forward_ablation_variants_compute_the_same_function():
     x.grad = None
     y2 = gate_s(x)
     y2.sum().backward()
-    torch.testing.assert_close(y1, y2)
+    assert_close(y1, y2)  # the scale moves between matmuls: same terms, another order
     for a, b in zip(g1, (x.grad, gate_s.A.grad, gate_s.B.grad)):
-        torch.testing.assert_close(a, b)
+        assert_close(a, b)
     for name in lf.VARIANTS:  # every variant builds at a MiniLM shape and maps d_in -> d_out
         assert lf.build(name, 16, 24)(torch.randn(3, 16)).shape == (3, 24)
 

@@ -35,6 +35,8 @@ from transformers import (  # noqa: E402
     LlamaForCausalLM,
 )
 
+from tolerances import assert_close  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------------
 # synthetic data of known intrinsic dimension
@@ -299,7 +301,7 @@ def test_collect_shapes_and_padding_invariance(factory):
                        "attention_mask": torch.ones(1, n_tok, dtype=torch.long)}]
             alone = collect_block_states(model, single, pooling=pooling)
             for s_pad, s_one in zip(states, alone):
-                torch.testing.assert_close(s_pad[i], s_one[0], atol=1e-5, rtol=1e-5)
+                assert_close(s_pad[i], s_one[0])
 
 
 def test_pooling_definitions_bert():
@@ -313,14 +315,14 @@ def test_pooling_definitions_bert():
     last = collect_block_states(model, [b], pooling="last")
     lens = b["attention_mask"].sum(1)
     for j, h in enumerate(hs):
-        torch.testing.assert_close(mean[j], (h * m[..., None]).sum(1) / m.sum(1, keepdim=True))
-        torch.testing.assert_close(cls[j], h[:, 0])
-        torch.testing.assert_close(last[j], h[torch.arange(8), lens - 1])
+        assert_close(mean[j], (h * m[..., None]).sum(1) / m.sum(1, keepdim=True))
+        assert_close(cls[j], h[:, 0])
+        assert_close(last[j], h[torch.arange(8), lens - 1])
     # without an attention mask, mean is over all tokens
     nomask = collect_block_states(model, [{"input_ids": b["input_ids"]}], pooling="mean")
     with torch.no_grad():
         hs2 = model(input_ids=b["input_ids"], output_hidden_states=True).hidden_states
-    torch.testing.assert_close(nomask[1], hs2[1].mean(1))
+    assert_close(nomask[1], hs2[1].mean(1))
 
 
 def test_last_pooling_left_padding():
@@ -330,7 +332,7 @@ def test_last_pooling_left_padding():
     with torch.no_grad():
         hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     last = collect_block_states(model, [{"input_ids": ids, "attention_mask": mask}], pooling="last")
-    torch.testing.assert_close(last[2], hs[2][:, -1])
+    assert_close(last[2], hs[2][:, -1])
 
 
 def test_collect_errors():

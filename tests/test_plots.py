@@ -1,4 +1,4 @@
-"""Tests for elalora.cli.plots: rank figures and tables."""
+"""Tests for elalora.plots: rank figures and tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from elalora.cli import plots as P
+from elalora import plots as P
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""Tests for elalora.cli.tasks: data loading, collation and metrics (fast, offline)."""
+"""Tests for elalora.tasks: data loading, collation and metrics (fast, offline)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from elalora.cli import tasks as T
-from elalora.cli.tasks import (
+from elalora.tasks import sources as T
+from elalora.tasks import (
     GLUE_TASKS,
     CausalLMCollator,
     ImageCollator,
@@ -25,7 +25,6 @@ from elalora.cli.tasks import (
     encode_prompts,
     get_task,
     load_task_data,
-    metric_for_best,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,12 +60,12 @@ def test_glue_specs_and_aliases():
     assert get_task("RTE").label_names == ["entailment", "not_entailment"]
     assert get_task("mnli").label_names == ["entailment", "neutral", "contradiction"]
     assert get_task("wnli").label_names == ["not_entailment", "entailment"]
-    assert metric_for_best(get_task("cola")) == "matthews_correlation"
-    assert metric_for_best(get_task("mrpc")) == "f1"
-    assert metric_for_best(get_task("qqp")) == "f1"
+    assert get_task("cola").main_metric == "matthews_correlation"
+    assert get_task("mrpc").main_metric == "f1"
+    assert get_task("qqp").main_metric == "f1"
     assert get_task("stsb").metric_names == ("pearson", "spearmanr")
-    assert metric_for_best(get_task("rte")) == "accuracy"
-    assert metric_for_best(get_task("e2e_nlg")) == "bleu"
+    assert get_task("rte").main_metric == "accuracy"
+    assert get_task("e2e_nlg").main_metric == "bleu"
     # get_task returns a copy: mutating it does not touch the registry.
     spec = get_task("rte")
     spec.label_names.append("x")

@@ -8,21 +8,38 @@ Quick start::
     handle.callback().attach(trainer)
     trainer.train()
     handle.export_peft("out/peft")        # a plain PEFT LoRA adapter
+
+The package, top (may import everything below it) to bottom (imports nothing of the package)::
+
+    cli/                      argument translation over the recipe          needs elalora[cli]
+    recipe/                   RunSpec -> build -> fit -> RunResult (HF Trainer runs)
+    tasks/, plots/            data, collators, metrics; figures and tables  elalora[tasks], [plots]
+    model                     AdaptiveModel, get_model, load_adapter
+    persistence, allocation/, importance, integrations/ (callback, distributed)
+    targets                   default targets, the name-matching and block-index rules
+    layers, config            the adapter maths; validated method configs
+    errors, _io, _extras, _handle
+
+``import elalora`` imports only what ``import peft, transformers`` already does (a test checks it).
+Imports here: the core modules (model and below), never tasks/, plots/, recipe/ or cli/.
 """
 
 from .allocation.base import RankEvent
-from .config import AdaLoRAConfig, ALoRAConfig, ConfigError, ElaLoRAConfig, FixedRankConfig
+from .config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig
+from .errors import (AdapterLoadError, ConfigError, ElaLoRAError, MissingExtraError, QuantizationError,
+                     TargetModuleError, TaskError)
 from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter
-from .model import AdaptiveModel, TargetModuleError, get_model, handle_of
-from .persistence import (AdapterLoadError, export_peft, load_adapter, load_checkpoint, merge_and_unload,
-                          save_adapter, save_checkpoint)
+from .model import AdaptiveModel, get_model, handle_of, load_adapter
+from .persistence import export_peft, load_checkpoint, merge_and_unload, save_adapter, save_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaLoRAConfig", "ALoRAConfig", "ElaLoRAConfig", "FixedRankConfig", "ConfigError",
+    "AdaLoRAConfig", "ALoRAConfig", "ElaLoRAConfig",
+    "ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "MissingExtraError",
+    "QuantizationError",
     "ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter",
-    "AdaptiveModel", "get_model", "handle_of", "TargetModuleError", "RankEvent",
-    "save_adapter", "load_adapter", "export_peft", "merge_and_unload", "AdapterLoadError",
+    "AdaptiveModel", "get_model", "handle_of", "RankEvent",
+    "save_adapter", "load_adapter", "export_peft", "merge_and_unload",
     "save_checkpoint", "load_checkpoint",
 ]

@@ -1,4 +1,7 @@
-"""``python -m elalora``: the ``elalora`` command line."""
+"""``python -m elalora``: the ``elalora`` command line.
+
+Imports: :mod:`elalora.cli.main` (the top of the import order).
+"""
 
 import sys
 

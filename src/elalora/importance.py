@@ -38,6 +38,8 @@ straightforward formula up to rounding (a few ulp); ``tests/test_importance_fuse
 state and the per-rank scores to the reference formula. A ``torch.compile`` (inductor) fused kernel
 was tried and not kept: on the 7B layout it was only ~10% faster than this eager path (1 thread)
 and costs seconds of compilation per distinct shape (``docs/results.md``).
+
+Imports: torch and :mod:`elalora.layers` only.
 """
 
 from __future__ import annotations
@@ -376,8 +378,3 @@ class ImportanceTracker:
         if self.sens is None:
             return 0
         return sum(t.numel() * t.element_size() for t in self.sens + self.unc)
-
-    def aux_bytes(self) -> int:
-        """Bytes of the cached per-rank sums and the chunk scratch (not allocator state proper)."""
-        return (sum(g.sums.numel() * g.sums.element_size() for g in self._groups)
-                + sum(b.numel() * b.element_size() for b in self._scratch.values()))

@@ -28,6 +28,10 @@ are supported through two helpers, :func:`full_tensor` and :func:`edit_`: every 
 same way on every process and writes each process's own shard back, in place — the parameter object
 and its sharding never change. Inside the forward pass FSDP has already unsharded the parameters, so
 the layer maths sees plain tensors.
+
+Holds: the adapter modules, the one rule for a base layer's ``(d_in, d_out)`` (:func:`base_shape`)
+and the one count of an adapter's parameters per active rank (:func:`adapter_param_count`).
+Imports: torch, transformers and :mod:`elalora.errors` only (level 1, with :mod:`elalora.config`).
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS", "full_tensor", "edit_",
-           "is_dtensor"]
+from .errors import QuantizationError
+
+__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS", "base_shape",
+           "adapter_param_count", "full_tensor", "edit_", "is_dtensor"]
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -233,8 +239,6 @@ class ElasticAdapter(nn.Module):
         if self.merged:
             return
         if self.quantized:
-            from .quant import QuantizationError
-
             raise QuantizationError(
                 f"cannot merge in place into a quantised {type(self.base_layer).__name__}: W0 + ΔW does not fit "
                 "its 4/8-bit storage. Use merge_and_unload(), which dequantises and returns float nn.Linear "
@@ -420,3 +424,12 @@ def _orthonormal_complement_rows(basis: torch.Tensor, draws: torch.Tensor) -> to
             raise ValueError("could not draw a new rank orthogonal to the active ones")
         out[i] = v / nv
     return out.to(torch.float32)
+
+
+#: ``(d_in, d_out, fan_in_fan_out)`` of a supported base layer; ``TypeError`` for any other layer.
+base_shape = _base_shape
+
+
+def adapter_param_count(kind: str, rank: int, in_features: int, out_features: int) -> int:
+    """Parameters of ``rank`` active ranks: ``r (d_in + d_out)``, plus ``r`` singular values for ``svd``."""
+    return int(rank) * (int(in_features) + int(out_features) + (1 if kind == "svd" else 0))

@@ -6,91 +6,35 @@ object, so a Hugging Face model keeps its class, ``forward`` signature and ``sav
 :class:`AdaptiveModel` handle that owns the method's state: importance scores, the allocation
 policy, the step counter and the rank history.
 
-The handle does no file I/O; :mod:`elalora.persistence` saves, loads and exports.
+The handle does no file I/O; :mod:`elalora.persistence` reads and writes the files, and
+:func:`load_adapter` here rebuilds a handle from what it reads.
+
+Imports: :mod:`elalora.targets`, :mod:`elalora.allocation`, :mod:`elalora.importance`,
+:mod:`elalora.persistence`, :mod:`elalora.layers`, :mod:`elalora.config`, :mod:`elalora.errors`,
+:mod:`elalora._handle`; the Trainer callback (:mod:`elalora.integrations.trainer`) lazily, so that
+``import elalora`` does not import the Trainer.
 """
 
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+import os
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import persistence
+from ._handle import attach_handle, carried_handle, handle_of
 from .allocation import make_allocator
 from .allocation.base import RankEvent
-from .config import AdapterConfig, ConfigError, ElaLoRAConfig
+from .config import AdapterConfig, config_from_dict
+from .errors import AdapterLoadError, ConfigError, TargetModuleError
 from .importance import ImportanceTracker
-from .layers import SUPPORTED_BASE_LAYERS, ElasticAdapter, GatedLoRAAdapter, SVDAdapter
+from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter, adapter_param_count
+from .targets import DEFAULT_TARGET_MODULES, find_target_modules, lies_within, matches_suffix
 
-__all__ = ["get_model", "AdaptiveModel", "DEFAULT_TARGET_MODULES", "find_target_modules", "TargetModuleError"]
-
-# Defaults per model_type: every projection of every block, as in the ElaLoRA / AdaLoRA GLUE
-# experiments (q, k, v, attention output, intermediate, output).
-_ENCODER = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "bert": _ENCODER, "roberta": _ENCODER, "xlm-roberta": _ENCODER, "electra": _ENCODER,
-    # ViT: transformers >= 5 names (q/k/v/o_proj, mlp.fc1/fc2) and the 4.x names.
-    "vit": ["q_proj", "k_proj", "v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"] + _ENCODER,
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA,
-    "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
-    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "t5": ["q", "k", "v", "o", "wi", "wo"],
-}
-
-
-class TargetModuleError(ConfigError):
-    """``target_modules`` matched nothing (or something that cannot be wrapped)."""
-
-
-def _matches(name: str, target: list[str] | str) -> bool:
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
-
-
-def _candidate_names(model: nn.Module) -> list[str]:
-    """Distinct trailing names of wrappable layers, for error messages."""
-    seen: "OrderedDict[str, None]" = OrderedDict()
-    for name, mod in model.named_modules():
-        if isinstance(mod, SUPPORTED_BASE_LAYERS):
-            parts = name.split(".")
-            tail = ".".join(p for p in parts[-2:] if not p.isdigit()) if len(parts) > 1 else name
-            seen[tail] = None
-    return list(seen)
-
-
-def find_target_modules(model: nn.Module, target_modules, modules_to_save: Sequence[str] | None = None) -> list[str]:
-    """Names of the layers of ``model`` that ``target_modules`` selects (in module order)."""
-    if target_modules is None:
-        mtype = getattr(getattr(model, "config", None), "model_type", None)
-        if mtype not in DEFAULT_TARGET_MODULES:
-            raise TargetModuleError(
-                f"no default target_modules for model type {mtype!r}; pass target_modules, e.g. one of: "
-                + ", ".join(_candidate_names(model)[:20]))
-        target_modules = DEFAULT_TARGET_MODULES[mtype]
-    keep = list(modules_to_save or [])
-    names, bad = [], []
-    for name, mod in model.named_modules():
-        if not name or not _matches(name, target_modules):
-            continue
-        if keep and any(name == k or name.endswith("." + k) or f".{k}." in f".{name}." for k in keep):
-            continue  # a module kept trainable in full is not adapted as well
-        if isinstance(mod, ElasticAdapter):
-            raise TargetModuleError(f"module {name!r} is already adapted; build the adapters once per model")
-        if isinstance(mod, SUPPORTED_BASE_LAYERS):
-            names.append(name)
-        elif not any(isinstance(c, SUPPORTED_BASE_LAYERS) for c in mod.children()):
-            bad.append(f"{name} ({type(mod).__name__})")
-    if not names:
-        extra = f"; matched only unsupported layers: {', '.join(bad[:5])}" if bad else ""
-        raise TargetModuleError(
-            f"target_modules={target_modules!r} matched no nn.Linear/Conv1D layer{extra}. "
-            f"Candidate names in this model: {', '.join(_candidate_names(model)[:30])}")
-    return names
+__all__ = ["get_model", "AdaptiveModel", "handle_of", "load_adapter", "DEFAULT_TARGET_MODULES",
+           "find_target_modules", "TargetModuleError"]
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -122,7 +66,7 @@ class AdaptiveModel:
                  capacity_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if getattr(model, "_elalora_handle", None) is not None:
+        if carried_handle(model) is not None:
             raise TargetModuleError("this model already carries elalora adapters; build the adapters once per model")
         self.model = model
         self.config = config
@@ -164,8 +108,7 @@ class AdaptiveModel:
         self._hook = None
         if getattr(config, "orth_reg_weight", 0) and config.adapter_kind == "svd":
             self._hook = model.register_forward_hook(self._add_orth_reg)
-        self._orth_added = False
-        model._elalora_handle = self  # lets the Trainer callback and persistence find the handle
+        attach_handle(model, self)  # lets the Trainer callback and persistence find the handle
 
     # ------------------------------------------------------------------------------ structure
     def _freeze(self) -> None:
@@ -174,14 +117,14 @@ class AdaptiveModel:
         for name, p in self.model.named_parameters():
             if any(x in name.split(".") for x in ("lora_P", "lora_Q", "lora_lambda", "lora_A", "lora_B")):
                 p.requires_grad_(True)
-            elif keep and any(f".{k}." in f".{name}" for k in keep):
+            elif any(lies_within(name.rpartition(".")[0], k) for k in keep):
                 if not p.dtype.is_floating_point:
                     raise TargetModuleError(
                         f"modules_to_save: {name} is stored quantised ({p.dtype}) and cannot be trained in full; "
                         "keep that module out of the quantisation (BitsAndBytesConfig(llm_int8_skip_modules=[...])) "
                         "or drop it from modules_to_save")
                 p.requires_grad_(True)
-                kept.update(k for k in keep if f".{k}." in f".{name}")
+                kept.update(k for k in keep if lies_within(name.rpartition(".")[0], k))
             else:
                 p.requires_grad_(False)
         missing = set(keep) - kept
@@ -193,7 +136,7 @@ class AdaptiveModel:
         keep = list(self.config.modules_to_save or [])
         out = []
         for name, _ in self.model.named_modules():
-            if name and any(name == k or name.endswith("." + k) for k in keep):
+            if name and any(matches_suffix(name, k) for k in keep):
                 if not any(name.startswith(o + ".") for o in out):
                     out.append(name)
         return out
@@ -201,9 +144,6 @@ class AdaptiveModel:
     def rank_pattern(self) -> dict[str, int]:
         """Active rank of every adapted module."""
         return {n: a.rank for n, a in zip(self.names, self.adapters)}
-
-    def capacity_pattern(self) -> dict[str, int]:
-        return {n: a.capacity for n, a in zip(self.names, self.adapters)}
 
     @property
     def total_rank(self) -> int:
@@ -215,7 +155,7 @@ class AdaptiveModel:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         adapter_cap = sum(p.numel() for a in self.adapters for _, p, _ in a.slot_parameters())
-        active = sum(a.rank * (a.in_features + a.out_features + (1 if a.kind == "svd" else 0)) for a in self.adapters)
+        active = sum(adapter_param_count(a.kind, a.rank, a.in_features, a.out_features) for a in self.adapters)
         return {"total": total, "trainable": trainable, "active": trainable - adapter_cap + active,
                 "adapter_capacity": adapter_cap, "adapter_active": active}
 
@@ -246,7 +186,6 @@ class AdaptiveModel:
             loss = output.get("loss") if hasattr(output, "get") else None
             if loss is not None:
                 output["loss"] = loss + self.config.orth_reg_weight * self.orthogonal_loss()
-                self._orth_added = True
                 return output
         return None
 
@@ -273,7 +212,6 @@ class AdaptiveModel:
             events = self.allocator.on_step(t, optimizer, importance=self.importance, model=self.model)
         self.events.extend(events)
         self.step_count = t + 1
-        self._orth_added = False
         return events
 
     def callback(self, **kwargs):
@@ -299,16 +237,16 @@ class AdaptiveModel:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format_version", 1) > 1:
-            raise ValueError(f"elalora state format {state['format_version']} is newer than this elalora supports (1); upgrade elalora")
+            raise AdapterLoadError(f"elalora state format {state['format_version']} is newer than this elalora supports (1); upgrade elalora")
         if state.get("method") != self.config.method:
-            raise ValueError(f"checkpoint is for method {state.get('method')!r}, this model uses {self.config.method!r}")
+            raise AdapterLoadError(f"checkpoint is for method {state.get('method')!r}, this model uses {self.config.method!r}")
         if list(state["names"]) != self.names:
-            raise ValueError("checkpoint adapts different modules than this model: "
+            raise AdapterLoadError("checkpoint adapts different modules than this model: "
                              f"{sorted(set(state['names']) ^ set(self.names))[:5]}")
         for n, a in zip(self.names, self.adapters):
             m = state["masks"][n]
             if m.shape != a.active.shape:
-                raise ValueError(f"{n}: checkpoint capacity {m.numel()} != model capacity {a.capacity}")
+                raise AdapterLoadError(f"{n}: checkpoint capacity {m.numel()} != model capacity {a.capacity}")
             a.active.copy_(m.to(a.active.device))
         self.step_count = int(state["step_count"])
         self.events = [RankEvent(**e) for e in state["events"]]
@@ -319,20 +257,14 @@ class AdaptiveModel:
 
     # ----------------------------------------------------------------- persistence shortcuts
     def save_pretrained(self, path: str, **kw) -> None:
-        from .persistence import save_adapter
-
-        save_adapter(self, path, **kw)
+        persistence.save_adapter(self, path, **kw)
 
     def export_peft(self, path: str, **kw) -> dict[str, int]:
         """Write a plain PEFT LoRA adapter; returns the exported rank pattern (rank-0 modules dropped)."""
-        from .persistence import export_peft
-
-        return export_peft(self, path, **kw)
+        return persistence.export_peft(self, path, **kw)
 
     def merge_and_unload(self) -> nn.Module:
-        from .persistence import merge_and_unload
-
-        return merge_and_unload(self)
+        return persistence.merge_and_unload(self)
 
     def merge(self) -> None:
         for a in self.adapters:
@@ -363,14 +295,27 @@ def get_model(model: nn.Module, config: AdapterConfig, **kw) -> AdaptiveModel:
     return AdaptiveModel(model, config, **kw)
 
 
-def handle_of(model: nn.Module) -> AdaptiveModel:
-    """The :class:`AdaptiveModel` attached to a wrapped model (also through DDP/accelerate wrappers)."""
-    m = model
-    for _ in range(4):
-        h = getattr(m, "_elalora_handle", None)
-        if h is not None:
-            return h
-        m = getattr(m, "module", None)
-        if m is None:
-            break
-    raise ValueError("this model carries no elalora adapters; wrap it with elalora.get_model first")
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False) -> AdaptiveModel:
+    """Wrap a fresh ``model`` and load the adapter saved at ``path`` onto it.
+
+    :func:`elalora.persistence.read_adapter` checks that every saved module exists in ``model``
+    with the same shape before the model is touched, so a wrong base model fails with a message
+    naming the first mismatch.
+    """
+    cfg, tensors = persistence.read_adapter(model, path)
+    modules = cfg["modules"]
+    conf_d = dict(cfg["config"])
+    conf_d["target_modules"] = list(modules)
+    conf_d.pop("rank_pattern", None) if conf_d.get("method") == "elalora" else None
+    handle = AdaptiveModel(
+        model, config_from_dict(conf_d),
+        rank_pattern={n: i["rank"] for n, i in modules.items()},
+        capacity_pattern={n: i["capacity"] for n, i in modules.items()},
+    )
+    persistence.restore_adapter(handle, cfg, tensors, path)
+    handle.events = [RankEvent(**e) for e in cfg.get("events", [])]
+    if not is_trainable:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    return handle

@@ -15,88 +15,56 @@ Formats:
   Modules at rank 0 are dropped; modules kept trainable in full go to ``modules_to_save``.
   ``peft.PeftModel.from_pretrained(base, dir)`` loads it with no code from this project.
 
-Every directory is written atomically: into a temporary sibling, then swapped into place, so an
-interrupted save leaves the previous contents loadable.
+* **adapter summary** (``adapter_summary``): rank pattern, capacities and parameter counts of an
+  elalora or PEFT LoRA directory from its JSON and the safetensors header (no tensor data read).
+
+Every directory is written atomically (:mod:`elalora._io`): into a temporary sibling, then swapped
+into place, so an interrupted save leaves the previous contents loadable.
 
 Sharded models (FSDP2 ``fully_shard``: adapter parameters are DTensors): :func:`save_adapter`,
 :func:`export_peft` and :func:`save_checkpoint` must then be called on **every** process — the
 tensors are gathered (a collective) — and only global rank 0 writes; the others wait at a barrier
 until the files exist. :func:`load_checkpoint` is called on every process and writes each process's
 shards back.
+
+The handle is taken by duck type (``names``, ``adapters``, ``model``, ``config``, ...): this module
+sits below :mod:`elalora.model` in the import order; :func:`elalora.model.load_adapter` builds the
+handle from what :func:`read_adapter` returns.
+
+Imports: :mod:`elalora.layers`, :mod:`elalora.config`, :mod:`elalora.errors`, :mod:`elalora._io`,
+:mod:`elalora._handle`, :mod:`elalora.quant`; ``peft`` and ``safetensors`` lazily.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import shutil
-import tempfile
+import struct
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from .config import CONFIG_FORMAT_VERSION, config_from_dict
-from .layers import ElasticAdapter, SVDAdapter, full_tensor, is_dtensor
-from .model import AdaptiveModel, handle_of
+from ._handle import detach_handle, handle_of
+from ._io import atomic_directory, atomic_write_bytes
+from .config import CONFIG_FORMAT_VERSION
+from .errors import AdapterLoadError
+from .layers import ElasticAdapter, adapter_param_count, base_shape, full_tensor, is_dtensor
+from .quant import dequantize_weight, original_dtype
 
 __all__ = [
-    "AdapterLoadError", "save_adapter", "load_adapter", "export_peft", "merge_and_unload",
-    "atomic_directory", "atomic_write_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS",
-    "save_checkpoint", "load_checkpoint",
+    "AdapterLoadError", "save_adapter", "read_adapter", "restore_adapter", "export_peft", "merge_and_unload",
+    "atomic_directory", "atomic_write_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX",
+    "save_checkpoint", "load_checkpoint", "peft_task_type", "adapter_format", "adapter_summary",
+    "check_peft_adapter_fits",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class AdapterLoadError(ValueError):
-    """An adapter directory that cannot be loaded onto the given model; the message says why."""
-
-
-# ------------------------------------------------------------------------------------ atomic I/O
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces ``path``, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():  # flush file contents before the swap
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rmdir(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file via a temporary sibling and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+PEFT_PREFIX = "base_model.model."  # PEFT's tensor-name prefix in adapter_model.safetensors
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
@@ -127,7 +95,7 @@ def _base_identity(model: nn.Module) -> dict:
     }
 
 
-def _trainable_full_modules(handle: AdaptiveModel) -> dict[str, torch.Tensor]:
+def _trainable_full_modules(handle) -> dict[str, torch.Tensor]:
     out = {}
     for mname in handle.modules_to_save_names():
         for pname, p in handle.model.get_submodule(mname).named_parameters():
@@ -135,13 +103,13 @@ def _trainable_full_modules(handle: AdaptiveModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sharded(handle: AdaptiveModel) -> bool:
+def _sharded(handle) -> bool:
     """Whether the model's parameters are sharded DTensors (FSDP2): then saving is collective."""
     return any(is_dtensor(p) for p in handle.model.parameters())
 
 
 @contextlib.contextmanager
-def _write_on_rank0(handle: AdaptiveModel) -> Iterator[bool]:
+def _write_on_rank0(handle) -> Iterator[bool]:
     """Yield whether this process writes; on a sharded model only rank 0 does, and every process
     leaves only once the files are complete (a barrier)."""
     if not _sharded(handle):
@@ -161,7 +129,7 @@ def _write_on_rank0(handle: AdaptiveModel) -> Iterator[bool]:
 
 
 # ------------------------------------------------------------------------------------- save/load
-def save_adapter(handle: AdaptiveModel, path: str | os.PathLike, *, include_history: bool = True) -> None:
+def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = True) -> None:
     """Save the adapter compacted to its active ranks (see the module docstring)."""
     modules, tensors = {}, {}
     for name, a in zip(handle.names, handle.adapters):
@@ -223,11 +191,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False) -> AdaptiveModel:
-    """Wrap a fresh ``model`` and load the adapter saved at ``path`` onto it.
+def read_adapter(model: nn.Module, path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter config, tensors)`` of the elalora adapter at ``path``, checked against ``model``.
 
-    Checks that every saved module exists in ``model`` with the same shape before touching the
-    model, so a wrong base model fails with a message naming the first mismatch.
+    Checks that every saved module exists in ``model`` with the same shape and that every tensor is
+    there before anything touches the model, so a wrong base model fails with a message naming the
+    first mismatch.
     """
     cfg = read_adapter_config(path)
     tensors = _load_safetensors(Path(path) / ADAPTER_WEIGHTS)
@@ -241,10 +210,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
             f"({type(model).__name__}) has no module {missing[0]!r} ({len(missing)} of {len(modules)} missing). "
             "Load it onto the base model it was trained from")
     for n, info in modules.items():
-        m = have[n]
-        shape = (getattr(m, "in_features", None), getattr(m, "out_features", None))
-        if hasattr(m, "weight") and m.weight.dim() == 2 and not isinstance(m, nn.Linear):  # Conv1D
-            shape = tuple(m.weight.shape)
+        try:
+            shape = base_shape(have[n])[:2]
+        except TypeError:
+            shape = (getattr(have[n], "in_features", None), getattr(have[n], "out_features", None))
         if shape != (info["in_features"], info["out_features"]):
             raise AdapterLoadError(
                 f"module {n!r} is {info['in_features']}→{info['out_features']} in the adapter but "
@@ -257,49 +226,39 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
     for k in cfg.get("full_parameters", []):
         if k not in tensors:
             raise AdapterLoadError(f"{path}: tensor {k} is missing from {ADAPTER_WEIGHTS}; the adapter is corrupt")
+    return cfg, tensors
 
-    conf_d = dict(cfg["config"])
-    conf_d["target_modules"] = list(modules)
-    conf_d.pop("rank_pattern", None) if conf_d.get("method") == "elalora" else None
-    config = config_from_dict(conf_d)
-    handle = AdaptiveModel(
-        model, config,
-        rank_pattern={n: i["rank"] for n, i in modules.items()},
-        capacity_pattern={n: i["capacity"] for n, i in modules.items()},
-    )
-    with torch.no_grad():
-        for n, a in zip(handle.names, handle.adapters):
-            info = modules[n]
-            a.scaling = float(info["scaling"])
-            a.r_init = int(info.get("r_init", a.r_init))
-            r = info["rank"]
-            for pname, p, dim in a.slot_parameters():
-                t = tensors[f"{n}.{pname}"]
-                expect = list(p.shape)
-                expect[dim] = r
-                if list(t.shape) != expect:
-                    raise AdapterLoadError(f"{path}: {n}.{pname} has shape {tuple(t.shape)}, expected {tuple(expect)}")
-                p.zero_()
-                p.narrow(dim, 0, r).copy_(t.to(p.dtype))
-        params = dict(model.named_parameters())
-        for k in cfg.get("full_parameters", []):
-            if k not in params or params[k].shape != tensors[k].shape:
-                raise AdapterLoadError(f"{path}: full parameter {k} does not fit the given model")
-            params[k].copy_(tensors[k].to(params[k].dtype))
+
+@torch.no_grad()
+def restore_adapter(handle, cfg: dict, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Copy what :func:`read_adapter` returned into a handle built with the saved ranks and capacities
+    (scales, saved ranks, modules kept in full, initial rank pattern, step count)."""
+    modules = cfg["modules"]
+    for n, a in zip(handle.names, handle.adapters):
+        info = modules[n]
+        a.scaling = float(info["scaling"])
+        a.r_init = int(info.get("r_init", a.r_init))
+        r = info["rank"]
+        for pname, p, dim in a.slot_parameters():
+            t = tensors[f"{n}.{pname}"]
+            expect = list(p.shape)
+            expect[dim] = r
+            if list(t.shape) != expect:
+                raise AdapterLoadError(f"{path}: {n}.{pname} has shape {tuple(t.shape)}, expected {tuple(expect)}")
+            p.zero_()
+            p.narrow(dim, 0, r).copy_(t.to(p.dtype))
+    params = dict(handle.model.named_parameters())
+    for k in cfg.get("full_parameters", []):
+        if k not in params or params[k].shape != tensors[k].shape:
+            raise AdapterLoadError(f"{path}: full parameter {k} does not fit the given model")
+        params[k].copy_(tensors[k].to(params[k].dtype))
     handle.initial_rank_pattern = dict(cfg.get("initial_rank_pattern", handle.rank_pattern()))
-    from .allocation.base import RankEvent
-
-    handle.events = [RankEvent(**e) for e in cfg.get("events", [])]
     handle.step_count = int(cfg.get("step_count", 0))
-    if not is_trainable:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-    return handle
 
 
 # ------------------------------------------------------------------------------------ PEFT export
-def _peft_task_type(model: nn.Module) -> str | None:
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT ``task_type`` of a Hugging Face model, from its class name (``None``: the generic PeftModel)."""
     cls = type(model).__name__
     for suffix, task in (("ForSequenceClassification", "SEQ_CLS"), ("ForCausalLM", "CAUSAL_LM"),
                          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
@@ -321,13 +280,12 @@ def peft_lora_factors(a: ElasticAdapter, dtype: torch.dtype = torch.float32) -> 
     return lora_a.to(dtype).contiguous(), up.to(dtype).contiguous()
 
 
-def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                 base_model_name_or_path: str | None = None) -> dict[str, int]:
     """Write a standard PEFT LoRA adapter directory (SPEC §8). Returns the exported rank pattern."""
     from peft import LoraConfig
 
-    if not isinstance(handle, AdaptiveModel):
-        handle = handle_of(handle)
+    handle = handle_of(handle)  # a handle or a wrapped model
     if any(a.merged for a in handle.adapters):
         raise RuntimeError("unmerge() the adapters before exporting")
     tensors: dict[str, torch.Tensor] = {}
@@ -349,7 +307,7 @@ def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, d
     for k, v in _trainable_full_modules(handle).items():
         tensors[f"base_model.model.{k}"] = v.detach().to(dtype) if dtype else v.detach()
     top = max(pattern.values())
-    task_type = _peft_task_type(handle.model)
+    task_type = peft_task_type(handle.model)
     saved = handle.modules_to_save_names()
     if task_type == "SEQ_CLS" and not any(n.split(".")[-1] in ("classifier", "score") for n in saved):
         # PEFT's sequence-classification wrapper insists on a saved head; without a trained head the
@@ -373,7 +331,7 @@ def export_peft(handle: AdaptiveModel | nn.Module, path: str | os.PathLike, *, d
 
 # ------------------------------------------------------------------------------------------ merge
 @torch.no_grad()
-def merge_and_unload(handle: AdaptiveModel | nn.Module) -> nn.Module:
+def merge_and_unload(handle) -> nn.Module:
     """Fold every ΔW into its base weight and put plain base layers back. Returns the model (the same
     object), which no longer carries adapters.
 
@@ -391,10 +349,7 @@ def merge_and_unload(handle: AdaptiveModel | nn.Module) -> nn.Module:
     left alone. To deploy a fully float merged model, load the base in float, load the
     :func:`export_peft` directory with PEFT and call PEFT's ``merge_and_unload`` there.
     """
-    from .quant import dequantize_weight, original_dtype
-
-    if not isinstance(handle, AdaptiveModel):
-        handle = handle_of(handle)
+    handle = handle_of(handle)  # a handle or a wrapped model
     model = handle.model
     for name, a in zip(handle.names, handle.adapters):
         parent_name, _, child = name.rpartition(".")
@@ -415,12 +370,12 @@ def merge_and_unload(handle: AdaptiveModel | nn.Module) -> nn.Module:
         a._unmerged_weight = None
         setattr(parent, child, a.base_layer)
     handle.remove_hooks()
-    model._elalora_handle = None
+    detach_handle(model)
     return model
 
 
 # ------------------------------------------------------------------------- training checkpoints
-def save_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=None, lr_scheduler=None,
+def save_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_scheduler=None,
                     extra: dict | None = None) -> None:
     """Save everything a plain training loop needs to resume exactly, atomically, to one file:
     the model's trainable state (adapter parameters, masks, modules kept in full), the method's
@@ -459,7 +414,7 @@ def save_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=No
             atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=None, lr_scheduler=None) -> dict:
+def load_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_scheduler=None) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns its ``extra`` dict."""
     path = Path(path)
     if not path.is_file():
@@ -499,3 +454,121 @@ def load_checkpoint(path: str | os.PathLike, handle: AdaptiveModel, optimizer=No
         lr_scheduler.load_state_dict(blob["lr_scheduler"])
     torch.set_rng_state(blob["rng"])
     return blob["extra"]
+
+
+# ------------------------------------------------------------------------------- adapter summary
+def _read_json_file(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterLoadError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
+
+
+def adapter_format(adir: str | os.PathLike) -> str:
+    """``"elalora"`` or ``"peft"`` (a PEFT LoRA adapter) for an adapter directory; raises otherwise."""
+    cfg = _read_json_file(Path(adir) / ADAPTER_CONFIG)
+    if "elalora_format_version" in cfg:
+        return "elalora"
+    if cfg.get("peft_type"):
+        if str(cfg["peft_type"]).upper() != "LORA":
+            raise AdapterLoadError(f"{str(adir)!r} is a PEFT {cfg['peft_type']} adapter; only LoRA adapters are supported")
+        return "peft"
+    raise AdapterLoadError(f"{str(adir)!r}/{ADAPTER_CONFIG} is neither an elalora nor a PEFT adapter config")
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """Tensor names -> {dtype, shape} from a .safetensors header (no tensor data is read)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file too short")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise AdapterLoadError(f"cannot read the safetensors header of {str(path)!r} ({e}); the file is truncated or corrupt") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _peft_module_of(name: str, tags: tuple[str, ...]) -> str | None:
+    for tag in tags:
+        if name.endswith(tag):
+            return name[: -len(tag)]
+    return None
+
+
+def adapter_summary(adir: str | os.PathLike) -> dict:
+    """Rank pattern, capacities and parameter counts of an adapter from its JSON and safetensors header."""
+    adir = Path(adir)
+    fmt = adapter_format(adir)
+    cfg = _read_json_file(adir / ADAPTER_CONFIG)
+    wfile = adir / ADAPTER_WEIGHTS
+    header = safetensors_header(wfile) if wfile.is_file() else {}
+    numel = {k: math.prod(v.get("shape", [])) for k, v in header.items()}
+    if fmt == "elalora":
+        modules = cfg.get("modules", {})
+        pattern = {n: int(i["rank"]) for n, i in modules.items()}
+        capacity = {n: int(i["capacity"]) for n, i in modules.items()}
+        params = {n: adapter_param_count(i.get("kind", "lora"), i["rank"], i["in_features"], i["out_features"])
+                  for n, i in modules.items()}
+        full = {k: numel.get(k, 0) for k in cfg.get("full_parameters", [])}
+        return {"format": "elalora", "method": cfg.get("method"), "base_model": cfg.get("base_model"),
+                "rank_pattern": pattern, "capacity": capacity, "module_params": params,
+                "full_params": sum(full.values()), "modules_to_save": cfg.get("modules_to_save"),
+                "step_count": cfg.get("step_count"), "events": len(cfg.get("events", []) or [])}
+    pattern, params = {}, {}
+    full = 0
+    for k, info in header.items():
+        name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        shape = info.get("shape", [])
+        mod_a = _peft_module_of(name, (".lora_A.weight", ".lora_A.default.weight"))
+        mod_b = _peft_module_of(name, (".lora_B.weight", ".lora_B.default.weight"))
+        if mod_a is not None:
+            pattern[mod_a] = int(shape[0])
+        mod = mod_a if mod_a is not None else mod_b
+        if mod is not None:
+            params[mod] = params.get(mod, 0) + math.prod(shape)
+        else:
+            full += math.prod(shape)
+    return {"format": "peft", "method": "lora", "base_model": {"name_or_path": cfg.get("base_model_name_or_path")},
+            "rank_pattern": pattern, "capacity": None, "module_params": params, "full_params": full,
+            "modules_to_save": cfg.get("modules_to_save"), "task_type": cfg.get("task_type"),
+            "lora_alpha": cfg.get("lora_alpha"), "r": cfg.get("r")}
+
+
+def check_peft_adapter_fits(model: nn.Module, adir: str | os.PathLike) -> None:
+    """Every module of a PEFT LoRA adapter exists in ``model`` with matching shapes (else AdapterLoadError)."""
+    adir = Path(adir)
+    header = safetensors_header(adir / ADAPTER_WEIGHTS)
+    mods = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    src = _read_json_file(adir / ADAPTER_CONFIG).get("base_model_name_or_path")
+    for k, info in header.items():
+        name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        shape = list(info.get("shape", []))
+        for tag, dim, attr in ((".lora_A.weight", 1, "in"), (".lora_B.weight", 0, "out")):
+            if name.endswith(tag):
+                mod = name[: -len(tag)]
+                m = mods.get(mod)
+                if m is None:
+                    raise AdapterLoadError(f"this PEFT adapter (trained on {src}) adapts module {mod!r}, which the given "
+                                           f"model ({type(model).__name__}) does not have; use the base model it was trained from")
+                try:
+                    d_in, d_out, _ = base_shape(m)
+                except TypeError:
+                    raise AdapterLoadError(f"module {mod!r} of the given model is not a linear layer; wrong base model") from None
+                feat = d_in if attr == "in" else d_out
+                if shape[dim] != feat:
+                    raise AdapterLoadError(f"module {mod!r} has {attr}_features {feat} in the given model but "
+                                           f"{shape[dim]} in the adapter (trained on {src}): wrong base model")
+                break
+        else:
+            if ".lora_" in name:
+                continue
+            p = params.get(name)
+            if p is not None and list(p.shape) != shape:
+                raise AdapterLoadError(f"{name} has shape {tuple(shape)} in the adapter but {tuple(p.shape)} in the "
+                                       f"given model: wrong base model or a different number of labels")

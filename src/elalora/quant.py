@@ -20,8 +20,12 @@ This module holds the few helpers the rest of the library needs for such bases:
 * :func:`is_quantized_layer` / :func:`dequantize_weight` (the dequantised ``d_out × d_in`` weight,
   following ``peft.utils.integrations.dequantize_bnb_weight``), used by ``merge_and_unload``.
 
-bitsandbytes is an optional dependency (``pip install elalora[bnb]``); nothing here imports it until
-a quantised layer is actually met.
+bitsandbytes is an optional dependency (``pip install 'elalora[bnb]'``); nothing here imports it until
+a quantised layer is actually met, and then through :func:`elalora._extras.require` (a missing install
+fails with one line naming the extra).
+
+Imports: torch; :mod:`elalora.errors`, :mod:`elalora._extras`; bitsandbytes, transformers and peft
+lazily (level 1 of the import order, beside :mod:`elalora.layers`).
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._extras import require
+from .errors import QuantizationError
+
 __all__ = [
     "QuantizationError", "allow_trainer_on_quantized_base", "is_quantized_layer", "quantization_kind", "dequantize_weight",
     "bnb_quantization_config", "prepare_quantized_model", "load_quantized_causal_lm",
 ]
-
-
-class QuantizationError(RuntimeError):
-    """An operation that cannot be done on a quantised base; the message says what to do instead."""
 
 
 def quantization_kind(layer: nn.Module) -> str | None:
@@ -85,8 +88,7 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     w = layer.weight
     if kind is None:
         return w
-    import bitsandbytes as bnb
-
+    bnb = require("bitsandbytes", "to dequantise a 4-bit / 8-bit layer")
     if kind == "4bit":
         return bnb.functional.dequantize_4bit(w.data, w.quant_state)
     if kind == "8bit":
@@ -133,11 +135,7 @@ def bnb_quantization_config(bits: int, *, compute_dtype: torch.dtype = torch.flo
                             double_quant: bool = True):
     """A ``transformers.BitsAndBytesConfig`` for a ``bits``-bit base (4: NF4/FP4 with ``compute_dtype``
     matmuls and, by default, double quantisation of the scales, as in QLoRA; 8: LLM.int8())."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise QuantizationError("4-bit and 8-bit bases need bitsandbytes: pip install 'elalora[bnb]' "
-                                "(or pip install bitsandbytes)") from None
+    require("bitsandbytes", "4-bit and 8-bit bases")
     from transformers import BitsAndBytesConfig
 
     if bits == 4:

@@ -10,6 +10,8 @@ Budget (``b0 = init_r · N``, ``bT = target_r · N``), exactly as PEFT's ``RankA
 Masking keeps the ``b(t)`` highest-scoring ranks globally. PEFT zeroes λ of the others and lets
 them revive between masks; here a pruned rank is switched off through the active mask (prune-only),
 its EMA state and optimizer moments reset. Given the same scores the kept set equals PEFT's.
+
+Imports: numpy, torch, :mod:`elalora.config`, :mod:`.base`.
 """
 
 from __future__ import annotations

@@ -81,6 +81,8 @@ its valid tokens (the same value as the model's own loss on ``B_val``). Anything
 ``loss_fn(model_outputs, batch) -> per-example loss`` to :meth:`ALoRAAllocator.set_validation_batch`;
 it receives the repeated batch (labels included) and the mean of its output over each copy of
 ``B_val`` is that mask's loss.
+
+Imports: numpy, torch, :mod:`elalora.config`, :mod:`elalora.layers`, :mod:`.base`.
 """
 
 from __future__ import annotations
@@ -212,6 +214,9 @@ def _gates_for_chunk(kind: torch.Tensor, mod: torch.Tensor, slot: torch.Tensor, 
     return g
 
 
+# Over 80 lines on purpose: one batched pass of masks, forward and loss reduction whose steps share
+# the chunk state; split up, the shared buffers would have to be passed around (and the body is
+# kept as is here so that the ALoRA speed-up work merges).
 @torch.no_grad()
 def ablation_scores(
     model: nn.Module,

@@ -11,6 +11,8 @@ method:
   process draws the same numbers), and start with zero EMA state and zero optimizer moments;
 * nothing else is touched: kept ranks keep their optimizer state bit-for-bit, parameter objects and
   shapes never change, the LR scheduler and param groups are never touched.
+
+Imports: :mod:`elalora.layers` (and :mod:`elalora.importance` for type hints only).
 """
 
 from __future__ import annotations
@@ -148,6 +150,3 @@ class Allocator:
 
     def load_state_dict(self, state: dict) -> None:
         self.total_steps = state.get("total_steps")
-
-    def total_rank(self) -> int:
-        return sum(a.rank for a in self.adapters)

@@ -21,6 +21,8 @@ candidates, so it can still grow (only its pruning is blocked); a matrix at its 
 shrink (only its growth is blocked); exactly ``b_t`` ranks move (no threshold ties); when the
 minimum/capacity constraints leave fewer feasible moves, prunes and grows are trimmed to the same
 count so the budget is conserved.
+
+Imports: numpy, torch, :mod:`elalora.config`, :mod:`.base`.
 """
 
 from __future__ import annotations

@@ -92,18 +92,21 @@ Pooling and sample size
   SPEC §6 prescribes; this affects only ``r_L``.
 * Modules outside any numbered block (e.g. a classifier head) get the median block rank
   (``statistics.median_low``, an actual block rank, so an integer).
+
+Imports: numpy, torch, :mod:`elalora.targets` (the block-index rule).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
+
+from ..targets import block_index as block_index_of  # the one block-index rule
 
 __all__ = [
     "twonn_dimension",
@@ -122,7 +125,6 @@ __all__ = [
 POOLINGS = ("mean", "cls", "last")
 ROUNDINGS = ("ceil", "round", "floor")
 
-_BLOCK_RE = re.compile(r"(?:^|\.)(layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,19 +410,6 @@ def rescale_ranks(ranks: list[int], target_total: int, *, minimum: int = 1) -> l
     if sum(out) != target_total:  # cannot happen; a guard against silent budget drift
         raise RuntimeError(f"rescale_ranks produced total {sum(out)} != {target_total}")
     return out
-
-
-def block_index_of(module_name: str) -> int | None:
-    """Transformer block index in a module path, or ``None`` outside numbered blocks.
-
-    Matches the first ``.(layer|layers|h|block|blocks).<k>.`` component (also at the start or end
-    of the name): ``bert.encoder.layer.3.attention.self.query`` → 3,
-    ``model.layers.11.mlp.up_proj`` → 11, ``transformer.h.2.attn.c_attn`` → 2,
-    ``vit.encoder.layer.0.attention.attention.query`` → 0. The first match is used, so in
-    ``encoder.block.3.layer.1.…`` (T5) the block is 3.
-    """
-    m = _BLOCK_RE.search(module_name)
-    return int(m.group(2)) if m else None
 
 
 def gelora_rank_pattern(module_names: list[str], block_ranks: list[int], *, alpha_scale: float = 32.0) -> tuple[dict[str, int], dict[str, float]]:

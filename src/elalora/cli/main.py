@@ -9,11 +9,14 @@ Subcommands (``elalora <command> --help`` lists every flag):
 * ``inspect`` print the rank pattern and parameter counts of an adapter (no model load);
 * ``plan``    print a GeLoRA rank plan without training.
 
-This module only parses arguments; the work is done in :mod:`elalora.cli.run`, imported lazily so
-that ``elalora --help`` answers at once. Every error caused by the user's input (unknown task,
+This module only parses arguments; the work is done in :mod:`elalora.cli.commands` (over
+:mod:`elalora.recipe`), imported lazily so that ``elalora --help`` answers at once. Every error caused by the user's input (unknown task,
 missing files or columns, a model path that does not exist, an adapter for another base model,
 an output directory holding another run, invalid method knobs) is reported as ONE line on stderr
-with exit code 2 and no traceback; ``--debug`` (or ``ELALORA_DEBUG=1``) shows the traceback.
+with exit code 2 and no traceback; ``--debug`` (or ``ELALORA_DEBUG=1``) shows the traceback. These
+are the :class:`~elalora.errors.ElaLoRAError` subclasses (plus missing files).
+
+Imports: :mod:`elalora.errors` at import time; :mod:`elalora.cli.commands` when a command runs.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ import os
 import sys
 from typing import Sequence
 
+from ..errors import ElaLoRAError
+
 __all__ = ["main", "build_parser", "step_value"]
 
 METHODS = ("lora", "adalora", "elalora", "alora", "gelora", "gelora-elalora")
 
 
-class UsageError(Exception):
+class UsageError(ElaLoRAError):
     """A bad command line (raised instead of argparse's print-usage-and-exit)."""
 
 
@@ -124,12 +129,7 @@ def _add_data_flags(p: argparse.ArgumentParser, *, required_task: bool) -> None:
                    help="maximum tokens per example (default 128; generation prompts+targets)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="elalora", description="Adaptive-rank LoRA fine-tuning (ElaLoRA, AdaLoRA, ALoRA, GeLoRA, LoRA).")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
+def _add_train(sub) -> None:
     # ---------------------------------------------------------------------------------- train
     t = sub.add_parser("train", help="fine-tune a model on a task", description=(
         "Fine-tune a model on a task and write adapter/, peft/, metrics.json, rank_history.jsonl, "
@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--delta-t", type=step_value, default=0.02, help="steps between rounds (default 0.02)")
     g.add_argument("--beta1", type=float, default=0.85, help="sensitivity EMA (default 0.85)")
     g.add_argument("--beta2", type=float, default=0.85, help="uncertainty EMA (default 0.85)")
-    g.add_argument("--orth-reg-weight", type=float, default=0.1, help="orthogonal regulariser weight (default 0.1)")
+    g.add_argument("--orth-reg-weight", type=float, default=0.0,
+                   help="orthogonal regulariser weight γ (default 0: off; the papers' GLUE scripts use 0.1, PEFT 0.5; "
+                        "see docs/results.md, planted-rank benchmark)")
     g.add_argument("--init-r", type=_positive_int, default=None, help="AdaLoRA: initial rank (default ceil(1.5 r))")
     g.add_argument("--max-rank", type=_positive_int, default=None,
                    help="ElaLoRA/ALoRA: per-matrix capacity (default 2r; gelora-elalora: max(2r, largest planned rank))")
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-figures", dest="figures", action="store_false", help="do not draw figures/")
     t.set_defaults(handler="train")
 
+
+def _add_eval_export_plot(sub) -> None:
     # ----------------------------------------------------------------------------------- eval
     e = sub.add_parser("eval", help="evaluate a saved adapter", description=(
         "Evaluate an adapter directory: an elalora adapter (adapter/) or a PEFT LoRA export (peft/). "
@@ -237,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", metavar="RUN_DIR")
     pl.set_defaults(handler="plot")
 
+
+
+def _add_inspect_plan(sub) -> None:
     # -------------------------------------------------------------------------------- inspect
     ins = sub.add_parser("inspect", help="rank pattern and parameter counts of an adapter", description=(
         "Print the rank pattern and parameter counts of an adapter directory (elalora or PEFT LoRA; a run "
@@ -262,25 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--output", default=None, metavar="FILE", help="also write the plan as JSON to FILE")
     pn.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
     pn.set_defaults(handler="plan")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="elalora", description="Adaptive-rank LoRA fine-tuning (ElaLoRA, AdaLoRA, ALoRA, GeLoRA, LoRA).")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    _add_train(sub)
+    _add_eval_export_plot(sub)
+    _add_inspect_plan(sub)
     return parser
 
 
 # ------------------------------------------------------------------------------------- dispatch
-def _user_error_types() -> tuple[type, ...]:
-    """The library's error classes that mean 'bad input' (only those already imported)."""
-    from .run import CLIError
-
-    types: list[type] = [CLIError, UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError]
-    mods = sys.modules
-    if "elalora.cli.tasks" in mods:
-        types.append(mods["elalora.cli.tasks"].TaskError)
-    if "elalora.config" in mods:
-        types.append(mods["elalora.config"].ConfigError)  # TargetModuleError is a ConfigError
-    if "elalora.persistence" in mods:
-        types.append(mods["elalora.persistence"].AdapterLoadError)
-    if "elalora.model" in mods:
-        types.append(mods["elalora.model"].TargetModuleError)
-    return tuple(types)
+# Bad input: every library error meant for the user, and files that are not there.
+_USER_ERRORS = (ElaLoRAError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -306,9 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         prog = f"elalora {args.command}"
-        from . import run
+        from . import commands
 
-        return int(getattr(run, f"cmd_{args.handler}")(args) or 0)
+        return int(getattr(commands, f"cmd_{args.handler}")(args) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -316,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, UsageError):
             print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
             return 2
-        if debug or not isinstance(e, _user_error_types()):
+        if debug or not isinstance(e, _USER_ERRORS):
             raise
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ from generators seeded from ``(seed, step, module index)``, so replicas make the
 draw the same vectors without communicating. :func:`assert_replicas_agree` is a cheap guard that
 proves it at run time: it all-gathers one 64-bit hash of the rank pattern (masks) and raises if any
 replica differs.
+
+Imports: torch, :mod:`elalora.errors`; takes the handle by duck type.
 """
 
 from __future__ import annotations
@@ -14,13 +16,10 @@ import hashlib
 
 import torch
 
+from ..errors import ReplicaMismatchError
 from ..layers import full_tensor
 
 __all__ = ["ReplicaMismatchError", "rank_pattern_digest", "assert_replicas_agree"]
-
-
-class ReplicaMismatchError(RuntimeError):
-    """DDP replicas hold different rank patterns (they would silently train different models)."""
 
 
 def rank_pattern_digest(handle, include_weights: bool = False) -> int:

