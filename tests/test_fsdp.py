@@ -67,7 +67,8 @@ def test_fsdp2_saves_load_in_one_process(runs, tmp_path):
     from peft import PeftModel
 
     import elalora
-    from elalora.persistence import load_adapter, load_checkpoint
+    from elalora.model import load_adapter
+    from elalora.persistence import load_checkpoint
 
     from conftest import tiny_llama
 

@@ -11,7 +11,8 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 import elalora  # noqa: E402
-from elalora.persistence import load_adapter, merge_and_unload, save_adapter  # noqa: E402
+from elalora.model import load_adapter  # noqa: E402
+from elalora.persistence import merge_and_unload, save_adapter  # noqa: E402
 from elalora.quant import (QuantizationError, dequantize_weight, is_quantized_layer,  # noqa: E402
                            load_quantized_causal_lm)
 
