@@ -15,7 +15,9 @@ import elalora
 
 from conftest import tiny_llama
 
-METHODS = ["elalora", "adalora", "alora", "lora"]
+# Every method elalora's own adapters run; plain LoRA (and GeLoRA) train as PEFT's own LoRA since the
+# redesign (issue 13), so their checkpointing/compile behaviour is PEFT's.
+METHODS = ["elalora", "adalora", "alora"]
 STEPS = 14
 
 
@@ -27,7 +29,7 @@ def _config(method):
         return elalora.AdaLoRAConfig(init_r=3, r=1, tinit=2, tfinal=4, delta_t=2, **common)
     if method == "alora":
         return elalora.ALoRAConfig(r=2, max_rank=4, k1=2, k2=2, n_rounds=3, **common)
-    return elalora.FixedRankConfig(r=2, **common)
+    raise ValueError(method)
 
 
 def _run(method, *, checkpointing=False, compile_backend=None):
@@ -71,8 +73,7 @@ def _one_thread():
 def test_gradient_checkpointing_gives_the_same_run(method):
     ref_losses, ref_events, _ = _run(method)
     losses, events, _ = _run(method, checkpointing=True)
-    if method != "lora":
-        assert ref_events, "no rank change: the comparison would prove nothing"
+    assert ref_events, "no rank change: the comparison would prove nothing"
     assert events == ref_events
     # Recomputation runs the same kernels on the same inputs: equal to float32 rounding.
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
