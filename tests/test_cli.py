@@ -503,3 +503,20 @@ def test_non_run_directory_is_never_replaced(fx, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     _assert_one_line_error(capsys, _train(fx, out, "--overwrite"))
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_train_e2e_generation_on_a_4bit_base(fx, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "e2e4"
+    assert _train(fx, out, "--method", "elalora", "--r", "2", "--max-new-tokens", "4", "--load-in-4bit",
+                  task="e2e_nlg", data="e2e", model="llama") == 0
+    m, cfg = _check_run(out, ("bleu", "rougeL"))
+    assert cfg["args"]["load_in_bits"] == 4 and len(m["rank_pattern"]) == 14
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "LORA"
+
+
+def test_load_in_4bit_is_refused_for_classification(fx, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    assert _train(fx, tmp_path / "x", "--load-in-4bit") != 0
+    assert "generation tasks" in capsys.readouterr().err

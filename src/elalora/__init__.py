@@ -27,8 +27,8 @@ Imports here: the core modules (model and below), never tasks/, plots/, recipe/ 
 
 from .allocation.base import RankEvent
 from .config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig
-from .errors import (AdapterLoadError, ConfigError, ElaLoRAError, ExportError, MissingExtraError, TargetModuleError,
-                     TaskError)
+from .errors import (AdapterLoadError, ConfigError, ElaLoRAError, ExportError, MissingExtraError, QuantizationError,
+                     TargetModuleError, TaskError)
 from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter
 from .model import AdaptiveModel, get_model, handle_of, load_adapter
 from .persistence import export_peft, load_checkpoint, merge_and_unload, save_adapter, save_checkpoint
@@ -39,6 +39,7 @@ __all__ = [
     "AdaLoRAConfig", "ALoRAConfig", "ElaLoRAConfig",
     "ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "MissingExtraError",
     "ExportError",
+    "QuantizationError",
     "ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter",
     "AdaptiveModel", "get_model", "handle_of", "RankEvent",
     "save_adapter", "load_adapter", "export_peft", "merge_and_unload",

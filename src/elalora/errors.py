@@ -14,7 +14,7 @@ Imports: nothing (the bottom of the import order).
 from __future__ import annotations
 
 __all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError", "ExportError",
-           "MissingExtraError", "ReplicaMismatchError"]
+           "MissingExtraError", "ReplicaMismatchError", "QuantizationError"]
 
 
 class ElaLoRAError(Exception):
@@ -60,3 +60,8 @@ class MissingExtraError(ElaLoRAError, ImportError):
 
 class ReplicaMismatchError(ElaLoRAError, RuntimeError):
     """DDP replicas hold different rank patterns (they would silently train different models)."""
+
+
+class QuantizationError(ElaLoRAError, RuntimeError):
+    """An operation that cannot be done on a quantised (bitsandbytes 4-bit / 8-bit) base, or a bad
+    quantisation setting; the message says what to do instead."""

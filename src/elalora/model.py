@@ -94,6 +94,10 @@ class AdaptiveModel:
             _set_submodule(model, name, a)
             self.adapters.append(a)
         self._freeze()
+        if any(a.quantized for a in self.adapters):
+            from .quant import allow_trainer_on_quantized_base
+
+            allow_trainer_on_quantized_base(model)
         self.importance: ImportanceTracker | None = None
         self.allocator = make_allocator(config, names, self.adapters)
         if self.allocator.uses_importance:
@@ -114,6 +118,11 @@ class AdaptiveModel:
             if any(x in name.split(".") for x in ("lora_P", "lora_Q", "lora_lambda", "lora_A", "lora_B")):
                 p.requires_grad_(True)
             elif any(lies_within(name.rpartition(".")[0], k) for k in keep):
+                if not p.dtype.is_floating_point:
+                    raise TargetModuleError(
+                        f"modules_to_save: {name} is stored quantised ({p.dtype}) and cannot be trained in full; "
+                        "keep that module out of the quantisation (BitsAndBytesConfig(llm_int8_skip_modules=[...])) "
+                        "or drop it from modules_to_save")
                 p.requires_grad_(True)
                 kept.update(k for k in keep if lies_within(name.rpartition(".")[0], k))
             else:

@@ -31,22 +31,29 @@ Formats:
 Every directory is written atomically (:mod:`elalora._io`): into a temporary sibling, then swapped
 into place, so an interrupted save leaves the previous contents loadable.
 
+Sharded models (FSDP2 ``fully_shard``: adapter parameters are DTensors): :func:`save_adapter`,
+:func:`export_peft` and :func:`save_checkpoint` must then be called on **every** process — the
+tensors are gathered (a collective) — and only global rank 0 writes; the others wait at a barrier
+until the files exist. :func:`load_checkpoint` is called on every process and writes each process's
+shards back.
+
 The handle is taken by duck type (``names``, ``adapters``, ``model``, ``config``, ...): this module
 sits below :mod:`elalora.model` in the import order; :func:`elalora.model.load_adapter` builds the
 handle from what :func:`read_adapter` returns.
 
 Imports: :mod:`elalora.layers`, :mod:`elalora.config`, :mod:`elalora.errors`, :mod:`elalora._io`,
-:mod:`elalora._handle`; ``peft`` and ``safetensors`` lazily.
+:mod:`elalora._handle`, :mod:`elalora.quant`; ``peft`` and ``safetensors`` lazily.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
 from pathlib import Path
-
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -55,7 +62,8 @@ from ._handle import detach_handle, handle_of
 from ._io import atomic_directory, atomic_write_bytes
 from .config import CONFIG_FORMAT_VERSION
 from .errors import AdapterLoadError, ExportError
-from .layers import ElasticAdapter, adapter_param_count, base_shape
+from .layers import ElasticAdapter, adapter_param_count, base_shape, full_tensor, is_dtensor
+from .quant import dequantize_weight, original_dtype
 
 __all__ = [
     "AdapterLoadError", "save_adapter", "read_adapter", "restore_adapter", "export_peft", "merge_and_unload",
@@ -102,8 +110,33 @@ def _trainable_full_modules(handle) -> dict[str, torch.Tensor]:
     out = {}
     for mname in handle.modules_to_save_names():
         for pname, p in handle.model.get_submodule(mname).named_parameters():
-            out[f"{mname}.{pname}"] = p
+            out[f"{mname}.{pname}"] = full_tensor(p.detach())
     return out
+
+
+def _sharded(handle) -> bool:
+    """Whether the model's parameters are sharded DTensors (FSDP2): then saving is collective."""
+    return any(is_dtensor(p) for p in handle.model.parameters())
+
+
+@contextlib.contextmanager
+def _write_on_rank0(handle) -> Iterator[bool]:
+    """Yield whether this process writes; on a sharded model only rank 0 does, and every process
+    leaves only once the files are complete (a barrier)."""
+    if not _sharded(handle):
+        yield True
+        return
+    import torch.distributed as dist
+
+    ok = True
+    try:
+        yield dist.get_rank() == 0
+    except BaseException:
+        ok = False
+        raise
+    finally:
+        if ok:
+            dist.barrier()
 
 
 # ------------------------------------------------------------------------------------- save/load
@@ -118,7 +151,8 @@ def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = Tru
             "r_init": a.r_init,
         }
         for pname, p, dim in a.slot_parameters():
-            tensors[f"{name}.{pname}"] = p.detach().index_select(dim, idx.to(p.device))
+            full = full_tensor(p.detach())
+            tensors[f"{name}.{pname}"] = full.index_select(dim, idx.to(full.device))
     full = _trainable_full_modules(handle)
     tensors.update({k: v.detach() for k, v in full.items()})
     cfg = {
@@ -135,6 +169,12 @@ def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = Tru
     }
     if include_history:
         cfg["events"] = [e.to_dict() for e in handle.events]
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            _write_adapter_dir(path, tensors, cfg)
+
+
+def _write_adapter_dir(path, tensors, cfg) -> None:
     with atomic_directory(path) as tmp:
         _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt", "elalora": str(CONFIG_FORMAT_VERSION)})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
@@ -347,23 +387,53 @@ def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = 
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or ident["name_or_path"],
     )
-    with atomic_directory(path) as tmp:
-        lcfg.save_pretrained(str(tmp))
-        _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            with atomic_directory(path) as tmp:
+                lcfg.save_pretrained(str(tmp))
+                _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     return pattern
 
 
 # ------------------------------------------------------------------------------------------ merge
 @torch.no_grad()
 def merge_and_unload(handle) -> nn.Module:
-    """Fold every ΔW into its base weight and put the plain base layers back. Returns the model."""
+    """Fold every ΔW into its base weight and put plain base layers back. Returns the model (the same
+    object), which no longer carries adapters.
+
+    On a float base each adapter is merged into its own base layer (``W ← W0 + ΔW``), which is then put
+    back in the adapter's place.
+
+    On a quantised base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) the merged weight cannot be
+    stored in 4 or 8 bits without a second quantisation error (PEFT re-quantises and warns that
+    generations may differ). Here each adapted quantised layer is **replaced by a float**
+    ``nn.Linear`` holding ``dequant(W0) + ΔW`` (fp32 ΔW added to the dequantised weight, then cast to
+    the dtype the base was quantised from, e.g. fp32 or bf16; bias copied). For a 4-bit base the
+    merged model computes what the trained model computed (``Linear4bit`` dequantises before its
+    matmul); for an 8-bit base it drops LLM.int8()'s activation quantisation, so its outputs differ by
+    that error. Layers that were not adapted stay quantised; the model's ``quantization_config`` is
+    left alone. To deploy a fully float merged model, load the base in float, load the
+    :func:`export_peft` directory with PEFT and call PEFT's ``merge_and_unload`` there.
+    """
     handle = handle_of(handle)  # a handle or a wrapped model
     model = handle.model
     for name, a in zip(handle.names, handle.adapters):
-        a.merge()
-        a._unmerged_weight = None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if a.quantized:
+            base = a.base_layer
+            dtype = original_dtype(base)
+            w = dequantize_weight(base).float() + a.delta_weight(torch.float32).to(base.weight.device)
+            lin = nn.Linear(a.in_features, a.out_features, bias=base.bias is not None,
+                            device=base.weight.device, dtype=dtype)
+            lin.weight.copy_(w.to(dtype))
+            if base.bias is not None:
+                lin.bias.copy_(base.bias.to(dtype))
+            lin.requires_grad_(False)
+            setattr(parent, child, lin)
+            continue
+        a.merge()
+        a._unmerged_weight = None
         setattr(parent, child, a.base_layer)
     handle.remove_hooks()
     detach_handle(model)
@@ -380,20 +450,34 @@ def save_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_schedule
     import io
 
     trainable = {n for n, p in handle.model.named_parameters() if p.requires_grad}
-    model_state = {k: v.detach().cpu().clone() for k, v in handle.model.state_dict().items()
+    model_state = {k: full_tensor(v.detach()).cpu().clone() for k, v in handle.model.state_dict().items()
                    if k in trainable or k.endswith(".active")}
+    sharded = _sharded(handle)
+    opt_state = None
+    if optimizer is not None:
+        if sharded:
+            # Sharded optimizer state (DTensors): gathered into one full, FQN-keyed state dict.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opt_state = get_optimizer_state_dict(handle.model, optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt_state = optimizer.state_dict()
     blob = {
         "elalora_checkpoint_version": 1,
+        "sharded_optimizer": sharded,
         "model": model_state,
         "elalora": handle.state_dict(),
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "optimizer": opt_state,
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "extra": extra or {},
     }
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            buf = io.BytesIO()
+            torch.save(blob, buf)
+            atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_scheduler=None) -> dict:
@@ -411,11 +495,27 @@ def load_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_schedule
         raise AdapterLoadError(f"{path} was written by a newer elalora (checkpoint version "
                                f"{blob['elalora_checkpoint_version']}); upgrade elalora")
     handle.load_state_dict(blob["elalora"])
-    missing, unexpected = handle.model.load_state_dict(blob["model"], strict=False)
+    current = handle.model.state_dict()
+    unexpected = [k for k in blob["model"] if k not in current]
     if unexpected:
         raise AdapterLoadError(f"checkpoint {path} has parameters this model lacks: {unexpected[:3]}")
+    from .layers import edit_
+
+    with torch.no_grad():
+        for k, v in blob["model"].items():
+            # edit_ writes each process's shard of a sharded (FSDP2) tensor; plain tensors are copied.
+            edit_(current[k], lambda t, v=v: t.copy_(v.to(t.device, t.dtype)))
     if optimizer is not None and blob["optimizer"] is not None:
-        optimizer.load_state_dict(blob["optimizer"])
+        if blob.get("sharded_optimizer") != _sharded(handle):
+            raise AdapterLoadError(f"checkpoint {path} was saved from a {'sharded' if blob.get('sharded_optimizer') else 'plain'} "
+                                   "model; resume it with the same parallelism (FSDP or not)")
+        if blob.get("sharded_optimizer"):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(handle.model, optimizer, blob["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(blob["optimizer"])
     if lr_scheduler is not None and blob["lr_scheduler"] is not None:
         lr_scheduler.load_state_dict(blob["lr_scheduler"])
     torch.set_rng_state(blob["rng"])

@@ -212,6 +212,12 @@ def _add_train(sub) -> None:
     g.add_argument("--logging-steps", type=_positive_int, default=None,
                    help="log the training loss every N steps (default 10, fewer on very short runs)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load-in-4bit", dest="load_in_bits", action="store_const", const=4, default=None,
+                   help="generation tasks: quantise the base to 4 bits (NF4, QLoRA) with bitsandbytes; "
+                        "adapters stay fp32 (needs pip install 'elalora[bnb]')")
+    q.add_argument("--load-in-8bit", dest="load_in_bits", action="store_const", const=8,
+                   help="generation tasks: quantise the base to 8 bits (LLM.int8()) with bitsandbytes")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                    help="do not batch examples of similar length together (grouping is on by default: less padding, faster)")
     g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")

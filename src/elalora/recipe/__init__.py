@@ -102,6 +102,7 @@ class RunSpec:
     eval_steps: int | None = None
     logging_steps: int | None = None
     bf16: bool = False
+    load_in_bits: int | None = None  # 4 or 8: a bitsandbytes-quantised base (generation tasks)
     group_by_length: bool = True
     threads: int | None = None
     max_new_tokens: int = 64
@@ -195,7 +196,8 @@ def prepare(spec: RunSpec) -> Prepared:
         schedule_dict(probe, total_steps)  # ConfigError if tinit + tfinal >= T etc.
     max_length = spec.max_length or 128
     tokenizer = None if task.kind == "image" else load_tokenizer(model_path, gguf_file, task.kind)
-    model = load_base_model(task.kind, model_path, gguf_file, task, tokenizer, seed=spec.seed)
+    model = load_base_model(task.kind, model_path, gguf_file, task, tokenizer, seed=spec.seed,
+                            bits=spec.load_in_bits, bf16=spec.bf16)
     image_processor = load_image_processor(model_path, model.config) if task.kind == "image" else None
     collate = make_collator(task, tokenizer, image_processor, max_length)
     apply_pooling(model, spec.pooling, task.kind)  # before the adapters wrap the model

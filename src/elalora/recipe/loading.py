@@ -2,7 +2,7 @@
 processor and base model with the task's head, CPU threads, and an adapter directory onto a base.
 
 Imports: transformers, peft (lazily), :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.heads`,
-:mod:`elalora.tasks`, :mod:`elalora.errors`, :mod:`elalora._extras`.
+:mod:`elalora.tasks`, :mod:`elalora.quant` (lazily), :mod:`elalora.errors`, :mod:`elalora._extras`.
 """
 
 from __future__ import annotations
@@ -243,12 +243,16 @@ def resolve_modules_to_save(model, names: list[str] | None, head: list[str] | No
     return list(dict.fromkeys(names))
 
 
-def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer=None, seed: int = 0):
-    """A fresh base model with the task's head (classification/regression/generation/image)."""
+def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer=None, seed: int = 0,
+                    bits: int | None = None, bf16: bool = False):
+    """A fresh base model with the task's head (classification/regression/generation/image);
+    ``bits`` (4 or 8): a bitsandbytes-quantised causal LM (:func:`elalora.quant.load_quantized_causal_lm`)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     transformers.set_seed(seed)
+    if bits:
+        return _set_pad_and_eos(_load_quantized_base(kind, path, gguf_file, bits, bf16), kind, tokenizer)
     kw: dict[str, Any] = {}
     if gguf_file:
         if not available("gguf"):
@@ -273,6 +277,25 @@ def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer
             raise RunError(f"unsupported task kind {kind!r}")
     if gguf_file:
         forget_quantization(model)
+    return _set_pad_and_eos(model, kind, tokenizer)
+
+
+def _load_quantized_base(kind: str, path: str, gguf_file: str | None, bits: int, bf16: bool):
+    """``--load-in-4bit`` / ``--load-in-8bit``: the base quantised by bitsandbytes (library code in
+    :mod:`elalora.quant`; compute dtype bf16 with ``--bf16``, else fp32)."""
+    import torch
+
+    from ..quant import load_quantized_causal_lm
+
+    if kind != "generation":
+        raise RunError(f"--load-in-{bits}bit applies to generation tasks (causal LMs) only")
+    with loading_errors("model", path if not gguf_file else f"{path}/{gguf_file}"):
+        return load_quantized_causal_lm(path, bits, gguf_file=gguf_file,
+                                        compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
+def _set_pad_and_eos(model, kind: str, tokenizer):
+    """The tokenizer's pad token on the model config; for generation, the generation config's eos/pad."""
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if kind == "generation" and tokenizer is not None:
