@@ -31,14 +31,6 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    base_args = accuracy._cli_args
-
-    def with_gamma(*a, **kw):
-        argv = base_args(*a, **kw)
-        argv[argv.index("--orth-reg-weight") + 1] = str(args.gamma)
-        return argv
-
-    accuracy._cli_args = with_gamma
     done = {(r["task"], r["method"], r["r"], r["seed"], r["steps"], r["orth_reg_weight"])
             for r in accuracy.read_records(OUT)}
     for task in args.tasks.split(","):
@@ -48,7 +40,7 @@ def main(argv=None) -> int:
                 if key in done:
                     continue
                 rec = accuracy.run_cli_cell(task, method, args.r, seed, args.steps, accuracy.default_data_dir(),
-                                            args.threads)
+                                            args.threads, overrides={"--orth-reg-weight": args.gamma})
                 rec.update(task=task, method=method, r=args.r, seed=seed, steps=args.steps, orth_reg_weight=args.gamma,
                            main=rec["final"][rec["main_metric"]])
                 print(task, method, seed, "γ", args.gamma, rec["main_metric"], rec["main"], flush=True)

@@ -82,6 +82,45 @@ def _reference_scores(model, h, batch):
     return scores, max(abs(v) for v in seen)
 
 
+@torch.no_grad()
+def _reference_losses(model, h, batch):
+    """The slow definition, losses of every mask: ``(L(M), removed, kept)`` aligned like the
+    ``return_losses`` output of :func:`ablation_scores` (one forward pass per mask, ``adapter.active``
+    set by hand, the model's own ``outputs.loss``)."""
+    saved = [a.active.clone() for a in h.adapters]
+
+    def loss():
+        return float(model(**batch).loss)
+
+    full = loss()
+    rem = [torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in h.adapters]
+    kep = [torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in h.adapters]
+    for m, a in enumerate(h.adapters):
+        for s in saved[m].nonzero().flatten().tolist():
+            a.active[s] = False
+            rem[m][s] = loss()
+            a.active.copy_(saved[m])
+            for b in h.adapters:
+                b.active.zero_()
+            a.active[s] = True
+            kep[m][s] = loss()
+            for b, sv in zip(h.adapters, saved):
+                b.active.copy_(sv)
+    return full, rem, kep
+
+
+def _assert_losses_close(fast, slow):
+    """The losses of every mask (float32 forward passes, each a reduction over the batch) agree at
+    float32's tolerance of the loss magnitude (tests/tolerances.py); NaN (inactive slots) in the same
+    places."""
+    (f0, frem, fkep), (s0, srem, skep) = fast, slow
+    assert_close(torch.as_tensor(f0), torch.as_tensor(s0), dtype=torch.float32)
+    for a, b in zip(frem + fkep, srem + skep):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        ok = ~torch.isnan(b)
+        assert_close(a[ok], b[ok], dtype=torch.float32)
+
+
 def _assert_scores_equal(fast, slow):
     """Each score is a sum of three float32 losses (−full + removed − kept), each a reduction over the
     batch computed batched in one and one-by-one in the other: its error is float32's tolerance of
@@ -128,6 +167,133 @@ def test_batched_ablation_regression_and_causal_lm():
     labels[1, :3] = -100
     batch = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
     _assert_scores_equal(ablation_scores(llama, h.adapters, batch, chunk=4), _reference_scores(llama, h, batch))
+
+
+# ------------------------------------------------------------- (1b) prefix reuse == slow reference
+class _CallCounter:
+    def __init__(self, module):
+        self.n = 0
+        self.h = module.register_forward_pre_hook(self)
+
+    def __call__(self, *a):
+        self.n += 1
+
+
+def _llama_batch():
+    b = _val_batch(n=4, length=8)
+    labels = b["input_ids"].clone()
+    labels[b["attention_mask"] == 0] = -100
+    labels[1, :3] = -100
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": labels}
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_prefix_reuse_equals_slow_reference(family, chunk):
+    if family == "bert":
+        model = tiny_bert(layers=3)
+        h = _handle(model)
+        _randomise(h)
+        batch = _val_batch()
+    else:
+        model = tiny_llama()
+        h = elalora.get_model(model, elalora.ALoRAConfig(r=2, max_rank=3))  # q, k, v, o, gate, up, down
+        _randomise(h, seed=2, switch_off=False)
+        batch = _llama_batch()
+    slow = _reference_losses(model, h, batch)
+    # the first adapted layer's frozen base layer (the adapter module itself is stubbed, not skipped,
+    # so its hooks would still fire)
+    calls = _CallCounter(h.adapters[0].base_layer)
+    seen = []
+    model.train()
+    scores, fast = ablation_scores(model, h.adapters, batch, chunk=chunk, return_losses=True,
+                                   progress=lambda d, t: seen.append((d, t)))
+    calls.h.remove()
+    _assert_losses_close(fast, slow)
+    batched = ablation_scores(model, h.adapters, batch, chunk=chunk, prefix_reuse=False, return_losses=True)[1]
+    _assert_losses_close(fast, batched)
+    _assert_scores_equal(scores, _reference_scores(model, h, batch))
+    # the prefix was reused: the first adapted layer ran in the three caching passes and in the
+    # chunks holding its own masks only, not once per chunk
+    n_masks = 1 + 2 * h.total_rank
+    n_chunks = -(-(n_masks - 1) // chunk)
+    assert calls.n <= 3 + -(-2 * h.adapters[0].rank // chunk) + 1
+    assert n_chunks == 1 or calls.n < 3 + n_chunks
+    # progress: from 0 to every mask, never backwards; training flags and gates restored
+    assert seen[0] == (0, n_masks) and seen[-1] == (n_masks, n_masks)
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
+    assert model.training and all(a.example_gate is None for a in h.adapters)
+    assert all("forward" not in m.__dict__ for m in model.modules())  # every stub removed
+
+
+class _Twice(torch.nn.Module):
+    """A toy model with an adapted layer called twice per forward (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 8)
+        self.first = torch.nn.Linear(8, 8)
+        self.shared = torch.nn.Linear(8, 8)
+        self.last = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids):
+        x = torch.tanh(self.first(self.emb(input_ids)))
+        x = torch.tanh(self.shared(torch.tanh(self.shared(x))))
+        return self.head(self.last(x).mean(1))
+
+
+def test_prefix_reuse_fallbacks():
+    def per_example_ce(outputs, b):
+        return torch.nn.functional.cross_entropy(outputs, b["labels"], reduction="none")
+
+    model = _Twice()
+    h = elalora.get_model(model, elalora.ALoRAConfig(r=2, max_rank=3, target_modules=["first", "shared", "last"]))
+    _randomise(h, switch_off=False)
+    g = torch.Generator().manual_seed(3)
+    batch = {"input_ids": torch.randint(0, 50, (5, 6), generator=g), "labels": torch.randint(0, 3, (5,), generator=g)}
+    slow = ablation_scores(model, h.adapters, batch, chunk=3, loss_fn=per_example_ce, prefix_reuse=False,
+                           return_losses=True)[1]
+    # "shared" is called twice per forward: never stubbed, its masks recompute it; "first" finished
+    # before "shared" started, so the masks of "shared" and "last" skip it
+    calls = _CallCounter(h.adapters[0].base_layer)
+    fast = ablation_scores(model, h.adapters, batch, chunk=3, loss_fn=per_example_ce, return_losses=True)[1]
+    calls.h.remove()
+    _assert_losses_close(fast, slow)
+    assert calls.n == 3 + 2  # three caching passes, then the chunks of first's own 4 masks only
+
+
+def test_prefix_reuse_stub_called_twice_falls_back():
+    class _Sneaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = torch.nn.Embedding(50, 8)
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, input_ids):
+            x = self.emb(input_ids)
+            y = self.a(x)
+            y = y + self.a.forward(x)  # a second call the hooks do not see
+            return self.head(self.b(torch.tanh(y)).mean(1))
+
+    def per_example_ce(outputs, b):
+        return torch.nn.functional.cross_entropy(outputs, b["labels"], reduction="none")
+
+    model = _Sneaky()
+    h = elalora.get_model(model, elalora.ALoRAConfig(r=2, max_rank=3, target_modules=["a", "b"]))
+    _randomise(h, switch_off=False)
+    g = torch.Generator().manual_seed(3)
+    batch = {"input_ids": torch.randint(0, 50, (5, 6), generator=g), "labels": torch.randint(0, 3, (5,), generator=g)}
+    slow = ablation_scores(model, h.adapters, batch, chunk=4, loss_fn=per_example_ce, prefix_reuse=False,
+                           return_losses=True)[1]
+    with pytest.warns(RuntimeWarning, match="prefix reuse is off"):
+        fast = ablation_scores(model, h.adapters, batch, chunk=4, loss_fn=per_example_ce, return_losses=True)[1]
+    _assert_losses_close(fast, slow)
+    assert all("forward" not in m.__dict__ for m in model.modules())
 
 
 def test_custom_loss_fn_and_cleanup_on_error():
@@ -279,6 +445,57 @@ def test_everyone_loses_a_rank_shrinks_budget():
     assert all(a.rank == 1 for a in h.adapters)
 
 
+def test_ablation_budget_caps_rounds():
+    # 12 adapters at r = 2: a round is (1 + 2·24) × 8 = 392 example forward passes; training costs
+    # 2 × T × 4 examples per step
+    model = tiny_bert()
+    h = _handle(model, k1=2, k2=2, n_rounds=5, total_steps=40, ablation_budget=1.0)
+    h.allocator.set_validation_batch(_val_batch(n=8))
+    al = h.allocator
+    assert al.max_rounds() == 5 and len(al.planned_rounds()) == 5  # examples per step unknown: no cap
+    al.set_step_examples(4)
+    assert al.max_rounds() == 1  # 320 / 392 < 1: at least one round
+    cost = al.expected_cost()
+    assert cost == {"rounds": 1, "rounds_uncapped": 5, "masks": 49, "val_examples": 8,
+                    "ablation_example_forwards": 392, "training_example_forwards": 320, "budget": 1.0}
+    al.set_step_examples(10)
+    assert al.max_rounds() == 2  # 800 // 392
+    h.config.ablation_budget = 3.0
+    assert al.max_rounds() == 5  # 2400 // 392 = 6, capped by n_rounds
+    h.config.ablation_budget = None
+    assert al.max_rounds() == 5
+    with pytest.raises(ValueError, match="examples per step"):
+        al.set_step_examples(0)
+    with pytest.raises(ConfigError, match="ablation_budget"):
+        elalora.ALoRAConfig(r=2, ablation_budget=0)
+    # the cap drives the rounds of a plain loop
+    model = tiny_bert()
+    h = _handle(model, k1=2, k2=2, n_rounds=5, total_steps=12, ablation_budget=1.0)
+    h.allocator.set_validation_batch(_val_batch(n=8))
+    h.allocator.set_step_examples(8)  # 2 × 12 × 8 = 192 < 392: one round
+    _train(h, model, 12)
+    assert h.allocator.round_steps == [1]
+
+
+def test_round_progress_bar_and_cost_line():
+    from elalora.integrations.progress import RoundProgress, describe_cost
+
+    lines = []
+    prog = RoundProgress(log=lines.append, disable=True)
+    model = tiny_bert()
+    h = _handle(model)
+    _randomise(h)
+    h.allocator.set_validation_batch(_val_batch())
+    h.allocator.progress = prog
+    h.allocator.compute_scores(model)
+    h.allocator.compute_scores(model)
+    n_masks = 1 + 2 * h.total_rank
+    assert len(lines) == 2 and lines[1].startswith(f"ALoRA round 2: {n_masks} masks in ")
+    line = describe_cost({"rounds": 1, "rounds_uncapped": 8, "masks": 289, "val_examples": 32,
+                          "ablation_example_forwards": 9248, "training_example_forwards": 640, "budget": 1.0})
+    assert "1 round(s) × 289 masks × 32 held-out examples = 9,248" in line and "capped from 8 rounds" in line
+
+
 def test_missing_validation_batch_raises():
     model = tiny_bert()
     h = _handle(model, k1=1, k2=1, n_rounds=1, total_steps=4)
@@ -316,7 +533,7 @@ def test_trainer_callback_runs_rounds(tmp_path):
 
     model = tiny_bert()
     h = elalora.get_model(model, elalora.ALoRAConfig(r=2, max_rank=4, n_a=3, k1=2, k2=2, n_rounds=2,
-                                                     modules_to_save=["classifier"]))
+                                                     modules_to_save=["classifier"], ablation_budget=None))
     val = _Toy(n=16, seed=1)
     h.allocator.set_validation_batch({"input_ids": val.x, "labels": val.y})
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=5e-3,
@@ -331,6 +548,8 @@ def test_trainer_callback_runs_rounds(tmp_path):
     assert h.allocator.round_steps == [1, 3]
     assert h.events and {e.step for e in h.events} == {1, 3}
     assert h.total_rank == start
+    assert h.allocator.step_examples == 8  # set by the callback, for the ablation budget
+    assert len(h.allocator.round_seconds) == 2 and all(x > 0 for x in h.allocator.round_seconds)
     logged = [e for e in trainer.state.log_history if "elalora/rounds" in e]
     assert logged and logged[-1]["elalora/rounds"] == 2
     assert sum(e["elalora/ranks_moved"] for e in logged) == 6

@@ -99,3 +99,31 @@ def test_other_step_budget_gets_its_own_block(acc, tmp_path):
     assert "MAIN2" in text and "MAIN\n" not in text
     assert "LONG2" in text and "LONG\n" not in text
     assert text.index(acc.END) < text.index("300 steps per cell") < text.index("LONG2") < text.index("after")
+
+
+def test_protocol_cells_carry_its_knobs_and_render_apart(acc):
+    proto = {"epochs": {"cola": 1}, "lr": {"lora": 1e-3, "svd": 2e-3}, "pooling": "mean",
+             "modules_to_save": ["pooler", "classifier"], "max_length": {"cola": 64}, "batch_size": 32}
+    lora = acc._cli_args("cola", "peft-lora", 8, 0, 268, "D", "O", 1, proto)
+    ela = acc._cli_args("cola", "elalora", 8, 0, 268, "D", "O", 1, proto)
+    val = lambda a, k: a[a.index(k) + 1]  # noqa: E731
+    assert val(lora, "--lr") == "0.001" and val(ela, "--lr") == "0.002"  # lr per method family
+    assert val(lora, "--pooling") == "mean" and val(lora, "--modules-to-save") == "pooler,classifier"
+    assert val(lora, "--max-length") == "64" and val(lora, "--batch-size") == "32" and val(lora, "--max-steps") == "268"
+    legacy = acc._cli_args("cola", "peft-lora", 8, 0, 100, "D", "O", 1)
+    assert "--pooling" not in legacy and val(legacy, "--lr") == str(acc.SHARED["lr"])
+    # the same (task, method, r, seed, steps) under a protocol is another cell, with its own table
+    assert acc.cell_key("cola", "elalora", 8, 0, 100) != acc.cell_key("cola", "elalora", 8, 0, 100, "v2")
+    recs = [_rec("cola", "elalora", 8, s, 0.1) for s in (0, 1, 2)]
+    recs += [{**_rec("cola", "elalora", 8, s, 0.4, steps=535), "protocol": "v2"} for s in (0, 1, 2)]
+    t = acc.render_table(recs, tasks=["cola"], methods=["elalora"], rs=[8], seeds=[0, 1, 2], steps=-1,
+                         with_extra=False, protocol="v2")
+    assert "40.0 ± 0.0" in t and "10.0" not in t and "protocol v2" in t
+    assert all(acc.LR_FAMILY[m] in ("lora", "svd") for m in acc.METHODS)
+
+
+def test_cli_args_overrides_replace_or_add_flags(acc):
+    val = lambda a, k: a[a.index(k) + 1]  # noqa: E731
+    a = acc._cli_args("stsb", "elalora", 2, 0, 100, "D", "O", 1, overrides={"--orth-reg-weight": 0.0, "--b": 2})
+    assert val(a, "--orth-reg-weight") == "0.0" and a.count("--orth-reg-weight") == 1 and val(a, "--b") == "2"
+    assert val(acc._cli_args("stsb", "elalora", 2, 0, 100, "D", "O", 1), "--orth-reg-weight") == "0.1"

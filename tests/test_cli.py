@@ -217,6 +217,10 @@ def test_train_each_method_on_glue(runs, method):
             assert cfg["method_config"]["max_rank"] >= max(8, max(plan["rank_pattern"].values()))
     if method == "alora":
         assert cfg["alora_validation_examples"] == 32  # sampled from the 32 training examples (too few to hold out)
+        cost = m["alora"]["expected_cost"]  # what the CLI printed before training
+        assert cost["masks"] == 1 + 2 * 4 * n and cost["val_examples"] == 32
+        assert cost["training_example_forwards"] == 2 * 6 * cfg["training"]["batch_size"]
+        assert cost["rounds"] == len(m["alora"]["round_steps"]) == len(m["alora"]["round_seconds"]) >= 1
 
 
 # -------------------------------------------------------------------------------- every task type
@@ -336,6 +340,54 @@ def test_inspect_elalora_and_peft(runs, capsys):
     assert got["rank_pattern"] == pattern and got["format"] == "elalora"
 
 
+def test_serving_exports_uniform_peft_and_gguf(fx, tmp_path, capsys):
+    """train --export-layout uniform, export --layout uniform / --to gguf, inspect's consumer report."""
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "e2e"
+    assert _train(fx, out, "--method", "elalora", "--r", "2", "--max-new-tokens", "4", "--export-layout", "uniform",
+                  task="e2e_nlg", data="e2e", model="llama") == 0
+    cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    top = max(_metrics(out)["rank_pattern"].values())
+    assert cfg["r"] == cfg["lora_alpha"] == top and not cfg.get("rank_pattern")
+    capsys.readouterr()
+    assert main(["inspect", str(out / "peft")]) == 0
+    text = capsys.readouterr().out
+    assert "LoRA consumers" in text and "WRONG" not in text and text.count(" ok ") == 5
+    assert main(["export", "--adapter", str(out), "--to", "peft", "--output-dir", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["rank_pattern"]  # default: compact
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c"), "--json"]) == 0
+    got = {v["consumer"]: v["ok"] for v in json.loads(capsys.readouterr().out)["consumers"]}
+    assert got["peft"] and got["vllm"]
+    assert main(["export", "--adapter", str(out), "--to", "gguf", "--output-dir", str(tmp_path / "g")]) == 0
+    assert "llama.cpp LoRA adapter" in capsys.readouterr().out
+    r = gguf.GGUFReader(str(tmp_path / "g" / "adapter.gguf"))
+    assert r.fields["adapter.lora.alpha"].contents() == float(top) and len(r.tensors) == 28
+    assert {int(t.shape[1]) for t in r.tensors if t.name.endswith(".lora_a")} == {top}
+    # refusals: one line, exit code 2
+    for argv in (["--to", "gguf", "--layout", "compact", "--output-dir", str(tmp_path / "x")],
+                 ["--to", "merged", "--layout", "uniform", "--output-dir", str(tmp_path / "x")]):
+        _assert_one_line_error(capsys, main(["export", "--adapter", str(out), *argv]))
+    line = _assert_one_line_error(capsys, main(["export", "--adapter", str(out / "peft"), "--to", "gguf",
+                                                "--output-dir", str(tmp_path / "x")]))
+    assert "is a PEFT LoRA adapter" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_uniform_export_layout_is_refused_for_peft_native_methods(fx, tmp_path, capsys):
+    """--method lora / gelora save PEFT's own adapter as peft/: --export-layout uniform cannot apply."""
+    for m in ("lora", "gelora"):
+        line = _assert_one_line_error(capsys, _train(fx, tmp_path / m, "--method", m, "--export-layout", "uniform"))
+        assert f"--method {m} trains PEFT's own LoRA" in line and not (tmp_path / m).exists()
+
+
+def test_gguf_export_of_a_bert_run_is_refused(runs, tmp_path, capsys):
+    pytest.importorskip("gguf")
+    line = _assert_one_line_error(capsys, main(["export", "--adapter", str(runs["elalora"]), "--to", "gguf",
+                                                "--output-dir", str(tmp_path / "g")]))
+    assert "GGUF export supports llama decoders" in line and not (tmp_path / "g").exists()
+
+
 def test_plot_regenerates_figures(runs, capsys):
     for m in ("elalora", "gelora"):
         run = runs[m]
@@ -451,3 +503,20 @@ def test_non_run_directory_is_never_replaced(fx, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     _assert_one_line_error(capsys, _train(fx, out, "--overwrite"))
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_train_e2e_generation_on_a_4bit_base(fx, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "e2e4"
+    assert _train(fx, out, "--method", "elalora", "--r", "2", "--max-new-tokens", "4", "--load-in-4bit",
+                  task="e2e_nlg", data="e2e", model="llama") == 0
+    m, cfg = _check_run(out, ("bleu", "rougeL"))
+    assert cfg["args"]["load_in_bits"] == 4 and len(m["rank_pattern"]) == 14
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "LORA"
+
+
+def test_load_in_4bit_is_refused_for_classification(fx, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    assert _train(fx, tmp_path / "x", "--load-in-4bit") != 0
+    assert "generation tasks" in capsys.readouterr().err

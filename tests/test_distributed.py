@@ -126,7 +126,12 @@ def test_accelerate_cli_matches_single_process(tmp_path):
     model, data = _tiny_cli_fixture(tmp_path)
     common = ["train", "--task", "rte", "--data-dir", str(data), "--model", str(model), "--method", "elalora",
               "--r", "2", "--b", "2", "--max-steps", "12", "--tinit", "2", "--tfinal", "2", "--delta-t", "1",
-              "--lr", "5e-3", "--max-length", "32", "--threads", "1", "--no-figures", "--seed", "1"]
+              "--lr", "5e-3", "--max-length", "32", "--threads", "1", "--no-figures", "--seed", "1",
+              # γ = 0.1, not the default 0: at γ = 0 the first rounds' scores come from the task gradient
+              # alone, which is exactly 0 on P and Q at the λ = 0 start, so candidates are near-tied and the
+              # all-reduce's summation order (2 × 4 examples vs 8) flips ties; with the regulariser's share
+              # the decisions are far from ties and must then be identical.
+              "--orth-reg-weight", "0.1"]
     accel = shutil.which("accelerate")
     launcher = [accel] if accel else [sys.executable, "-m", "accelerate.commands.launch"]
     r = subprocess.run(launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

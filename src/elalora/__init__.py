@@ -15,7 +15,8 @@ The package, top (may import everything below it) to bottom (imports nothing of 
     recipe/                   RunSpec -> build -> fit -> RunResult (HF Trainer runs)
     tasks/, plots/            data, collators, metrics; figures and tables  elalora[tasks], [plots]
     model                     AdaptiveModel, get_model, load_adapter
-    persistence, allocation/, importance, integrations/ (callback, distributed)
+    persistence, allocation/, importance, integrations/ (callback, distributed),
+    serving, export_gguf      which LoRA consumers read an export right; llama.cpp GGUF adapters
     targets                   default targets, the name-matching and block-index rules
     layers, config            the adapter maths; validated method configs
     errors, _io, _extras, _handle
@@ -26,7 +27,8 @@ Imports here: the core modules (model and below), never tasks/, plots/, recipe/ 
 
 from .allocation.base import RankEvent
 from .config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig
-from .errors import AdapterLoadError, ConfigError, ElaLoRAError, MissingExtraError, TargetModuleError, TaskError
+from .errors import (AdapterLoadError, ConfigError, ElaLoRAError, ExportError, MissingExtraError, QuantizationError,
+                     TargetModuleError, TaskError)
 from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter
 from .model import AdaptiveModel, get_model, handle_of, load_adapter
 from .persistence import export_peft, load_checkpoint, merge_and_unload, save_adapter, save_checkpoint
@@ -36,6 +38,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaLoRAConfig", "ALoRAConfig", "ElaLoRAConfig",
     "ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "MissingExtraError",
+    "ExportError",
+    "QuantizationError",
     "ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter",
     "AdaptiveModel", "get_model", "handle_of", "RankEvent",
     "save_adapter", "load_adapter", "export_peft", "merge_and_unload",

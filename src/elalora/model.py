@@ -106,6 +106,10 @@ class AdaptiveModel:
             _set_submodule(model, name, a)
             self.adapters.append(a)
         self._freeze()
+        if any(a.quantized for a in self.adapters):
+            from .quant import allow_trainer_on_quantized_base
+
+            allow_trainer_on_quantized_base(model)
         self.importance: ImportanceTracker | None = None
         self.allocator = make_allocator(config, names, self.adapters)
         if self.allocator.uses_importance:
@@ -127,6 +131,11 @@ class AdaptiveModel:
             if any(x in name.split(".") for x in ("lora_P", "lora_Q", "lora_lambda", "lora_A", "lora_B")):
                 p.requires_grad_(True)
             elif any(lies_within(name.rpartition(".")[0], k) for k in keep):
+                if not p.dtype.is_floating_point:
+                    raise TargetModuleError(
+                        f"modules_to_save: {name} is stored quantised ({p.dtype}) and cannot be trained in full; "
+                        "keep that module out of the quantisation (BitsAndBytesConfig(llm_int8_skip_modules=[...])) "
+                        "or drop it from modules_to_save")
                 p.requires_grad_(True)
                 kept.update(k for k in keep if lies_within(name.rpartition(".")[0], k))
             else:
@@ -322,8 +331,17 @@ class AdaptiveModel:
         persistence.save_adapter(self, path, **kw)
 
     def export_peft(self, path: str, **kw) -> dict[str, int]:
-        """Write a plain PEFT LoRA adapter; returns the exported rank pattern (rank-0 modules dropped)."""
+        """Write a plain PEFT LoRA adapter; returns the exported rank pattern.
+
+        ``layout="compact"`` (default, rank-0 modules dropped) or ``layout="uniform"`` (every module
+        zero-padded to the largest rank, for serving engines); see :func:`elalora.persistence.export_peft`."""
         return persistence.export_peft(self, path, **kw)
+
+    def export_gguf(self, path: str, **kw) -> dict:
+        """Write a llama.cpp LoRA adapter (``.gguf``, uniform layout); see :func:`elalora.export_gguf.export_gguf`."""
+        from .export_gguf import export_gguf
+
+        return export_gguf(self, path, **kw)
 
     def merge_and_unload(self) -> nn.Module:
         return persistence.merge_and_unload(self)

@@ -14,12 +14,28 @@ Formats:
 
   Modules at rank 0 are dropped; modules kept trainable in full go to ``modules_to_save``.
   ``peft.PeftModel.from_pretrained(base, dir)`` loads it with no code from this project.
+  This is the default ``layout="compact"``: smallest on disk, read exactly by PEFT and vLLM.
+* **PEFT LoRA, uniform layout** (``export_peft(..., layout="uniform")``): every adapted module,
+  rank 0 included, padded to one rank ``R = max_m r_m`` with zero rows of A and zero columns of B::
+
+      lora_A = [diag(λ_k) · Q_k · s ; 0]  (R × in)      lora_B = [P_k , 0]  (out × R)
+      r = lora_alpha = R, no rank_pattern / alpha_pattern  (scale 1 under every rule)
+
+  ``B·A`` is unchanged by the padding, and because every tensor has rank R and alpha = R, PEFT's
+  per-module ``alpha/r``, vLLM's and TGI/LoRAX's global ``lora_alpha / r`` and llama.cpp's
+  ``alpha / (rank of the tensor)`` are all exactly 1 (see :mod:`elalora.serving`).
 
 * **adapter summary** (``adapter_summary``): rank pattern, capacities and parameter counts of an
   elalora or PEFT LoRA directory from its JSON and the safetensors header (no tensor data read).
 
 Every directory is written atomically (:mod:`elalora._io`): into a temporary sibling, then swapped
 into place, so an interrupted save leaves the previous contents loadable.
+
+Sharded models (FSDP2 ``fully_shard``: adapter parameters are DTensors): :func:`save_adapter`,
+:func:`export_peft` and :func:`save_checkpoint` must then be called on **every** process — the
+tensors are gathered (a collective) — and only global rank 0 writes; the others wait at a barrier
+until the files exist. :func:`load_checkpoint` is called on every process and writes each process's
+shards back.
 
 The handle is taken by duck type (``names``, ``adapters``, ``model``, ``config``, ...): this module
 sits below :mod:`elalora.model` in the import order; :func:`elalora.model.load_adapter` builds the
@@ -30,11 +46,12 @@ files are replaced (:func:`elalora._io.keep_user_files_directory`), and an exist
 is refused. Non-finite weights are never written nor loaded (:mod:`elalora.adapter_checks`).
 
 Imports: :mod:`elalora.layers`, :mod:`elalora.config`, :mod:`elalora.errors`, :mod:`elalora._io`,
-:mod:`elalora._handle`, :mod:`elalora.adapter_checks`; ``peft`` and ``safetensors`` lazily.
+:mod:`elalora._handle`, :mod:`elalora.adapter_checks`, :mod:`elalora.quant`; ``peft`` and ``safetensors`` lazily.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -42,6 +59,7 @@ import os
 import struct
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -51,19 +69,21 @@ from ._io import atomic_directory, atomic_write_bytes, keep_user_files_directory
 from .adapter_checks import (base_fingerprint, check_base_model_weights, check_finite_tensors, check_optimizer_state,
                              check_peft_fingerprint, safetensors_metadata, slot_shapes, validate_adapter_config)
 from .config import CONFIG_FORMAT_VERSION
-from .errors import AdapterLoadError, OutputLockedError, OutputPathError
-from .layers import ElasticAdapter, adapter_param_count, base_shape
+from .errors import AdapterLoadError, ExportError, OutputLockedError, OutputPathError
+from .layers import ElasticAdapter, adapter_param_count, base_shape, full_tensor, is_dtensor
+from .quant import dequantize_weight, original_dtype
 
 __all__ = [
     "AdapterLoadError", "save_adapter", "read_adapter", "restore_adapter", "export_peft", "merge_and_unload",
     "atomic_directory", "atomic_write_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX",
     "save_checkpoint", "load_checkpoint", "peft_task_type", "adapter_format", "adapter_summary",
     "check_peft_adapter_fits", "OutputPathError", "OutputLockedError", "output_lock", "recover_interrupted_swap",
-    "check_base_model_weights", "safetensors_metadata",
+    "check_base_model_weights", "safetensors_metadata", "EXPORT_LAYOUTS", "uniform_lora_factors",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXPORT_LAYOUTS = ("compact", "uniform")  # export_peft(layout=...)
 PEFT_PREFIX = "base_model.model."  # PEFT's tensor-name prefix in adapter_model.safetensors
 
 
@@ -102,8 +122,33 @@ def _trainable_full_modules(handle) -> dict[str, torch.Tensor]:
     out = {}
     for mname in handle.modules_to_save_names():
         for pname, p in handle.model.get_submodule(mname).named_parameters():
-            out[f"{mname}.{pname}"] = p
+            out[f"{mname}.{pname}"] = full_tensor(p.detach())
     return out
+
+
+def _sharded(handle) -> bool:
+    """Whether the model's parameters are sharded DTensors (FSDP2): then saving is collective."""
+    return any(is_dtensor(p) for p in handle.model.parameters())
+
+
+@contextlib.contextmanager
+def _write_on_rank0(handle) -> Iterator[bool]:
+    """Yield whether this process writes; on a sharded model only rank 0 does, and every process
+    leaves only once the files are complete (a barrier)."""
+    if not _sharded(handle):
+        yield True
+        return
+    import torch.distributed as dist
+
+    ok = True
+    try:
+        yield dist.get_rank() == 0
+    except BaseException:
+        ok = False
+        raise
+    finally:
+        if ok:
+            dist.barrier()
 
 
 # ------------------------------------------------------------------------------------- save/load
@@ -124,7 +169,8 @@ def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = Tru
             "r_init": a.r_init,
         }
         for pname, p, dim in a.slot_parameters():
-            tensors[f"{name}.{pname}"] = p.detach().index_select(dim, idx.to(p.device))
+            full = full_tensor(p.detach())
+            tensors[f"{name}.{pname}"] = full.index_select(dim, idx.to(full.device))
     full = _trainable_full_modules(handle)
     tensors.update({k: v.detach() for k, v in full.items()})
     check_finite_tensors(tensors, f"save_adapter({str(path)!r})")
@@ -144,6 +190,12 @@ def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = Tru
     }
     if include_history:
         cfg["events"] = [e.to_dict() for e in handle.events]
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            _write_adapter_dir(path, tensors, cfg, save_id)
+
+
+def _write_adapter_dir(path, tensors, cfg, save_id: str) -> None:
     with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
         _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS,
                           metadata={"format": "pt", "elalora": str(CONFIG_FORMAT_VERSION), "elalora_save_id": save_id})
@@ -304,25 +356,76 @@ def peft_lora_factors(a: ElasticAdapter, dtype: torch.dtype = torch.float32) -> 
     return lora_a.to(dtype).contiguous(), up.to(dtype).contiguous()
 
 
+@torch.no_grad()
+def uniform_lora_factors(handle, dtype: torch.dtype = torch.float32
+                         ) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """``(R, {module: (lora_A, lora_B)})`` of the uniform layout (module docstring).
+
+    ``R`` is the largest active rank; each module's factors from :func:`peft_lora_factors` (scale
+    folded into A) are padded with zero rows of A (``R × in``) and zero columns of B (``out × R``),
+    so ``B·A`` is the module's ΔW exactly. A module at rank 0 gets all-zero factors."""
+    if any(a.merged for a in handle.adapters):
+        raise RuntimeError("unmerge() the adapters before exporting")
+    top = max((a.rank for a in handle.adapters), default=0)
+    if top == 0:
+        raise RuntimeError("every adapted module is at rank 0: nothing to export")
+    out = {}
+    for name, a in zip(handle.names, handle.adapters):
+        la, lb = peft_lora_factors(a, torch.float32)
+        r = la.shape[0]
+        pa = torch.zeros(top, la.shape[1], dtype=torch.float32)
+        pb = torch.zeros(lb.shape[0], top, dtype=torch.float32)
+        pa[:r] = la
+        pb[:, :r] = lb
+        out[name] = (pa.to(dtype).contiguous(), pb.to(dtype).contiguous())
+    return top, out
+
+
+def _uniform_target_modules(handle) -> list[str]:
+    """Module-type suffixes (``q_proj``, ...) when they name exactly the adapted modules, else full names.
+
+    Serving engines key their LoRA slots by module type (TGI/LoRAX and SGLang per layer type), so
+    the short form is the conventional one; it is only used when it selects nothing more."""
+    names = set(handle.names)
+    suffixes = {n.rsplit(".", 1)[-1] for n in names}
+    matched = {n for n, _ in handle.model.named_modules()
+               if n.rsplit(".", 1)[-1] in suffixes and ".base_layer" not in n and n}
+    return sorted(suffixes) if matched == names else sorted(names)
+
+
 def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                base_model_name_or_path: str | None = None) -> dict[str, int]:
-    """Write a standard PEFT LoRA adapter directory (SPEC §8). Returns the exported rank pattern."""
+                base_model_name_or_path: str | None = None, layout: str = "compact") -> dict[str, int]:
+    """Write a standard PEFT LoRA adapter directory (SPEC §8). Returns the exported rank pattern.
+
+    ``layout="compact"`` (default): each module at its own rank through ``rank_pattern`` /
+    ``alpha_pattern``, rank-0 modules dropped. ``layout="uniform"``: every adapted module at one rank
+    ``R`` (zero-padded), ``r = lora_alpha = R`` and no patterns, for serving engines that apply one
+    global scale (vLLM, TGI/LoRAX, SGLang) or ``alpha / own rank`` (llama.cpp); see the module docstring.
+    """
     from peft import LoraConfig
 
+    if layout not in EXPORT_LAYOUTS:
+        raise ExportError(f"unknown export layout {layout!r}; choose one of {', '.join(EXPORT_LAYOUTS)}")
     handle = handle_of(handle)  # a handle or a wrapped model
     # Merged or not (even after merge_and_unload), the factors are unchanged, so the export is the same.
     tensors: dict[str, torch.Tensor] = {}
     pattern: dict[str, int] = {}
-    fan_in_fan_out = set()
-    for name, a in zip(handle.names, handle.adapters):
-        r = a.rank
-        if r == 0:
-            continue  # a module at rank 0 contributes nothing: PEFT gets no adapter there
-        la, lb = peft_lora_factors(a, dtype or torch.float32)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = la
-        tensors[f"base_model.model.{name}.lora_B.weight"] = lb
-        pattern[name] = r
-        fan_in_fan_out.add(a.fan_in_fan_out)
+    fan_in_fan_out = {a.fan_in_fan_out for a in handle.adapters if layout == "uniform" or a.rank > 0}
+    if layout == "uniform":
+        top, factors = uniform_lora_factors(handle, dtype or torch.float32)
+        for name, (la, lb) in factors.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = la
+            tensors[f"base_model.model.{name}.lora_B.weight"] = lb
+            pattern[name] = top
+    else:
+        for name, a in zip(handle.names, handle.adapters):
+            r = a.rank
+            if r == 0:
+                continue  # a module at rank 0 contributes nothing: PEFT gets no adapter there
+            la, lb = peft_lora_factors(a, dtype or torch.float32)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = la
+            tensors[f"base_model.model.{name}.lora_B.weight"] = lb
+            pattern[name] = r
     if not pattern:
         raise RuntimeError("every adapted module is at rank 0: nothing to export")
     if len(fan_in_fan_out) > 1:
@@ -337,32 +440,66 @@ def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = 
         # generic PeftModel reproduces the outputs.
         task_type = None
     ident = _base_identity(handle.model)
+    if layout == "uniform":
+        shape_kw = dict(target_modules=_uniform_target_modules(handle))
+    else:
+        shape_kw = dict(target_modules=sorted(pattern), rank_pattern=dict(pattern),
+                        alpha_pattern={k: float(v) for k, v in pattern.items()})
     lcfg = LoraConfig(
-        r=top, lora_alpha=top, target_modules=sorted(pattern), rank_pattern=dict(pattern),
-        alpha_pattern={k: float(v) for k, v in pattern.items()}, lora_dropout=0.0, bias="none",
+        r=top, lora_alpha=top, **shape_kw, lora_dropout=0.0, bias="none",
         fan_in_fan_out=fan_in_fan_out.pop(), modules_to_save=handle.modules_to_save_names() or None,
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or ident["name_or_path"],
     )
     check_finite_tensors(tensors, f"export_peft({str(path)!r})")
     meta = {"format": "pt", "elalora_base_fingerprint": json.dumps(base_fingerprint(handle))}
-    with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
-        lcfg.save_pretrained(str(tmp))
-        _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata=meta)
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
+                lcfg.save_pretrained(str(tmp))
+                _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata=meta)
     return pattern
 
 
 # ------------------------------------------------------------------------------------------ merge
 @torch.no_grad()
 def merge_and_unload(handle) -> nn.Module:
-    """Fold every ΔW into its base weight and put the plain base layers back. Returns the model."""
+    """Fold every ΔW into its base weight and put plain base layers back. Returns the model (the same
+    object), which no longer carries adapters.
+
+    On a float base each adapter is merged into its own base layer (``W ← W0 + ΔW``), which is then put
+    back in the adapter's place.
+
+    On a quantised base (bitsandbytes ``Linear4bit`` / ``Linear8bitLt``) the merged weight cannot be
+    stored in 4 or 8 bits without a second quantisation error (PEFT re-quantises and warns that
+    generations may differ). Here each adapted quantised layer is **replaced by a float**
+    ``nn.Linear`` holding ``dequant(W0) + ΔW`` (fp32 ΔW added to the dequantised weight, then cast to
+    the dtype the base was quantised from, e.g. fp32 or bf16; bias copied). For a 4-bit base the
+    merged model computes what the trained model computed (``Linear4bit`` dequantises before its
+    matmul); for an 8-bit base it drops LLM.int8()'s activation quantisation, so its outputs differ by
+    that error. Layers that were not adapted stay quantised; the model's ``quantization_config`` is
+    left alone. To deploy a fully float merged model, load the base in float, load the
+    :func:`export_peft` directory with PEFT and call PEFT's ``merge_and_unload`` there.
+    """
     handle = handle_of(handle)  # a handle or a wrapped model
     model = handle.model
     for name, a in zip(handle.names, handle.adapters):
-        a.merge()
-        a._unmerged_weight = None
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if a.quantized:
+            base = a.base_layer
+            dtype = original_dtype(base)
+            w = dequantize_weight(base).float() + a.delta_weight(torch.float32).to(base.weight.device)
+            lin = nn.Linear(a.in_features, a.out_features, bias=base.bias is not None,
+                            device=base.weight.device, dtype=dtype)
+            lin.weight.copy_(w.to(dtype))
+            if base.bias is not None:
+                lin.bias.copy_(base.bias.to(dtype))
+            lin.requires_grad_(False)
+            setattr(parent, child, lin)
+            continue
+        a.merge()
+        a._unmerged_weight = None
         setattr(parent, child, a.base_layer)
     handle.remove_hooks()
     handle.unloaded = True  # the handle's adapters are no longer in the model: unmerge() is impossible
@@ -380,20 +517,34 @@ def save_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_schedule
     import io
 
     trainable = {n for n, p in handle.model.named_parameters() if p.requires_grad}
-    model_state = {k: v.detach().cpu().clone() for k, v in handle.model.state_dict().items()
+    model_state = {k: full_tensor(v.detach()).cpu().clone() for k, v in handle.model.state_dict().items()
                    if k in trainable or k.endswith(".active")}
+    sharded = _sharded(handle)
+    opt_state = None
+    if optimizer is not None:
+        if sharded:
+            # Sharded optimizer state (DTensors): gathered into one full, FQN-keyed state dict.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opt_state = get_optimizer_state_dict(handle.model, optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt_state = optimizer.state_dict()
     blob = {
         "elalora_checkpoint_version": 1,
+        "sharded_optimizer": sharded,
         "model": model_state,
         "elalora": handle.state_dict(),
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "optimizer": opt_state,
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "extra": extra or {},
     }
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    with _write_on_rank0(handle) as writer:
+        if writer:
+            buf = io.BytesIO()
+            torch.save(blob, buf)
+            atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_scheduler=None) -> dict:
@@ -413,22 +564,38 @@ def load_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_schedule
     _check_checkpoint_fits(path, blob, handle, optimizer)
     # Everything was checked above; what is applied is rolled back if a later part still fails: a
     # failed load leaves handle, model, optimizer and scheduler as they were.
+    from .layers import edit_
+
     own = handle.model.state_dict()
     backup_handle = handle.state_dict()
-    backup_model = {k: own[k].detach().clone() for k in blob["model"]}
+    # full_tensor: a sharded (FSDP2) parameter is backed up whole (every process calls it, in the same order)
+    backup_model = {k: full_tensor(own[k].detach()).clone() for k in blob["model"]}
     backup_opt = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
     backup_sched = None if lr_scheduler is None else copy.deepcopy(lr_scheduler.state_dict())
+
+    def write_model(state):
+        with torch.no_grad():
+            for k, v in state.items():
+                # edit_ writes each process's shard of a sharded (FSDP2) tensor; plain tensors are copied.
+                edit_(own[k], lambda t, v=v: t.copy_(v.to(t.device, t.dtype)))
+
     try:
         handle.load_state_dict(blob["elalora"])
-        handle.model.load_state_dict(blob["model"], strict=False)
+        write_model(blob["model"])
         if optimizer is not None and blob.get("optimizer") is not None:
-            optimizer.load_state_dict(blob["optimizer"])
+            if blob.get("sharded_optimizer"):
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(handle.model, optimizer, blob["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(blob["optimizer"])
         if lr_scheduler is not None and blob.get("lr_scheduler") is not None:
             lr_scheduler.load_state_dict(blob["lr_scheduler"])
         torch.set_rng_state(blob["rng"])
     except Exception as e:
         handle._restore_state(backup_handle)
-        handle.model.load_state_dict(backup_model, strict=False)
+        write_model(backup_model)
         if backup_opt is not None:
             optimizer.load_state_dict(backup_opt)
         if backup_sched is not None:
@@ -456,7 +623,11 @@ def _check_checkpoint_fits(path, blob: dict, handle, optimizer) -> None:
         raise AdapterLoadError(f"checkpoint {path}: {wrong[0]} has shape {tuple(model_state[wrong[0]].shape)}, the model "
                                f"{tuple(own[wrong[0]].shape)}")
     if optimizer is not None and blob.get("optimizer") is not None:
-        check_optimizer_state(optimizer, blob["optimizer"], path)
+        if bool(blob.get("sharded_optimizer")) != _sharded(handle):
+            raise AdapterLoadError(f"checkpoint {path} was saved from a {'sharded' if blob.get('sharded_optimizer') else 'plain'} "
+                                   "model; resume it with the same parallelism (FSDP or not)")
+        if not blob.get("sharded_optimizer"):  # a sharded save holds the full state, not this process's
+            check_optimizer_state(optimizer, blob["optimizer"], path)
 
 
 # ------------------------------------------------------------------------------- adapter summary

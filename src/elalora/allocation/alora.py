@@ -25,13 +25,24 @@ forward passes over ``B_val`` — no backward pass — in ``c`` times fewer kern
 that of one no-grad forward pass over ``c·|B_val|`` examples. E.g. BERT-base with all 72 projections at
 ``r = 8``: ``P = 576``, 1153 masks, 145 passes of ``8 × 32`` examples at ``c = 8``.
 
+Prefix reuse (``prefix_reuse=True``, the default): a mask that removes or keeps one rank of adapter
+``a`` computes, up to ``a``, what the full model (removed) or the base model (kept only) computes.
+The outputs of the modules that finish before each adapter starts are cached once per round from
+those two models, and each chunk of masks (sorted by adapter, in execution order) runs with them
+stubbed, so only the part of the forward pass from ``a`` on is recomputed — about half a forward pass
+on average over a layer stack, less for deeper models. Same scores to float rounding, generic over
+Hugging Face models, with a fallback to the full forward pass: :mod:`elalora.allocation.alora_reuse`.
+``progress(done, total)`` (``ALoRAAllocator.progress``) reports the masks evaluated during a round.
+
 Procedure (§3.3)
 ----------------
 ``t`` is the 0-based optimizer step; ``K1 = max(k1, 1)`` and ``K2`` are in optimizer steps (fractions
 are resolved against the run's total steps ``T``). A round runs at the ``on_step`` call of step ``t``
 when ``t + 1 = K1 + j·K2`` (after ``K1`` warm-up steps, then every ``K2`` steps), at most
 ``n_rounds`` times, and only if ``K2`` training steps still follow it (``t + 1 + K2 ≤ T``): every
-round of the paper is followed by ``K2`` steps of training. One round:
+round of the paper is followed by ``K2`` steps of training. ``n_rounds`` is further capped by
+``ablation_budget`` (:meth:`ALoRAAllocator.max_rounds`): no more rounds than keep the ablations'
+cost within ``ablation_budget ×`` the training cost, but at least one (``ALoRAConfig``). One round:
 
 1. score every active rank (above);
 2. prune the ``n_a`` lowest-scoring ranks (default ``n_a = N``, one per module), in the order
@@ -82,228 +93,27 @@ its valid tokens (the same value as the model's own loss on ``B_val``). Anything
 it receives the repeated batch (labels included) and the mean of its output over each copy of
 ``B_val`` is that mask's loss.
 
-Imports: numpy, torch, :mod:`elalora.config`, :mod:`elalora.layers`, :mod:`.base`.
+The ablations themselves (:func:`ablation_scores`) live in :mod:`.alora_ablation`, prefix reuse in
+:mod:`.alora_reuse`; this module holds the reallocation rule and the rounds.
+
+Imports: numpy, torch, :mod:`elalora.config`, :mod:`.alora_ablation`, :mod:`.base`.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ALoRAConfig, ConfigError
-from ..layers import ElasticAdapter
+from .alora_ablation import LossFn, ProgressFn, _batch_size, ablation_scores
 from .base import Allocator, apply_rank_changes
 
 __all__ = ["ALoRAAllocator", "ablation_scores", "select_prune", "distribute_new_ranks", "plan_round"]
-
-LossFn = Callable[[object, dict], torch.Tensor]
-
-_NO_SHIFT_LOSS_TYPES = {"ForTokenClassification", "ForMaskedLM", "ForConditionalGeneration"}
-
-
-# ------------------------------------------------------------------------------------ batches
-def _batch_size(batch: dict) -> int:
-    for key in ("labels", "input_ids", "inputs_embeds", "pixel_values"):
-        v = batch.get(key)
-        if torch.is_tensor(v) and v.dim() >= 1:
-            return int(v.shape[0])
-    for v in batch.values():
-        if torch.is_tensor(v) and v.dim() >= 1:
-            return int(v.shape[0])
-    raise ValueError("the validation batch holds no tensor with a batch dimension")
-
-
-def _tile(batch: dict, n: int, size: int, device: torch.device | None) -> dict:
-    """``n`` copies of ``batch`` along dimension 0 (copy-major: rows ``j·size … (j+1)·size − 1``)."""
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            if device is not None:
-                v = v.to(device)
-            if v.dim() >= 1 and v.shape[0] == size and n > 1:
-                v = v.repeat(n, *([1] * (v.dim() - 1)))
-        out[k] = v
-    return out
-
-
-def _input_device(model: nn.Module) -> torch.device | None:
-    try:
-        emb = model.get_input_embeddings()
-        if emb is not None and getattr(emb, "weight", None) is not None:
-            return emb.weight.device
-    except (AttributeError, NotImplementedError):
-        pass
-    p = next(model.parameters(), None)
-    return None if p is None else p.device
-
-
-def _logits(outputs) -> torch.Tensor:
-    if torch.is_tensor(outputs):
-        return outputs
-    if getattr(outputs, "logits", None) is not None:
-        return outputs.logits
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    if isinstance(outputs, (tuple, list)) and outputs and torch.is_tensor(outputs[0]):
-        return outputs[0]
-    raise TypeError("cannot find logits in the model outputs; pass loss_fn to set_validation_batch")
-
-
-def _per_mask_default_loss(model: nn.Module, outputs, labels: torch.Tensor, n_masks: int) -> torch.Tensor:
-    """Loss of each of the ``n_masks`` copies of the batch, shape ``(n_masks,)`` (float32)."""
-    logits = _logits(outputs).float()
-    labels = labels.to(logits.device)
-    cfg = getattr(model, "config", None)
-    if logits.dim() == 2:  # sequence classification / regression (HF's problem_type rules)
-        n_cls = logits.shape[-1]
-        pt = getattr(cfg, "problem_type", None)
-        if pt is None:
-            if n_cls == 1:
-                pt = "regression"
-            elif labels.dtype in (torch.long, torch.int, torch.int16, torch.int8, torch.uint8):
-                pt = "single_label_classification"
-            else:
-                pt = "multi_label_classification"
-        if pt == "regression":
-            pred = logits.squeeze(-1) if n_cls == 1 else logits
-            err = (pred - labels.float().view_as(pred)) ** 2
-            per = err.reshape(err.shape[0], -1).mean(1)
-            valid = torch.ones_like(per)
-        elif pt == "single_label_classification":
-            lab = labels.view(-1).long()
-            per = F.cross_entropy(logits, lab, reduction="none", ignore_index=-100)
-            valid = (lab != -100).float()
-        else:
-            per = F.binary_cross_entropy_with_logits(logits, labels.float().view_as(logits), reduction="none").mean(-1)
-            valid = torch.ones_like(per)
-    elif logits.dim() == 3:  # token-level: causal LM (shifted), token classification / MLM / seq2seq (not)
-        loss_type = getattr(model, "loss_type", None)
-        shift = not (loss_type in _NO_SHIFT_LOSS_TYPES or getattr(cfg, "is_encoder_decoder", False))
-        lab = labels.long()
-        if shift:
-            logits, lab = logits[:, :-1], lab[:, 1:]
-        per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), reduction="none",
-                              ignore_index=-100).view(lab.shape)
-        valid = (lab != -100).float()
-    else:
-        raise ValueError(f"no default loss for logits of shape {tuple(logits.shape)}; pass loss_fn to set_validation_batch")
-    per = (per * valid).reshape(n_masks, -1).sum(1)
-    count = valid.reshape(n_masks, -1).sum(1)
-    if bool((count == 0).any()):
-        raise ValueError("the validation batch has no valid label (all -100)")
-    return per / count
-
-
-# --------------------------------------------------------------------------------- importance
-def _gates_for_chunk(kind: torch.Tensor, mod: torch.Tensor, slot: torch.Tensor, m: int, capacity: int) -> torch.Tensor:
-    """``(n, capacity)`` gates of adapter ``m`` for masks ``(kind, module, slot)``:
-    kind 0 = full model, 1 = only ``(module, slot)`` removed, 2 = only ``(module, slot)`` kept."""
-    n = kind.numel()
-    g = torch.ones(n, capacity)
-    only = kind == 2
-    g[only] = 0.0
-    rows = torch.nonzero(only & (mod == m), as_tuple=False).flatten()
-    g[rows, slot[rows]] = 1.0
-    rows = torch.nonzero((kind == 1) & (mod == m), as_tuple=False).flatten()
-    g[rows, slot[rows]] = 0.0
-    return g
-
-
-# Over 80 lines on purpose: one batched pass of masks, forward and loss reduction whose steps share
-# the chunk state; split up, the shared buffers would have to be passed around (and the body is
-# kept as is here so that the ALoRA speed-up work merges).
-@torch.no_grad()
-def ablation_scores(
-    model: nn.Module,
-    adapters: Sequence[ElasticAdapter],
-    batch: Mapping,
-    *,
-    chunk: int = 8,
-    loss_fn: LossFn | None = None,
-    return_losses: bool = False,
-):
-    """AB-LoRA scores of every active rank: a list (one per adapter) of float64 tensors of length
-    ``capacity``, ``IS`` at active slots and NaN at inactive ones.
-
-    ``chunk`` masks are evaluated per forward pass over ``chunk`` copies of ``batch`` (module
-    docstring: cost). With ``return_losses`` also returns ``(L(M), L_removed, L_kept)``, the last two
-    lists aligned with the scores.
-    """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1; got {chunk}")
-    for a in adapters:
-        if a.merged or a.disabled:
-            raise RuntimeError("ALoRA ablations need unmerged, enabled adapters (call unmerge() / set_adapters_enabled(True))")
-    batch = dict(batch)
-    size = _batch_size(batch)
-    labels = batch.get("labels")
-    if loss_fn is None and labels is None:
-        raise ValueError("the validation batch has no 'labels'; add them or pass loss_fn(model_outputs, batch)")
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-
-    pairs = [(m, int(s)) for m, a in enumerate(adapters) for s in a.active_indices().tolist()]
-    p_count = len(pairs)
-    mods = torch.tensor([m for m, _ in pairs], dtype=torch.long)
-    slots = torch.tensor([s for _, s in pairs], dtype=torch.long)
-    kind = torch.cat([torch.zeros(1, dtype=torch.long), torch.ones(p_count, dtype=torch.long),
-                      torch.full((p_count,), 2, dtype=torch.long)])
-    mod = torch.cat([torch.full((1,), -1, dtype=torch.long), mods, mods])
-    slot = torch.cat([torch.zeros(1, dtype=torch.long), slots, slots])
-    n_total = kind.numel()
-
-    device = _input_device(model)
-    flags = [(mod_, mod_.training) for mod_ in model.modules()]
-    losses = []
-    try:
-        model.eval()
-        for lo in range(0, n_total, chunk):
-            hi = min(lo + chunk, n_total)
-            n = hi - lo
-            ck, cm, cs = kind[lo:hi], mod[lo:hi], slot[lo:hi]
-            for m, a in enumerate(adapters):
-                g = _gates_for_chunk(ck, cm, cs, m, a.capacity).repeat_interleave(size, dim=0)
-                a.example_gate = g.to(device=a.lora_A.device, dtype=a.lora_A.dtype)
-            tiled_inputs = _tile(inputs, n, size, device)
-            outputs = model(**tiled_inputs)
-            tiled_labels = None if labels is None else _tile({"l": labels}, n, size, device)["l"]
-            if loss_fn is None:
-                losses.append(_per_mask_default_loss(model, outputs, tiled_labels, n))
-            else:
-                tiled = dict(tiled_inputs)
-                if tiled_labels is not None:
-                    tiled["labels"] = tiled_labels
-                per = torch.as_tensor(loss_fn(outputs, tiled)).float().reshape(-1)
-                if per.numel() != n * size:
-                    raise ValueError(f"loss_fn must return one loss per example ({n * size}); got {per.numel()} values")
-                losses.append(per.view(n, size).mean(1))
-            del outputs
-    finally:
-        for a in adapters:
-            a.example_gate = None
-        for mod_, flag in flags:
-            mod_.training = flag
-    loss = torch.cat([x.detach().double().cpu() for x in losses])
-    if not bool(torch.isfinite(loss).all()):
-        raise FloatingPointError("the validation loss of some ablation is not finite; ALoRA cannot rank the ranks")
-    full, removed, kept = loss[0], loss[1:1 + p_count], loss[1 + p_count:]
-    scores = [torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in adapters]
-    is_ = -full + removed - kept
-    for j, (m, s) in enumerate(pairs):
-        scores[m][s] = is_[j]
-    if not return_losses:
-        return scores
-    rem = [torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in adapters]
-    kep = [torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in adapters]
-    for j, (m, s) in enumerate(pairs):
-        rem[m][s] = removed[j]
-        kep[m][s] = kept[j]
-    return scores, (float(full), rem, kep)
-
 
 # ------------------------------------------------------------------------------------ policy
 def select_prune(scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor], n_a: int, min_rank: int) -> dict[int, list[int]]:
@@ -404,6 +214,11 @@ class ALoRAAllocator(Allocator):
         self.last_scores: list[torch.Tensor] | None = None
         self.val_batch: dict | None = None
         self.loss_fn: LossFn | None = None
+        self.step_examples: int | None = None
+        self.round_seconds: list[float] = []
+        # Optional ``progress(done, total)`` called with the masks evaluated so far during a round
+        # (the CLI shows a progress bar with it); not saved.
+        self.progress: ProgressFn | None = None
         if config.total_steps is not None:
             self.set_total_steps(config.total_steps)
 
@@ -425,6 +240,45 @@ class ALoRAAllocator(Allocator):
         self.k1, self.k2 = self.config.resolve_schedule(int(total_steps))
         self.total_steps = int(total_steps)
 
+    def set_step_examples(self, n: int) -> None:
+        """Training examples per optimizer step on this process (batch size × gradient
+        accumulation), for the ``ablation_budget`` cap on the rounds. The Trainer callback sets it."""
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ValueError(f"examples per step must be an integer >= 1; got {n!r}")
+        self.step_examples = int(n)
+
+    # ------------------------------------------------------------------------------ cost
+    def _val_size(self) -> int:
+        return _batch_size(self.val_batch) if self.val_batch is not None else int(self.config.val_batch_size)
+
+    def expected_cost(self) -> dict:
+        """The ablation cost of the run, in example forward passes (see ``ALoRAConfig.ablation_budget``):
+        ``rounds × masks × held-out examples``, with ``masks = 1 + 2R`` at the starting budget ``R``,
+        and, when the examples per step are known, the training cost ``2 × T × examples_per_step``
+        it is compared with. ``rounds_uncapped`` is what the schedule alone would give."""
+        ranks = sum(int(a.r_init) for a in self.adapters)
+        masks = 1 + 2 * ranks
+        val = self._val_size()
+        uncapped = len(self._scheduled_rounds(self.config.n_rounds))
+        rounds = len(self.planned_rounds())
+        out = {"rounds": rounds, "rounds_uncapped": uncapped, "masks": masks, "val_examples": val,
+               "ablation_example_forwards": rounds * masks * val, "training_example_forwards": None,
+               "budget": self.config.ablation_budget}
+        if self.total_steps is not None and self.step_examples is not None:
+            out["training_example_forwards"] = 2 * self.total_steps * self.step_examples
+        return out
+
+    def max_rounds(self) -> int:
+        """``n_rounds``, capped by ``ablation_budget`` when the run's length and examples per step are
+        known (at least one round when ``n_rounds >= 1``)."""
+        n = int(self.config.n_rounds)
+        budget = self.config.ablation_budget
+        if n == 0 or budget is None or self.total_steps is None or self.step_examples is None:
+            return n
+        per_round = (1 + 2 * sum(int(a.r_init) for a in self.adapters)) * self._val_size()
+        training = 2 * self.total_steps * self.step_examples
+        return min(n, max(1, int(budget * training // per_round)))
+
     # ------------------------------------------------------------------------------ schedule
     def _schedule(self) -> tuple[int, int]:
         if self.k1 is None:
@@ -436,7 +290,7 @@ class ALoRAAllocator(Allocator):
 
     def is_round(self, t: int) -> bool:
         """Whether step ``t`` runs a round given the rounds already done."""
-        if self.rounds_done >= self.config.n_rounds:
+        if self.rounds_done >= self.max_rounds():
             return False
         if self.last_round_step is not None and t <= self.last_round_step:
             return False
@@ -447,10 +301,14 @@ class ALoRAAllocator(Allocator):
         return self.total_steps is None or done + k2 <= self.total_steps
 
     def planned_rounds(self) -> list[int]:
-        """Steps ``t`` of every round of a run from the start (needs the total steps)."""
+        """Steps ``t`` of every round of a run from the start (needs the total steps; capped by
+        :meth:`max_rounds`)."""
+        return self._scheduled_rounds(self.max_rounds())
+
+    def _scheduled_rounds(self, n_rounds: int) -> list[int]:
         k1, k2 = self._schedule()
         out = []
-        for j in range(self.config.n_rounds):
+        for j in range(n_rounds):
             done = k1 + j * k2
             if self.total_steps is not None and done + k2 > self.total_steps:
                 break
@@ -462,7 +320,7 @@ class ALoRAAllocator(Allocator):
         """AB-LoRA scores of every active rank on the validation batch (NaN at inactive slots)."""
         self._require_batch()
         return ablation_scores(model, self.adapters, self.val_batch, chunk=self.config.ablation_chunk,
-                               loss_fn=self.loss_fn)
+                               loss_fn=self.loss_fn, prefix_reuse=self.config.prefix_reuse, progress=self.progress)
 
     def _require_batch(self) -> None:
         if self.val_batch is None:
@@ -476,7 +334,9 @@ class ALoRAAllocator(Allocator):
         self._require_batch()
         if model is None:
             raise RuntimeError("ALoRA rounds need the model: call handle.step(optimizer), which passes it")
+        t0 = time.perf_counter()
         scores = self.compute_scores(model)
+        self.round_seconds.append(round(time.perf_counter() - t0, 3))
         prune, grow = plan_round(scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
                                  n_a=self.n_a, min_rank=self.config.min_rank)
         events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
@@ -496,7 +356,8 @@ class ALoRAAllocator(Allocator):
     def state_dict(self):
         return {**super().state_dict(), "rounds_done": self.rounds_done, "last_round_step": self.last_round_step,
                 "round_steps": list(self.round_steps), "pruned_total": self.pruned_total,
-                "grown_total": self.grown_total, "budget_lost": self.budget_lost, "n_a": self.n_a}
+                "grown_total": self.grown_total, "budget_lost": self.budget_lost, "n_a": self.n_a,
+                "step_examples": self.step_examples, "round_seconds": list(self.round_seconds)}
 
     def load_state_dict(self, state):
         if state.get("total_steps") is not None:
@@ -509,3 +370,7 @@ class ALoRAAllocator(Allocator):
         self.grown_total = int(state.get("grown_total", 0))
         self.budget_lost = int(state.get("budget_lost", 0))
         self.n_a = int(state.get("n_a", self.n_a))
+        se = state.get("step_examples")
+        if se is not None and self.step_examples is None:
+            self.step_examples = int(se)
+        self.round_seconds = [float(x) for x in state.get("round_seconds", [])]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..layers import ElasticAdapter
+from ..layers import ElasticAdapter, edit_
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..importance import ImportanceTracker
@@ -70,7 +70,9 @@ def zero_optimizer_slots(optimizer: torch.optim.Optimizer | None, adapter: Elast
             continue
         for v in st.values():
             if torch.is_tensor(v) and v.shape == p.shape:
-                v.index_fill_(dim, torch.as_tensor(list(slots), dtype=torch.long, device=v.device), 0)
+                # edit_: optimizer state of an FSDP2-sharded parameter is sharded alike (a DTensor).
+                edit_(v, lambda t, dim=dim: t.index_fill_(dim, torch.as_tensor(list(slots), dtype=torch.long,
+                                                                               device=t.device), 0))
 
 
 def apply_rank_changes(

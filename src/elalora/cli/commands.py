@@ -5,7 +5,8 @@ the run directory), :mod:`elalora.persistence` (adapter summaries, exports) and 
 Every user-facing error is an :class:`~elalora.errors.ElaLoRAError`, reported by ``main`` as one line.
 
 Imports: :mod:`elalora.recipe`, :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.plots`,
-:mod:`elalora.tasks`, :mod:`elalora.errors`, :mod:`elalora._io`.
+:mod:`elalora.tasks`, :mod:`elalora.serving`, :mod:`elalora.export_gguf`, :mod:`elalora.errors`,
+:mod:`elalora._io`.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ from pathlib import Path
 
 from .._io import atomic_directory, atomic_write_bytes, json_default
 from ..errors import ElaLoRAError, RunError
+from ..export_gguf import export_gguf
 from ..model import handle_of
-from ..persistence import ADAPTER_CONFIG, adapter_format, adapter_summary
+from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
 from ..recipe import RunSpec, train
-from ..recipe.loading import (head_modules, load_adapted_model, load_base_model, load_image_processor, load_tokenizer,
-                              quiet_transformers, resolve_max_length, resolve_model, set_threads)
+from ..recipe.loading import (apply_pooling, head_modules, load_adapted_model, load_base_model, load_image_processor,
+                              load_tokenizer, quiet_transformers, resolve_max_length, resolve_model, set_threads)
 from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (EXPORT_MARKER, HeadSpec, base_for_adapter, check_output_dir, check_writable,
                              infer_task_kind, input_at_risk, output_lock, read_json, resolve_adapter_dir,
                              run_config_for, write_export_marker)
 from ..recipe.trainer import evaluate_model, make_collator
+from ..serving import ConsumerVerdict, format_serving_report, serving_report
 from ..targets import select_target_modules
 from ..tasks import get_task, load_task_data
 
@@ -43,6 +46,11 @@ def parse_target_modules(text: str | None):
     if not names:
         raise RunError("--target-modules is empty; give comma-separated module names or 're:REGEX'")
     return names
+
+
+def parse_names(text: str | None) -> list[str] | None:
+    """``--modules-to-save``: comma-separated module names (an empty list is refused by the recipe)."""
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def load_data(args, *, for_eval_only: bool = False):
@@ -78,6 +86,7 @@ def cmd_train(args) -> int:
     targets = parse_target_modules(args.target_modules)
     spec = RunSpec.from_namespace(args)
     spec.target_modules = targets
+    spec.modules_to_save = parse_names(args.modules_to_save)
     record = {"args": {k: v for k, v in vars(args).items() if k not in ("handler",)}}
     result = train(spec, args.output_dir, overwrite=args.overwrite, record=record)
     if result is None:  # a non-main process of a distributed launch
@@ -123,6 +132,7 @@ def cmd_eval(args) -> int:
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
     max_length = resolve_max_length(base, args.max_length, default=max_length)
+    apply_pooling(base, run_cfg.get("pooling") or "cls", spec.kind)  # as trained (--pooling)
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     model.eval()
@@ -152,6 +162,7 @@ def cmd_export(args) -> int:
 
 
 def _export(args, adir: Path, fmt: str, out: Path) -> int:
+    layout = _export_layout(args, adir, fmt)
     if args.to == "peft" and fmt == "peft":
         with atomic_directory(out) as tmp:
             for f in adir.iterdir():
@@ -167,17 +178,29 @@ def _export(args, adir: Path, fmt: str, out: Path) -> int:
     else:
         kind, n = infer_task_kind(adir, fmt)
         spec = HeadSpec(kind, n, None)
+    pooling = (run_cfg or {}).get("pooling") or "cls"
+    if pooling != "cls" and args.to == "merged":
+        # a merged checkpoint loads as a plain transformers model, which would read its own pooler
+        raise RunError(f"the run was trained with --pooling {pooling}, which a plain transformers checkpoint "
+                       "cannot express; export --to peft and apply elalora.heads.use_mean_pooling to the base "
+                       "model before loading the adapter")
     model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
     tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     seed = (run_cfg or {}).get("training", {}).get("seed", 0)
     base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=seed)
+    apply_pooling(base, pooling, spec.kind)
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     with atomic_directory(out) as tmp:
         write_export_marker(tmp, adir, args.to, model_path)
         if args.to == "peft":
-            pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path)
-            msg = f"PEFT LoRA adapter with {len(pattern)} modules, total rank {sum(pattern.values())}"
+            pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path, layout=layout)
+            msg = (f"PEFT LoRA adapter ({layout} layout) with {len(pattern)} modules, "
+                   f"total rank {sum(pattern.values())}")
+        elif args.to == "gguf":
+            info = export_gguf(handle_of(model), tmp / "adapter.gguf")  # ExportError / MissingExtraError: one line
+            msg = (f"llama.cpp LoRA adapter adapter.gguf ({info['architecture']}, {len(info['tensors']) // 2} "
+                   f"modules at rank {info['rank']}, alpha {info['alpha']:g})")
         else:
             if fmt == "elalora":
                     merged = handle_of(model).merge_and_unload()
@@ -191,6 +214,20 @@ def _export(args, adir: Path, fmt: str, out: Path) -> int:
             msg = f"merged {type(merged).__name__} (loads with transformers' from_pretrained)"
     print(f"wrote {msg} to {out}")
     return 0
+
+
+def _export_layout(args, adir: Path, fmt: str) -> str:
+    """The PEFT layout ``export`` writes (``compact`` unless ``--layout uniform``); refuses what does not combine."""
+    layout = getattr(args, "layout", None)
+    if args.to == "gguf" and layout == "compact":
+        raise RunError("--to gguf is always written in the uniform layout (llama.cpp scales each tensor by "
+                       "alpha / its own rank); drop --layout compact")
+    if args.to == "merged" and layout:
+        raise RunError("--layout applies to --to peft only")
+    if fmt == "peft" and (args.to == "gguf" or layout == "uniform"):
+        raise RunError(f"{adir} is a PEFT LoRA adapter; --to gguf and --layout uniform convert elalora adapters "
+                       "(a run's adapter/). For a PEFT adapter use llama.cpp's convert_lora_to_gguf.py")
+    return layout or "compact"
 
 
 def cmd_plot(args) -> int:
@@ -248,6 +285,9 @@ def cmd_inspect(args) -> int:
             raise
         raise RunError(f"{str(adir)!r}/adapter_config.json is malformed ({type(e).__name__}: "
                        f"{' '.join(str(e).split())[:200]}); the adapter config was edited or is corrupt") from None
+    if s["format"] == "peft":  # which serving engines read this export right (elalora.serving)
+        shapes = {k: v["shape"] for k, v in safetensors_header(adir / ADAPTER_WEIGHTS).items() if "shape" in v}
+        s["consumers"] = [v.to_dict() for v in serving_report(read_json(adir / ADAPTER_CONFIG), shapes)]
     if args.json:
         print(json.dumps(s, indent=2, default=json_default))
         return 0
@@ -263,6 +303,9 @@ def cmd_inspect(args) -> int:
     adapter_params = sum(s["module_params"].values())
     print(f"modules saved in full ({', '.join(s.get('modules_to_save') or []) or 'none'}): {s['full_params']:,} "
           f"parameters; adapter + saved modules: {adapter_params + s['full_params']:,} parameters")
+    if s.get("consumers"):
+        print("\nLoRA consumers (each one's scale rule against PEFT's update):")
+        print(format_serving_report([ConsumerVerdict(**v) for v in s["consumers"]]))
     return 0
 
 

@@ -4,7 +4,8 @@ Subcommands (``elalora <command> --help`` lists every flag):
 
 * ``train``   fine-tune a model on a task with LoRA, AdaLoRA, ElaLoRA, ALoRA, GeLoRA or GeLoRA+ElaLoRA;
 * ``eval``    evaluate a saved adapter (elalora format or a PEFT LoRA export);
-* ``export``  convert an adapter to a plain PEFT LoRA adapter or to merged full weights;
+* ``export``  convert an adapter to a plain PEFT LoRA adapter (compact or uniform layout), a llama.cpp
+              GGUF LoRA adapter, or merged full weights;
 * ``plot``    (re)draw the figures of a run directory;
 * ``inspect`` print the rank pattern and parameter counts of an adapter (no model load);
 * ``plan``    print a GeLoRA rank plan without training.
@@ -120,6 +121,13 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _budget(text: str) -> float | None:
+    """A positive number, or ``none`` (no cap)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    return _positive_float(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
@@ -185,6 +193,14 @@ def _add_train(sub) -> None:
     g.add_argument("--lora-alpha", type=_positive_float, default=None,
                    help="scale numerator (default: 2r for lora/alora, 16 for elalora/adalora)")
     g.add_argument("--lora-dropout", type=_fraction, default=0.0, help="dropout on the adapter input (default 0)")
+    g.add_argument("--modules-to-save", default=None, metavar="NAMES",
+                   help="comma-separated modules trained in full besides the adapters, as PEFT's modules_to_save "
+                        "(default: the task head, 'classifier' or 'score'); e.g. 'pooler,classifier' also trains "
+                        "BERT's pooler. The task head must be in the list")
+    g.add_argument("--pooling", default="cls", choices=("cls", "mean"),
+                   help="what a BERT-like classifier reads: 'cls' the model's pooler over [CLS] (default), "
+                        "'mean' the masked mean of the last hidden states (what sentence-transformers "
+                        "checkpoints such as all-MiniLM-L6-v2 were trained for)")
     g = t.add_argument_group("ElaLoRA / AdaLoRA knobs (steps: an int = optimizer steps, a float < 1 = fraction of the run)")
     g.add_argument("--b", type=_positive_int, default=4, help="ElaLoRA: ranks moved per round at the start (default 4)")
     g.add_argument("--k", type=_positive_int, default=2, help="ElaLoRA: candidates per matrix per round (default 2)")
@@ -206,6 +222,11 @@ def _add_train(sub) -> None:
     g.add_argument("--alora-k2", type=step_value, default=0.06, help="ALoRA: training between rounds (default 0.06)")
     g.add_argument("--alora-val-size", type=_positive_int, default=32,
                    help="ALoRA: held-out training examples for the ablation batch (default 32)")
+    g.add_argument("--alora-budget", type=_budget, default=1.0,
+                   help="ALoRA: at most as many rounds as keep the ablations' cost within this multiple of the "
+                        "training cost, at least one; 'none' = no cap, every --alora-rounds (default 1.0)")
+    g.add_argument("--alora-chunk", type=_positive_int, default=8,
+                   help="ALoRA: ablation masks per forward pass (default 8; 32-64 on a GPU)")
     g = t.add_argument_group("GeLoRA knobs")
     g.add_argument("--gelora-samples", type=_positive_int, default=256,
                    help="training examples whose hidden states give the intrinsic dimensions (default 256)")
@@ -230,6 +251,12 @@ def _add_train(sub) -> None:
     g.add_argument("--logging-steps", type=_positive_int, default=None,
                    help="log the training loss every N steps (default 10, fewer on very short runs)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    q = g.add_mutually_exclusive_group()
+    q.add_argument("--load-in-4bit", dest="load_in_bits", action="store_const", const=4, default=None,
+                   help="generation tasks: quantise the base to 4 bits (NF4, QLoRA) with bitsandbytes; "
+                        "adapters stay fp32 (needs pip install 'elalora[bnb]')")
+    q.add_argument("--load-in-8bit", dest="load_in_bits", action="store_const", const=8,
+                   help="generation tasks: quantise the base to 8 bits (LLM.int8()) with bitsandbytes")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
                    help="do not batch examples of similar length together (grouping is on by default: less padding, faster)")
     g.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -239,6 +266,9 @@ def _add_train(sub) -> None:
                    help="run directory (default runs/<task>-<method>-r<r>); must be new or empty")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
     g.add_argument("--no-figures", dest="figures", action="store_false", help="do not draw figures/")
+    g.add_argument("--export-layout", default="compact", choices=("compact", "uniform"),
+                   help="layout of peft/: compact (per-module ranks via rank_pattern, the default) or uniform "
+                        "(every module padded to the largest rank, scale 1: for vLLM, TGI/LoRAX, SGLang, llama.cpp)")
     t.set_defaults(handler="train")
 
 
@@ -258,11 +288,16 @@ def _add_eval_export_plot(sub) -> None:
     e.set_defaults(handler="eval")
 
     # --------------------------------------------------------------------------------- export
-    x = sub.add_parser("export", help="export an adapter to PEFT LoRA or merged weights", description=(
-        "Export an adapter directory to a plain PEFT LoRA adapter (--to peft) or to a full model with "
+    x = sub.add_parser("export", help="export an adapter to PEFT LoRA, llama.cpp GGUF or merged weights", description=(
+        "Export an adapter directory to a plain PEFT LoRA adapter (--to peft), a llama.cpp LoRA adapter "
+        "(--to gguf, Llama-architecture decoders: OUTPUT_DIR/adapter.gguf) or to a full model with "
         "the update merged into the weights (--to merged; loads with transformers alone)."))
     x.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (a run directory means its adapter/)")
-    x.add_argument("--to", required=True, choices=("peft", "merged"), help="output format")
+    x.add_argument("--to", required=True, choices=("peft", "gguf", "merged"), help="output format")
+    x.add_argument("--layout", default=None, choices=("compact", "uniform"),
+                   help="--to peft: compact (per-module ranks via rank_pattern, default) or uniform (every module "
+                        "padded to the largest rank, r = lora_alpha: what serving engines read right). "
+                        "--to gguf is always uniform")
     x.add_argument("--output-dir", required=True, metavar="DIR", help="where to write (must be new or empty)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     _add_model_flags(x, for_train=False)

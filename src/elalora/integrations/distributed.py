@@ -17,6 +17,7 @@ import hashlib
 import torch
 
 from ..errors import ReplicaMismatchError
+from ..layers import full_tensor
 
 __all__ = ["ReplicaMismatchError", "rank_pattern_digest", "assert_replicas_agree"]
 
@@ -29,7 +30,7 @@ def rank_pattern_digest(handle, include_weights: bool = False) -> int:
         h.update(a.active.detach().cpu().numpy().tobytes())
         if include_weights:
             for _, p, _ in a.slot_parameters():
-                h.update(p.detach().float().cpu().numpy().tobytes())
+                h.update(full_tensor(p.detach()).float().cpu().numpy().tobytes())
     return int.from_bytes(h.digest(), "little") & (2**63 - 1)
 
 

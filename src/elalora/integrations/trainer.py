@@ -99,6 +99,10 @@ class ElaLoRACallback(TrainerCallback):
         if not state.max_steps or state.max_steps <= 0:
             raise ValueError("the Trainer did not report max_steps; set max_steps or num_train_epochs")
         self.handle.set_total_steps(int(state.max_steps))
+        alloc = self.handle.allocator
+        if hasattr(alloc, "set_step_examples") and getattr(alloc, "step_examples", None) is None:
+            # ALoRA's ablation budget compares with this process's training examples per step
+            alloc.set_step_examples(int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps))
         self._restored = state.global_step == 0
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -12,7 +12,8 @@ Modules: :mod:`.loading` (model paths, tokenizers, base models, adapters), :mod:
 directory), :mod:`.methods` (method configs, GeLoRA plans, schedules).
 
 Imports: :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.tasks`, :mod:`elalora.plots`,
-:mod:`elalora.targets`, :mod:`elalora.errors`, :mod:`elalora._io`, transformers, peft.
+:mod:`elalora.integrations` (the ALoRA progress bar), :mod:`elalora.targets`, :mod:`elalora.errors`,
+:mod:`elalora._io`, transformers, peft.
 """
 
 from __future__ import annotations
@@ -32,12 +33,11 @@ import torch
 from .._io import atomic_directory, json_default, write_json
 from ..errors import RunError, TrainingDivergedError, diverged_message
 from ..model import get_model
-from ..persistence import peft_task_type
+from ..persistence import EXPORT_LAYOUTS, peft_task_type
 from ..targets import select_target_modules
 from ..tasks import TaskSpec, get_task, load_task_data
-from .loading import (head_modules, load_base_model, load_image_processor, load_tokenizer, quiet_transformers,
-                      resolve_max_length,
-                      resolve_model, set_threads)
+from .loading import (apply_pooling, head_modules, load_base_model, load_image_processor, load_tokenizer,
+                      quiet_transformers, resolve_max_length, resolve_model, resolve_modules_to_save, set_threads)
 from .methods import (PEFT_METHODS, build_method_config, expected_total_steps, peft_rank_pattern, run_gelora_plan,
                       schedule_dict)
 from .rundir import RUN_MARKER, abspath_or_none, check_output_dir, output_lock, versions
@@ -68,6 +68,8 @@ class RunSpec:
     target_modules: list[str] | str | None = None
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
+    modules_to_save: list[str] | None = None  # trained in full besides the adapters; None: the task head
+    pooling: str = "cls"  # "mean": the classifier reads the masked mean of the last hidden states (elalora.heads)
     b: int = 4
     k: int = 2
     tinit: int | float = 0.1
@@ -75,7 +77,7 @@ class RunSpec:
     delta_t: int | float = 0.02
     beta1: float = 0.85
     beta2: float = 0.85
-    orth_reg_weight: float = 0.1
+    orth_reg_weight: float = 0.0  # the library default (config._ScoredConfig): off, see docs/results.md §4
     init_r: int | None = None
     max_rank: int | None = None
     min_rank: int = 1
@@ -83,6 +85,8 @@ class RunSpec:
     alora_k1: int | float = 0.25
     alora_k2: int | float = 0.06
     alora_val_size: int = 32
+    alora_budget: float | None = 1.0
+    alora_chunk: int = 8
     gelora_samples: int = 256
     gelora_pooling: str = "mean"
     gelora_alpha_scale: float | None = None
@@ -98,10 +102,12 @@ class RunSpec:
     eval_steps: int | None = None
     logging_steps: int | None = None
     bf16: bool = False
+    load_in_bits: int | None = None  # 4 or 8: a bitsandbytes-quantised base (generation tasks)
     group_by_length: bool = True
     threads: int | None = None
     max_new_tokens: int = 64
     figures: bool = True
+    export_layout: str = "compact"  # peft/: "compact" (rank_pattern) or "uniform" (serving engines)
 
     @classmethod
     def from_namespace(cls, ns: Any) -> "RunSpec":
@@ -148,6 +154,11 @@ def _check_flags(spec: RunSpec) -> None:
     if spec.lora_alpha is not None and spec.method == "gelora":
         raise RunError("--lora-alpha does not apply to --method gelora (its alphas come from the plan); "
                        "set the scale alpha/r with --gelora-alpha-scale")
+    if spec.export_layout not in EXPORT_LAYOUTS:
+        raise RunError(f"--export-layout {spec.export_layout!r}: choose one of {', '.join(EXPORT_LAYOUTS)}")
+    if spec.export_layout != "compact" and spec.method in PEFT_METHODS:
+        raise RunError(f"--export-layout {spec.export_layout} applies to the adaptive methods; --method "
+                       f"{spec.method} trains PEFT's own LoRA, whose peft/ is PEFT's save as it is")
     if spec.method not in PEFT_METHODS:
         build_method_config(spec, spec.target_modules, None, max_planned=None)  # ConfigError on bad knobs
 
@@ -184,11 +195,14 @@ def prepare(spec: RunSpec) -> Prepared:
         probe = build_method_config(spec, spec.target_modules, None)
         schedule_dict(probe, total_steps)  # ConfigError if tinit + tfinal >= T etc.
     tokenizer = None if task.kind == "image" else load_tokenizer(model_path, gguf_file, task.kind)
-    model = load_base_model(task.kind, model_path, gguf_file, task, tokenizer, seed=spec.seed)
+    model = load_base_model(task.kind, model_path, gguf_file, task, tokenizer, seed=spec.seed,
+                            bits=spec.load_in_bits, bf16=spec.bf16)
     max_length = resolve_max_length(model, spec.max_length)
     image_processor = load_image_processor(model_path, model.config) if task.kind == "image" else None
     collate = make_collator(task, tokenizer, image_processor, max_length)
+    apply_pooling(model, spec.pooling, task.kind)  # before the adapters wrap the model
     head = head_modules(model) if task.kind != "generation" else None
+    head = resolve_modules_to_save(model, spec.modules_to_save, head)
     module_names, targets = select_target_modules(model, spec.target_modules, head)
     if probe is not None and hasattr(probe, "check_pool"):
         probe.check_pool(len(module_names))  # ElaLoRA: b too large for k and the number of matrices
@@ -212,12 +226,17 @@ class Built:
     initial_pattern: dict[str, int]
 
 
+def _copy(names: list[str] | None) -> list[str] | None:
+    """A copy for PEFT, whose sequence-classification model appends its default heads to the list in place."""
+    return None if names is None else list(names)
+
+
 def _peft_lora(prep: Prepared, plan) -> tuple[Any, dict]:
     from peft import LoraConfig, get_peft_model
 
     spec = prep.spec
     common = dict(r=spec.r, target_modules=list(prep.module_names), lora_dropout=spec.lora_dropout, bias="none",
-                  modules_to_save=prep.head, task_type=peft_task_type(prep.model))
+                  modules_to_save=_copy(prep.head), task_type=peft_task_type(prep.model))
     if plan is None:
         lcfg = LoraConfig(lora_alpha=spec.lora_alpha if spec.lora_alpha is not None else 2.0 * spec.r, **common)
     else:
@@ -251,7 +270,18 @@ def build(prep: Prepared, run_dir: Path | None = None) -> Built:
     handle = get_model(prep.model, config)
     if spec.method == "alora":
         handle.allocator.set_validation_batch(prep.collate(prep.val_examples))
+        _alora_progress(handle.allocator, prep.total_steps, spec.batch_size * spec.grad_accum)
     return Built(plan, handle, None, prep.model, config.to_dict(), dict(handle.initial_rank_pattern))
+
+
+def _alora_progress(allocator, total_steps: int, step_examples: int) -> None:
+    """Log the expected cost of the ALoRA schedule; show each round's progress bar and duration."""
+    from ..integrations.progress import RoundProgress, describe_cost
+
+    allocator.set_total_steps(int(total_steps))  # the Trainer callback sets the same values again
+    allocator.set_step_examples(int(step_examples))
+    log(describe_cost(allocator.expected_cost()) + f"; rounds after steps {[t + 1 for t in allocator.planned_rounds()]}")
+    allocator.progress = RoundProgress(log=log, disable=not is_main_process())
 
 
 # ---------------------------------------------------------------------------------------- phase 3: fit
@@ -343,8 +373,9 @@ class RunResult:
         return self.metrics["main_metric"]
 
 
-def _save_adapters(built: Built, run_dir: Path, model_path: str) -> tuple[dict, dict, list, dict | None]:
-    """Write adapter/ and peft/; returns (final rank pattern, parameter counts, events, final scores)."""
+def _save_adapters(built: Built, run_dir: Path, model_path: str, layout: str = "compact"
+                   ) -> tuple[dict, dict, list, dict | None]:
+    """Write adapter/ and peft/ (in ``layout``); returns (final rank pattern, parameter counts, events, final scores)."""
     handle = built.handle
     if handle is None:
         pm = built.peft_model
@@ -354,7 +385,7 @@ def _save_adapters(built: Built, run_dir: Path, model_path: str) -> tuple[dict, 
         counts = {"total": sum(p.numel() for p in pm.parameters()), "trainable": trainable, "active": trainable}
         return peft_rank_pattern(pm), counts, [], None
     handle.save_pretrained(str(run_dir / "adapter"))
-    handle.export_peft(str(run_dir / "peft"), base_model_name_or_path=model_path)
+    handle.export_peft(str(run_dir / "peft"), base_model_name_or_path=model_path, layout=layout)
     scores = None
     if handle.importance is not None:
         sc = handle.importance.rank_scores()
@@ -376,8 +407,9 @@ def _metrics(prep: Prepared, built: Built, fitted: Fitted, final_pattern, counts
     }
     if built.handle is not None and prep.spec.method == "alora":
         alloc = built.handle.allocator
-        metrics["alora"] = {k: getattr(alloc, k) for k in ("round_steps", "pruned_total", "grown_total", "budget_lost")
-                            if hasattr(alloc, k)}
+        metrics["alora"] = {k: getattr(alloc, k) for k in ("round_steps", "pruned_total", "grown_total", "budget_lost",
+                                                           "round_seconds")}
+        metrics["alora"]["expected_cost"] = alloc.expected_cost()
     return metrics
 
 
@@ -407,6 +439,7 @@ def _run_config(prep: Prepared, built: Built, fitted: Fitted, t_start: float, re
         "model_type": getattr(prep.model.config, "model_type", None),
         "method": spec.method, "r": spec.r, "method_config": built.method_config,
         "target_modules": list(prep.module_names), "modules_to_save": prep.head,
+        "pooling": spec.pooling,
         "schedule": schedule, "total_steps": max_steps,
         "training": {"epochs": spec.epochs, "max_steps": spec.max_steps, "batch_size": spec.batch_size,
                      "eval_batch_size": fitted.eval_batch_size, "grad_accum": spec.grad_accum, "lr": spec.lr,
@@ -431,7 +464,7 @@ def save_run(prep: Prepared, built: Built, fitted: Fitted, run_dir: Path, t_star
         for n, prm in built.peft_model.named_parameters():
             if prm.requires_grad and not bool(torch.isfinite(prm).all()):
                 raise TrainingDivergedError(diverged_message(int(fitted.trainer.state.global_step), f"the weight {n}"))
-    final_pattern, counts, events, scores = _save_adapters(built, run_dir, prep.model_path)
+    final_pattern, counts, events, scores = _save_adapters(built, run_dir, prep.model_path, prep.spec.export_layout)
     with open(run_dir / "rank_history.jsonl", "w") as f:
         for e in events:
             f.write(json.dumps(e, default=json_default) + "\n")

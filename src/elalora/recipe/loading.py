@@ -1,8 +1,8 @@
 """Loading for a run: where the model is (``--model`` / the default models), the tokenizer, image
 processor and base model with the task's head, CPU threads, and an adapter directory onto a base.
 
-Imports: transformers, peft (lazily), :mod:`elalora.model`, :mod:`elalora.persistence`,
-:mod:`elalora.tasks`, :mod:`elalora.errors`, :mod:`elalora._extras`.
+Imports: transformers, peft (lazily), :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.heads`,
+:mod:`elalora.tasks`, :mod:`elalora.quant` (lazily), :mod:`elalora.errors`, :mod:`elalora._extras`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from typing import Any
 
 from .._extras import available, install_hint
 from ..errors import AdapterLoadError, MissingExtraError, RunError
+from ..heads import use_mean_pooling
 from ..model import load_adapter
 from ..persistence import adapter_format, check_peft_adapter_fits
 
 __all__ = ["default_model", "resolve_model", "quiet_transformers", "default_threads", "set_threads", "load_tokenizer",
-           "load_image_processor", "head_modules", "load_base_model", "load_adapted_model", "SMOLLM2_GGUF"]
+           "load_image_processor", "head_modules", "apply_pooling", "resolve_modules_to_save", "load_base_model", "load_adapted_model",
+           "SMOLLM2_GGUF"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -195,12 +197,62 @@ def head_modules(model) -> list[str] | None:
     return None
 
 
-def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer=None, seed: int = 0):
-    """A fresh base model with the task's head (classification/regression/generation/image)."""
+POOLINGS = ("cls", "mean")
+
+
+def apply_pooling(model, pooling: str, kind: str) -> None:
+    """``pooling="mean"``: the classifier reads the masked mean of the last hidden states
+    (:func:`elalora.heads.use_mean_pooling`); ``"cls"`` leaves the model as loaded."""
+    if pooling not in POOLINGS:
+        raise RunError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if pooling == "cls":
+        return
+    if kind not in ("classification", "regression"):
+        raise RunError(f"--pooling {pooling} applies to text classification and regression tasks, not {kind}")
+    try:
+        use_mean_pooling(model)
+    except ValueError as e:
+        raise RunError(f"--pooling {pooling}: {e}") from None
+
+
+def resolve_modules_to_save(model, names: list[str] | None, head: list[str] | None) -> list[str] | None:
+    """The modules trained in full (PEFT's ``modules_to_save``): ``names``, or ``head`` when ``None``.
+
+    Names are module names or dotted suffixes (``pooler``, ``bert.pooler``), matched as PEFT matches
+    them. The task head must stay in the list: a frozen, randomly initialised head cannot learn.
+    Call it after :func:`apply_pooling` (a mean pooler has no parameters to train).
+    """
+    if names is None:
+        return head
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise RunError("--modules-to-save is empty; give comma-separated module names, e.g. 'pooler,classifier'")
+    modules = {n: m for n, m in model.named_modules() if n}
+    for name in names:
+        hits = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
+        if not hits:
+            raise RunError(f"--modules-to-save: no module of the model is named {name!r} "
+                           f"(top-level modules: {', '.join(n for n, _ in model.named_children())})")
+        if not any(p.numel() for m in hits for p in m.parameters()):
+            raise RunError(f"--modules-to-save: module {name!r} has no parameters to train "
+                           f"(with --pooling mean the pooler is a parameter-free mean)")
+    missing = [h for h in (head or []) if h not in names]
+    if missing:
+        raise RunError(f"--modules-to-save must include the task head {', '.join(missing)!r} "
+                       f"(it is randomly initialised and has to be trained); e.g. '{','.join(names + missing)}'")
+    return list(dict.fromkeys(names))
+
+
+def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer=None, seed: int = 0,
+                    bits: int | None = None, bf16: bool = False):
+    """A fresh base model with the task's head (classification/regression/generation/image);
+    ``bits`` (4 or 8): a bitsandbytes-quantised causal LM (:func:`elalora.quant.load_quantized_causal_lm`)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     transformers.set_seed(seed)
+    if bits:
+        return _set_pad_and_eos(_load_quantized_base(kind, path, gguf_file, bits, bf16), kind, tokenizer)
     kw: dict[str, Any] = {}
     if gguf_file:
         if not available("gguf"):
@@ -225,6 +277,25 @@ def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer
             raise RunError(f"unsupported task kind {kind!r}")
     if gguf_file:
         forget_quantization(model)
+    return _set_pad_and_eos(model, kind, tokenizer)
+
+
+def _load_quantized_base(kind: str, path: str, gguf_file: str | None, bits: int, bf16: bool):
+    """``--load-in-4bit`` / ``--load-in-8bit``: the base quantised by bitsandbytes (library code in
+    :mod:`elalora.quant`; compute dtype bf16 with ``--bf16``, else fp32)."""
+    import torch
+
+    from ..quant import load_quantized_causal_lm
+
+    if kind != "generation":
+        raise RunError(f"--load-in-{bits}bit applies to generation tasks (causal LMs) only")
+    with loading_errors("model", path if not gguf_file else f"{path}/{gguf_file}"):
+        return load_quantized_causal_lm(path, bits, gguf_file=gguf_file,
+                                        compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
+def _set_pad_and_eos(model, kind: str, tokenizer):
+    """The tokenizer's pad token on the model config; for generation, the generation config's eos/pad."""
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if kind == "generation" and tokenizer is not None:
