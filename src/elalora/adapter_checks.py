@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterLoadError, TrainingDivergedError
-from .layers import ElasticAdapter
+from .layers import ElasticAdapter, full_tensor
 
 __all__ = ["FINGERPRINT_VALUES", "FINGERPRINT_RTOL", "weight_fingerprint", "base_fingerprint",
            "check_base_model_weights", "check_finite_tensors", "validate_adapter_config", "check_optimizer_state", "slot_shapes",
@@ -46,7 +46,8 @@ def _frozen_base_weight(a: ElasticAdapter) -> torch.Tensor:
 
 def weight_fingerprint(w: torch.Tensor, n: int = FINGERPRINT_VALUES) -> list[float]:
     """``n`` evenly spaced entries of ``w`` (flattened), as floats: a cheap identity of a weight."""
-    flat = w.detach().reshape(-1)
+    # full_tensor: an FSDP2-sharded base weight is gathered (every process computes the fingerprint)
+    flat = full_tensor(w.detach()).reshape(-1)
     idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel())).round().long().to(flat.device)
     return [float(v) for v in flat.index_select(0, idx).double().cpu()]
 
