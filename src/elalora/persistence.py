@@ -49,6 +49,10 @@ Imports: :mod:`elalora.layers`, :mod:`elalora.config`, :mod:`elalora.errors`, :m
 :mod:`elalora._handle`, :mod:`elalora.adapter_checks`, :mod:`elalora.quant`; ``peft`` and ``safetensors`` lazily.
 """
 
+# Size: ~750 lines, over the ~600 the layout aims for. The hostile-input checks (issue 16) and the
+# sharded FSDP2 saves (issue 18) landed here together in the last merge; the training checkpoints
+# (save_checkpoint / load_checkpoint and their helpers) are the part to move into their own module next.
+
 from __future__ import annotations
 
 import contextlib
