@@ -198,11 +198,19 @@ def _cli_args(task, method, r, seed, steps, data_dir, out_dir, threads, proto=No
     return a
 
 
-def run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto=None, overrides=None) -> dict:
+def kept_run_dir(keep_runs: str | None, task, method, r, seed, protocol=None) -> Path | None:
+    """Where ``--keep-runs`` keeps one cell's run directory (``elalora analyze`` reads it later)."""
+    if not keep_runs:
+        return None
+    return Path(keep_runs) / (protocol or "steps") / f"{task}-{method}-r{r}-s{seed}"
+
+
+def run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto=None, overrides=None,
+                 keep_dir: Path | None = None) -> dict:
     from elalora.cli.main import main as cli_main
 
     with tempfile.TemporaryDirectory(prefix="acc-cell-") as tmp:
-        out = str(Path(tmp) / "run")
+        out = str(keep_dir if keep_dir is not None else Path(tmp) / "run")
         argv = _cli_args(task, method, r, seed, steps, data_dir, out, threads, proto, overrides)
         rc = cli_main(argv)
         if rc != 0:
@@ -296,15 +304,19 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -
             "threads": torch.get_num_threads(), "runner": "benchmarks/accuracy.py (PEFT AdaLoRA, same Trainer setup)"}
 
 
-def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None) -> dict:
+def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, keep_runs=None) -> dict:
     import torch
 
     proto = protocol_settings(protocol)
     t0 = time.time()
+    keep_dir = None
     if method == "peft-adalora":
         res = run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto)
     else:
-        res = run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto)
+        keep_dir = kept_run_dir(keep_runs, task, method, r, seed, protocol)
+        res = run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto, keep_dir=keep_dir)
+    if keep_dir is not None:
+        res["run_dir"] = str(keep_dir)
     shared = {**SHARED, "max_steps": steps}
     if proto is not None:
         shared.update(cell_settings(task, method, proto), protocol=protocol, epochs=proto["epochs"][task])
@@ -433,6 +445,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--figures", action="store_true", help="with --render: also draw the rank heatmap of the "
                     "ElaLoRA r=8 seed-0 run of each task into docs/figures/")
     ap.add_argument("--dry-run", action="store_true", help="list the cells that would run")
+    ap.add_argument("--keep-runs", default=None, metavar="DIR",
+                    help="keep each elalora cell's run directory under DIR/PROTOCOL/TASK-METHOD-rR-sSEED (for "
+                         "`elalora analyze`; PEFT AdaLoRA cells have none); default: temporary, deleted")
     ap.add_argument("--results", default=str(JSONL), help="JSON-lines file of finished cells (default %(default)s)")
     return ap
 
@@ -501,7 +516,8 @@ def main(argv=None):
         for task, method, r, seed in todo:
             print(f"=== cell {task} {method} r={r} seed={seed} ({task_steps[task]} steps; load {loadavg()})", flush=True)
             try:
-                finished(run_cell(task, method, r, seed, task_steps[task], args.data_dir, threads, args.protocol))
+                finished(run_cell(task, method, r, seed, task_steps[task], args.data_dir, threads, args.protocol,
+                                  args.keep_runs))
             except Exception:  # noqa: BLE001  (one failing cell must not stop the grid)
                 print(f"cell {task} {method} r={r} seed={seed} failed:\n{traceback.format_exc()}", file=sys.stderr,
                       flush=True)
@@ -510,7 +526,7 @@ def main(argv=None):
         # one fresh process per cell (spawn; nothing leaks between cells); only this process writes the JSONL
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-            futs = {pool.submit(run_cell, *c, task_steps[c[0]], args.data_dir, threads, args.protocol): c
+            futs = {pool.submit(run_cell, *c, task_steps[c[0]], args.data_dir, threads, args.protocol, args.keep_runs): c
                     for c in todo}
             for fut in as_completed(futs):
                 c = futs[fut]

@@ -10,6 +10,7 @@ and one line on stderr, without a traceback and without writing anything.
 from __future__ import annotations
 
 import json
+import shutil
 import random
 from pathlib import Path
 
@@ -520,3 +521,28 @@ def test_load_in_4bit_is_refused_for_classification(fx, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     assert _train(fx, tmp_path / "x", "--load-in-4bit") != 0
     assert "generation tasks" in capsys.readouterr().err
+
+
+def test_analyze_writes_table_json_and_figure(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["elalora"], run)
+    assert main(["analyze", str(run), "--fractions", "0.25", "--random-draws", "2", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    got = json.loads((run / "analysis" / "layer_contribution.json").read_text())
+    assert got["task"] == "rte" and got["main_metric"] == "accuracy" and got["n_eval"] == 16
+    assert got["baseline"]["accuracy"] == pytest.approx(_metrics(run)["final"]["accuracy"], abs=1 / 16)
+    assert [a["group"] for a in got["ablations"]] == ["top", "bottom", "random", "random"]
+    k = got["ablations"][0]["k"]
+    assert k == round(0.25 * got["n_matrices"]) and all(len(a["modules"]) == k for a in got["ablations"])
+    ranks = _metrics(run)["rank_pattern"]
+    top, bottom = got["ablations"][0], got["ablations"][1]
+    assert min(top["ranks"]) >= max(bottom["ranks"])  # the selections follow the final ranks
+    assert top["ranks"] == [ranks[m] for m in top["modules"]]
+    for a in got["ablations"]:
+        assert a["drop"] == pytest.approx(got["baseline"]["accuracy"] - a["metrics"]["accuracy"])
+    assert (run / "analysis" / "layer_contribution.md").read_text().startswith("accuracy with every adapter on")
+    assert (run / "figures" / "layer_contribution.png").stat().st_size > 1000
+    assert "| top 25% |" in out
+    # not a run directory: one-line error, exit 2
+    assert main(["analyze", str(tmp_path / "nope")]) == 2
+    assert "not an elalora run directory" in capsys.readouterr().err

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import atomic_directory, atomic_write_bytes, json_default
@@ -21,6 +23,7 @@ from ..export_gguf import export_gguf
 from ..model import handle_of
 from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
 from ..recipe import RunSpec, train
+from ..recipe.analysis import format_contribution_table, layer_contribution
 from ..recipe.loading import (apply_pooling, head_modules, load_adapted_model, load_base_model, load_image_processor,
                               load_tokenizer, quiet_transformers, resolve_max_length, resolve_model, set_threads)
 from ..recipe.methods import run_gelora_plan
@@ -32,7 +35,8 @@ from ..serving import ConsumerVerdict, format_serving_report, serving_report
 from ..targets import select_target_modules
 from ..tasks import get_task, load_task_data
 
-__all__ = ["cmd_train", "cmd_eval", "cmd_export", "cmd_plot", "cmd_inspect", "cmd_plan", "parse_target_modules"]
+__all__ = ["cmd_train", "cmd_eval", "cmd_analyze", "cmd_export", "cmd_plot", "cmd_inspect", "cmd_plan",
+           "parse_target_modules"]
 
 
 def parse_target_modules(text: str | None):
@@ -102,9 +106,23 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+@dataclass
+class _Loaded:
+    """A saved adapter loaded onto its base model, with what evaluating it needs."""
+
+    adir: Path
+    model_path: str
+    model: object
+    spec: object
+    evals: list
+    run_cfg: dict
+    evaluate: Callable
+
+
+def _load_for_eval(args, adapter: str, *, output: str | None = None) -> _Loaded:
+    """The adapter of ``eval`` / ``analyze`` on its base model; task and data default to the run's."""
     quiet_transformers()
-    adir = resolve_adapter_dir(args.adapter)
+    adir = resolve_adapter_dir(adapter)
     adapter_format(adir)
     run_cfg = run_config_for(adir) or {}
     tr = run_cfg.get("training", {})
@@ -123,8 +141,8 @@ def cmd_eval(args) -> int:
     batch_size = args.batch_size or tr.get("eval_batch_size") or 64
     max_new = args.max_new_tokens or tr.get("max_new_tokens") or 64
     args.max_train_samples = None
-    if args.output:
-        _check_output_file(args.output, adapter=adir)  # before the evaluation, not after it
+    if output:
+        _check_output_file(output, adapter=adir)  # before the evaluation, not after it
     train, evals, spec = load_data(args, for_eval_only=True)
     del train
     model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
@@ -136,14 +154,62 @@ def cmd_eval(args) -> int:
     image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
     model = load_adapted_model(adir, base)
     model.eval()
-    metrics = evaluate_model(model, spec, tokenizer, image_processor, evals, batch_size=batch_size,
-                             max_length=max_length, max_new_tokens=max_new, seed=args.seed)
+
+    def evaluate(m) -> dict:
+        return evaluate_model(m, spec, tokenizer, image_processor, evals, batch_size=batch_size,
+                              max_length=max_length, max_new_tokens=max_new, seed=args.seed)
+
+    return _Loaded(adir, model_path, model, spec, evals, run_cfg, evaluate)
+
+
+def cmd_eval(args) -> int:
+    ld = _load_for_eval(args, args.adapter, output=args.output)
+    metrics = ld.evaluate(ld.model)
     for k, v in metrics.items():
         print(f"{k}: {v:.6f}")
     if args.output:
         _write_json_atomic(Path(args.output).expanduser(),
-                           {"task": spec.name, "adapter": str(adir.resolve()), "format": adapter_format(adir),
-                            "model": model_path, "n_eval": len(evals), "metrics": metrics})
+                           {"task": ld.spec.name, "adapter": str(ld.adir.resolve()), "format": adapter_format(ld.adir),
+                            "model": ld.model_path, "n_eval": len(ld.evals), "metrics": metrics})
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    """Layer-contribution study of a run (:mod:`elalora.recipe.analysis`): table + JSON + figure in the run."""
+    run_dir = Path(args.run_dir).expanduser()
+    if not (run_dir / "config.json").is_file() or not read_json(run_dir / "config.json").get("elalora_run"):
+        raise RunError(f"{args.run_dir!r} is not an elalora run directory (no config.json with the elalora_run "
+                       "marker); give the --output-dir of an 'elalora train' run")
+    fractions = args.fractions
+    out_dir = run_dir / "analysis"
+    check_writable(out_dir / "layer_contribution.json", "the run's analysis/ folder")
+    ld = _load_for_eval(args, str(run_dir))
+    main_metric = ld.spec.metric_names[0]
+    print(f"layer contribution of {run_dir} ({ld.spec.name}, {len(ld.evals)} evaluation examples): "
+          f"{1 + len(fractions) * (2 + args.random_draws)} evaluations", flush=True)
+    res = layer_contribution(ld.model, ld.evaluate, main_metric, fractions=fractions,
+                             random_draws=args.random_draws, seed=args.seed,
+                             progress=lambda msg: print(msg, flush=True))
+    table = format_contribution_table(res)
+    payload = {"run_dir": str(run_dir.resolve()), "task": ld.spec.name, "n_eval": len(ld.evals),
+               "method": ld.run_cfg.get("method"), **res.to_dict()}
+    with output_lock(out_dir):
+        out_dir.mkdir(exist_ok=True)
+        _write_json_atomic(out_dir / "layer_contribution.json", payload)
+        atomic_write_bytes(out_dir / "layer_contribution.md", (table + "\n").encode())
+        written = [out_dir / "layer_contribution.json", out_dir / "layer_contribution.md"]
+        if not args.no_figure:
+            from ..plots import plot_layer_contribution
+
+            fig = run_dir / "figures" / "layer_contribution.png"
+            plot_layer_contribution(res.summary(), fig, metric=main_metric, baseline=res.baseline[main_metric],
+                                    title=f"Layer contribution: {ld.spec.name}, {ld.run_cfg.get('method', '?')}")
+            written.append(fig)
+    print()
+    print(table)
+    print()
+    for p in written:
+        print(f"wrote {p}")
     return 0
 
 

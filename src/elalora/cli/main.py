@@ -148,6 +148,19 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    out = []
+    for part in (t.strip() for t in text.split(",")):
+        try:
+            v = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1]; got {text!r}") from None
+        if not 0 < v <= 1:
+            raise argparse.ArgumentTypeError(f"each fraction must be in (0, 1]; got {part!r}")
+        out.append(v)
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------------- flag groups
 def _add_model_flags(p: argparse.ArgumentParser, *, for_train: bool) -> None:
     g = p.add_argument_group("model")
@@ -286,6 +299,29 @@ def _add_eval_export_plot(sub) -> None:
     e.add_argument("--output", default=None, metavar="FILE", help="also write the metrics as JSON to FILE")
     e.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
     e.set_defaults(handler="eval")
+
+    # -------------------------------------------------------------------------------- analyze
+    an = sub.add_parser("analyze", help="layer-contribution study of a run: switch off top/bottom/random-rank adapters",
+                        description=(
+        "Switch off the adapters of the k matrices with the highest final ranks, then of the k with the "
+        "lowest, then of k random ones (k = each --fractions share of the adapted matrices), and measure the "
+        "drop in the task's main metric on the run's evaluation data (the ElaLoRA paper's analysis, with a "
+        "random control). Writes RUN_DIR/analysis/layer_contribution.{json,md} and "
+        "RUN_DIR/figures/layer_contribution.png. Task, data and base model default to the run's."))
+    an.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of an 'elalora train' run")
+    an.add_argument("--fractions", type=_fractions, default=(0.1, 0.25), metavar="F,F",
+                    help="shares of the adapted matrices to switch off, each in (0, 1] (default 0.1,0.25)")
+    an.add_argument("--random-draws", type=_nonneg_int, default=3, metavar="N",
+                    help="random sets of k matrices per fraction (default 3)")
+    an.add_argument("--seed", type=_seed, default=None,
+                    help="seed of the random sets, the tie-break order and the evaluation subset (default: the run's)")
+    _add_model_flags(an, for_train=False)
+    _add_data_flags(an, required_task=False)
+    an.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch size (default 64)")
+    an.add_argument("--max-new-tokens", type=_positive_int, default=None, help="generation tasks: tokens per example")
+    an.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
+    an.add_argument("--no-figure", action="store_true", help="do not draw figures/layer_contribution.png")
+    an.set_defaults(handler="analyze")
 
     # --------------------------------------------------------------------------------- export
     x = sub.add_parser("export", help="export an adapter to PEFT LoRA, llama.cpp GGUF or merged weights", description=(
