@@ -378,6 +378,52 @@ def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_
     return "\n".join(lines) + note
 
 
+TRIVIAL = {"rte": ("majority class", 52.7), "mrpc": ("all-positive F1", 81.2), "cola": ("MCC of any constant", 0.0),
+           "stsb": ("Pearson of any constant", 0.0)}
+
+
+def t_quantile(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95 % interval)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, df))
+
+
+def paired_table(records: list[dict], *, protocol: str, tasks, method: str = "elalora",
+                 baselines=("peft-lora", "peft-adalora", "adalora"), rs=(2, 8)) -> str:
+    """``method`` minus each baseline, per task and budget, paired by seed: mean and 95 % t-interval.
+
+    A pair is a seed that both cells have; the interval is mean ± t(0.975, n−1)·sd/√n over the n pairs,
+    so with 2 or 3 seeds it is wide by construction. "win"/"loss" only when the interval excludes 0.
+    """
+    recs = {}
+    for rec in records:
+        if rec.get("protocol") == protocol:
+            recs.setdefault((rec["task"], rec["method"], int(rec["r"])), {})[int(rec["seed"])] = 100 * rec["main"]
+    head = ["r", f"{LABEL[method]} minus"] + [f"{t.upper()} ({METRIC_NAME.get(t, '')})" for t in tasks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rs:
+        for b in baselines:
+            cells = []
+            for t in tasks:
+                x, y = recs.get((t, method, r), {}), recs.get((t, b, r), {})
+                seeds = sorted(set(x) & set(y))
+                if not seeds:
+                    cells.append("pending")
+                    continue
+                d = [x[s] - y[s] for s in seeds]
+                mu = statistics.mean(d)
+                if len(d) < 2:
+                    cells.append(f"{mu:+.1f} (1 seed)")
+                    continue
+                half = t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+                verdict = "win" if mu - half > 0 else "loss" if mu + half < 0 else "tie"
+                cells.append(f"{mu:+.1f} [{mu - half:+.1f}, {mu + half:+.1f}] {verdict} (n={len(d)})")
+            lines.append("| " + " | ".join([str(r), LABEL.get(b, b)] + cells) + " |")
+    return "\n".join(lines) + ("\n\nScores ×100. Paired by seed: mean difference [95 % t-interval] over the n seeds "
+                               "both cells have; *tie* when the interval contains 0.")
+
+
 def write_heatmaps(records: list[dict], *, steps: int, r: int = 8, seed: int = 0, method: str = "elalora") -> list[Path]:
     """One rank heatmap per task (the ``method`` run at budget ``r`` and ``seed``) into docs/figures/."""
     from elalora.plots import plot_rank_heatmap
@@ -475,8 +521,14 @@ def main(argv=None):
         if args.protocol:
             table = render_table(recs, tasks=TASKS, methods=methods, rs=DEFAULT_R, seeds=seeds, steps=-1,
                                  with_extra=not args.no_extra, protocol=args.protocol)
-            write_doc_table(table, steps=f"protocol-{args.protocol}")
-            print(table)
+            trivial = ("\n\nTrivial answers: " + "; ".join(f"{t.upper()} {TRIVIAL[t][1]:.1f} ({TRIVIAL[t][0]})"
+                                                          for t in TASKS) + ".")
+            write_doc_table(table + trivial, steps=f"protocol-{args.protocol}")
+            paired = paired_table(recs, protocol=args.protocol, tasks=TASKS)
+            write_doc_table(paired, steps=f"protocol-{args.protocol}-paired")
+            print(table + trivial)
+            print()
+            print(paired)
             return
         t_show, m_show = TASKS, METHODS
         if args.steps != DEFAULT_STEPS:

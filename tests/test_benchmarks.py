@@ -127,3 +127,23 @@ def test_cli_args_overrides_replace_or_add_flags(acc):
     a = acc._cli_args("stsb", "elalora", 2, 0, 100, "D", "O", 1, overrides={"--orth-reg-weight": 0.0, "--b": 2})
     assert val(a, "--orth-reg-weight") == "0.0" and a.count("--orth-reg-weight") == 1 and val(a, "--b") == "2"
     assert val(acc._cli_args("stsb", "elalora", 2, 0, 100, "D", "O", 1), "--orth-reg-weight") == "0.1"
+
+
+def test_paired_table_hand_computed_interval(acc):
+    # ElaLoRA − PEFT LoRA on STS-B over seeds 0, 1, 2: differences 1, 2, 3 (×100 of 0.01, 0.02, 0.03) ->
+    # mean 2, sd 1, half-width t(0.975, 2) / sqrt(3) = 4.3027 / 1.7321 = 2.484 -> [-0.5, +4.5], a tie
+    recs = [{"task": "stsb", "method": m, "r": 8, "seed": s, "protocol": "v2", "main": v}
+            for s, (e, b) in enumerate([(0.81, 0.80), (0.84, 0.82), (0.86, 0.83)])
+            for m, v in (("elalora", e), ("peft-lora", b))]
+    recs.append({"task": "mrpc", "method": "elalora", "r": 8, "seed": 0, "protocol": "v2", "main": 0.9})
+    assert abs(acc.t_quantile(2) - 4.302652729911275) < 1e-9  # scipy double precision, a table value
+    table = acc.paired_table(recs, protocol="v2", tasks=["stsb", "mrpc"], baselines=("peft-lora",), rs=(8,))
+    row = [ln for ln in table.splitlines() if ln.startswith("| 8 | PEFT LoRA")][0]
+    assert "+2.0 [-0.5, +4.5] tie (n=3)" in row and row.rstrip(" |").endswith("pending")
+    # a consistent gain is a win once its interval excludes 0
+    for rec in recs:
+        if rec["method"] == "elalora" and rec["task"] == "stsb":
+            rec["main"] = {0: 0.82, 1: 0.84, 2: 0.85}[rec["seed"]]  # diffs 2, 2, 2 -> sd 0
+    row = [ln for ln in acc.paired_table(recs, protocol="v2", tasks=["stsb"], baselines=("peft-lora",), rs=(8,))
+           .splitlines() if ln.startswith("| 8 |")][0]
+    assert "+2.0 [+2.0, +2.0] win (n=3)" in row
