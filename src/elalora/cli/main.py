@@ -63,14 +63,31 @@ def step_value(text: str) -> int | float:
     return v
 
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**32); got {text!r}") from None
-    if not 0 <= v < 2**32:  # numpy (seeded by the Trainer) accepts no other seeds
-        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**32); got {text!r}")
-    return v
+def _number(kind: type, ok, expected: str):
+    """An argparse type: ``kind(text)`` that passes ``ok``, else "expected {expected}; got '...'"."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+# math.isfinite: inf would pass 'v > 0' (and --lr inf trains NaN weights)
+_positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a finite positive number")
+_nonneg_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0")
+_open_fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+_fraction = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+# numpy (seeded by the Trainer) accepts no other seeds
+_seed = _number(int, lambda v: 0 <= v < 2**32, "an integer seed in [0, 2**32)")
 
 
 def _threads(text: str) -> int:
@@ -81,71 +98,11 @@ def _threads(text: str) -> int:
     return v
 
 
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0; got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0; got {text!r}")
-    return v
-
-
-def _open_fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1); got {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1); got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
-    return v
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; got {text!r}")
-    return v
-
-
 def _budget(text: str) -> float | None:
     """A positive number, or ``none`` (no cap)."""
     if text.strip().lower() in ("none", "off"):
         return None
     return _positive_float(text)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):  # inf would pass 'v > 0' (and --lr inf trains NaN weights)
-        raise argparse.ArgumentTypeError(f"expected a finite positive number; got {text!r}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {text!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {text!r}")
-    return v
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -344,7 +301,6 @@ def _add_eval_export_plot(sub) -> None:
         "Redraw RUN_DIR/figures/*.png from rank_history.jsonl, config.json, metrics.json and gelora_plan.json."))
     pl.add_argument("run_dir", metavar="RUN_DIR")
     pl.set_defaults(handler="plot")
-
 
 
 def _add_inspect_plan(sub) -> None:
