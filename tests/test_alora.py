@@ -345,9 +345,15 @@ def test_reallocation_rule_footnote_capacity_and_everyone_pruned():
     assert prune == {m: [0] for m in range(8)}
     assert grow == {10: 3, 9: 3, 8: 2}  # module 10 has the highest average importance
 
-    # everyone lost a rank → nothing is added
-    prune, grow = plan_round(scores, active, [8] * 11, n_a=11, min_rank=1)
+    # the paper's rule (keep_budget=False): everyone lost a rank → nothing is added
+    prune, grow = plan_round(scores, active, [8] * 11, n_a=11, min_rank=1, keep_budget=False)
     assert sum(len(v) for v in prune.values()) == 11 and len(prune) == 11 and grow == {}
+    # keep the budget (default): prune only what the un-pruned modules can take back. Room 6 per
+    # module: k pruned (one per module) fit while k <= 6 (11 - k), so k = 9; the last two modules
+    # (9 and 10, which lose none) get 5 and 4 by average importance
+    prune, grow = plan_round(scores, active, [8] * 11, n_a=11, min_rank=1)
+    assert prune == {m: [0] for m in range(8)} | {8: [0]}
+    assert grow == {10: 5, 9: 4}
 
 
 def test_select_prune_order_and_min_rank():
@@ -432,17 +438,31 @@ def test_new_ranks_preserve_function_and_have_zero_moments():
         assert torch.count_nonzero(a.lora_A[new]) > 0  # A drawn Kaiming-uniform
 
 
-def test_everyone_loses_a_rank_shrinks_budget():
-    # default n_a = N (one per module) with r = 2, min_rank = 1: every module can lose at most one
-    # rank, so the N weakest ranks are one per module — nothing is added (the paper's rule)
+def test_everyone_loses_a_rank_shrinks_budget_under_the_papers_rule():
+    # n_a = N (one per module) with r = 2, min_rank = 1: every module can lose at most one rank, so
+    # the N weakest ranks are one per module — the paper's rule (keep_budget=False) adds nothing back
     model = tiny_bert()
-    h = _handle(model, r=2, max_rank=4, k1=2, k2=2, n_rounds=1, total_steps=6)
+    h = _handle(model, r=2, max_rank=4, k1=2, k2=2, n_rounds=1, total_steps=6, keep_budget=False)
     h.allocator.set_validation_batch(_val_batch(n=8))
     n = len(h.adapters)
     _train(h, model, 4)
     assert h.allocator.rounds_done == 1
     assert h.total_rank == 2 * n - n and h.allocator.budget_lost == n
     assert all(a.rank == 1 for a in h.adapters)
+
+
+def test_default_keeps_the_budget_at_r2():
+    # the same run with the default keep_budget=True: k modules lose one rank while the other n - k
+    # (room 2 each) can take them back, k <= 2 (n - k) -> k = floor(2n / 3); the total rank is kept
+    model = tiny_bert()
+    h = _handle(model, r=2, max_rank=4, k1=2, k2=2, n_rounds=1, total_steps=6)
+    h.allocator.set_validation_batch(_val_batch(n=8))
+    n = len(h.adapters)
+    _train(h, model, 4)
+    assert h.allocator.rounds_done == 1
+    assert h.total_rank == 2 * n and h.allocator.budget_lost == 0
+    assert h.allocator.pruned_total == h.allocator.grown_total == (2 * n) // 3
+    assert sorted(a.rank for a in h.adapters) != [2] * n  # ranks did move
 
 
 def test_ablation_budget_caps_rounds():

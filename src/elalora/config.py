@@ -303,6 +303,10 @@ class ALoRAConfig(AdapterConfig):
         max_rank: per-module capacity (default ``2 r``); a module at capacity gets no new rank.
         min_rank: no module is pruned below this rank (default 1; 0 lets a module lose every rank,
             as the paper's rule allows — such a module then stays at rank 0).
+        keep_budget: prune only ranks that can be given back in the same round, so the total rank
+            ``r × N`` is kept (default True). ``False`` is the paper's rule, under which a round where
+            every module lost a rank adds nothing back: with ``min_rank = 1`` at r = 2 the first round
+            would halve the budget (:mod:`elalora.allocation.alora`, "Keep the budget").
         ablation_chunk: ablation masks evaluated per forward pass, each pass over
             ``ablation_chunk`` copies of ``B_val`` (memory vs speed).
         prefix_reuse: evaluate each mask from its adapter onwards, reusing the outputs of the modules
@@ -341,6 +345,7 @@ class ALoRAConfig(AdapterConfig):
     val_batch_size: int = 32
     max_rank: int | None = None
     min_rank: int = 1
+    keep_budget: bool = True
     ablation_chunk: int = 8
     prefix_reuse: bool = True
     ablation_budget: float | None = 1.0
@@ -362,6 +367,7 @@ class ALoRAConfig(AdapterConfig):
         _require(_is_int(self.ablation_chunk) and self.ablation_chunk >= 1,
                  f"ablation_chunk must be an integer >= 1; got {self.ablation_chunk!r}")
         _require(isinstance(self.prefix_reuse, bool), f"prefix_reuse must be True or False; got {self.prefix_reuse!r}")
+        _require(isinstance(self.keep_budget, bool), f"keep_budget must be True or False; got {self.keep_budget!r}")
         _require(self.ablation_budget is None
                  or (isinstance(self.ablation_budget, (int, float)) and not isinstance(self.ablation_budget, bool)
                      and self.ablation_budget > 0),

@@ -64,11 +64,16 @@ Design decisions
   can lose every rank (``min_rank = 0`` reproduces that). The default keeps every adapted module alive,
   since the ablation score of a module's last rank is noisy on one small batch. A module at rank 0 has
   no importance and receives no new rank (it stays removed, as in the paper's pruning).
-* **Everyone lost a rank.** The paper adds new ranks only to modules that lost none; if every module
-  lost one (or every such module is at rank 0 or at capacity) nothing — or only part — is added, and
-  the total budget shrinks by the difference, as in the paper. The shortfall is counted in
-  ``budget_lost`` and visible in the :class:`~.base.RankEvent` list (``pruned`` vs ``grown``). With the
-  default ``n_a = N`` this happens only if the ``N`` weakest ranks are spread one per module.
+* **Keep the budget** (``keep_budget=True``, the default). The paper adds new ranks only to modules
+  that lost none; if every module lost one (or every such module is at rank 0 or at capacity),
+  nothing — or only part — is added and the total budget shrinks. With our ``min_rank = 1`` floor
+  this is the rule, not the exception, at small r: at r = 2 a module can lose only one rank, so
+  ``n_a = N`` prunes one rank in *every* module and the paper's rule adds none back — the first
+  round halves the budget. So pruning skips a rank that could not be given back this round (the
+  modules that lost none lack the room): only what can be reallocated is pruned, and the total rank
+  is kept. At r = 2, capacity 4, that prunes at most ⌊2N/3⌋ ranks in a round. ``keep_budget=False``
+  is the paper's rule; any shortfall is counted in ``budget_lost`` and visible in the
+  :class:`~.base.RankEvent` list (``pruned`` vs ``grown``).
 
 Giving ``B_val``
 ----------------
@@ -116,9 +121,14 @@ from .base import Allocator, apply_rank_changes
 __all__ = ["ALoRAAllocator", "ablation_scores", "select_prune", "distribute_new_ranks", "plan_round"]
 
 # ------------------------------------------------------------------------------------ policy
-def select_prune(scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor], n_a: int, min_rank: int) -> dict[int, list[int]]:
+def select_prune(scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor], n_a: int, min_rank: int,
+                 capacity: Sequence[int] | None = None) -> dict[int, list[int]]:
     """The ``n_a`` lowest-scoring active ranks, ordered by ``(score, module index, slot)``; a rank
-    whose module is already at ``min_rank`` (counting this round's prunes) is skipped."""
+    whose module is already at ``min_rank`` (counting this round's prunes) is skipped.
+
+    With ``capacity`` (the keep-budget rule), a rank is also skipped when taking it would leave the
+    modules that lost none this round without room (capacity − rank, modules at rank 0 excluded) for
+    every rank pruned so far: only what can be given back is pruned, so the total rank is kept."""
     sc, mo, sl = [], [], []
     for m, (s, a) in enumerate(zip(scores, active)):
         idx = torch.nonzero(a.cpu(), as_tuple=False).flatten()
@@ -130,6 +140,8 @@ def select_prune(scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor],
     sc, mo, sl = np.concatenate(sc), np.concatenate(mo), np.concatenate(sl)
     order = np.lexsort((sl, mo, sc))
     left = [int(a.sum()) for a in active]
+    room = [int(c) - r if r > 0 else 0 for c, r in zip(capacity, left)] if capacity is not None else None
+    free = sum(room) if room is not None else 0  # room of the modules that lost none so far
     prune: dict[int, list[int]] = {}
     taken = 0
     for j in order:
@@ -138,6 +150,11 @@ def select_prune(scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor],
         m = int(mo[j])
         if left[m] <= min_rank:
             continue
+        if room is not None:
+            free_after = free - (room[m] if m not in prune else 0)
+            if taken + 1 > free_after:
+                continue  # could not be given back: keep it (a rank of an already-pruned module may still fit)
+            free = free_after
         left[m] -= 1
         prune.setdefault(m, []).append(int(sl[j]))
         taken += 1
@@ -177,9 +194,9 @@ def distribute_new_ranks(n_new: int, avg_importance: Sequence[float], room: Sequ
 
 
 def plan_round(scores: Sequence[torch.Tensor], active: Sequence[torch.Tensor], capacity: Sequence[int], *,
-               n_a: int, min_rank: int) -> tuple[dict[int, list[int]], dict[int, int]]:
+               n_a: int, min_rank: int, keep_budget: bool = True) -> tuple[dict[int, list[int]], dict[int, int]]:
     """One ALoRA round: ``(prune, grow)`` — slots to prune per module, new ranks per module."""
-    prune = select_prune(scores, active, n_a, min_rank)
+    prune = select_prune(scores, active, n_a, min_rank, capacity if keep_budget else None)
     n_pruned = sum(len(v) for v in prune.values())
     cands, avg, room = [], [], []
     for m, (s, a) in enumerate(zip(scores, active)):
@@ -338,7 +355,7 @@ class ALoRAAllocator(Allocator):
         scores = self.compute_scores(model)
         self.round_seconds.append(round(time.perf_counter() - t0, 3))
         prune, grow = plan_round(scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
-                                 n_a=self.n_a, min_rank=self.config.min_rank)
+                                 n_a=self.n_a, min_rank=self.config.min_rank, keep_budget=self.config.keep_budget)
         events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
                                     seed=self.config.seed, optimizer=optimizer, importance=None, scores=scores)
         n_pruned = sum(len(v) for v in prune.values())

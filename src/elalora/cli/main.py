@@ -195,6 +195,10 @@ def _add_train(sub) -> None:
     g.add_argument("--alora-budget", type=_budget, default=1.0,
                    help="ALoRA: at most as many rounds as keep the ablations' cost within this multiple of the "
                         "training cost, at least one; 'none' = no cap, every --alora-rounds (default 1.0)")
+    g.add_argument("--alora-paper-budget", dest="alora_keep_budget", action="store_false",
+                   help="ALoRA: the paper's reallocation rule, under which a round where every module lost a rank "
+                        "adds none back (at r = 2 the first round halves the budget); default: prune only what "
+                        "can be given back, keeping the total rank")
     g.add_argument("--alora-chunk", type=_positive_int, default=8,
                    help="ALoRA: ablation masks per forward pass (default 8; 32-64 on a GPU)")
     g = t.add_argument_group("GeLoRA knobs")

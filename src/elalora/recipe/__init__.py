@@ -87,6 +87,7 @@ class RunSpec:
     alora_val_size: int = 32
     alora_budget: float | None = 1.0
     alora_chunk: int = 8
+    alora_keep_budget: bool = True
     gelora_samples: int = 256
     gelora_pooling: str = "mean"
     gelora_alpha_scale: float | None = None

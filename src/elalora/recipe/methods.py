@@ -37,7 +37,8 @@ def build_method_config(spec, targets, head, *, rank_pattern=None, max_planned: 
     if m == "alora":
         return ALoRAConfig(n_rounds=spec.alora_rounds, k1=spec.alora_k1, k2=spec.alora_k2, max_rank=spec.max_rank,
                            val_batch_size=spec.alora_val_size, min_rank=spec.min_rank,
-                           ablation_budget=spec.alora_budget, ablation_chunk=spec.alora_chunk, **common)
+                           ablation_budget=spec.alora_budget, ablation_chunk=spec.alora_chunk,
+                           keep_budget=spec.alora_keep_budget, **common)
     raise RunError(f"unknown method {m!r}")
 
 
