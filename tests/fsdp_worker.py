@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import elalora  # noqa: E402
 from elalora.integrations.distributed import assert_replicas_agree, rank_pattern_digest  # noqa: E402
 from elalora.layers import full_tensor  # noqa: E402
-from elalora.persistence import export_peft, save_adapter, save_checkpoint  # noqa: E402
+from elalora.checkpoints import save_checkpoint  # noqa: E402
+from elalora.persistence import export_peft, save_adapter  # noqa: E402
 
 from conftest import tiny_llama  # noqa: E402
 
@@ -88,7 +89,7 @@ def main(out: str) -> None:
 
 def _resume_matches(ckpt, cfg, opt, digest, distributed) -> bool:
     """A fresh (sharded) model and optimizer restored from the checkpoint equal the trained ones."""
-    from elalora.persistence import load_checkpoint
+    from elalora.checkpoints import load_checkpoint
 
     model = tiny_llama(seed=0)
     handle = elalora.get_model(model, cfg)

@@ -8,7 +8,7 @@ circle)::
     6  recipe/
     5  tasks/, plots/
     4  model, elalora (the package's public names)
-    3  persistence, allocation/, importance, integrations/, serving, export_gguf
+    3  persistence, checkpoints, allocation/, importance, integrations/, serving, export_gguf
     2  targets, adapter_checks
     1  layers, config, heads, quant
     0  errors, _io, _extras, _handle
@@ -32,7 +32,7 @@ LEVELS = {
     # heads: model surgery on the base model (like layers), importing only errors; recipe/ applies it
     "elalora.layers": 1, "elalora.config": 1, "elalora.heads": 1, "elalora.quant": 1,
     "elalora.targets": 2, "elalora.adapter_checks": 2,
-    "elalora.persistence": 3, "elalora.allocation": 3, "elalora.importance": 3, "elalora.integrations": 3,
+    "elalora.persistence": 3, "elalora.checkpoints": 3, "elalora.allocation": 3, "elalora.importance": 3, "elalora.integrations": 3,
     # serving: pure checks of a PEFT export's config and shapes (imports nothing of the package; at the
     # level of the format it judges, so persistence may use it). export_gguf: another export format, on
     # persistence's factors with a duck-typed handle, below model (whose handle offers export_gguf).

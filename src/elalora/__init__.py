@@ -31,7 +31,8 @@ from .errors import (AdapterLoadError, ConfigError, ElaLoRAError, ExportError, M
                      TargetModuleError, TaskError)
 from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter
 from .model import AdaptiveModel, get_model, handle_of, load_adapter
-from .persistence import export_peft, load_checkpoint, merge_and_unload, save_adapter, save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint
+from .persistence import export_peft, merge_and_unload, save_adapter
 
 __version__ = "0.1.0"
 
