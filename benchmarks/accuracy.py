@@ -384,6 +384,31 @@ TRIVIAL = {"rte": ("majority class", 52.7), "mrpc": ("all-positive F1", 81.2), "
            "stsb": ("Pearson of any constant", 0.0)}
 
 
+TARGETS = {"mrpc": 86.0, "stsb": 82.0, "cola": 25.0, "rte": 58.0}  # issue 14: PEFT LoRA r = 8, mean of 3 seeds
+
+
+def targets_table(records: list[dict], *, protocol: str, tasks, method: str = "peft-lora", r: int = 8) -> str:
+    """Does the protocol learn? ``method`` at ``r``: mean ± std over seeds against the trivial answer
+    and the target."""
+    head = ["task", "trivial answer", f"{LABEL[method]} r = {r}", "seeds", "target", "met?"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for t in tasks:
+        vals = [100 * rec["main"] for rec in records if rec.get("protocol") == protocol and rec["task"] == t
+                and rec["method"] == method and int(rec["r"]) == r]
+        name, triv = TRIVIAL[t]
+        if not vals:
+            lines.append(f"| {t.upper()} ({METRIC_NAME[t]}) | {triv:.1f} ({name}) | pending | 0 | {TARGETS[t]:.0f} | |")
+            continue
+        mu = statistics.mean(vals)
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        met = "yes" if mu >= TARGETS[t] else "no"
+        if len(vals) < 3:
+            met += " (so far)"
+        lines.append(f"| {t.upper()} ({METRIC_NAME[t]}) | {triv:.1f} ({name}) | {mu:.1f} ± {sd:.1f} | {len(vals)} | "
+                     f"{TARGETS[t]:.0f} | {met} |")
+    return "\n".join(lines)
+
+
 def t_quantile(df: int) -> float:
     """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95 % interval)."""
     from scipy import stats
@@ -526,6 +551,8 @@ def main(argv=None):
             trivial = ("\n\nTrivial answers: " + "; ".join(f"{t.upper()} {TRIVIAL[t][1]:.1f} ({TRIVIAL[t][0]})"
                                                           for t in TASKS) + ".")
             write_doc_table(table + trivial, steps=f"protocol-{args.protocol}")
+            write_doc_table(targets_table(recs, protocol=args.protocol, tasks=TASKS),
+                            steps=f"protocol-{args.protocol}-targets")
             paired = paired_table(recs, protocol=args.protocol, tasks=TASKS)
             write_doc_table(paired, steps=f"protocol-{args.protocol}-paired")
             print(table + trivial)
