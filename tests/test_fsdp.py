@@ -68,7 +68,7 @@ def test_fsdp2_saves_load_in_one_process(runs, tmp_path):
 
     import elalora
     from elalora.model import load_adapter
-    from elalora.persistence import load_checkpoint
+    from elalora.checkpoints import load_checkpoint
 
     from conftest import tiny_llama
 
