@@ -59,6 +59,7 @@ def adapter_switches(model) -> dict[str, Switch]:
         handle = None
     if handle is not None:
         out = {}
+        pattern = handle.rank_pattern()  # once, not per adapter
         for name, a in zip(handle.names, handle.adapters):
             if getattr(a, "merged", False):
                 raise RunError(f"the adapter of {name!r} is merged into the base weights; analyze an unmerged model")
@@ -66,7 +67,7 @@ def adapter_switches(model) -> dict[str, Switch]:
             def setter(on: bool, a=a) -> None:
                 a.disabled = not on
 
-            out[name] = Switch(int(handle.rank_pattern()[name]), setter, lambda a=a: not a.disabled)
+            out[name] = Switch(int(pattern[name]), setter, lambda a=a: not a.disabled)
         return out
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
