@@ -233,13 +233,8 @@ def run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto=None, ov
 
 def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -> dict:
     """PEFT AdaLoRA through the same data, model, collator, Trainer and arguments as ``elalora train``."""
-    import torch
-    from peft import AdaLoraConfig, get_peft_model
-    from transformers import TrainerCallback
-
     from elalora.recipe import loading as L
     from elalora.recipe import trainer as R
-    from elalora.targets import select_target_modules
     from elalora.tasks import get_task, load_task_data
 
     L.quiet_transformers()
@@ -251,14 +246,30 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -
     model = L.load_base_model(spec.kind, path, None, spec, tok, seed=seed)
     c = cell_settings(task, "peft-adalora", proto)
     L.apply_pooling(model, c["pooling"], spec.kind)
-    collate = R.make_collator(spec, tok, None, c["max_length"])
     head = list(c["modules_to_save"] or L.head_modules(model))
+    return train_peft_adalora(model, tok, spec, train, evals, r=r, seed=seed, steps=steps, lr=c["lr"],
+                              batch_size=c["batch_size"], max_length=c["max_length"], head=head, task_type="SEQ_CLS")
+
+
+def train_peft_adalora(model, tok, spec, train, evals, *, r, seed, steps, lr, batch_size, max_length, head,
+                       task_type, generation_eval=None) -> dict:
+    """Wrap ``model`` in PEFT AdaLoRA at budget ``r`` (the knobs of the module docstring), train it with
+    the CLI's Trainer setup and evaluate it; ``generation_eval`` (``trainer.generation_evaluator``) for
+    causal LMs (benchmarks/generation.py). Returns the cell's record fields."""
+    import torch
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import TrainerCallback
+
+    from elalora.recipe import trainer as R
+    from elalora.targets import select_target_modules
+
+    collate = R.make_collator(spec, tok, None, max_length)
     names, _ = select_target_modules(model, None, head)
     init_r = int(math.ceil(1.5 * r))
     tinit, tfinal, delta_t = round(0.1 * steps), round(0.2 * steps), max(1, round(DELTA_T * steps))
     cfg = AdaLoraConfig(init_r=init_r, target_r=r, lora_alpha=16, lora_dropout=0.0, tinit=tinit, tfinal=tfinal,
                         deltaT=delta_t, total_step=steps, beta1=0.85, beta2=0.85, orth_reg_weight=0.1,
-                        target_modules=list(names), modules_to_save=head, task_type="SEQ_CLS")
+                        target_modules=list(names), modules_to_save=head, task_type=task_type)
     torch.manual_seed(seed)
     pm = get_peft_model(model, cfg)
 
@@ -269,13 +280,14 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -
             pm.base_model.update_and_allocate(state.global_step)
             UpdateAndAllocate.calls += 1
 
-    lengths = R.example_lengths(spec, tok, train, c["max_length"])
+    lengths = R.example_lengths(spec, tok, train, max_length)
     with tempfile.TemporaryDirectory(prefix="acc-peft-") as tmp:
-        targs = R.training_args(tmp, batch_size=c["batch_size"], eval_batch_size=2 * c["batch_size"],
-                                lr=c["lr"], epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
-                                 seed=seed, eval_steps=0, logging_steps=max(1, steps // 5))
+        targs = R.training_args(tmp, batch_size=batch_size, eval_batch_size=2 * batch_size,
+                                lr=lr, epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
+                                seed=seed, eval_steps=0, logging_steps=max(1, steps // 5))
         trainer = R.TaskTrainer(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
-                                data_collator=collate, compute_metrics=R.prediction_metrics(spec), lengths=lengths)
+                                data_collator=collate, compute_metrics=R.prediction_metrics(spec), lengths=lengths,
+                                generation_eval=generation_eval)
         trainer.add_callback(UpdateAndAllocate())
         t0 = time.time()
         trainer.train()
@@ -416,6 +428,17 @@ def t_quantile(df: int) -> float:
     return float(stats.t.ppf(0.975, df))
 
 
+def paired_cell(d: list[float]) -> str:
+    """``mean [95 % t-interval] verdict (n=…)`` of paired differences ``d`` (one per seed): mean ±
+    t(0.975, n−1)·sd/√n; "win"/"loss" only when the interval excludes 0, else "tie"."""
+    mu = statistics.mean(d)
+    if len(d) < 2:
+        return f"{mu:+.1f} (1 seed)"
+    half = t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    verdict = "win" if mu - half > 0 else "loss" if mu + half < 0 else "tie"
+    return f"{mu:+.1f} [{mu - half:+.1f}, {mu + half:+.1f}] {verdict} (n={len(d)})"
+
+
 def paired_table(records: list[dict], *, protocol: str, tasks, method: str = "elalora",
                  baselines=("peft-lora", "peft-adalora", "adalora"), rs=(2, 8)) -> str:
     """``method`` minus each baseline, per task and budget, paired by seed: mean and 95 % t-interval.
@@ -438,14 +461,7 @@ def paired_table(records: list[dict], *, protocol: str, tasks, method: str = "el
                 if not seeds:
                     cells.append("pending")
                     continue
-                d = [x[s] - y[s] for s in seeds]
-                mu = statistics.mean(d)
-                if len(d) < 2:
-                    cells.append(f"{mu:+.1f} (1 seed)")
-                    continue
-                half = t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-                verdict = "win" if mu - half > 0 else "loss" if mu + half < 0 else "tie"
-                cells.append(f"{mu:+.1f} [{mu - half:+.1f}, {mu + half:+.1f}] {verdict} (n={len(d)})")
+                cells.append(paired_cell([x[s] - y[s] for s in seeds]))
             lines.append("| " + " | ".join([str(r), LABEL.get(b, b)] + cells) + " |")
     return "\n".join(lines) + ("\n\nScores ×100. Paired by seed: mean difference [95 % t-interval] over the n seeds "
                                "both cells have; *tie* when the interval contains 0.")
