@@ -77,6 +77,21 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def write_doc_block(doc: Path, begin: str, end: str, body: str, heading: str) -> None:
+    """Replace the text between the ``begin``/``end`` markers of ``doc`` with ``body``; without the
+    markers, append ``heading`` and the marked block at the end."""
+    text = doc.read_text() if doc.exists() else ""
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block + post
+    else:
+        text = text.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:

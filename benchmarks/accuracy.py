@@ -210,16 +210,21 @@ def kept_run_dir(keep_runs: str | None, task, method, r, seed, protocol=None) ->
 
 def run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto=None, overrides=None,
                  keep_dir: Path | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="acc-cell-") as tmp:
+        out = keep_dir if keep_dir is not None else Path(tmp) / "run"
+        return run_cli_argv(_cli_args(task, method, r, seed, steps, data_dir, str(out), threads, proto, overrides), out)
+
+
+def run_cli_argv(argv: list[str], out: Path) -> dict:
+    """Run ``elalora`` in-process with ``argv`` (whose ``--output-dir`` is ``out``) and return the
+    cell's record fields from the run's metrics.json and config.json."""
     from elalora.cli.main import main as cli_main
 
-    with tempfile.TemporaryDirectory(prefix="acc-cell-") as tmp:
-        out = str(keep_dir if keep_dir is not None else Path(tmp) / "run")
-        argv = _cli_args(task, method, r, seed, steps, data_dir, out, threads, proto, overrides)
-        rc = cli_main(argv)
-        if rc != 0:
-            raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
-        m = json.loads((Path(out) / "metrics.json").read_text())
-        cfg = json.loads((Path(out) / "config.json").read_text())
+    rc = cli_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
+    m = json.loads((Path(out) / "metrics.json").read_text())
+    cfg = json.loads((Path(out) / "config.json").read_text())
     params = m.get("parameters", {})
     return {"final": m["final"], "main_metric": m["main_metric"], "steps": m["steps"],
             "train_runtime_s": m.get("train_runtime_s"), "trainable_params": params.get("trainable"),
@@ -234,7 +239,6 @@ def run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto=None, ov
 def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -> dict:
     """PEFT AdaLoRA through the same data, model, collator, Trainer and arguments as ``elalora train``."""
     from elalora.recipe import loading as L
-    from elalora.recipe import trainer as R
     from elalora.tasks import get_task, load_task_data
 
     L.quiet_transformers()

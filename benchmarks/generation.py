@@ -21,7 +21,6 @@ elalora``, the same schedule and γ). Every cell appends one JSON line as soon a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,8 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, loadavg  # noqa: E402
-from accuracy import DELTA_T, append_record, paired_cell, read_records, train_peft_adalora  # noqa: E402
+from _common import RESULTS, loadavg, write_doc_block  # noqa: E402
+from accuracy import DELTA_T, append_record, paired_cell, read_records, run_cli_argv, train_peft_adalora  # noqa: E402
 
 JSONL = RESULTS / "generation.jsonl"
 DOC = ROOT / "docs" / "results.md"
@@ -121,22 +120,9 @@ def cli_args(method, r, seed, data_dir, eval_file, out_dir, threads) -> list[str
 
 
 def run_cli(method, r, seed, data_dir, eval_file, threads, keep_dir: Path | None) -> dict:
-    from elalora.cli.main import main as cli_main
-
     with tempfile.TemporaryDirectory(prefix="gen-cell-") as tmp:
         out = keep_dir if keep_dir is not None else Path(tmp) / "run"
-        argv = cli_args(method, r, seed, data_dir, eval_file, out, threads)
-        rc = cli_main(argv)
-        if rc != 0:
-            raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
-        m = json.loads((out / "metrics.json").read_text())
-    params = m.get("parameters", {})
-    return {"final": m["final"], "main_metric": m["main_metric"], "steps": m["steps"],
-            "train_runtime_s": m.get("train_runtime_s"), "trainable_params": params.get("trainable"),
-            "active_params": params.get("active"), "total_rank": m.get("total_rank"),
-            "rank_pattern": m.get("rank_pattern"), "initial_rank_pattern": m.get("initial_rank_pattern"),
-            "n_matrices": len(m.get("rank_pattern") or {}), "rank_changes": m.get("rank_changes"),
-            "argv": argv}
+        return run_cli_argv(cli_args(method, r, seed, data_dir, eval_file, out, threads), out)
 
 
 def run_cell(method, r, seed, data_dir, eval_file, threads, keep_runs) -> dict:
@@ -201,18 +187,6 @@ def render(records: list[dict], methods=METHODS) -> str:
     return "\n".join(lines) + note
 
 
-def write_doc(table: str, doc: Path = DOC) -> None:
-    text = doc.read_text()
-    block = f"{BEGIN}\n{table}\n{END}"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        _, post = rest.split(END, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip() + "\n\n## Generation (E2E NLG)\n\n" + block + "\n"
-    doc.write_text(text)
-
-
 def write_heatmap(records: list[dict], seed: int = 0) -> Path | None:
     from elalora.plots import plot_rank_heatmap
 
@@ -263,7 +237,7 @@ def main(argv=None) -> int:
                       f"{rec['final'].get('rougeL', float('nan')):.2f} ({rec['wall_s']:.0f} s)", flush=True)
     recs = read_records(JSONL)
     table = render(recs, METHODS)
-    write_doc(table)
+    write_doc_block(DOC, BEGIN, END, table, "## Generation (E2E NLG)")
     fig = write_heatmap(recs)
     print(table)
     if fig:

@@ -23,7 +23,6 @@ Reported: median time per forward+backward and the median paired ratio to ``peft
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path

@@ -12,7 +12,11 @@ the task gradient only); ``--rounds 0`` (no allocation round); ``--lr``.
 
     nice -n 10 python benchmarks/planted_rank_diag.py --gamma 0.1 --rounds 0 --every 20
 """
-import sys, math, copy, json, torch
+import copy
+import json
+import sys
+
+import torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))

@@ -147,3 +147,48 @@ def test_paired_table_hand_computed_interval(acc):
     row = [ln for ln in acc.paired_table(recs, protocol="v2", tasks=["stsb"], baselines=("peft-lora",), rs=(8,))
            .splitlines() if ln.startswith("| 8 |")][0]
     assert "+2.0 [+2.0, +2.0] win (n=3)" in row
+
+
+def _load_bench(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_layer_contribution_render_pairs_top_and_bottom_by_seed():
+    lc = _load_bench("layer_contribution")
+
+    def rec(seed, top, bottom, rnd):
+        return {"task": "stsb", "seed": seed, "baseline": 0.8 + seed / 100, "summary": [
+            {"fraction": 0.1, "group": g, "k": 4, "drop_mean": d} for g, d in
+            (("top", top), ("bottom", bottom), ("random", rnd))]}
+
+    # top − bottom per seed: 0.03, 0.01, 0.02 (×100: 3, 1, 2) -> mean 2, sd 1 -> [-0.5, +4.5], a tie
+    table = lc.render([rec(0, 0.05, 0.02, 0.01), rec(1, 0.02, 0.01, 0.0), rec(2, 0.04, 0.02, 0.02)])
+    row = [ln for ln in table.splitlines() if ln.startswith("| STSB")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:5] == ["3", "81.0 ± 1.0", "4 (10%)", "3.7 ± 1.5"]
+    assert cells[5] == "1.0 ± 1.0" and cells[6] == "1.7 ± 0.6"
+    assert cells[7] == "+2.0 [-0.5, +4.5] tie (n=3)"
+
+
+def test_generation_render_untrained_row_and_paired_difference():
+    gen = _load_bench("generation")
+    name = gen.PROTOCOL["name"]
+
+    def rec(method, seed, bleu, rouge):
+        return {"protocol": name, "method": method, "seed": seed, "final": {"bleu": bleu, "rougeL": rouge},
+                "rank_pattern": {"a": 8, "b": 8} if method != "untrained" else None}
+
+    recs = [rec("untrained", 0, 5.0, 20.0)]
+    recs += [rec("peft-lora", s, b, 50.0) for s, b in enumerate((60.0, 62.0, 64.0))]
+    recs += [rec("elalora", s, b, 50.0) for s, b in enumerate((61.0, 64.0, 67.0))]  # diffs 1, 2, 3
+    recs.append({**rec("peft-lora", 0, 99.0, 99.0), "protocol": "other"})  # another protocol: ignored
+    table = gen.render(recs)
+    rows = {ln.split("|")[1].strip(): ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert "| 62.0 ± 2.0 | 50.0 ± 0.0 | +2.0 [-0.5, +4.5] tie (n=3) |" in rows["PEFT LoRA"]
+    assert "| 1 | 5.0 | 20.0 |" in rows["untrained SmolLM2-135M"]  # one deterministic score
+    assert "+59.0 [" in rows["untrained SmolLM2-135M"]  # ElaLoRA seeds minus the one untrained score
+    assert "| 0 | pending |" in rows["PEFT AdaLoRA"]
