@@ -60,7 +60,8 @@ CLI_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora", "
               "gelora-elalora": "gelora-elalora"}
 DEFAULT_R = [2, 8]
 EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2 vs AdaLoRA r=4)
-LABEL = {"peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
+LABEL = {"peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA",
+         "adalora": "AdaLoRA (ours)",
          "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA"}
 DEFAULT_STEPS = 100  # the step budget of the main table in docs/results.md
 DELTA_T = 0.05  # fraction of the steps between allocation rounds (AdaLoRA, ElaLoRA: ours and PEFT's)
@@ -264,10 +265,8 @@ def train_peft_adalora(model, tok, spec, train, evals, *, r, seed, steps, lr, ba
     from peft import AdaLoraConfig, get_peft_model
     from transformers import TrainerCallback
 
-    from elalora.recipe import trainer as R
     from elalora.targets import select_target_modules
 
-    collate = R.make_collator(spec, tok, None, max_length)
     names, _ = select_target_modules(model, None, head)
     init_r = int(math.ceil(1.5 * r))
     tinit, tfinal, delta_t = round(0.1 * steps), round(0.2 * steps), max(1, round(DELTA_T * steps))
@@ -284,24 +283,11 @@ def train_peft_adalora(model, tok, spec, train, evals, *, r, seed, steps, lr, ba
             pm.base_model.update_and_allocate(state.global_step)
             UpdateAndAllocate.calls += 1
 
-    lengths = R.example_lengths(spec, tok, train, max_length)
-    with tempfile.TemporaryDirectory(prefix="acc-peft-") as tmp:
-        targs = R.training_args(tmp, batch_size=batch_size, eval_batch_size=2 * batch_size,
-                                lr=lr, epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
-                                seed=seed, eval_steps=0, logging_steps=max(1, steps // 5))
-        trainer = R.TaskTrainer(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
-                                data_collator=collate, compute_metrics=R.prediction_metrics(spec), lengths=lengths,
-                                generation_eval=generation_eval)
-        trainer.add_callback(UpdateAndAllocate())
-        t0 = time.time()
-        trainer.train()
-        runtime = time.time() - t0
-        out = trainer.evaluate()
-    final = {k: float(out[f"eval_{k}"]) for k in spec.metric_names if f"eval_{k}" in out}
+    res = _train_peft(pm, tok, spec, train, evals, seed=seed, steps=steps, lr=lr, batch_size=batch_size,
+                      max_length=max_length, callbacks=[UpdateAndAllocate()], generation_eval=generation_eval)
     pattern = pm.peft_config["default"].rank_pattern or {}
     final_ranks = {k: int(sum(v)) for k, v in pattern.items()}
-    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    active = trainable
+    active = res["trainable_params"]
     if final_ranks:  # adapter params of the kept ranks + the rest (head); pattern keys are inner-model names
         inner = dict(pm.base_model.model.named_parameters())
         adapter_all = sum(p.numel() for n, p in inner.items() if p.requires_grad and "lora_" in n)
@@ -311,16 +297,45 @@ def train_peft_adalora(model, tok, spec, train, evals, *, r, seed, steps, lr, ba
                 continue
             rk = final_ranks.get(n.replace("lora_A", "lora_E"), init_r)
             kept += rk * (pA.shape[1] + inner[n.replace("lora_A", "lora_B")].shape[0] + 1)
-        active = trainable - adapter_all + kept
+        active = res["trainable_params"] - adapter_all + kept
+    res.update({"active_params": active, "total_rank": sum(final_ranks.values()) if final_ranks else None,
+                "n_matrices": len(names),
+                "rank_pattern": {k.removeprefix("model.").replace(".lora_E", "").replace(".default", ""): v
+                                 for k, v in final_ranks.items()},
+                "update_and_allocate_calls": UpdateAndAllocate.calls,
+                "method_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+                "schedule": {"total_steps": steps, "tinit": tinit, "tfinal": tfinal, "delta_t": delta_t},
+                "runner": "benchmarks/accuracy.py (PEFT AdaLoRA, same Trainer setup)"})
+    return res
+
+
+def _train_peft(pm, tok, spec, train, evals, *, seed, steps, lr, batch_size, max_length, callbacks=(),
+                generation_eval=None) -> dict:
+    """Train and evaluate a PEFT model with the CLI's collator, Trainer and arguments."""
+    import torch
+
+    from elalora.recipe import trainer as R
+
+    collate = R.make_collator(spec, tok, None, max_length)
+    lengths = R.example_lengths(spec, tok, train, max_length)
+    with tempfile.TemporaryDirectory(prefix="acc-peft-") as tmp:
+        targs = R.training_args(tmp, batch_size=batch_size, eval_batch_size=2 * batch_size,
+                                lr=lr, epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
+                                seed=seed, eval_steps=0, logging_steps=max(1, steps // 5))
+        trainer = R.TaskTrainer(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
+                                data_collator=collate, compute_metrics=R.prediction_metrics(spec), lengths=lengths,
+                                generation_eval=generation_eval)
+        for cb in callbacks:
+            trainer.add_callback(cb)
+        t0 = time.time()
+        trainer.train()
+        runtime = time.time() - t0
+        out = trainer.evaluate()
+    final = {k: float(out[f"eval_{k}"]) for k in spec.metric_names if f"eval_{k}" in out}
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     return {"final": final, "main_metric": spec.metric_names[0], "steps": int(trainer.state.global_step),
-            "train_runtime_s": round(runtime, 2), "trainable_params": trainable, "active_params": active,
-            "total_rank": sum(final_ranks.values()) if final_ranks else None, "n_matrices": len(names),
-            "rank_pattern": {k.removeprefix("model.").replace(".lora_E", "").replace(".default", ""): v
-                             for k, v in final_ranks.items()},
-            "update_and_allocate_calls": UpdateAndAllocate.calls,
-            "method_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
-            "schedule": {"total_steps": steps, "tinit": tinit, "tfinal": tfinal, "delta_t": delta_t},
-            "threads": torch.get_num_threads(), "runner": "benchmarks/accuracy.py (PEFT AdaLoRA, same Trainer setup)"}
+            "train_runtime_s": round(runtime, 2), "trainable_params": trainable, "active_params": trainable,
+            "threads": torch.get_num_threads()}
 
 
 def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, keep_runs=None) -> dict:
