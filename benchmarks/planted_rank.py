@@ -204,11 +204,15 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
     model = Distill(copy.deepcopy(base))
     fnames = ["bert." + n for n in names]
     m = method.removesuffix("-noorth").removesuffix("-orth")
-    if m in ("peft-lora", "peft-adalora"):
+    if m in ("peft-lora", "peft-adalora", "gelora"):
         import peft
 
         if m == "peft-lora":
             cfg = peft.LoraConfig(r=r, target_modules=fnames, lora_dropout=0.0)
+        elif m == "gelora":  # the plan trained as PEFT LoRA, as `elalora train --method gelora` does
+            plan = plan_gelora(model, plan_batches, fnames, target_avg_rank=r)
+            cfg = peft.LoraConfig(r=r, lora_alpha=plan.alpha_scale * r, rank_pattern=dict(plan.rank_pattern),
+                                  alpha_pattern=dict(plan.alpha_pattern), target_modules=fnames, lora_dropout=0.0)
         else:
             cfg = peft.AdaLoraConfig(init_r=int(math.ceil(1.5 * r)), target_r=r, target_modules=fnames,
                                      lora_dropout=0.0, total_step=steps, tinit=int(0.1 * steps),
@@ -225,6 +229,8 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
         def ranks_fn():
             if m == "peft-lora":
                 return [r] * len(names)
+            if m == "gelora":
+                return [int(pm.base_model.model.get_submodule(n).r["default"]) for n in fnames]
             out = []
             for n in fnames:
                 mod = pm.base_model.model.get_submodule(n)
@@ -241,9 +247,6 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
         cfg = elalora.AdaLoRAConfig(total_steps=steps, delta_t=0.05, **kw)
     elif m == "alora":
         cfg = elalora.ALoRAConfig(max_rank=cap, total_steps=steps, **kw)
-    elif m == "gelora":
-        plan = plan_gelora(model, plan_batches, fnames, target_avg_rank=r)
-        cfg = elalora.FixedRankConfig(rank_pattern=plan.rank_pattern, alpha_pattern=plan.alpha_pattern, **kw)
     else:
         raise ValueError(f"unknown method {method!r}; known: {METHODS}")
     if method.endswith("-orth"):
