@@ -14,6 +14,11 @@ the 36 matrices, and records the drop of the task's main metric on the dev set
 ``benchmarks/results/layer_contribution.jsonl`` and renders, per task and k, the mean drop over seeds of
 each group, and the paired difference top − bottom with its 95 % interval. The paper's claim ("layers
 receiving higher rank allocations contribute more significantly") predicts top > random > bottom.
+
+The control (``--control-method peft-lora``, on ``--control-tasks``): the same top and bottom sets
+switched off in the uniform-rank PEFT LoRA run of the same task and seed (``elalora analyze LORA_RUN
+--ranks-from ELALORA_RUN``). A top set that matters there too matters for what the matrices are
+(e.g. their type and layer), not only for the rank ElaLoRA gave them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_doc_block  # noqa: E402
-from accuracy import METRIC_NAME, TASKS, paired_cell  # noqa: E402
+from accuracy import LABEL, METRIC_NAME, TASKS, paired_cell  # noqa: E402
 
 JSONL = RESULTS / "layer_contribution.jsonl"
 DOC = ROOT / "docs" / "results.md"
@@ -54,13 +59,65 @@ def analyze(d: Path, threads: int | None) -> None:
         raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
 
 
-def record(task: str, seed: int, d: Path, protocol: str, method: str, r: int) -> dict:
+def analyze_control(control: Path, ranks_from: Path, threads: int | None) -> None:
+    """``elalora analyze CONTROL --ranks-from RUN``: the same top/bottom sets, in the uniform-rank run."""
+    from elalora.cli.main import main as cli_main
+
+    argv = ["analyze", str(control), "--ranks-from", str(ranks_from), "--random-draws", "1", "--no-figure"]
+    rc = cli_main(argv + (["--threads", str(threads)] if threads else []))
+    if rc != 0:
+        raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
+
+
+def record(task: str, seed: int, d: Path, protocol: str, method: str, r: int, control: Path | None = None) -> dict:
     a = json.loads((d / "analysis" / "layer_contribution.json").read_text())
+    ctrl = None
+    if control is not None and (control / "analysis" / "layer_contribution_ranks_from.json").is_file():
+        c = json.loads((control / "analysis" / "layer_contribution_ranks_from.json").read_text())
+        ctrl = {"run": control.name, "baseline": c["baseline"][c["main_metric"]], "summary": c["summary"]}
     ranks = list((json.loads((d / "metrics.json").read_text()).get("rank_pattern") or {}).values())
     return {"task": task, "seed": seed, "protocol": protocol, "method": method, "r": r, "run": d.name,
             "main_metric": a["main_metric"], "baseline": a["baseline"][a["main_metric"]], "n_eval": a["n_eval"],
             "n_matrices": a["n_matrices"], "total_rank": a["total_rank"], "summary": a["summary"],
-            "final_rank_min": min(ranks) if ranks else None, "final_rank_max": max(ranks) if ranks else None}
+            "final_rank_min": min(ranks) if ranks else None, "final_rank_max": max(ranks) if ranks else None,
+            "control": ctrl}
+
+
+def render_control(recs: list[dict], control_label: str) -> str:
+    """The ElaLoRA runs' top and bottom sets switched off in the uniform-rank run of the same seed."""
+    by = {}
+    for rec in recs:
+        if rec.get("control"):
+            by.setdefault(rec["task"], {})[rec["seed"]] = rec
+    if not by:
+        return ""
+    head = ["task", "seeds", "k", f"{control_label} without ablation", "drop: ElaLoRA's top set off",
+            "drop: ElaLoRA's bottom set off", "top − bottom (paired)", "same in the ElaLoRA run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def ms(v):
+        return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+
+    def drops(summary, f):
+        got = {x["group"]: 100 * x["drop_mean"] for x in summary if x["fraction"] == f}
+        return got.get("top"), got.get("bottom")
+
+    for t in [t for t in TASKS if t in by]:
+        seeds = sorted(by[t])
+        for f in sorted({x["fraction"] for s in seeds for x in by[t][s]["control"]["summary"]}):
+            ct = [drops(by[t][s]["control"]["summary"], f) for s in seeds]
+            el = [drops(by[t][s]["summary"], f) for s in seeds]
+            k = next(x["k"] for x in by[t][seeds[0]]["control"]["summary"] if x["fraction"] == f)
+            base = [100 * by[t][s]["control"]["baseline"] for s in seeds]
+            lines.append("| " + " | ".join([
+                f"{t.upper()} ({METRIC_NAME[t]})", str(len(seeds)), f"{k} ({f:.0%})", ms(base),
+                ms([c[0] for c in ct]), ms([c[1] for c in ct]), paired_cell([c[0] - c[1] for c in ct]),
+                paired_cell([e[0] - e[1] for e in el])]) + " |")
+    return "\n".join(lines) + (
+        f"\n\nControl: in the {control_label} run of the same seed (uniform rank r on every matrix), the adapters "
+        "of the matrices that ElaLoRA's run ranked top (bottom) are switched off (`elalora analyze RUN "
+        "--ranks-from ELALORA_RUN`). If ElaLoRA's top set matters only because ElaLoRA gave it more rank, its "
+        "drop here is no larger than the bottom set's.")
 
 
 def render(recs: list[dict]) -> str:
@@ -68,7 +125,7 @@ def render(recs: list[dict]) -> str:
     for rec in recs:
         by.setdefault(rec["task"], {})[rec["seed"]] = rec
     head = ["task", "seeds", "metric without ablation", "k", "drop: top ranks off", "drop: random off",
-            "drop: bottom ranks off", "top − bottom (paired)"]
+            "drop: bottom ranks off", "top − bottom (paired)", "ranks off: top / random / bottom"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
     def ms(v):
@@ -79,26 +136,29 @@ def render(recs: list[dict]) -> str:
         base = [100 * by[t][s]["baseline"] for s in seeds]
         fractions = sorted({row["fraction"] for s in seeds for row in by[t][s]["summary"]})
         for f in fractions:
-            drop = {}
+            drop, off = {}, {}
             k = None
             for g in ("top", "random", "bottom"):
-                vals = {}
+                vals, ranks = {}, []
                 for s in seeds:
                     row = next((x for x in by[t][s]["summary"] if x["fraction"] == f and x["group"] == g), None)
                     if row is not None:
                         vals[s] = 100 * row["drop_mean"]
+                        ranks.append(row["rank_off_mean"])
                         k = row["k"]
-                drop[g] = vals
+                drop[g], off[g] = vals, (f"{statistics.mean(ranks):.0f}" if ranks else "–")
             both = sorted(set(drop["top"]) & set(drop["bottom"]))
             pair = paired_cell([drop["top"][s] - drop["bottom"][s] for s in both]) if both else "–"
             lines.append("| " + " | ".join([f"{t.upper()} ({METRIC_NAME[t]})", str(len(seeds)), ms(base),
                                             f"{k} ({f:.0%})", *(ms(list(drop[g].values())) if drop[g] else "–"
-                                                               for g in ("top", "random", "bottom")), pair]) + " |")
+                                                               for g in ("top", "random", "bottom")), pair,
+                                            " / ".join(off[g] for g in ("top", "random", "bottom"))]) + " |")
     return "\n".join(lines) + (
         "\n\nScores ×100. A drop is the metric with every adapter on minus the metric with k adapters off (positive: "
         "the switched-off adapters helped); random: mean of 3 draws per run. Mean ± std over seeds (one ElaLoRA "
         "run per seed); top − bottom: paired by seed, mean [95 % t-interval], *win* when the top-rank adapters "
-        "matter more, *tie* when the interval contains 0.")
+        "matter more, *tie* when the interval contains 0. Ranks off: the total final rank of the k matrices "
+        "switched off, mean over seeds (and draws): the top group always removes more rank than a random one.")
 
 
 def main(argv=None) -> int:
@@ -110,6 +170,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--control-method", default="peft-lora",
+                    help="the uniform-rank method whose kept run of the same task and seed gets the ElaLoRA run's "
+                         "top/bottom sets switched off (default %(default)s; 'none' to skip)")
+    ap.add_argument("--control-tasks", default="stsb",
+                    help="tasks for the control (default %(default)s: a control costs 7 evaluations per seed)")
     ap.add_argument("--render", action="store_true", help="do not analyze; aggregate what exists and render")
     ap.add_argument("--results", default=str(JSONL))
     args = ap.parse_args(argv)
@@ -120,19 +185,30 @@ def main(argv=None) -> int:
     if not found:
         ap.error(f"no kept runs under {args.runs}/{args.protocol}/ for method {args.method} at r={args.r}")
     recs = []
+    control_tasks = [t for t in args.control_tasks.split(",") if t] if args.control_method != "none" else []
     for t, s, d in found:
         if not (d / "analysis" / "layer_contribution.json").is_file():
             if args.render:
                 print(f"{d}: no analysis yet (skipped)")
                 continue
             analyze(d, args.threads)
-        recs.append(record(t, s, d, args.protocol, args.method, args.r))
+        control = None
+        if t in control_tasks:
+            control = Path(args.runs) / args.protocol / f"{t}-{args.control_method}-r{args.r}-s{s}"
+            if not (control / "metrics.json").is_file():
+                control = None
+            elif not (control / "analysis" / "layer_contribution_ranks_from.json").is_file() and not args.render:
+                analyze_control(control, d, args.threads)
+        recs.append(record(t, s, d, args.protocol, args.method, args.r, control))
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".jsonl.tmp")  # the file is the aggregate of the analyses found: rewrite it whole
     tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
     os.replace(tmp, out)
     table = render(recs)
+    ctrl = render_control(recs, LABEL.get(args.control_method, args.control_method))
+    if ctrl:
+        table += "\n\n" + ctrl
     write_doc_block(DOC, BEGIN, END, table, "## Layer contribution")
     print(table)
     return 0

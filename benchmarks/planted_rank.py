@@ -401,6 +401,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=None, help=f"JSON-lines file (default {JSONL.relative_to(ROOT)}; "
                     "none with --quick)")
     ap.add_argument("--render", action="store_true", help="print the Markdown tables of the finished cells")
+    ap.add_argument("--no-run", action="store_true", help="with --render: only print the tables, run no cell")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -409,7 +410,7 @@ def main(argv=None) -> int:
     done = {cell_key(x) for x in read_records(path)} if path else set()
     ctx: dict = {}
     records = list(read_records(path)) if path else []
-    for setting in args.settings.split(","):
+    for setting in ([] if args.no_run else args.settings.split(",")):
         for seed in [int(s) for s in args.seeds.split(",")]:
             for method in args.methods.split(","):
                 key = (args.base, setting, method, args.r, seed, args.steps, float(args.lr))

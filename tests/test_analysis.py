@@ -87,3 +87,23 @@ def test_switched_off_adapters_give_the_base_output():
         h.set_adapters_enabled(True)
         again = model(input_ids=ids).logits
     assert torch.equal(off, base) and torch.equal(again, on) and not torch.equal(on, base)
+
+
+def test_ranks_from_another_run_choose_the_sets_and_must_name_the_same_matrices():
+    model, h, pattern = _uneven_model()
+    names = sorted(pattern)
+    other = {n: r for n, r in zip(names, [0, 9, 1, 5])}  # another run's order: names[1] top, names[0] bottom
+
+    def evaluate(m):
+        sw = adapter_switches(m)
+        return {"score": float(sum(s.rank for s in sw.values() if s.is_enabled()))}
+
+    res = layer_contribution(model, evaluate, "score", fractions=(0.25,), random_draws=0, seed=0, ranks=other)
+    top, bottom = res.ablations
+    assert top.modules == [names[1]] and bottom.modules == [names[0]]
+    assert top.ranks == [9] and bottom.ranks == [0]  # the ranks that chose them are recorded
+    assert top.drop == pattern[names[1]] and bottom.drop == pattern[names[0]]  # the model's own adapters went off
+    from elalora.errors import RunError
+
+    with pytest.raises(RunError, match="does not name the model's adapted matrices"):
+        layer_contribution(model, evaluate, "score", ranks={**other, "not.a.matrix": 3})

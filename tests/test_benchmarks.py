@@ -162,7 +162,8 @@ def test_layer_contribution_render_pairs_top_and_bottom_by_seed():
 
     def rec(seed, top, bottom, rnd):
         return {"task": "stsb", "seed": seed, "baseline": 0.8 + seed / 100, "summary": [
-            {"fraction": 0.1, "group": g, "k": 4, "drop_mean": d} for g, d in
+            {"fraction": 0.1, "group": g, "k": 4, "drop_mean": d, "rank_off_mean": {"top": 40, "random": 30,
+                                                                                      "bottom": 10}[g]} for g, d in
             (("top", top), ("bottom", bottom), ("random", rnd))]}
 
     # top − bottom per seed: 0.03, 0.01, 0.02 (×100: 3, 1, 2) -> mean 2, sd 1 -> [-0.5, +4.5], a tie
@@ -171,7 +172,17 @@ def test_layer_contribution_render_pairs_top_and_bottom_by_seed():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:5] == ["3", "81.0 ± 1.0", "4 (10%)", "3.7 ± 1.5"]
     assert cells[5] == "1.0 ± 1.0" and cells[6] == "1.7 ± 0.6"
-    assert cells[7] == "+2.0 [-0.5, +4.5] tie (n=3)"
+    assert cells[7] == "+2.0 [-0.5, +4.5] tie (n=3)" and cells[8] == "40 / 30 / 10"
+    # the control: the same sets in the uniform-rank run; top − bottom there 1, 1, 1 (sd 0: a "win")
+    recs = [rec(0, 0.05, 0.02, 0.01), rec(1, 0.02, 0.01, 0.0)]
+    for r_, (top, bottom) in zip(recs, ((0.03, 0.02), (0.02, 0.01))):
+        r_["control"] = {"baseline": 0.8, "summary": [{"fraction": 0.1, "group": "top", "k": 4, "drop_mean": top},
+                                                      {"fraction": 0.1, "group": "bottom", "k": 4, "drop_mean": bottom}]}
+    row = [ln for ln in lc.render_control(recs, "PEFT LoRA").splitlines() if ln.startswith("| STSB")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:6] == ["2", "4 (10%)", "80.0 ± 0.0", "2.5 ± 0.7", "1.5 ± 0.7"]
+    assert cells[6] == "+1.0 [+1.0, +1.0] win (n=2)" and cells[7].startswith("+2.0 [")
+    assert lc.render_control([rec(0, 0.05, 0.02, 0.01)], "PEFT LoRA") == ""  # no control: no table
 
 
 def test_generation_render_untrained_row_and_paired_difference():

@@ -546,3 +546,19 @@ def test_analyze_writes_table_json_and_figure(runs, tmp_path, capsys):
     # not a run directory: one-line error, exit 2
     assert main(["analyze", str(tmp_path / "nope")]) == 2
     assert "not an elalora run directory" in capsys.readouterr().err
+
+
+def test_analyze_ranks_from_applies_an_elalora_runs_order_to_a_lora_run(runs, tmp_path, capsys):
+    lora = tmp_path / "lora"
+    shutil.copytree(runs["lora"], lora)
+    assert main(["analyze", str(lora), "--fractions", "0.25", "--random-draws", "0", "--no-figure",
+                 "--ranks-from", str(runs["elalora"])]) == 0
+    got = json.loads((lora / "analysis" / "layer_contribution_ranks_from.json").read_text())
+    assert not (lora / "analysis" / "layer_contribution.json").exists()  # the plain study is not overwritten
+    ela = _metrics(runs["elalora"])["rank_pattern"]
+    top, bottom = got["ablations"]
+    assert got["ranks_from"] == str(runs["elalora"].resolve())
+    assert top["ranks"] == [ela[m] for m in top["modules"]] and min(top["ranks"]) >= max(bottom["ranks"])
+    capsys.readouterr()
+    assert main(["analyze", str(lora), "--ranks-from", str(tmp_path / "nope")]) == 2
+    assert "no metrics.json there" in capsys.readouterr().err

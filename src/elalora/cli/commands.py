@@ -182,26 +182,32 @@ def cmd_analyze(args) -> int:
                        "marker); give the --output-dir of an 'elalora train' run")
     fractions = args.fractions
     out_dir = run_dir / "analysis"
-    check_writable(out_dir / "layer_contribution.json", "the run's analysis/ folder")
+    ranks, stem = None, "layer_contribution"
+    if args.ranks_from is not None:
+        ranks = _final_ranks_of(Path(args.ranks_from).expanduser())
+        stem = "layer_contribution_ranks_from"
+    check_writable(out_dir / f"{stem}.json", "the run's analysis/ folder")
     ld = _load_for_eval(args, str(run_dir))
     main_metric = ld.spec.metric_names[0]
     print(f"layer contribution of {run_dir} ({ld.spec.name}, {len(ld.evals)} evaluation examples): "
-          f"{1 + len(fractions) * (2 + args.random_draws)} evaluations", flush=True)
+          f"{1 + len(fractions) * (2 + args.random_draws)} evaluations"
+          + (f"; top/bottom chosen by the ranks of {args.ranks_from}" if ranks else ""), flush=True)
     res = layer_contribution(ld.model, ld.evaluate, main_metric, fractions=fractions,
-                             random_draws=args.random_draws, seed=args.seed,
+                             random_draws=args.random_draws, seed=args.seed, ranks=ranks,
                              progress=lambda msg: print(msg, flush=True))
     table = format_contribution_table(res)
     payload = {"run_dir": str(run_dir.resolve()), "task": ld.spec.name, "n_eval": len(ld.evals),
-               "method": ld.run_cfg.get("method"), **res.to_dict()}
+               "method": ld.run_cfg.get("method"),
+               "ranks_from": str(Path(args.ranks_from).expanduser().resolve()) if ranks else None, **res.to_dict()}
     with output_lock(out_dir):
         out_dir.mkdir(exist_ok=True)
-        _write_json_atomic(out_dir / "layer_contribution.json", payload)
-        atomic_write_bytes(out_dir / "layer_contribution.md", (table + "\n").encode())
-        written = [out_dir / "layer_contribution.json", out_dir / "layer_contribution.md"]
+        _write_json_atomic(out_dir / f"{stem}.json", payload)
+        atomic_write_bytes(out_dir / f"{stem}.md", (table + "\n").encode())
+        written = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
         if not args.no_figure:
             from ..plots import plot_layer_contribution
 
-            fig = run_dir / "figures" / "layer_contribution.png"
+            fig = run_dir / "figures" / f"{stem}.png"
             plot_layer_contribution(res.summary(), fig, metric=main_metric, baseline=res.baseline[main_metric],
                                     title=f"Layer contribution: {ld.spec.name}, {ld.run_cfg.get('method', '?')}")
             written.append(fig)
@@ -211,6 +217,18 @@ def cmd_analyze(args) -> int:
     for p in written:
         print(f"wrote {p}")
     return 0
+
+
+def _final_ranks_of(run_dir: Path) -> dict[str, int]:
+    """The final rank pattern recorded in another run's metrics.json (for ``analyze --ranks-from``)."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise RunError(f"--ranks-from {str(run_dir)!r}: no metrics.json there; give the --output-dir of a finished "
+                       "'elalora train' run")
+    pattern = read_json(path).get("rank_pattern")
+    if not pattern:
+        raise RunError(f"--ranks-from {str(run_dir)!r}: its metrics.json has no rank_pattern")
+    return {str(k): int(v) for k, v in pattern.items()}
 
 
 def cmd_export(args) -> int:

@@ -276,6 +276,10 @@ def _add_eval_export_plot(sub) -> None:
                     help="random sets of k matrices per fraction (default 3)")
     an.add_argument("--seed", type=_seed, default=None,
                     help="seed of the random sets, the tie-break order and the evaluation subset (default: the run's)")
+    an.add_argument("--ranks-from", default=None, metavar="OTHER_RUN_DIR",
+                    help="choose the top/bottom sets by another run's final ranks (e.g. an ElaLoRA run, applied to "
+                         "a uniform LoRA run of the same model: do the matrices it favoured matter without the "
+                         "rank it gave them?); writes analysis/layer_contribution_ranks_from.*")
     _add_model_flags(an, for_train=False)
     _add_data_flags(an, required_task=False)
     an.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch size (default 64)")

@@ -171,15 +171,29 @@ class Contribution:
 
 def layer_contribution(model, evaluate: Callable[[object], Mapping[str, float]], main_metric: str, *,
                        fractions: Sequence[float] = DEFAULT_FRACTIONS, random_draws: int = 3, seed: int = 0,
+                       ranks: Mapping[str, int] | None = None,
                        progress: Callable[[str], None] | None = None) -> Contribution:
     """Run the study on ``model`` (see the module docstring); ``evaluate(model)`` returns the metrics.
+
+    ``ranks`` (module name -> rank, e.g. another run's final rank pattern) chooses the top and bottom
+    sets instead of ``model``'s own ranks: applied to a uniform-rank LoRA run with an ElaLoRA run's
+    ranks, it asks whether the matrices ElaLoRA favoured matter without ElaLoRA's rank on them. It
+    must name exactly the adapted matrices of ``model``.
 
     ``1 + len(fractions) * (2 + random_draws)`` evaluations. The adapters are back on afterwards.
     """
     if random_draws < 0:
         raise ValueError(f"random_draws must be >= 0; got {random_draws}")
     switches = adapter_switches(model)
-    ranks = {n: s.rank for n, s in switches.items()}
+    if ranks is None:
+        ranks = {n: s.rank for n, s in switches.items()}
+    else:
+        ranks = {str(n): int(r) for n, r in ranks.items()}
+        missing, extra = sorted(set(switches) - set(ranks)), sorted(set(ranks) - set(switches))
+        if missing or extra:
+            raise RunError(f"the rank pattern does not name the model's adapted matrices: {len(missing)} missing "
+                           f"(e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]}); take it from a run "
+                           "of the same base model and target modules")
     m = len(ranks)
     ks = []
     for f in fractions:
