@@ -48,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, loadavg  # noqa: E402
+from _common import RESULTS, loadavg, write_doc_block  # noqa: E402
 
 JSONL = RESULTS / "accuracy.jsonl"
 DOC = ROOT / "docs" / "results.md"
@@ -60,8 +60,7 @@ CLI_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora", "
               "gelora-elalora": "gelora-elalora"}
 DEFAULT_R = [2, 8]
 EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2 vs AdaLoRA r=4)
-LABEL = {"peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA",
-         "adalora": "AdaLoRA (ours)",
+LABEL = {"peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
          "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA"}
 DEFAULT_STEPS = 100  # the step budget of the main table in docs/results.md
 DELTA_T = 0.05  # fraction of the steps between allocation rounds (AdaLoRA, ElaLoRA: ours and PEFT's)
@@ -517,20 +516,13 @@ def _markers(steps: int | str) -> tuple[str, str]:
 
 def write_doc_table(table: str, doc: Path = DOC, steps: int | str | None = None) -> None:
     begin, end = _markers(DEFAULT_STEPS if steps is None else steps)
-    block = f"{begin}\n{table}\n{end}"
     text = doc.read_text() if doc.exists() else "# Results\n"
-    if begin in text and end in text:
-        pre, rest = text.split(begin, 1)
-        _, post = rest.split(end, 1)
-        text = pre + block + post
-    elif begin != BEGIN and END in text:  # a new step budget: right after the main table
+    if begin not in text and begin != BEGIN and END in text:  # a new step budget: right after the main table
         pre, post = text.split(END, 1)
         title = f"Protocol {steps.removeprefix('protocol-')}" if isinstance(steps, str) else f"{steps} steps per cell"
-        text = pre + END + f"\n\n#### {title}\n\n" + block + post
-    else:
-        text = text.rstrip() + "\n\n## Accuracy\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+        doc.write_text(pre + END + f"\n\n#### {title}\n\n{begin}\n{table}\n{end}" + post)
+        return
+    write_doc_block(doc, begin, end, table, "## Accuracy")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ def default_data_dir() -> str:
     return str(ROOT.parent / "shared" / "data")
 
 
-def write_eval_file(data_dir: str, n_mrs: int, folder: Path) -> tuple[Path, list[str]]:
+def write_eval_file(data_dir: str, n_mrs: int, folder: Path) -> Path:
     """The fixed evaluation subset as an ``MR||reference`` file (every reference of each chosen MR)."""
     from elalora.tasks import load_task_data
 
@@ -68,7 +68,7 @@ def write_eval_file(data_dir: str, n_mrs: int, folder: Path) -> tuple[Path, list
         for ex in evals:
             for ref in ex["references"]:
                 f.write(f"{ex['prompt']}||{ref}\n")
-    return path, [ex["prompt"] for ex in evals]
+    return path
 
 
 def _load(data_dir: str, eval_file: Path, seed: int, threads: int | None):
@@ -152,7 +152,7 @@ def render(records: list[dict], methods=METHODS) -> str:
         if rec.get("protocol") == PROTOCOL["name"]:
             recs.setdefault(rec["method"], {})[int(rec["seed"])] = rec
     head = ["method", "seeds", "BLEU", "ROUGE-L", "ElaLoRA − method, BLEU (paired)", "ElaLoRA − method, ROUGE-L (paired)",
-            "final ranks (min–max of 210)"]
+            "final ranks (min–max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     ela = recs.get("elalora", {})
     for m in ["untrained"] + list(methods):
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         todo = [c for c in todo if c not in done]
         print(f"{len(todo)} cells to run ({len(done)} done in {JSONL})", flush=True)
         with tempfile.TemporaryDirectory(prefix="gen-eval-") as tmp:
-            eval_file, _ = write_eval_file(args.data_dir, PROTOCOL["eval_mrs"], Path(tmp))
+            eval_file = write_eval_file(args.data_dir, PROTOCOL["eval_mrs"], Path(tmp))
             for method, seed in todo:
                 print(f"=== cell {method} seed={seed} (load {loadavg()})", flush=True)
                 try:

@@ -50,21 +50,12 @@ def run_dirs(runs: Path, protocol: str, method: str, r: int, tasks, seeds) -> li
     return out
 
 
-def analyze(d: Path, threads: int | None) -> None:
+def analyze(d: Path, threads: int | None, *extra: str) -> None:
+    """``elalora analyze D`` in-process; ``extra`` flags, e.g. ``--ranks-from RUN`` for the control."""
     from elalora.cli.main import main as cli_main
 
-    argv = ["analyze", str(d)] + (["--threads", str(threads)] if threads else [])
+    argv = ["analyze", str(d), *extra] + (["--threads", str(threads)] if threads else [])
     rc = cli_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
-
-
-def analyze_control(control: Path, ranks_from: Path, threads: int | None) -> None:
-    """``elalora analyze CONTROL --ranks-from RUN``: the same top/bottom sets, in the uniform-rank run."""
-    from elalora.cli.main import main as cli_main
-
-    argv = ["analyze", str(control), "--ranks-from", str(ranks_from), "--random-draws", "1", "--no-figure"]
-    rc = cli_main(argv + (["--threads", str(threads)] if threads else []))
     if rc != 0:
         raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
 
@@ -198,7 +189,8 @@ def main(argv=None) -> int:
             if not (control / "metrics.json").is_file():
                 control = None
             elif not (control / "analysis" / "layer_contribution_ranks_from.json").is_file() and not args.render:
-                analyze_control(control, d, args.threads)
+                # the same top/bottom sets in the uniform-rank run (one random draw: 7 evaluations)
+                analyze(control, args.threads, "--ranks-from", str(d), "--random-draws", "1", "--no-figure")
         recs.append(record(t, s, d, args.protocol, args.method, args.r, control))
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,8 @@ def cmd_analyze(args) -> int:
 
             fig = run_dir / "figures" / f"{stem}.png"
             plot_layer_contribution(res.summary(), fig, metric=main_metric, baseline=res.baseline[main_metric],
-                                    title=f"Layer contribution: {ld.spec.name}, {ld.run_cfg.get('method', '?')}")
+                                    title=f"Layer contribution: {ld.spec.name}, {ld.run_cfg.get('method', '?')}"
+                                    + (f" (sets by the ranks of {Path(args.ranks_from).name})" if ranks else ""))
             written.append(fig)
     print()
     print(table)
