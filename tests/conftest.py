@@ -40,11 +40,13 @@ def tiny_bert(num_labels: int = 2, seed: int = 0, layers: int = 2):
     return BertForSequenceClassification(cfg).eval()
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, hidden: int = 32, intermediate: int = 64):
+    """A 2-layer Llama. 4-bit tests pass ``hidden=64, intermediate=128``: bitsandbytes' CPU inference
+    layout (AVX512-BF16 CPUs) needs every in_features to be a multiple of its 64-wide blocks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 

@@ -73,7 +73,8 @@ def fx(tmp_path_factory):
     bert(48).save_pretrained(root / "bert48")  # a different base model
     tok.save_pretrained(root / "bert48")
     tok.eos_token = "[SEP]"
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # in_features multiples of 64: bitsandbytes' CPU inference layout (AVX512-BF16 CPUs) needs them (4-bit test)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
                      ).save_pretrained(root / "llama")
     tok.save_pretrained(root / "llama")

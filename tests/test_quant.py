@@ -14,9 +14,12 @@ import elalora  # noqa: E402
 from elalora.model import load_adapter  # noqa: E402
 from elalora.persistence import merge_and_unload, save_adapter  # noqa: E402
 from elalora.quant import (QuantizationError, dequantize_weight, is_quantized_layer,  # noqa: E402
-                           load_quantized_causal_lm)
+                           keep_standard_4bit_layout, load_quantized_causal_lm)
 
 from conftest import tiny_llama  # noqa: E402
+from tolerances import RTOL, assert_close  # noqa: E402
+
+DIMS = dict(hidden=64, intermediate=128)  # in_features multiples of 64: bnb's CPU inference layout needs them
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("llama")
-    tiny_llama(seed=0).save_pretrained(d)
+    tiny_llama(seed=0, **DIMS).save_pretrained(d)
     return str(d)
 
 
@@ -65,10 +68,10 @@ def test_adapters_are_fp32_with_the_logical_shape(llama_dir, bits):
     h = elalora.get_model(model, _cfg())
     a = h.adapters[h.names.index("model.layers.0.mlp.down_proj")]
     assert a.quantized and a.base_layer is q
-    # down_proj is 64 -> 32: the adapter follows in/out_features, not the packed (1024 x 1) uint8 storage.
-    assert (a.in_features, a.out_features) == (64, 32)
+    # down_proj is 128 -> 64: the adapter follows in/out_features, not the packed (4096 x 1) uint8 storage.
+    assert (a.in_features, a.out_features) == (128, 64)
     c = a.capacity
-    assert a.lora_Q.shape == (c, 64) and a.lora_P.shape == (32, c) and a.lora_Q.dtype == torch.float32
+    assert a.lora_Q.shape == (c, 128) and a.lora_P.shape == (64, c) and a.lora_Q.dtype == torch.float32
     assert all(p.requires_grad for p in h.adapter_parameters())
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     with torch.no_grad():
@@ -81,7 +84,7 @@ def test_4bit_base_trains_like_its_dequantised_float_copy(llama_dir):
     dequantised weights is the same function, so the same seeds give the same scores, rounds and
     losses (float tolerance: the two matmuls may block their reductions differently)."""
     qmodel = load_quantized_causal_lm(llama_dir, 4)
-    fmodel = tiny_llama(seed=0)
+    fmodel = tiny_llama(seed=0, **DIMS)
     with torch.no_grad():
         for name, mod in qmodel.named_modules():
             if is_quantized_layer(mod):
@@ -107,12 +110,13 @@ def test_peft_export_loads_on_a_freshly_quantised_base(llama_dir, bits, tmp_path
     h.export_peft(tmp_path / "peft")
     base = load_quantized_causal_lm(llama_dir, bits)
     pm = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    keep_standard_4bit_layout(pm)  # evaluate PEFT's base as ours is evaluated (no CPU inference repacking)
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer).__module__ == "peft.tuners.lora.bnb"
     with torch.no_grad():
         out = pm(input_ids=_ids()).logits
     # Same quantised weights, same fp32 LoRA factors: only the order of the adapter matmuls differs.
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert_close(out, ref)
 
 
 def test_merge_and_unload_4bit_returns_float_linear_layers(llama_dir):
@@ -131,7 +135,7 @@ def test_merge_and_unload_4bit_returns_float_linear_layers(llama_dir):
     assert not any(isinstance(m, elalora.layers.ElasticAdapter) for m in merged.modules())
     with torch.no_grad():
         out = merged(input_ids=_ids()).logits
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert_close(out, ref)
 
 
 def test_merge_and_unload_8bit_merges_into_the_dequantised_weight(llama_dir):
@@ -172,7 +176,7 @@ def test_save_and_load_adapter_on_a_quantised_base(llama_dir, tmp_path):
     assert h2.rank_pattern() == h.rank_pattern()
     with torch.no_grad():
         out = h2.model(input_ids=_ids()).logits
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+    assert_close(out, ref)
 
 
 def test_bnb_config_errors():
@@ -186,3 +190,51 @@ def test_bnb_config_errors():
         warnings.simplefilter("ignore")
         c = bnb_quantization_config(4, compute_dtype=torch.bfloat16)
     assert c.load_in_4bit and c.bnb_4bit_quant_type == "nf4" and c.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_evaluation_does_not_stop_the_gradients_of_a_4bit_base(llama_dir):
+    """Train, evaluate, train: after the no-grad eval pass every adapter still gets a gradient, the
+    lowest layer's included. (On an AVX512-BF16 CPU, bitsandbytes 0.50 repacks a Linear4bit at its
+    first eval pass and the repacked layer passes no gradient to its input; get_model prevents it.)"""
+    model = load_quantized_causal_lm(llama_dir, 4)
+    h = elalora.get_model(model, _cfg())
+    _train(model, h, steps=2)  # ends in eval mode
+    with torch.no_grad():
+        model(input_ids=_ids()).logits
+    assert not any(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)
+                   for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit")
+    model.train()
+    ids = _ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for name, a in zip(h.names, h.adapters):
+        assert a.lora_P.grad is not None and a.lora_P.grad.abs().sum() > 0, name
+
+
+def _repack_for_cpu(layer):
+    """bitsandbytes' own CPU inference repacking (pure torch; runs on any CPU)."""
+    conv = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+    if conv is None:
+        pytest.skip("this bitsandbytes has no CPU inference repacking")
+    layer.weight.data, layer.weight.quant_state = conv(layer.weight.data, layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+
+
+def test_a_repacked_4bit_layer_dequantises_and_is_restored(llama_dir):
+    model = load_quantized_causal_lm(llama_dir, 4)
+    layer = model.model.layers[1].mlp.down_proj
+    w0 = dequantize_weight(layer).float()
+    _repack_for_cpu(layer)
+    # the repacked layer computes with bf16 scales: each weight moves by at most bf16's rounding
+    w1 = dequantize_weight(layer).float()
+    assert layer.weight.quant_state.packing_format_for_cpu  # dequantising did not change the layer
+    torch.testing.assert_close(w1, w0, rtol=2.0 ** -8, atol=0)
+    assert not torch.equal(w1, torch.zeros_like(w1))
+    for m in model.modules():  # as if bitsandbytes had found AVX512-BF16
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = True
+    h = elalora.get_model(model, _cfg())
+    assert not layer.weight.quant_state.packing_format_for_cpu
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in model.modules())
+    # back in the standard layout with the scales the repacked layer used: the same weights
+    assert torch.equal(dequantize_weight(layer).float(), w1)
+    assert h.adapters

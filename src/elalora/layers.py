@@ -245,10 +245,11 @@ class ElasticAdapter(nn.Module):
                 "layers, or export_peft() and merge onto a float copy of the base")
         w = self.base_layer.weight
         self._unmerged_weight = w.detach().clone()
-        delta = self.delta_weight(torch.float32)
+        work = torch.promote_types(w.dtype, torch.float32)  # float32 for half weights; float64 stays float64
+        delta = self.delta_weight(work)
         if self.fan_in_fan_out:
             delta = delta.t()
-        w.copy_((w.float() + delta).to(w.dtype))
+        w.copy_((w.to(work) + delta).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()

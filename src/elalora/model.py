@@ -107,9 +107,12 @@ class AdaptiveModel:
             self.adapters.append(a)
         self._freeze()
         if any(a.quantized for a in self.adapters):
-            from .quant import allow_trainer_on_quantized_base
+            from .quant import allow_trainer_on_quantized_base, keep_standard_4bit_layout
 
             allow_trainer_on_quantized_base(model)
+            for a in self.adapters:  # bitsandbytes' CPU inference repacking would stop gradients (quant.py)
+                if a.quantized:
+                    keep_standard_4bit_layout(a.base_layer)
         self.importance: ImportanceTracker | None = None
         self.allocator = make_allocator(config, names, self.adapters)
         if self.allocator.uses_importance:

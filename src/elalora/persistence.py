@@ -345,12 +345,14 @@ def peft_task_type(model: nn.Module) -> str | None:
 
 @torch.no_grad()
 def peft_lora_factors(a: ElasticAdapter, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lora_A, lora_B)`` of a plain LoRA equal to the adapter's active part with scale 1."""
+    """``(lora_A, lora_B)`` of a plain LoRA equal to the adapter's active part with scale 1, computed in
+    at least float32 (float64 when ``dtype`` is float64) and stored in ``dtype``."""
+    work = torch.promote_types(dtype, torch.float32)
     idx = a.active_indices()
     down, gate, up = a._factors()
-    down = down.detach().float().index_select(0, idx.to(down.device))
-    gate = gate.detach().float().index_select(0, idx.to(gate.device))
-    up = up.detach().float().index_select(1, idx.to(up.device))
+    down = down.detach().to(work).index_select(0, idx.to(down.device))
+    gate = gate.detach().to(work).index_select(0, idx.to(gate.device))
+    up = up.detach().to(work).index_select(1, idx.to(up.device))
     lora_a = gate[:, None] * down * a.scaling
     return lora_a.to(dtype).contiguous(), up.to(dtype).contiguous()
 
@@ -369,11 +371,12 @@ def uniform_lora_factors(handle, dtype: torch.dtype = torch.float32
     if top == 0:
         raise RuntimeError("every adapted module is at rank 0: nothing to export")
     out = {}
+    work = torch.promote_types(dtype, torch.float32)
     for name, a in zip(handle.names, handle.adapters):
-        la, lb = peft_lora_factors(a, torch.float32)
+        la, lb = peft_lora_factors(a, work)
         r = la.shape[0]
-        pa = torch.zeros(top, la.shape[1], dtype=torch.float32)
-        pb = torch.zeros(lb.shape[0], top, dtype=torch.float32)
+        pa = torch.zeros(top, la.shape[1], dtype=work)
+        pb = torch.zeros(lb.shape[0], top, dtype=work)
         pa[:r] = la
         pb[:, :r] = lb
         out[name] = (pa.to(dtype).contiguous(), pb.to(dtype).contiguous())

@@ -18,7 +18,9 @@ This module holds the few helpers the rest of the library needs for such bases:
   non-quantised half-precision parameters such as layer norms to fp32, optional gradient
   checkpointing with input gradients);
 * :func:`is_quantized_layer` / :func:`dequantize_weight` (the dequantised ``d_out × d_in`` weight,
-  following ``peft.utils.integrations.dequantize_bnb_weight``), used by ``merge_and_unload``.
+  following ``peft.utils.integrations.dequantize_bnb_weight``), used by ``merge_and_unload``;
+* :func:`keep_standard_4bit_layout`, which :func:`elalora.get_model` applies to every adapted 4-bit
+  base: bitsandbytes' CPU inference repacking (AVX512-BF16 CPUs) breaks later training steps.
 
 bitsandbytes is an optional dependency (``pip install 'elalora[bnb]'``); nothing here imports it until
 a quantised layer is actually met, and then through :func:`elalora._extras.require` (a missing install
@@ -38,6 +40,7 @@ from .errors import QuantizationError
 
 __all__ = [
     "QuantizationError", "allow_trainer_on_quantized_base", "is_quantized_layer", "quantization_kind", "dequantize_weight",
+    "keep_standard_4bit_layout",
     "bnb_quantization_config", "prepare_quantized_model", "load_quantized_causal_lm",
 ]
 
@@ -90,6 +93,8 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
         return w
     bnb = require("bitsandbytes", "to dequantise a 4-bit / 8-bit layer")
     if kind == "4bit":
+        if _cpu_packed(w):
+            return bnb.functional.dequantize_4bit(*_standard_layout(bnb, w))
         return bnb.functional.dequantize_4bit(w.data, w.quant_state)
     if kind == "8bit":
         scb = getattr(w, "SCB", None)
@@ -102,6 +107,58 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
         return bnb.functional.int8_vectorwise_dequant(w.data, scb.to(w.device))
     raise QuantizationError(f"cannot dequantise a {type(layer).__name__} with a {w.dtype} weight: only "
                             "bitsandbytes 4-bit and 8-bit layers are supported")
+
+
+def _cpu_packed(weight) -> bool:
+    """Whether bitsandbytes has repacked this 4-bit weight for its CPU inference kernel."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _standard_layout(bnb, w):
+    """``(data, quant_state)`` of a CPU-repacked 4-bit weight in the standard layout, computing what the
+    repacked layer computes, without changing the layer: bitsandbytes' inverse of the repacking on a
+    shallow copy of the state, with the scales the repacked layer uses (bf16, stored
+    ``(d_in / blocksize) × d_out``) kept as they are, in fp32 and the standard order. (bitsandbytes'
+    own inverse re-quantises them, which moves every weight again.)"""
+    import copy
+
+    qs = copy.copy(w.quant_state)
+    absmax = qs.absmax.T.reshape(-1).float()
+    qs.original_nested = False  # stops the inverse from re-quantising the scales
+    data, qs = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, qs)
+    qs.absmax, qs.nested = absmax, False
+    return data, qs
+
+
+def keep_standard_4bit_layout(module: nn.Module) -> int:
+    """Keep every ``bnb.nn.Linear4bit`` in ``module`` in bitsandbytes' standard layout; returns how many.
+
+    bitsandbytes (≥ 0.49), on a CPU with AVX512-BF16, repacks a ``Linear4bit`` weight in place the
+    first time the layer runs in eval mode without gradients (``_convert_weight_packed_for_cpu``: a
+    blocked layout with bf16 scales, for its fused inference kernel). Measured with bitsandbytes 0.50.2:
+    a repacked layer passes **no gradient to its input** in later training steps, so after the first
+    evaluation of a train–evaluate–train loop every adapter below it stops learning; and its outputs
+    move by the bf16 rounding of the scales (≈ 6e-3 on a 128-input layer), so evaluation no longer
+    computes what training did. Adapter bases are trained and evaluated in turn, so
+    :func:`load_quantized_causal_lm` calls this on the model it loads and :func:`elalora.get_model` on
+    every adapted 4-bit base: it clears ``support_avx512bf16_for_cpu`` (the flag that repacking reads)
+    and puts a layer already repacked back in the standard layout, keeping the bf16 scales it computed
+    with (as fp32, no longer double-quantised), so its outputs stay what they were. The cost is
+    bitsandbytes' faster CPU inference kernel; call it on a PEFT model too, to evaluate a base exactly
+    as it trained. Layers of other types are left alone.
+    """
+    n = 0
+    for layer in module.modules():
+        w = getattr(layer, "weight", None)
+        if type(w).__name__ != "Params4bit":
+            continue
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+        if _cpu_packed(w):
+            bnb = require("bitsandbytes", "to restore a 4-bit layer's layout")
+            w.data, w.quant_state = _standard_layout(bnb, w)
+        n += 1
+    return n
 
 
 _TRAINABLE_QUANTIZERS: dict[type, type] = {}
@@ -165,7 +222,8 @@ def load_quantized_causal_lm(path: str, bits: int, *, compute_dtype: torch.dtype
                              gradient_checkpointing: bool = False, gguf_file: str | None = None,
                              **from_pretrained_kw) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, quantization_config=…)`` for a ``bits``-bit base,
-    prepared by :func:`prepare_quantized_model`.
+    prepared by :func:`prepare_quantized_model`, its 4-bit layers kept in the standard layout
+    (:func:`keep_standard_4bit_layout`).
 
     transformers takes one ``quantization_config`` per load, and a GGUF checkpoint already uses it
     (``GgufConfig``). So a GGUF file is loaded in float first (dequantised), written with
@@ -194,4 +252,5 @@ def load_quantized_causal_lm(path: str, bits: int, *, compute_dtype: torch.dtype
             model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qcfg, **from_pretrained_kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qcfg, **from_pretrained_kw)
+    keep_standard_4bit_layout(model)  # before any forward pass: evaluation computes what training does
     return prepare_quantized_model(model, gradient_checkpointing=gradient_checkpointing)
