@@ -14,6 +14,11 @@ interrupted grid resumes where it stopped. Cells are keyed by (task, method, r, 
 Methods and their own knobs (everything else is shared, see ``SHARED``):
 
 * ``peft-lora``      PEFT LoRA, rank r, lora_alpha 2r (``elalora train --method lora``);
+* ``peft-lora-eva``  PEFT LoRA with EVA initialisation (Paischer et al. 2024, arXiv:2410.07170):
+                     ``init_lora_weights="eva"``, ``EvaConfig(rho=2)`` (PEFT's defaults otherwise: tau 0.99;
+                     no label mask, the labels are class ids), the A matrices and a rank pattern (≤ 2r
+                     per matrix, r on average) from an incremental SVD of each layer's inputs over the
+                     training batches, then LoRA training as ``peft-lora`` (this file);
 * ``peft-adalora``   PEFT AdaLoRA, init_r ceil(1.5 r) → target_r r, lora_alpha 16, t_i 10 %, t_f 20 %,
                      Δt 5 % of the steps, β 0.85, orthogonal reg. 0.1; ``update_and_allocate`` from a
                      ``TrainerCallback.on_optimizer_step`` (this file);
@@ -55,12 +60,12 @@ DOC = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 
 TASKS = ["rte", "mrpc", "cola", "stsb"]
-METHODS = ["peft-lora", "peft-adalora", "adalora", "elalora", "alora", "gelora", "gelora-elalora"]
+METHODS = ["peft-lora", "peft-lora-eva", "peft-adalora", "adalora", "elalora", "alora", "gelora", "gelora-elalora"]
 CLI_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora", "alora": "alora", "gelora": "gelora",
               "gelora-elalora": "gelora-elalora"}
 DEFAULT_R = [2, 8]
 EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2 vs AdaLoRA r=4)
-LABEL = {"peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
+LABEL = {"peft-lora": "PEFT LoRA", "peft-lora-eva": "PEFT LoRA + EVA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
          "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA"}
 DEFAULT_STEPS = 100  # the step budget of the main table in docs/results.md
 DELTA_T = 0.05  # fraction of the steps between allocation rounds (AdaLoRA, ElaLoRA: ours and PEFT's)
@@ -90,7 +95,7 @@ PROTOCOLS: dict[str, dict] = {
     "v2": {"epochs": {"stsb": 1, "cola": 3, "mrpc": 2, "rte": 3}, "lr": {"lora": 1e-3, "svd": 1e-3}, "lr_task": {"cola": 3e-4},
            "pooling": "mean", "modules_to_save": None, "max_length": 128, "batch_size": 16},
 }
-LR_FAMILY = {"peft-lora": "lora", "gelora": "lora", "alora": "lora",
+LR_FAMILY = {"peft-lora": "lora", "peft-lora-eva": "lora", "gelora": "lora", "alora": "lora",
              "peft-adalora": "svd", "adalora": "svd", "elalora": "svd", "gelora-elalora": "svd"}
 
 
@@ -238,6 +243,13 @@ def run_cli_argv(argv: list[str], out: Path) -> dict:
 
 def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -> dict:
     """PEFT AdaLoRA through the same data, model, collator, Trainer and arguments as ``elalora train``."""
+    model, tok, spec, train, evals, c, head = _peft_base(task, seed, data_dir, threads, proto, "peft-adalora")
+    return train_peft_adalora(model, tok, spec, train, evals, r=r, seed=seed, steps=steps, lr=c["lr"],
+                              batch_size=c["batch_size"], max_length=c["max_length"], head=head, task_type="SEQ_CLS")
+
+
+def _peft_base(task, seed, data_dir, threads, proto, method):
+    """(model, tok, spec, train, evals, settings, head) of a PEFT cell, set up as ``elalora train`` does."""
     from elalora.recipe import loading as L
     from elalora.tasks import get_task, load_task_data
 
@@ -248,11 +260,42 @@ def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -
     path = model_path()
     tok = L.load_tokenizer(path, None, spec.kind)
     model = L.load_base_model(spec.kind, path, None, spec, tok, seed=seed)
-    c = cell_settings(task, "peft-adalora", proto)
+    c = cell_settings(task, method, proto)
     L.apply_pooling(model, c["pooling"], spec.kind)
     head = list(c["modules_to_save"] or L.head_modules(model))
-    return train_peft_adalora(model, tok, spec, train, evals, r=r, seed=seed, steps=steps, lr=c["lr"],
-                              batch_size=c["batch_size"], max_length=c["max_length"], head=head, task_type="SEQ_CLS")
+    return model, tok, spec, train, evals, c, head
+
+
+def run_peft_eva_cell(task, r, seed, steps, data_dir, threads, proto=None) -> dict:
+    """PEFT LoRA with EVA initialisation (module docstring), then the same Trainer setup as ``elalora train``."""
+    import torch
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+    from elalora.recipe import trainer as R
+    from elalora.targets import select_target_modules
+
+    model, tok, spec, train, evals, c, head = _peft_base(task, seed, data_dir, threads, proto, "peft-lora-eva")
+    names, _ = select_target_modules(model, None, head)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(names), modules_to_save=head,
+                     task_type="SEQ_CLS", init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, use_label_mask=False))
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, cfg, low_cpu_mem_usage=True)
+    collate = R.make_collator(spec, tok, None, c["max_length"])
+    loader = torch.utils.data.DataLoader(train, batch_size=c["batch_size"], shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(seed))
+    t0 = time.time()
+    initialize_lora_eva_weights(pm, loader, show_progress_bar=sys.stderr.isatty())
+    eva_s = time.time() - t0
+    # the ranks EVA assigned, read off the layers (rank_pattern lists only the matrices that differ from r)
+    pattern = {n.removeprefix("base_model.model."): int(m.r["default"]) for n, m in pm.named_modules()
+               if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
+    res = _train_peft(pm, tok, spec, train, evals, seed=seed, steps=steps, lr=c["lr"], batch_size=c["batch_size"],
+                      max_length=c["max_length"])
+    res.update({"eva_seconds": round(eva_s, 1), "rank_pattern": pattern, "total_rank": sum(pattern.values()),
+                "n_matrices": len(names),
+                "method_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+                "runner": "benchmarks/accuracy.py (PEFT LoRA + EVA, same Trainer setup)"})
+    return res
 
 
 def train_peft_adalora(model, tok, spec, train, evals, *, r, seed, steps, lr, batch_size, max_length, head,
@@ -345,6 +388,8 @@ def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, kee
     keep_dir = None
     if method == "peft-adalora":
         res = run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto)
+    elif method == "peft-lora-eva":
+        res = run_peft_eva_cell(task, r, seed, steps, data_dir, threads, proto)
     else:
         keep_dir = kept_run_dir(keep_runs, task, method, r, seed, protocol)
         res = run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto, keep_dir=keep_dir)
