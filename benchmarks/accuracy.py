@@ -503,11 +503,15 @@ def paired_cell(d: list[float]) -> str:
 
 
 def paired_table(records: list[dict], *, protocol: str, tasks, method: str = "elalora",
-                 baselines=("peft-lora", "peft-adalora", "adalora"), rs=(2, 8)) -> str:
+                 baselines=("peft-lora", "peft-lora-eva", "peft-adalora", "adalora"), rs=(2, 8),
+                 cross=((2, "peft-adalora", 4),)) -> str:
     """``method`` minus each baseline, per task and budget, paired by seed: mean and 95 % t-interval.
 
-    A pair is a seed that both cells have; the interval is mean ± t(0.975, n−1)·sd/√n over the n pairs,
-    so with 2 or 3 seeds it is wide by construction. "win"/"loss" only when the interval excludes 0.
+    Rows: every baseline at the same budget r, then the ``cross`` comparisons ``(r, baseline, r_b)``:
+    ``method`` at r against the baseline at r_b (the ElaLoRA paper's claim that ElaLoRA at r 2 beats
+    AdaLoRA at r 4). A pair is a seed that both cells have; the interval is mean ± t(0.975, n−1)·sd/√n
+    over the n pairs, so with 2 or 3 seeds it is wide by construction. "win"/"loss" only when the
+    interval excludes 0.
     """
     recs = {}
     for rec in records:
@@ -515,17 +519,18 @@ def paired_table(records: list[dict], *, protocol: str, tasks, method: str = "el
             recs.setdefault((rec["task"], rec["method"], int(rec["r"])), {})[int(rec["seed"])] = 100 * rec["main"]
     head = ["r", f"{LABEL[method]} minus"] + [f"{t.upper()} ({METRIC_NAME.get(t, '')})" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in rs:
-        for b in baselines:
-            cells = []
-            for t in tasks:
-                x, y = recs.get((t, method, r), {}), recs.get((t, b, r), {})
-                seeds = sorted(set(x) & set(y))
-                if not seeds:
-                    cells.append("pending")
-                    continue
-                cells.append(paired_cell([x[s] - y[s] for s in seeds]))
-            lines.append("| " + " | ".join([str(r), LABEL.get(b, b)] + cells) + " |")
+    rows = [row for r in rs for row in [(r, b, r) for b in baselines] + [c for c in cross if c[0] == r]]
+    for r, b, rb in rows:
+        cells = []
+        for t in tasks:
+            x, y = recs.get((t, method, r), {}), recs.get((t, b, rb), {})
+            seeds = sorted(set(x) & set(y))
+            if not seeds:
+                cells.append("pending")
+                continue
+            cells.append(paired_cell([x[s] - y[s] for s in seeds]))
+        label = LABEL.get(b, b) + ("" if rb == r else f" at r = {rb}")
+        lines.append("| " + " | ".join([str(r), label] + cells) + " |")
     return "\n".join(lines) + ("\n\nScores ×100. Paired by seed: mean difference [95 % t-interval] over the n seeds "
                                "both cells have; *tie* when the interval contains 0.")
 

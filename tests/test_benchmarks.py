@@ -149,6 +149,21 @@ def test_paired_table_hand_computed_interval(acc):
     assert "+2.0 [+2.0, +2.0] win (n=3)" in row
 
 
+def test_paired_table_cross_budget_row(acc):
+    # ElaLoRA at r 2 minus PEFT AdaLoRA at r 4 (the paper's claim), seeds 0 and 1: diffs -1, -3 ->
+    # mean -2, sd sqrt(2), half-width t(0.975, 1) * sqrt(2) / sqrt(2) = 12.706 -> [-14.7, +10.7], a tie
+    recs = [{"task": "stsb", "method": m, "r": r, "seed": s, "protocol": "v2", "main": v}
+            for s, (e, a) in enumerate([(0.80, 0.81), (0.80, 0.83)])
+            for m, r, v in (("elalora", 2, e), ("peft-adalora", 4, a), ("peft-adalora", 2, 0.5))]
+    table = acc.paired_table(recs, protocol="v2", tasks=["stsb"], baselines=("peft-adalora",), rs=(2,))
+    same = [ln for ln in table.splitlines() if ln.startswith("| 2 | PEFT AdaLoRA |")][0]
+    cross = [ln for ln in table.splitlines() if ln.startswith("| 2 | PEFT AdaLoRA at r = 4 |")][0]
+    assert "+30.0 [+30.0, +30.0] win (n=2)" in same
+    assert "-2.0 [-14.7, +10.7] tie (n=2)" in cross
+    # no r = 2 row asked for: no cross row either
+    assert "at r = 4" not in acc.paired_table(recs, protocol="v2", tasks=["stsb"], rs=(8,))
+
+
 def _load_bench(name):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
