@@ -95,6 +95,12 @@ PROTOCOLS: dict[str, dict] = {
     "v2": {"epochs": {"stsb": 1, "cola": 3, "mrpc": 2, "rte": 3}, "lr": {"lora": 1e-3, "svd": 1e-3}, "lr_task": {"cola": 3e-4},
            "pooling": "mean", "modules_to_save": None, "max_length": 128, "batch_size": 16},
 }
+# Learning-rate selection (benchmarks/lr_select.py): v2's knobs with one lr for every method and task, run on a
+# split of the *training* data (80 % to train, 20 % held out as its dev set), never on the GLUE dev set.
+SELECT_LRS = ("3e-4", "1e-3", "3e-3")
+for _lr in SELECT_LRS:
+    PROTOCOLS[f"select-lr{_lr}"] = {**{k: v for k, v in PROTOCOLS["v2"].items() if k != "lr_task"},
+                                    "lr": {"lora": float(_lr), "svd": float(_lr)}}
 LR_FAMILY = {"peft-lora": "lora", "peft-lora-eva": "lora", "gelora": "lora", "alora": "lora",
              "peft-adalora": "svd", "adalora": "svd", "elalora": "svd", "gelora-elalora": "svd"}
 
@@ -599,6 +605,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-runs", default=None, metavar="DIR",
                     help="keep each elalora cell's run directory under DIR/PROTOCOL/TASK-METHOD-rR-sSEED (for "
                          "`elalora analyze`; PEFT AdaLoRA cells have none); default: temporary, deleted")
+    ap.add_argument("--no-render", action="store_true", help="after running, do not rewrite docs/results.md")
     ap.add_argument("--results", default=str(JSONL), help="JSON-lines file of finished cells (default %(default)s)")
     return ap
 
@@ -693,7 +700,8 @@ def main(argv=None):
                     finished(fut.result())
                 except Exception:  # noqa: BLE001
                     print(f"cell {c} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-    render()
+    if not args.no_render:
+        render()
 
 
 if __name__ == "__main__":

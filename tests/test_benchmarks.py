@@ -218,3 +218,24 @@ def test_generation_render_untrained_row_and_paired_difference():
     assert "| 1 | 5.0 | 20.0 |" in rows["untrained SmolLM2-135M"]  # one deterministic score
     assert "+59.0 [" in rows["untrained SmolLM2-135M"]  # ElaLoRA seeds minus the one untrained score
     assert "| 0 | pending |" in rows["PEFT AdaLoRA"]
+
+
+def test_lr_select_split_is_a_seeded_partition_of_the_training_file(tmp_path):
+    from conftest import shared_data_dir
+    from elalora.tasks import load_task_data
+
+    glue = shared_data_dir() / "glue"
+    if not (glue / "MRPC" / "train.tsv").is_file():
+        pytest.skip("GLUE data not available")
+    sel = _load_bench("lr_select")
+    for task in ("mrpc", "cola"):  # a BOM and a header; no header
+        n_in, n_out = sel.write_split(glue, tmp_path / "a", task)
+        full, _, _ = load_task_data(task, str(glue), seed=0)
+        tr, dev, _ = load_task_data(task, str(tmp_path / "a"), seed=0)
+        assert (len(tr), len(dev)) == (n_in, n_out) and n_in + n_out == len(full)
+        assert abs(n_out - 0.2 * len(full)) <= 1
+        key = lambda e: json.dumps(e, sort_keys=True, default=str)  # noqa: E731
+        assert sorted(map(key, tr + dev)) == sorted(map(key, full))  # a partition, parsed as the original
+        sel.write_split(glue, tmp_path / "b", task)
+        assert (tmp_path / "a" / sel.FOLDER[task] / "dev.tsv").read_bytes() == \
+            (tmp_path / "b" / sel.FOLDER[task] / "dev.tsv").read_bytes()  # same seed, same split
