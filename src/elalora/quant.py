@@ -149,9 +149,9 @@ def keep_standard_4bit_layout(module: nn.Module) -> int:
     """
     n = 0
     for layer in module.modules():
-        w = getattr(layer, "weight", None)
-        if type(w).__name__ != "Params4bit":
+        if quantization_kind(layer) != "4bit":
             continue
+        w = layer.weight
         if hasattr(layer, "support_avx512bf16_for_cpu"):
             layer.support_avx512bf16_for_cpu = False
         if _cpu_packed(w):
