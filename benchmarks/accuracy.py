@@ -101,6 +101,10 @@ SELECT_LRS = ("3e-4", "1e-3", "3e-3")
 for _lr in SELECT_LRS:
     PROTOCOLS[f"select-lr{_lr}"] = {**{k: v for k, v in PROTOCOLS["v2"].items() if k != "lr_task"},
                                     "lr": {"lora": float(_lr), "svd": float(_lr)}}
+# v3: v2's knobs with the lr per family that benchmarks/lr_select.py chose on a split of the training data
+# (benchmarks/results/lr_select.jsonl, seed 0, r 8; PEFT LoRA picks the LoRA family's, PEFT AdaLoRA the SVD
+# family's, so none of our methods picks its own): LoRA 1e-3 and SVD 3e-3 on every task, no per-task lr.
+PROTOCOLS["v3"] = {**{k: v for k, v in PROTOCOLS["v2"].items() if k != "lr_task"}, "lr": {"lora": 1e-3, "svd": 3e-3}}
 LR_FAMILY = {"peft-lora": "lora", "peft-lora-eva": "lora", "gelora": "lora", "alora": "lora",
              "peft-adalora": "svd", "adalora": "svd", "elalora": "svd", "gelora-elalora": "svd"}
 
@@ -160,6 +164,33 @@ def read_records(path: Path | None = None) -> list[dict]:
 
 def cell_key(task, method, r, seed, steps, protocol=None) -> tuple:
     return (task, method, int(r), int(seed), int(steps), protocol)
+
+
+def carry_over(records: list[dict], todo: list[tuple], task_steps: dict, *, source: str, protocol: str) -> list[dict]:
+    """Records of protocol ``source`` that are also cells of ``protocol``, relabelled (``carried_from``).
+
+    A cell carries over only when everything its command is made of is identical: (task, method, r, seed,
+    steps) and every ``shared`` setting but the protocol's name (lr, epochs, pooling, batch, length, ...).
+    The runs are deterministic in the seed, so running the cell again would give the same record; the
+    original date and argv stay in it. Cells whose lr (or any other knob) differs are not touched."""
+    proto = protocol_settings(protocol)
+    by_key = {}
+    for rec in records:
+        if rec.get("protocol") == source:
+            by_key[(rec["task"], rec["method"], int(rec["r"]), int(rec["seed"]), int(rec.get("max_steps", -1)))] = rec
+    out = []
+    for task, method, r, seed in todo:
+        rec = by_key.get((task, method, int(r), int(seed), int(task_steps[task])))
+        if rec is None:
+            continue
+        want = {**SHARED, "max_steps": task_steps[task], **cell_settings(task, method, proto),
+                "epochs": proto["epochs"][task]}
+        have = {k: v for k, v in rec.get("shared", {}).items() if k != "protocol"}
+        if have != want:
+            continue
+        out.append({**rec, "protocol": protocol, "carried_from": source,
+                    "shared": {**rec["shared"], "protocol": protocol}})
+    return out
 
 
 def append_record(rec: dict, path: Path | None = None) -> None:
@@ -605,6 +636,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-runs", default=None, metavar="DIR",
                     help="keep each elalora cell's run directory under DIR/PROTOCOL/TASK-METHOD-rR-sSEED (for "
                          "`elalora analyze`; PEFT AdaLoRA cells have none); default: temporary, deleted")
+    ap.add_argument("--carry-from", default=None, metavar="PROTOCOL",
+                    help="with --protocol: first copy this protocol's records of cells whose every setting is "
+                         "identical under --protocol (deterministic runs: same command, same result), marked "
+                         "carried_from; the rest run")
     ap.add_argument("--no-render", action="store_true", help="after running, do not rewrite docs/results.md")
     ap.add_argument("--results", default=str(JSONL), help="JSON-lines file of finished cells (default %(default)s)")
     return ap
@@ -665,6 +700,16 @@ def main(argv=None):
     task_steps = {t: protocol_steps(proto, t, args.data_dir) if proto else args.steps for t in tasks}
     todo = [c for c in grid(tasks, methods, rs, seeds, not args.no_extra)
             if cell_key(*c, task_steps[c[0]], args.protocol) not in done]
+    if args.carry_from:
+        if not args.protocol:
+            _parser().error("--carry-from needs --protocol")
+        carried = carry_over(read_records(), todo, task_steps, source=args.carry_from, protocol=args.protocol)
+        if not args.dry_run:
+            for rec in carried:
+                append_record(rec)
+        got = {(r["task"], r["method"], int(r["r"]), int(r["seed"])) for r in carried}
+        todo = [c for c in todo if (c[0], c[1], int(c[2]), int(c[3])) not in got]
+        print(f"{len(carried)} cells carried over from protocol {args.carry_from} (identical settings)", flush=True)
     print(f"{len(todo)} cells to run ({len(done)} records already in {JSONL})", flush=True)
     if args.dry_run:
         for c in todo:

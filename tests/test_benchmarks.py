@@ -122,6 +122,30 @@ def test_protocol_cells_carry_its_knobs_and_render_apart(acc):
     assert all(acc.LR_FAMILY[m] in ("lora", "svd") for m in acc.METHODS)
 
 
+def test_carry_over_copies_only_cells_whose_every_setting_is_identical(acc):
+    # v3 differs from v2 only in lr: the LoRA family keeps 1e-3 except on CoLA (v2 had 3e-4 there), the SVD
+    # family moves to 3e-3, so only the LoRA cells outside CoLA may carry over
+    assert acc.PROTOCOLS["v3"]["lr"] == {"lora": 1e-3, "svd": 3e-3} and "lr_task" not in acc.PROTOCOLS["v3"]
+    v2 = acc.PROTOCOLS["v2"]
+    steps = {"stsb": 360, "cola": 1605}
+
+    def rec(task, method, seed):
+        shared = {**acc.SHARED, "max_steps": steps[task], **acc.cell_settings(task, method, v2),
+                  "protocol": "v2", "epochs": v2["epochs"][task]}
+        return {**_rec(task, method, 8, seed, 0.8, steps=steps[task]), "protocol": "v2", "shared": shared}
+
+    recs = [rec("stsb", "peft-lora", 0), rec("stsb", "elalora", 0), rec("cola", "peft-lora", 0)]
+    tampered = rec("stsb", "peft-lora", 1)
+    tampered["shared"]["pooling"] = "cls"  # one knob differs: runs again
+    recs.append(tampered)
+    todo = [(t, m, 8, s) for t in ("stsb", "cola") for m in ("peft-lora", "elalora") for s in (0, 1)]
+    out = acc.carry_over(recs, todo, steps, source="v2", protocol="v3")
+    assert [(r["task"], r["method"], r["seed"]) for r in out] == [("stsb", "peft-lora", 0)]
+    assert out[0]["protocol"] == "v3" == out[0]["shared"]["protocol"] and out[0]["carried_from"] == "v2"
+    assert recs[0]["protocol"] == "v2"  # the source record is not changed
+    assert acc.carry_over(recs, todo, {**steps, "stsb": 361}, source="v2", protocol="v3") == []  # other steps
+
+
 def test_cli_args_overrides_replace_or_add_flags(acc):
     val = lambda a, k: a[a.index(k) + 1]  # noqa: E731
     a = acc._cli_args("stsb", "elalora", 2, 0, 100, "D", "O", 1, overrides={"--orth-reg-weight": 0.0, "--b": 2})
