@@ -35,8 +35,6 @@ from _common import RESULTS  # noqa: E402
 
 JSONL = RESULTS / "lr_select.jsonl"
 FAMILY_METHOD = {"lora": "peft-lora", "svd": "peft-adalora"}
-FOLDER = {"rte": "RTE", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B"}
-HEADER = {"rte": True, "mrpc": True, "cola": False, "stsb": True}
 
 
 def write_split(src: Path, dst: Path, task: str, *, held_out: float = 0.2, seed: int = 0) -> tuple[int, int]:
@@ -44,14 +42,17 @@ def write_split(src: Path, dst: Path, task: str, *, held_out: float = 0.2, seed:
 
     Lines are copied as they are (GLUE TSVs are read with ``csv.QUOTE_NONE``: one line, one row). The
     split is a seeded permutation of the data rows, so the same seed gives the same split anywhere."""
-    lines = (src / FOLDER[task] / "train.tsv").read_bytes().splitlines(keepends=True)
-    head, rows = (lines[:1], lines[1:]) if HEADER[task] else ([], lines)
+    from elalora.tasks.sources import glue_layout
+
+    folder_name, has_header = glue_layout(task)
+    lines = (src / folder_name / "train.tsv").read_bytes().splitlines(keepends=True)
+    head, rows = (lines[:1], lines[1:]) if has_header else ([], lines)
     rows = [r for r in rows if r.strip()]
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_out = int(round(held_out * len(rows)))
     out_idx, in_idx = sorted(order[:n_out]), sorted(order[n_out:])
-    folder = dst / FOLDER[task]
+    folder = dst / folder_name
     folder.mkdir(parents=True, exist_ok=True)
     for name, idx in (("train.tsv", in_idx), ("dev.tsv", out_idx)):
         tmp = folder / (name + ".tmp")

@@ -247,6 +247,7 @@ def test_generation_render_untrained_row_and_paired_difference():
 def test_lr_select_split_is_a_seeded_partition_of_the_training_file(tmp_path):
     from conftest import shared_data_dir
     from elalora.tasks import load_task_data
+    from elalora.tasks.sources import glue_layout
 
     glue = shared_data_dir() / "glue"
     if not (glue / "MRPC" / "train.tsv").is_file():
@@ -261,5 +262,9 @@ def test_lr_select_split_is_a_seeded_partition_of_the_training_file(tmp_path):
         key = lambda e: json.dumps(e, sort_keys=True, default=str)  # noqa: E731
         assert sorted(map(key, tr + dev)) == sorted(map(key, full))  # a partition, parsed as the original
         sel.write_split(glue, tmp_path / "b", task)
-        assert (tmp_path / "a" / sel.FOLDER[task] / "dev.tsv").read_bytes() == \
-            (tmp_path / "b" / sel.FOLDER[task] / "dev.tsv").read_bytes()  # same seed, same split
+        folder = glue_layout(task)[0]
+        assert (tmp_path / "a" / folder / "dev.tsv").read_bytes() == \
+            (tmp_path / "b" / folder / "dev.tsv").read_bytes()  # same seed, same split
+    assert glue_layout("cola") == ("CoLA", False) and glue_layout("stsb") == ("STS-B", True)
+    with pytest.raises(ValueError, match="unknown GLUE task"):
+        glue_layout("stsbb")

@@ -206,6 +206,14 @@ _GLUE_FORMATS: dict[str, _GlueFormat] = {
 }
 
 
+def glue_layout(task: str) -> tuple[str, bool]:
+    """(folder name, whether train.tsv has a header row) of a GLUE task, e.g. ``("CoLA", False)``."""
+    if task not in _GLUE_FORMATS:
+        raise ValueError(f"unknown GLUE task {task!r}; known: {', '.join(sorted(_GLUE_FORMATS))}")
+    fmt = _GLUE_FORMATS[task]
+    return fmt.folder, fmt.has_header
+
+
 def _glue_task_dir(spec: TaskSpec, data_dir: Path) -> Path:
     """Find the task folder: ``<data_dir>/<Folder>`` (case/dash-insensitive) or ``data_dir`` itself."""
     fmt = _GLUE_FORMATS[spec.name]
