@@ -98,13 +98,19 @@ PROTOCOLS: dict[str, dict] = {
 # Learning-rate selection (benchmarks/lr_select.py): v2's knobs with one lr for every method and task, run on a
 # split of the *training* data (80 % to train, 20 % held out as its dev set), never on the GLUE dev set.
 SELECT_LRS = ("3e-4", "1e-3", "3e-3")
+
+
+def _v2_with_lr(lora: float, svd: float) -> dict:
+    """v2's knobs with one lr per family and no per-task lr."""
+    return {**{k: v for k, v in PROTOCOLS["v2"].items() if k != "lr_task"}, "lr": {"lora": lora, "svd": svd}}
+
+
 for _lr in SELECT_LRS:
-    PROTOCOLS[f"select-lr{_lr}"] = {**{k: v for k, v in PROTOCOLS["v2"].items() if k != "lr_task"},
-                                    "lr": {"lora": float(_lr), "svd": float(_lr)}}
+    PROTOCOLS[f"select-lr{_lr}"] = _v2_with_lr(float(_lr), float(_lr))
 # v3: v2's knobs with the lr per family that benchmarks/lr_select.py chose on a split of the training data
 # (benchmarks/results/lr_select.jsonl, seed 0, r 8; PEFT LoRA picks the LoRA family's, PEFT AdaLoRA the SVD
 # family's, so none of our methods picks its own): LoRA 1e-3 and SVD 3e-3 on every task, no per-task lr.
-PROTOCOLS["v3"] = {**{k: v for k, v in PROTOCOLS["v2"].items() if k != "lr_task"}, "lr": {"lora": 1e-3, "svd": 3e-3}}
+PROTOCOLS["v3"] = _v2_with_lr(1e-3, 3e-3)
 LR_FAMILY = {"peft-lora": "lora", "peft-lora-eva": "lora", "gelora": "lora", "alora": "lora",
              "peft-adalora": "svd", "adalora": "svd", "elalora": "svd", "gelora-elalora": "svd"}
 
@@ -123,6 +129,14 @@ def protocol_steps(proto: dict, task: str, data_dir: str) -> int:
 
     n = len(load_task_data(task, data_dir, seed=0)[0])
     return int(math.ceil(n / proto["batch_size"]) * proto["epochs"][task])
+
+
+def cell_shared(task: str, method: str, steps: int, proto: dict | None, protocol: str | None) -> dict:
+    """The ``shared`` settings a cell's record carries: SHARED, its steps and, under a protocol, its knobs."""
+    shared = {**SHARED, "max_steps": steps}
+    if proto is not None:
+        shared.update(cell_settings(task, method, proto), protocol=protocol, epochs=proto["epochs"][task])
+    return shared
 
 
 def cell_settings(task: str, method: str, proto: dict | None) -> dict:
@@ -171,8 +185,9 @@ def carry_over(records: list[dict], todo: list[tuple], task_steps: dict, *, sour
 
     A cell carries over only when everything its command is made of is identical: (task, method, r, seed,
     steps) and every ``shared`` setting but the protocol's name (lr, epochs, pooling, batch, length, ...).
-    The runs are deterministic in the seed, so running the cell again would give the same record; the
-    original date and argv stay in it. Cells whose lr (or any other knob) differs are not touched."""
+    Rerunning such a cell repeats it up to floating-point summation order (three STS-B cells rerun under
+    v3 agreed with v2 within 2.1e-4 Pearson; docs/results.md §3); the original date and argv stay in the
+    record. Cells whose lr (or any other knob) differs are not touched."""
     proto = protocol_settings(protocol)
     by_key = {}
     for rec in records:
@@ -183,10 +198,8 @@ def carry_over(records: list[dict], todo: list[tuple], task_steps: dict, *, sour
         rec = by_key.get((task, method, int(r), int(seed), int(task_steps[task])))
         if rec is None:
             continue
-        want = {**SHARED, "max_steps": task_steps[task], **cell_settings(task, method, proto),
-                "epochs": proto["epochs"][task]}
-        have = {k: v for k, v in rec.get("shared", {}).items() if k != "protocol"}
-        if have != want:
+        want = cell_shared(task, method, task_steps[task], proto, protocol)
+        if {**rec.get("shared", {}), "protocol": protocol} != want:
             continue
         out.append({**rec, "protocol": protocol, "carried_from": source,
                     "shared": {**rec["shared"], "protocol": protocol}})
@@ -432,9 +445,7 @@ def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, kee
         res = run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto, keep_dir=keep_dir)
     if keep_dir is not None:
         res["run_dir"] = str(keep_dir)
-    shared = {**SHARED, "max_steps": steps}
-    if proto is not None:
-        shared.update(cell_settings(task, method, proto), protocol=protocol, epochs=proto["epochs"][task])
+    shared = cell_shared(task, method, steps, proto, protocol)
     res.update({"task": task, "method": method, "r": r, "seed": seed, "max_steps": steps, "protocol": protocol,
                 "main": float(res["final"][res["main_metric"]]), "wall_s": round(time.time() - t0, 1),
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -638,8 +649,8 @@ def _parser() -> argparse.ArgumentParser:
                          "`elalora analyze`; PEFT AdaLoRA cells have none); default: temporary, deleted")
     ap.add_argument("--carry-from", default=None, metavar="PROTOCOL",
                     help="with --protocol: first copy this protocol's records of cells whose every setting is "
-                         "identical under --protocol (deterministic runs: same command, same result), marked "
-                         "carried_from; the rest run")
+                         "identical under --protocol (the same command; reruns agree up to float summation order), "
+                         "marked carried_from; the rest run")
     ap.add_argument("--no-render", action="store_true", help="after running, do not rewrite docs/results.md")
     ap.add_argument("--results", default=str(JSONL), help="JSON-lines file of finished cells (default %(default)s)")
     return ap
