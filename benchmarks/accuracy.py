@@ -29,7 +29,13 @@ Methods and their own knobs (everything else is shared, see ``SHARED``):
                      held-out training examples, lora_alpha 2r (``--method alora``);
 * ``gelora``         GeLoRA ranks (TwoNN on 256 training examples, mean pooling) rescaled to an average
                      of r, alpha = 32·r_i, as PEFT LoRA (``--method gelora``);
-* ``gelora-elalora`` ElaLoRA started from the GeLoRA rank pattern (``--method gelora-elalora``).
+* ``gelora-elalora`` ElaLoRA started from the GeLoRA rank pattern (``--method gelora-elalora``);
+* ``elalora-lora``   ElaLoRA on the LoRA form (``--method elalora --form lora``): PEFT LoRA's adapter,
+                     initialisation and scale (lora_alpha 2r), ElaLoRA's schedule and knobs as ``elalora``,
+                     no orthogonal regulariser (the LoRA form has none), the LoRA family's lr;
+* ``elalora-lora-params`` the same at the parameter budget (``--budget params``): active adapter
+                     parameters never above PEFT LoRA's at the same r;
+* ``adalora-lora``   our AdaLoRA on the LoRA form (``--method adalora --form lora``; lora_alpha 2 init_r).
 
 A budget r is an average final rank of r per adapted matrix for every method (AdaLoRA prunes from
 1.5 r to r; ElaLoRA and ALoRA hold r in total; GeLoRA is rescaled to r).
@@ -60,13 +66,22 @@ DOC = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 
 TASKS = ["rte", "mrpc", "cola", "stsb"]
-METHODS = ["peft-lora", "peft-lora-eva", "peft-adalora", "adalora", "elalora", "alora", "gelora", "gelora-elalora"]
+METHODS = ["peft-lora", "peft-lora-eva", "peft-adalora", "adalora", "elalora", "alora", "gelora", "gelora-elalora",
+           "elalora-lora", "elalora-lora-params", "adalora-lora"]
 CLI_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora", "alora": "alora", "gelora": "gelora",
-              "gelora-elalora": "gelora-elalora"}
+              "gelora-elalora": "gelora-elalora", "elalora-lora": "elalora", "elalora-lora-params": "elalora",
+              "adalora-lora": "adalora"}
+# Flags a method adds to its `elalora train` line. The LoRA-form methods have no orthogonal regulariser, so
+# they drop the grid's --orth-reg-weight 0.1 (ORTH_REG: the SVD-form methods only).
+METHOD_FLAGS = {"elalora-lora": {"--form": "lora"}, "elalora-lora-params": {"--form": "lora", "--budget": "params"},
+                "adalora-lora": {"--form": "lora"}}
+ORTH_REG = {"adalora", "elalora", "gelora-elalora"}
 DEFAULT_R = [2, 8]
 EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2 vs AdaLoRA r=4)
 LABEL = {"peft-lora": "PEFT LoRA", "peft-lora-eva": "PEFT LoRA + EVA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
-         "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA"}
+         "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA",
+         "elalora-lora": "ElaLoRA, LoRA form (ours)", "elalora-lora-params": "ElaLoRA, LoRA form, param budget (ours)",
+         "adalora-lora": "AdaLoRA, LoRA form (ours)"}
 DEFAULT_STEPS = 100  # the step budget of the main table in docs/results.md
 DELTA_T = 0.05  # fraction of the steps between allocation rounds (AdaLoRA, ElaLoRA: ours and PEFT's)
 METRIC_NAME = {"rte": "acc", "mrpc": "F1", "cola": "MCC", "stsb": "Pearson"}
@@ -111,8 +126,11 @@ for _lr in SELECT_LRS:
 # (benchmarks/results/lr_select.jsonl, seed 0, r 8; PEFT LoRA picks the LoRA family's, PEFT AdaLoRA the SVD
 # family's, so none of our methods picks its own): LoRA 1e-3 and SVD 3e-3 on every task, no per-task lr.
 PROTOCOLS["v3"] = _v2_with_lr(1e-3, 3e-3)
+# The LoRA-form variants of our SVD-family methods train PEFT LoRA's adapter: the LoRA family's lr
+# (chosen by lr_select on PEFT LoRA, so none of our methods picks its own).
 LR_FAMILY = {"peft-lora": "lora", "peft-lora-eva": "lora", "gelora": "lora", "alora": "lora",
-             "peft-adalora": "svd", "adalora": "svd", "elalora": "svd", "gelora-elalora": "svd"}
+             "peft-adalora": "svd", "adalora": "svd", "elalora": "svd", "gelora-elalora": "svd",
+             "elalora-lora": "lora", "elalora-lora-params": "lora", "adalora-lora": "lora"}
 
 
 def protocol_settings(name: str | None) -> dict | None:
@@ -241,7 +259,11 @@ def _cli_args(task, method, r, seed, steps, data_dir, out_dir, threads, proto=No
          "--r", str(r), "--seed", str(seed), "--max-steps", str(steps), "--batch-size", str(c["batch_size"]),
          "--lr", str(c["lr"]), "--warmup-ratio", "0.06", "--weight-decay", "0", "--max-length",
          str(c["max_length"]), "--eval-steps", "0", "--output-dir", out_dir, "--overwrite", "--no-figures",
-         "--tinit", "0.1", "--tfinal", "0.2", "--delta-t", str(DELTA_T), "--orth-reg-weight", "0.1"]
+         "--tinit", "0.1", "--tfinal", "0.2", "--delta-t", str(DELTA_T)]
+    if method in ORTH_REG:
+        a += ["--orth-reg-weight", "0.1"]
+    for flag, value in METHOD_FLAGS.get(method, {}).items():
+        a += [flag, value]
     if c["pooling"] != "cls":
         a += ["--pooling", c["pooling"]]
     if c["modules_to_save"]:

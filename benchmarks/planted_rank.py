@@ -62,14 +62,38 @@ from _common import md_table  # noqa: E402
 
 JSONL = ROOT / "benchmarks" / "results" / "planted_rank.jsonl"
 DOC = ROOT / "docs" / "results.md"
-METHODS = ["peft-lora", "peft-adalora", "peft-adalora-noorth", "adalora", "adalora-orth", "elalora", "elalora-orth",
-           "alora", "gelora"]
+METHODS = ["peft-lora", "peft-lora-2r", "peft-adalora", "peft-adalora-noorth", "adalora", "adalora-orth",
+           "adalora-lora", "elalora", "elalora-orth", "elalora-lora", "alora", "gelora"]
+# Variants of our SVD-family methods, as name suffixes: "-lora" (form="lora"), "-g<N>" (ElaLoRA's
+# grace_rounds=N), "-params" (budget="params"), e.g. "elalora-lora-g1". Any combination runs; LABEL names
+# the ones the tables show. "peft-lora-2r" is PEFT LoRA at lora_alpha = 2r, the LoRA form's default scale
+# (PEFT's own default is lora_alpha 8).
 # "-orth": our SVD-form methods with the orthogonal regulariser at γ = 0.1 (the authors' GLUE value and our
 # default before the planted-rank study); "-noorth": PEFT AdaLoRA with γ = 0 instead of PEFT's default 0.5.
 LABEL = {"peft-lora": "PEFT LoRA (uniform)", "peft-adalora": "PEFT AdaLoRA (γ = 0.5, PEFT default)",
          "peft-adalora-noorth": "PEFT AdaLoRA, γ = 0", "adalora": "AdaLoRA (ours, defaults: γ = 0)",
          "adalora-orth": "AdaLoRA (ours), γ = 0.1", "elalora": "ElaLoRA (ours, defaults: γ = 0)",
-         "elalora-orth": "ElaLoRA (ours), γ = 0.1", "alora": "ALoRA (ours)", "gelora": "GeLoRA (plan)"}
+         "elalora-orth": "ElaLoRA (ours), γ = 0.1", "alora": "ALoRA (ours)", "gelora": "GeLoRA (plan)",
+         "peft-lora-2r": "PEFT LoRA, lora_alpha 2r", "elalora-lora": "ElaLoRA, LoRA form",
+         "adalora-lora": "AdaLoRA (ours), LoRA form"}
+
+
+def variant(method: str) -> tuple[str, dict]:
+    """``(base method, config overrides)`` of a method name with variant suffixes (see METHODS)."""
+    parts = method.split("-")
+    over: dict = {}
+    while len(parts) > 1:
+        tail = parts[-1]
+        if tail == "lora" and parts[0] in ("elalora", "adalora"):
+            over["form"] = "lora"
+        elif tail == "params":
+            over["budget"] = "params"
+        elif tail.startswith("g") and tail[1:].isdigit():
+            over["grace_rounds"] = int(tail[1:])
+        else:
+            break
+        parts.pop()
+    return "-".join(parts), over
 ORTH_VARIANT = 0.1
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 SHARED = {"batch_size": 16, "max_length": 32, "lr": 1e-3, "optimizer": "AdamW, weight decay 0",
@@ -118,8 +142,9 @@ def base_model(kind: str, vocab_size: int) -> nn.Module:
         return BertModel.from_pretrained(model_path(), add_pooling_layer=False, hidden_dropout_prob=0.0,
                                          attention_probs_dropout_prob=0.0)
     torch.manual_seed(1234)  # the tiny base is the same for every seed and method
-    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+    hidden = 64 if kind == "tiny64" else 32  # tiny64: the issue-27 check's size (24 matrices, 4 layers)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     return BertModel(cfg, add_pooling_layer=False)
 
@@ -203,12 +228,14 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
 
     model = Distill(copy.deepcopy(base))
     fnames = ["bert." + n for n in names]
-    m = method.removesuffix("-noorth").removesuffix("-orth")
+    m, over = variant(method)
+    m = m.removesuffix("-noorth").removesuffix("-orth").removesuffix("-2r")
     if m in ("peft-lora", "peft-adalora", "gelora"):
         import peft
 
         if m == "peft-lora":
-            cfg = peft.LoraConfig(r=r, target_modules=fnames, lora_dropout=0.0)
+            alpha = 2 * r if method == "peft-lora-2r" else 8  # 8: PEFT's default
+            cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=fnames, lora_dropout=0.0)
         elif m == "gelora":  # the plan trained as PEFT LoRA, as `elalora train --method gelora` does
             plan = plan_gelora(model, plan_batches, fnames, target_avg_rank=r)
             cfg = peft.LoraConfig(r=r, lora_alpha=plan.alpha_scale * r, rank_pattern=dict(plan.rank_pattern),
@@ -239,8 +266,8 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
 
         # Call the tuner model (LoraModel / AdaLoraModel): PeftModel.forward of a custom module goes straight
         # to the base model and would skip AdaLoraModel.forward, where PEFT adds its orthogonal regulariser.
-        return pm.base_model, step_fn, ranks_fn, float(getattr(cfg, "orth_reg_weight", 0.0))
-    kw = dict(r=r, target_modules=fnames, seed=seed)
+        return pm.base_model, step_fn, ranks_fn, float(getattr(cfg, "orth_reg_weight", 0.0)), lambda: {}
+    kw = dict(r=r, target_modules=fnames, seed=seed, **over)
     if m == "elalora":
         cfg = elalora.ElaLoRAConfig(max_rank=cap, total_steps=steps, delta_t=0.05, **kw)
     elif m == "adalora":
@@ -263,7 +290,14 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
     def ranks_fn():
         return [a.rank for a in handle.adapters]
 
-    return model, step_fn, ranks_fn, float(getattr(cfg, "orth_reg_weight", 0.0))
+    def extra_fn():
+        out = {"form": cfg.adapter_kind, "active_params": handle.parameter_counts()["adapter_active"],
+               "method_config": cfg.to_dict()}
+        if hasattr(handle.allocator, "churn"):
+            out["churn"] = handle.allocator.churn()
+        return out
+
+    return model, step_fn, ranks_fn, float(getattr(cfg, "orth_reg_weight", 0.0)), extra_fn
 
 
 # ---------------------------------------------------------------------------------- one cell
@@ -316,7 +350,7 @@ def run_cell(*, base_kind: str, setting: str, method: str, r: int, seed: int, st
         vb["target"] = teacher(**vb).last_hidden_state
     cap = max(max(ranks), 2 * r)
     t0 = time.time()
-    model, step_fn, ranks_fn, gamma = build_student(method, base, names, r=r, cap=cap, steps=steps, seed=seed,
+    model, step_fn, ranks_fn, gamma, extra_fn = build_student(method, base, names, r=r, cap=cap, steps=steps, seed=seed,
                                              plan_batches=plan_b, val_batch=vb)
     start_loss = heldout_loss(model, teacher, eval_b)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -345,6 +379,7 @@ def run_cell(*, base_kind: str, setting: str, method: str, r: int, seed: int, st
         "uniform_share": len(planted_idx) / n,
         "spearman": spearman(ranks, final),
         "seconds": round(time.time() - t0, 1),
+        **extra_fn(),
     }
 
 
@@ -372,17 +407,21 @@ def render(records: list[dict], *, base: str, steps: int, r: int, lr: float = SH
         if not sel:
             continue
         uni = sel[0]["uniform_share"]
-        for m in METHODS:
+        shown = METHODS + sorted({x["method"] for x in sel} - set(METHODS))
+        for m in shown:
             recs = [x for x in sel if x["method"] == m]
             if not recs:
                 continue
-            rows.append([LABEL[m], len(recs), _fmt([x["rel_loss"] for x in recs]),
-                         _fmt([x["planted_share"] for x in recs], 2), _fmt([x["spearman"] for x in recs], 2)])
+            churn = [x["churn"] for x in recs if x.get("churn")]
+            ch = (f"{sum(c['pruned_young'] for c in churn)} / {sum(c['grown'] for c in churn)}" if churn else "–")
+            rows.append([LABEL.get(m, m), len(recs), _fmt([x["rel_loss"] for x in recs]),
+                         _fmt([x["planted_share"] for x in recs], 2), _fmt([x["spearman"] for x in recs], 2), ch])
         ex = sel[0]
         out.append(f"**{setting}** (planted ranks {[k for k in ex['planted_ranks'] if k]} on "
                    f"{sum(1 for k in ex['planted_ranks'] if k)} of {ex['n_matrices']} matrices, budget {ex['budget']}; "
                    f"uniform share {uni:.2f}):\n\n"
-                   + md_table(["method", "seeds", "rel. loss (end/start)", "rank share on planted", "Spearman"], rows))
+                   + md_table(["method", "seeds", "rel. loss (end/start)", "rank share on planted", "Spearman",
+                               "churn: pruned ≤ 2 rounds after birth / grown"], rows))
     return "\n\n".join(out)
 
 
@@ -390,7 +429,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny random BERT, 40 steps, results not written "
                     "unless --results is given")
-    ap.add_argument("--base", choices=["tiny", "minilm"], default="tiny")
+    ap.add_argument("--base", choices=["tiny", "tiny64", "minilm"], default="tiny")
     ap.add_argument("--settings", default="concentrated,spread")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--r", type=int, default=2)

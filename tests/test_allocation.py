@@ -58,7 +58,7 @@ def test_non_finite_grads_skip_and_none_grads_score_zero():
 def test_rte_schedule_matches_spec():
     """SPEC §3 worked example: T=1950, t_i 300, t_f 500, Δt 50, b 4 → 21 rounds, 67 moves."""
     cfg = elalora.ElaLoRAConfig(r=10, b=4, k=2, tinit=300, tfinal=500, delta_t=50, total_steps=1950)
-    alloc = ElaLoRAAllocator([f"m{i}" for i in range(72)], [type("A", (), {"rank": 10})()] * 72, cfg)
+    alloc = ElaLoRAAllocator([f"m{i}" for i in range(72)], [type("A", (), {"rank": 10, "capacity": 20})()] * 72, cfg)
     rounds = alloc.planned_rounds()
     assert [t for t, _ in rounds] == list(range(350, 1351, 50))
     assert [b for _, b in rounds] == [4] * 11 + [3] * 5 + [2] * 3 + [1] * 2

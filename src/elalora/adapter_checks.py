@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterLoadError, TrainingDivergedError
-from .layers import ElasticAdapter, full_tensor
+from .layers import ADAPTER_FORMS, ElasticAdapter, full_tensor
 
 __all__ = ["FINGERPRINT_VALUES", "FINGERPRINT_RTOL", "weight_fingerprint", "base_fingerprint",
            "check_base_model_weights", "check_finite_tensors", "validate_adapter_config", "check_optimizer_state", "slot_shapes",
@@ -100,10 +100,7 @@ def _is_count(v, lo: int) -> bool:
 
 
 def slot_shapes(info: dict) -> dict[str, tuple[int, ...]]:
-    r, din, dout = info["rank"], info["in_features"], info["out_features"]
-    if info["kind"] == "svd":
-        return {"lora_P": (dout, r), "lora_lambda": (r,), "lora_Q": (r, din)}
-    return {"lora_B": (dout, r), "lora_A": (r, din)}
+    return ADAPTER_FORMS[info["kind"]].slot_shapes(info["rank"], info["in_features"], info["out_features"])
 
 
 def validate_adapter_config(cfg: dict, where: str) -> None:
@@ -122,8 +119,8 @@ def validate_adapter_config(cfg: dict, where: str) -> None:
         missing = [k for k in ("kind", "rank", "capacity", "in_features", "out_features", "scaling") if k not in info]
         if missing:
             bad(f"module {n!r}: missing {', '.join(missing)}")
-        if info["kind"] not in ("svd", "lora"):
-            bad(f"module {n!r}: kind must be 'svd' or 'lora', got {info['kind']!r}")
+        if info["kind"] not in ADAPTER_FORMS:
+            bad(f"module {n!r}: kind must be one of {', '.join(repr(k) for k in ADAPTER_FORMS)}, got {info['kind']!r}")
         for k in ("in_features", "out_features"):
             if not _is_count(info[k], 1):
                 bad(f"module {n!r}: {k} must be an integer >= 1, got {info[k]!r}")
@@ -141,6 +138,12 @@ def validate_adapter_config(cfg: dict, where: str) -> None:
             bad(f"module {n!r}: r_init must be an integer >= 0, got {info['r_init']!r}")
     if not isinstance(cfg.get("config"), dict):
         bad("'config' (the method configuration) is missing")
+    conf = cfg["config"]
+    form = conf.get("form") if isinstance(conf, dict) else None
+    if form is not None:  # methods with a choice of form (ElaLoRA, AdaLoRA) record it; older saves: svd
+        kinds = {info["kind"] for info in modules.values()}
+        if kinds != {form}:
+            bad(f"the method config says form {form!r} but the modules are of kind {', '.join(sorted(kinds))}")
     if not _is_count(cfg.get("step_count", 0), 0):
         bad(f"step_count must be an integer >= 0, got {cfg.get('step_count')!r}")
     fp = cfg.get("full_parameters", [])

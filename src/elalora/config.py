@@ -10,7 +10,11 @@ still adjusts ranks.
 
 Plain LoRA has no config here: ``elalora train --method lora`` trains PEFT's own LoRA.
 
-Imports: :mod:`elalora.errors` only.
+Forms (``form="svd" | "lora"`` on ElaLoRA and AdaLoRA) are the adapter classes of
+:data:`elalora.layers.ADAPTER_FORMS`; a config asks the class for its default ``lora_alpha`` and whether
+it has an orthogonal regulariser, so a new form needs no change here.
+
+Imports: :mod:`elalora.errors`, :mod:`elalora.layers` (the form registry).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .layers import ADAPTER_FORMS
 
 __all__ = [
     "ConfigError",
@@ -100,7 +105,12 @@ class AdapterConfig:
     modules_to_save: list[str] | None = None
     seed: int = 0
     method: ClassVar[str] = "abstract"
-    adapter_kind: ClassVar[str] = "svd"
+    form: ClassVar[str] = "svd"  # a field (user choice) on ElaLoRA and AdaLoRA; fixed for the others
+
+    @property
+    def adapter_kind(self) -> str:
+        """The adapter form (a key of :data:`elalora.layers.ADAPTER_FORMS`)."""
+        return self.form
 
     def __post_init__(self) -> None:
         _require(_is_int(self.r) and self.r >= 1, f"r must be an integer >= 1; got {self.r!r}")
@@ -126,7 +136,10 @@ class AdapterConfig:
         _require(_is_int(self.seed), f"seed must be an integer; got {self.seed!r}")
 
     def default_alpha(self) -> float:
-        return float(self.r)
+        """The form's default (:meth:`elalora.layers.ElasticAdapter.default_alpha`): 16 for ``svd`` (the
+        authors' scripts), ``2 × initial rank`` for ``lora`` (PEFT LoRA at ``elalora train --method lora``'s
+        alpha, so the scale is 2)."""
+        return float(ADAPTER_FORMS[self.form].default_alpha(self.initial_rank))
 
     @property
     def initial_rank(self) -> int:
@@ -161,6 +174,18 @@ class _ScoredConfig(AdapterConfig):
     from R, whose per-rank gradient shrinks like ``1/√r_m`` (it favours low-rank matrices, pulling the
     allocation back to uniform). Relative distillation loss 0.57 (γ = 0.1) against 0.22 (γ = 0), and
     a GLUE pair task 55.5 % against 77.4 % (issue 15). Set γ > 0 to reproduce the papers' setups.
+    The LoRA form has no regulariser: γ > 0 with ``form="lora"`` is an error.
+
+    ``form``: the adapter form the allocation runs on (a key of :data:`elalora.layers.ADAPTER_FORMS`):
+    ``"svd"`` is ``ΔW = P·diag(λ)·Q·s`` (the papers), ``"lora"`` is ``ΔW = B·diag(m)·A·s`` with PEFT
+    LoRA's initialisation and scale (``A`` Kaiming, ``B = 0``, ``lora_alpha = 2 r``). Scores are
+    ``|w·∂L/∂w|`` over the form's slot parameters either way.
+
+    ``budget``: what a round conserves. ``"rank"``: the total rank (the papers). ``"params"``: the number
+    of active adapter parameters, a rank of a ``d_out × d_in`` matrix costing ``d_in + d_out`` (plus 1 for
+    λ): ElaLoRA never exceeds the parameters of its uniform start (LoRA's at the same r), AdaLoRA prunes
+    to the parameters of ``r`` ranks per matrix. Moving rank into the wide feed-forward matrices under
+    ``"rank"`` gives more active parameters than LoRA at the same total rank.
     """
 
     tinit: int | float = 0.1
@@ -170,9 +195,14 @@ class _ScoredConfig(AdapterConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.0  # off by default: see the class docstring (planted-rank study)
     total_steps: int | None = None
+    form: str = "svd"
+    budget: str = "rank"
 
     def __post_init__(self) -> None:
+        _require(self.form in ADAPTER_FORMS,
+                 f"form must be one of {', '.join(repr(f) for f in ADAPTER_FORMS)}; got {self.form!r}")
         super().__post_init__()
+        _require(self.budget in ("rank", "params"), f"budget must be 'rank' or 'params'; got {self.budget!r}")
         _check_step_knob("tinit", self.tinit, allow_zero=True)
         _check_step_knob("tfinal", self.tfinal, allow_zero=True)
         _check_step_knob("delta_t", self.delta_t, allow_zero=False)
@@ -181,6 +211,10 @@ class _ScoredConfig(AdapterConfig):
             _require(isinstance(v, (int, float)) and 0 < v < 1, f"{name} must be in (0, 1); got {v!r}")
         _require(isinstance(self.orth_reg_weight, (int, float)) and 0 <= self.orth_reg_weight < math.inf,
                  f"orth_reg_weight must be >= 0 and finite; got {self.orth_reg_weight!r}")
+        _require(not self.orth_reg_weight or ADAPTER_FORMS[self.form].has_orthogonality_penalty,
+                 f"orth_reg_weight={self.orth_reg_weight} applies to a form with an orthogonal regulariser "
+                 f"({', '.join(repr(k) for k, c in ADAPTER_FORMS.items() if c.has_orthogonality_penalty)}); "
+                 f"form={self.form!r} has none: set orth_reg_weight to 0")
         if self.total_steps is not None:
             self.resolve_schedule(self.total_steps)
 
@@ -207,6 +241,10 @@ class ElaLoRAConfig(_ScoredConfig):
         use_scheduler: decay ``b`` with ``b_t = round(b (1 − p³))``; otherwise ``b_t = b``.
         rank_pattern: optional starting rank per module name (e.g. a GeLoRA plan); the total budget
             is then the sum of this pattern.
+        grace_rounds: a rank grown in a round is no candidate (neither for pruning nor as its matrix's
+            weakest rank in the growth criterion) for this many following rounds. A newborn rank scores
+            about 0 under ``|w·∂L/∂w|`` (λ = 0 on the SVD form, B = 0 on the LoRA form), so without a
+            grace period it is the first to be pruned again (docs/results.md, "Churn").
     """
 
     b: int = 4
@@ -216,13 +254,13 @@ class ElaLoRAConfig(_ScoredConfig):
     use_scheduler: bool = True
     rank_pattern: dict[str, int] | None = None
     lora_alpha: float | None = None
+    grace_rounds: int = 0
     method: ClassVar[str] = "elalora"
-
-    def default_alpha(self) -> float:
-        return 16.0  # the authors' GLUE scripts
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _require(_is_int(self.grace_rounds) and self.grace_rounds >= 0,
+                 f"grace_rounds must be an integer >= 0; got {self.grace_rounds!r}")
         _require(_is_int(self.b) and self.b >= 1, f"b (ranks moved per round) must be an integer >= 1; got {self.b!r}")
         _require(_is_int(self.k) and self.k >= 1, f"k (candidates per matrix) must be an integer >= 1; got {self.k!r}")
         _require(_is_int(self.min_rank) and 0 <= self.min_rank <= self.r,
@@ -258,13 +296,10 @@ class AdaLoRAConfig(_ScoredConfig):
     lora_alpha: float | None = None
     method: ClassVar[str] = "adalora"
 
-    def default_alpha(self) -> float:
-        return 16.0
-
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.init_r is None:
+        if self.init_r is None and _is_int(self.r):  # before the default alpha, which may depend on it
             self.init_r = int(math.ceil(1.5 * self.r))
+        super().__post_init__()
         _require(_is_int(self.init_r) and self.init_r >= self.r,
                  f"init_r must be an integer >= r (target rank) = {self.r}; got {self.init_r!r}")
 
@@ -351,10 +386,7 @@ class ALoRAConfig(AdapterConfig):
     ablation_budget: float | None = 1.0
     total_steps: int | None = None
     method: ClassVar[str] = "alora"
-    adapter_kind: ClassVar[str] = "lora"
-
-    def default_alpha(self) -> float:
-        return float(2 * self.r)
+    form: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,9 +10,16 @@ Two forms share one interface (:class:`ElasticAdapter`):
   ``P: d_out × c``, ``λ: c``, ``Q: c × d_in`` with ``c`` the *capacity* (maximum rank) and
   ``m ∈ {0,1}^c`` the *active mask*.
 
-* :class:`GatedLoRAAdapter` (ALoRA; Liu et al. 2024, arXiv:2403.16187 §3)::
+* :class:`GatedLoRAAdapter` (the LoRA form: ALoRA, and ElaLoRA / AdaLoRA with ``form="lora"``;
+  Hu et al. 2021, arXiv:2106.09685; Liu et al. 2024, arXiv:2403.16187 §3)::
 
-      y = x W0ᵀ + b + dropout(x) · Aᵀ · diag(g·m) · Bᵀ · s,     s = lora_alpha / r_init
+      y = x W0ᵀ + b + dropout(x) · Aᵀ · diag(m) · Bᵀ · s,     s = lora_alpha / r_init
+
+A *form* is one adapter class and one entry of :data:`ADAPTER_FORMS` (``{"svd": SVDAdapter, "lora":
+GatedLoRAAdapter}``). Everything outside this module asks the class, never the form's name: its
+slot parameters and their shapes (:meth:`ElasticAdapter.slot_shapes`), its default ``lora_alpha``
+(:meth:`ElasticAdapter.default_alpha`), whether it has an orthogonal regulariser
+(``has_orthogonality_penalty``).
 
 Tensor shapes never change during training: a rank is switched on or off through the mask, so
 optimizers, DDP's reducer, LR schedulers and ``torch.compile`` graphs stay valid. An inactive slot
@@ -45,8 +52,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .errors import QuantizationError
 
-__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "SUPPORTED_BASE_LAYERS", "base_shape",
-           "adapter_param_count", "full_tensor", "edit_", "is_dtensor"]
+__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "ADAPTER_FORMS", "adapter_form", "SUPPORTED_BASE_LAYERS",
+           "base_shape", "adapter_param_count", "full_tensor", "edit_", "is_dtensor"]
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
@@ -108,6 +115,21 @@ class ElasticAdapter(nn.Module):
     """
 
     kind: str = "abstract"
+    #: whether :meth:`orthogonality_penalty` exists (the regulariser ``R`` of SPEC §1; ``orth_reg_weight``)
+    has_orthogonality_penalty: bool = False
+
+    @classmethod
+    def slot_shapes(cls, rank: int, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
+        """``{parameter name: shape}`` of the slot parameters at ``rank`` slots (as saved: compact)."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_alpha(cls, initial_rank: int) -> float:
+        """The form's ``lora_alpha`` when the config gives none."""
+        raise NotImplementedError
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        raise NotImplementedError(f"the {self.kind} form has no orthogonal regulariser")
 
     def __init__(
         self,
@@ -276,6 +298,15 @@ class SVDAdapter(ElasticAdapter):
     """
 
     kind = "svd"
+    has_orthogonality_penalty = True
+
+    @classmethod
+    def slot_shapes(cls, rank, in_features, out_features):
+        return {"lora_P": (out_features, rank), "lora_lambda": (rank,), "lora_Q": (rank, in_features)}
+
+    @classmethod
+    def default_alpha(cls, initial_rank):
+        return 16.0  # the authors' GLUE scripts (AdaLoRA's and ElaLoRA's)
 
     def __init__(self, base_layer: nn.Module, *, r: int, capacity: int, lora_alpha: float,
                  lora_dropout: float = 0.0, dtype: torch.dtype | None = None,
@@ -338,12 +369,23 @@ class SVDAdapter(ElasticAdapter):
 
 
 class GatedLoRAAdapter(ElasticAdapter):
-    """``ΔW = B · diag(m) · A · s`` (plain LoRA with a 0/1 gate per rank, for ALoRA).
+    """``ΔW = B · diag(m) · A · s``: plain LoRA with a 0/1 gate per rank (the LoRA form).
 
-    Initialisation as LoRA (Hu et al. 2021): ``A`` Kaiming-uniform, ``B = 0``.
+    Initialisation as PEFT's LoRA (Hu et al. 2021): ``A`` Kaiming-uniform (``U(−1/√d_in, 1/√d_in)``, PEFT's
+    ``kaiming_uniform_(a=√5)``), ``B = 0``, so ΔW = 0. Default ``lora_alpha = 2 r_init``: the scale
+    ``s = 2``, that of ``elalora train --method lora`` (PEFT's LoRA at ``lora_alpha = 2r``). With its
+    ranks frozen this adapter *is* PEFT's LoRA (``tests/test_forms.py`` pins the losses).
     """
 
     kind = "lora"
+
+    @classmethod
+    def slot_shapes(cls, rank, in_features, out_features):
+        return {"lora_B": (out_features, rank), "lora_A": (rank, in_features)}
+
+    @classmethod
+    def default_alpha(cls, initial_rank):
+        return float(2 * max(int(initial_rank), 1))
 
     def __init__(self, base_layer: nn.Module, *, r: int, capacity: int, lora_alpha: float,
                  lora_dropout: float = 0.0, dtype: torch.dtype | None = None,
@@ -365,14 +407,19 @@ class GatedLoRAAdapter(ElasticAdapter):
 
     @torch.no_grad()
     def init_slots(self, slots, generator=None):
-        rows = [_kaiming_rows(1, self.in_features, generator)[0] for _ in slots]
-
-        def write_a(t):
-            for s, r in zip(slots, rows):
-                t[s] = r.to(t.device, t.dtype)
-
-        edit_(self.lora_A, write_a)
-        edit_(self.lora_B, lambda t: t.index_fill_(1, torch.as_tensor(list(slots), dtype=torch.long, device=t.device), 0.0))
+        """New ranks: a fresh Kaiming row of ``A``, orthogonalised in fp32 against the active rows of A
+        (and the other new rows; as the SVD form does for P and Q) and rescaled to its draw's norm, so it
+        has LoRA's scale; a zero column of ``B``: ΔW is unchanged. (With ``B_{:,i} = 0`` the gradient into
+        ``A_i`` is 0 too, so ``|w·∂L/∂w|`` scores a newborn rank about 0: see ElaLoRA's ``grace_rounds``.)"""
+        slots = [int(s) for s in slots]
+        # Draw order (one row per slot, in order) is part of the determinism contract.
+        draws = torch.stack([_kaiming_rows(1, self.in_features, generator)[0] for _ in slots])
+        idx = self.active.nonzero().flatten()
+        basis = full_tensor(self.lora_A.detach()).index_select(0, idx.to(self.lora_A.device))
+        rows = _orthonormal_complement_rows(basis, draws) * draws.norm(dim=1, keepdim=True)
+        at = torch.as_tensor(slots, dtype=torch.long)
+        edit_(self.lora_A, lambda t: t.index_copy_(0, at.to(t.device), rows.to(t.device, t.dtype)))
+        edit_(self.lora_B, lambda t: t.index_fill_(1, at.to(t.device), 0.0))
 
 
 def _kaiming_rows(n: int, d_in: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -430,7 +477,19 @@ def _orthonormal_complement_rows(basis: torch.Tensor, draws: torch.Tensor) -> to
 #: ``(d_in, d_out, fan_in_fan_out)`` of a supported base layer; ``TypeError`` for any other layer.
 base_shape = _base_shape
 
+#: The adapter forms: one class per form. A new form is one ElasticAdapter subclass and one entry here.
+ADAPTER_FORMS: dict[str, type[ElasticAdapter]] = {"svd": SVDAdapter, "lora": GatedLoRAAdapter}
+
+
+def adapter_form(kind: str) -> type[ElasticAdapter]:
+    """The adapter class of form ``kind``; ``ValueError`` naming the known forms otherwise."""
+    try:
+        return ADAPTER_FORMS[kind]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown adapter form {kind!r}; known: {', '.join(sorted(ADAPTER_FORMS))}") from None
+
 
 def adapter_param_count(kind: str, rank: int, in_features: int, out_features: int) -> int:
-    """Parameters of ``rank`` active ranks: ``r (d_in + d_out)``, plus ``r`` singular values for ``svd``."""
-    return int(rank) * (int(in_features) + int(out_features) + (1 if kind == "svd" else 0))
+    """Parameters of ``rank`` active ranks of form ``kind``: ``r (d_in + d_out)`` for ``lora``, plus ``r``
+    singular values for ``svd`` (the sizes of :meth:`ElasticAdapter.slot_shapes`)."""
+    return sum(math.prod(s) for s in adapter_form(kind).slot_shapes(int(rank), int(in_features), int(out_features)).values())

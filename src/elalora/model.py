@@ -31,7 +31,7 @@ from .allocation.base import RankEvent
 from .config import AdapterConfig, config_from_dict
 from .errors import AdapterLoadError, ConfigError, TargetModuleError, TrainingDivergedError, diverged_message
 from .importance import ImportanceTracker
-from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter, adapter_param_count, base_shape
+from .layers import ElasticAdapter, adapter_form, adapter_param_count, base_shape
 from .targets import DEFAULT_TARGET_MODULES, find_target_modules, lies_within, matches_suffix
 
 __all__ = ["get_model", "AdaptiveModel", "handle_of", "load_adapter", "DEFAULT_TARGET_MODULES",
@@ -46,8 +46,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _build_adapter(base: nn.Module, config: AdapterConfig, r: int, capacity: int, alpha: float,
                    generator: torch.Generator) -> ElasticAdapter:
-    cls = SVDAdapter if config.adapter_kind == "svd" else GatedLoRAAdapter
-    return cls(base, r=r, capacity=capacity, lora_alpha=alpha, lora_dropout=config.lora_dropout, generator=generator)
+    return adapter_form(config.adapter_kind)(base, r=r, capacity=capacity, lora_alpha=alpha, lora_dropout=config.lora_dropout, generator=generator)
 
 
 class AdaptiveModel:
@@ -122,7 +121,7 @@ class AdaptiveModel:
         self.num_steps_without_grad = 0
         self.initial_rank_pattern = self.rank_pattern()
         self._hook = None
-        if getattr(config, "orth_reg_weight", 0) and config.adapter_kind == "svd":
+        if getattr(config, "orth_reg_weight", 0) and adapter_form(config.adapter_kind).has_orthogonality_penalty:
             self._hook = model.register_forward_hook(self._add_orth_reg)
         attach_handle(model, self)  # lets the Trainer callback and persistence find the handle
 
@@ -188,7 +187,7 @@ class AdaptiveModel:
         ``PᵀP − I`` averaged over tensors (2 per matrix), as PEFT and the authors' code compute it.
         Add ``orth_reg_weight · R`` to a loss computed outside the model (the forward hook adds it
         to ``outputs.loss`` automatically)."""
-        svd = [a for a in self.adapters if isinstance(a, SVDAdapter)]
+        svd = [a for a in self.adapters if a.has_orthogonality_penalty]
         if not svd:
             p = next(self.model.parameters())
             return torch.zeros((), device=p.device)

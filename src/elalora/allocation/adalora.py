@@ -11,6 +11,10 @@ Masking keeps the ``b(t)`` highest-scoring ranks globally. PEFT zeroes λ of the
 them revive between masks; here a pruned rank is switched off through the active mask (prune-only),
 its EMA state and optimizer moments reset. Given the same scores the kept set equals PEFT's.
 
+``budget="params"`` counts the budget in active adapter parameters instead of ranks (``b0`` the
+parameters at ``init_r``, ``bT`` those of ``target_r`` ranks per matrix; a rank of matrix ``m`` costs
+``c_m``): masking keeps the highest-scoring ranks, best first, while their parameters fit ``b(t)``.
+
 Imports: numpy, torch, :mod:`elalora.config`, :mod:`.base`.
 """
 
@@ -20,7 +24,7 @@ import numpy as np
 import torch
 
 from ..config import AdaLoRAConfig
-from .base import Allocator, apply_rank_changes, no_information
+from .base import Allocator, apply_rank_changes, no_information, rank_cost
 
 __all__ = ["AdaLoRAAllocator", "adalora_budget", "select_to_budget"]
 
@@ -35,14 +39,21 @@ def adalora_budget(t: int, *, b0: int, bT: int, tinit: int, tfinal: int, total_s
     return int((b0 - bT) * (mul**3) + bT), t % delta_t == 0
 
 
-def select_to_budget(scores: list[torch.Tensor], active: list[torch.Tensor], budget: int) -> dict[int, list[int]]:
-    """Slots to prune so that only the ``budget`` highest-scoring active ranks remain."""
+def select_to_budget(scores: list[torch.Tensor], active: list[torch.Tensor], budget: int,
+                     cost: list[int] | None = None) -> dict[int, list[int]]:
+    """Slots to prune so that only the ``budget`` highest-scoring active ranks remain; with ``cost``
+    (parameters per rank of each matrix), the highest-scoring ranks whose parameters fit ``budget``."""
     sc = torch.cat([s.double() for s in scores]).numpy()
     act = torch.cat([a.cpu() for a in active]).numpy()
     mod = np.concatenate([np.full(len(s), m) for m, s in enumerate(scores)])
     slot = np.concatenate([np.arange(len(s)) for s in scores])
     idx = np.nonzero(act)[0]
-    n_prune = len(idx) - budget
+    if cost is None:
+        n_prune = len(idx) - budget
+    else:  # keep the best-first prefix that fits the parameter budget
+        best_first = idx[np.lexsort((slot[idx], mod[idx], sc[idx]))][::-1]
+        spent = np.cumsum(np.asarray(cost, dtype=np.int64)[mod[best_first]])
+        n_prune = len(idx) - int(np.searchsorted(spent, budget, side="right"))
     if n_prune <= 0:
         return {}
     order = idx[np.lexsort((slot[idx], mod[idx], sc[idx]))][:n_prune]
@@ -59,8 +70,11 @@ class AdaLoRAAllocator(Allocator):
     def __init__(self, names, adapters, config: AdaLoRAConfig) -> None:
         super().__init__(names, adapters, config)
         self.schedule = None
-        self.b0 = sum(a.rank for a in adapters)
-        self.bT = config.target_r * len(adapters)
+        # a rank's cost: 1 (budget "rank") or its parameters (budget "params")
+        self.cost = [rank_cost(a) for a in adapters] if config.budget == "params" else None
+        unit = self.cost or [1] * len(adapters)
+        self.b0 = sum(a.rank * c for a, c in zip(adapters, unit))
+        self.bT = config.target_r * sum(unit)
         if config.total_steps is not None:
             self.set_total_steps(config.total_steps)
 
@@ -87,7 +101,7 @@ class AdaLoRAAllocator(Allocator):
         scores = importance.rank_scores()
         if no_information(scores, t):
             return []
-        prune = select_to_budget(scores, [a.active for a in self.adapters], budget)
+        prune = select_to_budget(scores, [a.active for a in self.adapters], budget, self.cost)
         return apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow={},
                                   seed=self.config.seed, optimizer=optimizer, importance=importance, scores=scores)
 

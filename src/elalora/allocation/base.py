@@ -22,12 +22,18 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..layers import ElasticAdapter, edit_
+from ..layers import ElasticAdapter, adapter_param_count, edit_
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..importance import ImportanceTracker
 
-__all__ = ["RankEvent", "Allocator", "apply_rank_changes", "slot_generator", "zero_optimizer_slots"]
+__all__ = ["RankEvent", "Allocator", "apply_rank_changes", "slot_generator", "zero_optimizer_slots", "rank_cost"]
+
+
+def rank_cost(adapter: ElasticAdapter) -> int:
+    """Parameters of one rank of ``adapter`` (``d_in + d_out``, plus 1 for λ on the SVD form): the unit
+    of the parameter budget (``budget="params"``)."""
+    return adapter_param_count(adapter.kind, 1, adapter.in_features, adapter.out_features)
 
 
 @dataclass

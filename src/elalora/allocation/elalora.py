@@ -22,6 +22,14 @@ shrink (only its growth is blocked); exactly ``b_t`` ranks move (no threshold ti
 minimum/capacity constraints leave fewer feasible moves, prunes and grows are trimmed to the same
 count so the budget is conserved.
 
+Additions (``ElaLoRAConfig``): ``grace_rounds`` keeps a rank grown in round ``j`` out of the candidate
+pool in rounds ``j+1 … j+grace_rounds`` (a newborn rank scores about 0, so otherwise it is the first to
+be pruned again: the allocator counts such *churn*, :meth:`ElaLoRAAllocator.churn`). ``budget="params"``
+conserves active adapter parameters instead of ranks: the ``b_t`` weakest candidates are pruned as
+before, then the strongest candidates grow one rank each, strongest first, while the active parameters
+stay within those of the start (a rank of matrix ``m`` costs ``c_m``, its parameters per rank); a round
+in which nothing can grow prunes nothing.
+
 Imports: numpy, torch, :mod:`elalora.config`, :mod:`.base`.
 """
 
@@ -31,7 +39,7 @@ import numpy as np
 import torch
 
 from ..config import ElaLoRAConfig
-from .base import Allocator, apply_rank_changes, no_information
+from .base import Allocator, apply_rank_changes, no_information, rank_cost
 
 __all__ = ["ElaLoRAAllocator", "elalora_b_t", "select_prune_grow"]
 
@@ -74,8 +82,14 @@ def select_prune_grow(
     k: int,
     b: int,
     min_rank: int,
+    protected: list[torch.Tensor] | None = None,
+    cost: list[int] | None = None,
+    param_budget: int | None = None,
 ) -> tuple[dict[int, list[int]], dict[int, int]]:
     """Decide one round. Returns ``(prune, grow)``: slots to prune per matrix, ranks to add per matrix.
+
+    ``protected`` (bool per slot): active slots that are no candidates (grace period). ``cost`` and
+    ``param_budget``: the parameter budget (module docstring); ``None``: the rank budget.
 
     Vectorised: one padded ``(M × c)`` matrix, one ``topk`` and one ``lexsort`` over ≤ ``k·M``
     candidates.
@@ -85,6 +99,8 @@ def select_prune_grow(
     s = _padded_rows(scores, cmax, float("inf")).double()
     act = _padded_rows(active, cmax, False)
     s = s.masked_fill(~act, float("inf"))
+    if protected is not None:
+        s = s.masked_fill(_padded_rows(protected, cmax, False), float("inf"))
     ranks = act.sum(1).numpy()
     kk = min(k, cmax)
     vals, slots = torch.topk(s, kk, dim=1, largest=False, sorted=True)
@@ -123,9 +139,29 @@ def select_prune_grow(
                 grow_idx.append(j)
         return prune_idx, grow_idx
 
-    prune_idx, grow_idx = choose(b)
-    while len(grow_idx) < len(prune_idx):  # capacity blocked some growth: move fewer ranks
-        prune_idx, grow_idx = choose(len(grow_idx))
+    def choose_params(b_now: int):
+        """Prune as ``choose``; grow the strongest candidates while the parameters fit the budget."""
+        prune_idx, _ = choose(b_now)
+        taken = set(prune_idx)
+        used = int(sum(int(ranks[m]) * cost[m] for m in range(m_count)) - sum(cost[cm[j]] for j in prune_idx))
+        pruned = np.bincount(cm[prune_idx].astype(int), minlength=m_count) if prune_idx else np.zeros(m_count, int)
+        grown = np.zeros(m_count, dtype=int)
+        grow_idx: list[int] = []
+        for j in range(n - 1, -1, -1):
+            m = cm[j]
+            if j in taken or ranks[m] - pruned[m] + grown[m] >= capacity[m] or used + cost[m] > param_budget:
+                continue
+            used += cost[m]
+            grown[m] += 1
+            grow_idx.append(j)
+        return (prune_idx, grow_idx) if grow_idx else ([], [])
+
+    if param_budget is not None:
+        prune_idx, grow_idx = choose_params(b)
+    else:
+        prune_idx, grow_idx = choose(b)
+        while len(grow_idx) < len(prune_idx):  # capacity blocked some growth: move fewer ranks
+            prune_idx, grow_idx = choose(len(grow_idx))
     prune: dict[int, list[int]] = {}
     for j in prune_idx:
         prune.setdefault(int(cm[j]), []).append(int(cs[j]))
@@ -145,6 +181,13 @@ class ElaLoRAAllocator(Allocator):
         self.schedule = None
         self.rounds = 0
         self.moved = 0
+        # "params": the active adapter parameters of the start (LoRA's at the same r on the LoRA form)
+        self.cost = [rank_cost(a) for a in adapters] if config.budget == "params" else None
+        self.param_budget = sum(a.rank * c for a, c in zip(adapters, self.cost)) if self.cost else None
+        # round (0-based) in which each slot was last grown; -1: never (initial ranks count as old)
+        self.born = [[-1] * a.capacity for a in adapters]
+        self.grown_total = 0
+        self.churned = 0  # ranks pruned within CHURN_ROUNDS rounds of their birth
         if config.total_steps is not None:
             self.set_total_steps(config.total_steps)
 
@@ -175,6 +218,18 @@ class ElaLoRAAllocator(Allocator):
     def wants_importance(self, t: int) -> bool:
         return self.phase(t) != "final"
 
+    def protected(self) -> list[torch.Tensor] | None:
+        """Slots in their grace period at the coming round (``None`` when ``grace_rounds`` is 0)."""
+        g = self.config.grace_rounds
+        if not g:
+            return None
+        return [torch.tensor([0 <= self.rounds - j <= g for j in born], dtype=torch.bool) for born in self.born]
+
+    def churn(self) -> dict[str, int]:
+        """``grown``: ranks grown so far; ``pruned_young``: of those, pruned within ``CHURN_ROUNDS`` rounds
+        of their birth (a measure of wasted moves: the planted-rank benchmark reports it)."""
+        return {"grown": self.grown_total, "pruned_young": self.churned, "within_rounds": CHURN_ROUNDS}
+
     def on_step(self, t, optimizer=None, *, importance=None, model=None):
         if not self.is_round(t):
             return []
@@ -183,18 +238,47 @@ class ElaLoRAAllocator(Allocator):
             return []
         prune, grow = select_prune_grow(
             scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
-            k=self.config.k, b=self.b_at(t), min_rank=self.config.min_rank)
+            k=self.config.k, b=self.b_at(t), min_rank=self.config.min_rank, protected=self.protected(),
+            cost=self.cost, param_budget=self.param_budget)
+        for m, slots in prune.items():
+            for s in slots:
+                if 0 <= self.rounds - self.born[m][s] <= CHURN_ROUNDS and self.born[m][s] >= 0:
+                    self.churned += 1
+                self.born[m][s] = -1
+        before = {m: self.adapters[m].active.tolist() for m in grow}
         events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
                                     seed=self.config.seed, optimizer=optimizer, importance=importance, scores=scores)
+        for m, was in before.items():
+            dead = set(prune.get(m, []))
+            now = self.adapters[m].active.tolist()
+            for slot in range(len(now)):  # active now and (inactive before or pruned in this round): new
+                if now[slot] and (not was[slot] or slot in dead):
+                    self.born[m][slot] = self.rounds
+            self.grown_total += grow[m]
         self.rounds += 1
         self.moved += sum(len(v) for v in prune.values())
         return events
 
     def state_dict(self):
-        return {**super().state_dict(), "rounds": self.rounds, "moved": self.moved}
+        return {**super().state_dict(), "rounds": self.rounds, "moved": self.moved, "born": self.born,
+                "grown_total": self.grown_total, "churned": self.churned, "param_budget": self.param_budget}
 
     def load_state_dict(self, state):
         if state.get("total_steps") is not None:
             self.set_total_steps(state["total_steps"])
         self.rounds = int(state.get("rounds", 0))
         self.moved = int(state.get("moved", 0))
+        if state.get("born") is not None:
+            born = [list(map(int, b)) for b in state["born"]]
+            if [len(b) for b in born] != [a.capacity for a in self.adapters]:
+                raise ValueError("allocator state: the birth rounds do not match the adapters' capacities")
+            self.born = born
+        self.grown_total = int(state.get("grown_total", 0))
+        self.churned = int(state.get("churned", 0))
+        if state.get("param_budget") is not None:
+            self.param_budget = int(state["param_budget"])
+
+
+#: "churn": a rank pruned within this many rounds of its birth
+CHURN_ROUNDS = 2
+

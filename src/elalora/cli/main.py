@@ -182,6 +182,14 @@ def _add_train(sub) -> None:
     g.add_argument("--orth-reg-weight", type=_nonneg_float, default=0.0,
                    help="orthogonal regulariser weight γ (default 0: off; the papers' GLUE scripts use 0.1, PEFT 0.5; "
                         "see docs/results.md, planted-rank benchmark)")
+    g.add_argument("--form", default=None, metavar="FORM",
+                   help="ElaLoRA/AdaLoRA: the adapter form, 'svd' (P·diag(λ)·Q, the papers) or 'lora' (B·diag(m)·A, "
+                        "PEFT LoRA's initialisation and scale); default: the method config's (ElaLoRAConfig.form, "
+                        "AdaLoRAConfig.form)")
+    g.add_argument("--budget", default="rank", choices=("rank", "params"),
+                   help="ElaLoRA/AdaLoRA: conserve the total rank (default) or the active adapter parameters")
+    g.add_argument("--grace-rounds", type=_nonneg_int, default=None,
+                   help="ElaLoRA: rounds in which a newly grown rank cannot be pruned (default: ElaLoRAConfig's)")
     g.add_argument("--init-r", type=_positive_int, default=None, help="AdaLoRA: initial rank (default ceil(1.5 r))")
     g.add_argument("--max-rank", type=_positive_int, default=None,
                    help="ElaLoRA/ALoRA: per-matrix capacity (default 2r; gelora-elalora: max(2r, largest planned rank))")

@@ -78,6 +78,9 @@ class RunSpec:
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.0  # the library default (config._ScoredConfig): off, see docs/results.md §4
+    form: str | None = None  # elalora/adalora: "svd" or "lora" (None: the method config's default)
+    budget: str = "rank"  # elalora/adalora: conserve the total rank or the active parameters
+    grace_rounds: int | None = None  # elalora: None = ElaLoRAConfig's default
     init_r: int | None = None
     max_rank: int | None = None
     min_rank: int = 1

@@ -24,7 +24,9 @@ def build_method_config(spec, targets, head, *, rank_pattern=None, max_planned: 
     common = dict(r=spec.r, target_modules=targets, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                   modules_to_save=head, seed=spec.seed)
     scored = dict(tinit=spec.tinit, tfinal=spec.tfinal, delta_t=spec.delta_t, beta1=spec.beta1, beta2=spec.beta2,
-                  orth_reg_weight=spec.orth_reg_weight)
+                  orth_reg_weight=spec.orth_reg_weight, budget=spec.budget)
+    if spec.form is not None:
+        scored["form"] = spec.form
     m = spec.method
     if m == "adalora":
         return AdaLoRAConfig(init_r=spec.init_r, **common, **scored)
@@ -32,8 +34,9 @@ def build_method_config(spec, targets, head, *, rank_pattern=None, max_planned: 
         max_rank = spec.max_rank
         if m == "gelora-elalora" and max_planned is not None:
             max_rank = max(max_rank or 2 * spec.r, 2 * spec.r, max_planned)
+        grace = {} if spec.grace_rounds is None else {"grace_rounds": spec.grace_rounds}
         return ElaLoRAConfig(b=spec.b, k=spec.k, min_rank=spec.min_rank, max_rank=max_rank,
-                             rank_pattern=rank_pattern, **common, **scored)
+                             rank_pattern=rank_pattern, **grace, **common, **scored)
     if m == "alora":
         return ALoRAConfig(n_rounds=spec.alora_rounds, k1=spec.alora_k1, k2=spec.alora_k2, max_rank=spec.max_rank,
                            val_batch_size=spec.alora_val_size, min_rank=spec.min_rank,
