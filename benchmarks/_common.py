@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine description, timing, output files."""
+"""Helpers shared by the benchmark scripts: machine description, timing, output files, and training runs
+through the public recipe (:func:`elalora.recipe.train`; the benchmarks never drive the CLI)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,53 @@ def write_results(out: str, res: dict, md: str, *, quick: bool = False) -> None:
         write_json(Path(out + ".json"), res)
         Path(out + ".md").write_text(md)
         print(f"wrote {out}.json and .md")
+
+
+
+# ----------------------------------------------------------------------------------- runs through the recipe
+# RunSpec fields whose `elalora train` flag is not "--" + the name with dashes
+_NEGATED_FLAGS = {"figures": "--no-figures", "group_by_length": "--no-group-by-length",
+                  "alora_keep_budget": "--alora-paper-budget"}
+
+
+def train_argv(fields: dict, out_dir: str | Path | None = None) -> list[str]:
+    """The ``elalora train`` arguments equivalent to ``RunSpec(**fields)`` run into ``out_dir`` (with
+    ``--overwrite``): a description of a cell for its record and for humans to rerun it (fields left
+    ``None`` are not given; lists are comma-separated). The benchmarks run the recipe itself."""
+    a = ["train"]
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if name in _NEGATED_FLAGS:
+            a += [] if value else [_NEGATED_FLAGS[name]]
+        elif name == "load_in_bits":
+            a.append(f"--load-in-{value}bit")
+        elif isinstance(value, bool):
+            a += [f"--{name.replace('_', '-')}"] if value else []
+        else:
+            a += [f"--{name.replace('_', '-')}",
+                  ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    if out_dir is not None:
+        a += ["--output-dir", str(out_dir), "--overwrite"]
+    return a
+
+
+def train_cell(fields: dict, out: Path, callbacks=None) -> dict:
+    """Train ``RunSpec(**fields)`` into the run directory ``out`` with :func:`elalora.recipe.train` (in this
+    process) and return a cell's record fields, read from the run's metrics.json and config.json:
+    ``spec`` (the RunSpec fields given) and ``argv`` (:func:`train_argv`, the same run as a command)."""
+    from elalora.recipe import RunSpec, train
+
+    spec = RunSpec(**fields)
+    result = train(spec, out, overwrite=True, callbacks=callbacks)
+    m = result.metrics
+    cfg = json.loads((Path(out) / "config.json").read_text())
+    params = m.get("parameters", {})
+    return {"final": m["final"], "main_metric": m["main_metric"], "steps": m["steps"],
+            "train_runtime_s": m.get("train_runtime_s"), "trainable_params": params.get("trainable"),
+            "active_params": params.get("active"), "total_rank": m.get("total_rank"),
+            "rank_pattern": m.get("rank_pattern"), "initial_rank_pattern": m.get("initial_rank_pattern"),
+            "n_matrices": len(m.get("rank_pattern") or {}), "rank_changes": m.get("rank_changes"),
+            "method_config": cfg.get("method_config"), "schedule": cfg.get("schedule"),
+            "threads": cfg.get("training", {}).get("threads"), "runner": "elalora.recipe.train (in-process)",
+            "spec": dict(fields), "argv": train_argv(fields, out)}

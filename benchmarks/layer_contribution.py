@@ -10,7 +10,8 @@
 For each run, ``elalora analyze`` switches off the adapters of the k matrices with the highest final ranks
 ("top"), then of the k with the lowest ("bottom"), then of k random ones (3 draws), k = 10 % and 25 % of
 the 36 matrices, and records the drop of the task's main metric on the dev set
-(:mod:`elalora.recipe.analysis`). This script collects one record per run into
+(:mod:`elalora.recipe.analysis`; run here through :func:`elalora.recipe.evaluation.analyze_run`, what
+``elalora analyze`` runs). This script collects one record per run into
 ``benchmarks/results/layer_contribution.jsonl`` and renders, per task and k, the mean drop over seeds of
 each group, and the paired difference top − bottom with its 95 % interval. The paper's claim ("layers
 receiving higher rank allocations contribute more significantly") predicts top > random > bottom.
@@ -50,14 +51,13 @@ def run_dirs(runs: Path, protocol: str, method: str, r: int, tasks, seeds) -> li
     return out
 
 
-def analyze(d: Path, threads: int | None, *extra: str) -> None:
-    """``elalora analyze D`` in-process; ``extra`` flags, e.g. ``--ranks-from RUN`` for the control."""
-    from elalora.cli.main import main as cli_main
+def analyze(d: Path, threads: int | None, **kw) -> None:
+    """The analysis of ``elalora analyze D`` (:func:`elalora.recipe.evaluation.analyze_run`, in-process);
+    ``kw``: its options, e.g. ``ranks_from=RUN`` for the control."""
+    from elalora.recipe.evaluation import analyze_run
 
-    argv = ["analyze", str(d), *extra] + (["--threads", str(threads)] if threads else [])
-    rc = cli_main(argv)
-    if rc != 0:
-        raise RuntimeError(f"elalora {' '.join(argv)} exited with {rc}")
+    res = analyze_run(d, threads=threads, progress=lambda msg: print(msg, flush=True), **kw)
+    print(f"\n{res.table}\n" + "".join(f"wrote {p}\n" for p in res.written), flush=True)
 
 
 def record(task: str, seed: int, d: Path, protocol: str, method: str, r: int, control: Path | None = None) -> dict:
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                 control = None
             elif not (control / "analysis" / "layer_contribution_ranks_from.json").is_file() and not args.render:
                 # the same top/bottom sets in the uniform-rank run (one random draw: 7 evaluations)
-                analyze(control, args.threads, "--ranks-from", str(d), "--random-draws", "1", "--no-figure")
+                analyze(control, args.threads, ranks_from=d, random_draws=1, figure=False)
         recs.append(record(t, s, d, args.protocol, args.method, args.r, control))
     out = Path(args.results)
     out.parent.mkdir(parents=True, exist_ok=True)

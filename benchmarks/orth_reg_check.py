@@ -1,7 +1,7 @@
 """The orthogonal-regulariser default checked on a real task it was not tuned on.
 
-Runs cells of the accuracy grid (benchmarks/accuracy.py: same CLI arguments, model, data, steps)
-with ``--orth-reg-weight`` replaced by the value given here, and appends them to
+Runs cells of the accuracy grid (benchmarks/accuracy.py: same RunSpec fields, model, data, steps)
+with ``orth_reg_weight`` (``--orth-reg-weight``) replaced by the value given here, and appends them to
 ``benchmarks/results/orth_reg_check.jsonl``; the grid's own cells (γ = 0.1) are the comparison.
 
     nice -n 10 python benchmarks/orth_reg_check.py --tasks stsb --methods elalora --seeds 0,1,2 --gamma 0
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
                 key = (task, method, args.r, seed, args.steps, args.gamma)
                 if key in done:
                     continue
-                rec = accuracy.run_cli_cell(task, method, args.r, seed, args.steps, accuracy.default_data_dir(),
-                                            args.threads, overrides={"--orth-reg-weight": args.gamma})
+                rec = accuracy.run_recipe_cell(task, method, args.r, seed, args.steps, accuracy.default_data_dir(),
+                                               args.threads, overrides={"orth_reg_weight": args.gamma})
                 rec.update(task=task, method=method, r=args.r, seed=seed, steps=args.steps, orth_reg_weight=args.gamma,
                            main=rec["final"][rec["main_metric"]])
                 print(task, method, seed, "γ", args.gamma, rec["main_metric"], rec["main"], flush=True)

@@ -1,7 +1,9 @@
 """Worker for tests/test_distributed.py: the plain loop under DDP (gloo, CPU) or in one process.
 
-    torchrun --nproc_per_node 2 tests/ddp_worker.py OUT.pt        # 2 replicas, half the global batch each
-    python tests/ddp_worker.py OUT.pt                             # one process, the whole global batch
+    torchrun --nproc_per_node 2 tests/ddp_worker.py OUT.pt [FORM]   # 2 replicas, half the global batch each
+    python tests/ddp_worker.py OUT.pt [FORM]                        # one process, the whole global batch
+
+FORM: the adapter form, ``svd`` (default) or ``lora``.
 """
 import os
 import sys
@@ -18,7 +20,7 @@ from conftest import tiny_bert  # noqa: E402
 STEPS, GLOBAL_BATCH = 24, 8
 
 
-def main(out: str) -> None:
+def main(out: str, form: str = "svd") -> None:
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("gloo")
@@ -28,8 +30,9 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     model = tiny_bert(seed=0)
     cfg = elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=4, tfinal=6, delta_t=2, total_steps=STEPS, seed=11,
-                                modules_to_save=["classifier"])
+                                modules_to_save=["classifier"], form=form)
     handle = elalora.get_model(model, cfg)
+    assert {a.kind for a in handle.adapters} == {form}
     torch.manual_seed(1000 + rank)  # replicas' global RNGs differ on purpose: decisions must not depend on them
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     # SGD with momentum: per-element optimizer state that rounds must zero for changed slots, and no
@@ -54,7 +57,8 @@ def main(out: str) -> None:
     if rank == 0:
         torch.save({"pattern": handle.rank_pattern(), "events": [e.to_dict() for e in handle.events],
                     "params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-                    "masks": [a.active.clone() for a in handle.adapters], "digest": digest, "world": world}, out)
+                    "masks": [a.active.clone() for a in handle.adapters], "digest": digest, "world": world,
+                    "form": form}, out)
     if distributed:
         digests = [None] * world
         dist.all_gather_object(digests, digest)
@@ -63,4 +67,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

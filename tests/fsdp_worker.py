@@ -1,7 +1,10 @@
 """Worker for tests/test_fsdp.py: the plain loop under FSDP2 (``fully_shard``, gloo, CPU) or in one process.
 
-    torchrun --nproc_per_node 2 tests/fsdp_worker.py OUTDIR     # 2 processes, half the global batch each
-    python tests/fsdp_worker.py OUTDIR                          # one process, the whole global batch
+    torchrun --nproc_per_node 2 tests/fsdp_worker.py OUTDIR [FORM]   # 2 processes, half the global batch each
+    python tests/fsdp_worker.py OUTDIR [FORM]                        # one process, the whole global batch
+
+FORM: the adapter form, ``svd`` (default; with the orthogonal regulariser, γ = 0.1) or ``lora`` (γ = 0:
+the LoRA form has no regulariser).
 
 Writes OUTDIR/result.pt (rank 0 only) and, from the trained model, OUTDIR/adapter (elalora format),
 OUTDIR/peft (PEFT export) and OUTDIR/ckpt.pt (training checkpoint), each written once by rank 0; then
@@ -24,9 +27,19 @@ from elalora.persistence import export_peft, save_adapter  # noqa: E402
 from conftest import tiny_llama  # noqa: E402
 
 STEPS, GLOBAL_BATCH, SEQ = 24, 8, 10
+# SGD's learning rate per form. The LoRA form starts from PEFT's Kaiming A (|a| ≲ 1/√d_in = 0.18, nine
+# times the SVD form's 0.02) and so takes larger steps: at 0.5 its dynamics amplify rounding, and even
+# one process summing the same gradients in two halves ends 1e-1 away on the weights (at 0.2: 1e-7).
+LR = {"svd": 0.5, "lora": 0.2}
 
 
-def main(out: str) -> None:
+def config(form: str = "svd") -> elalora.ElaLoRAConfig:
+    """The worker's method config; tests/test_fsdp.py builds the same one to load the checkpoint."""
+    return elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=4, tfinal=6, delta_t=2, total_steps=STEPS, seed=11, form=form,
+                                 orth_reg_weight=0.1 if form == "svd" else 0.0)
+
+
+def main(out: str, form: str = "svd") -> None:
     out = Path(out)
     distributed = "RANK" in os.environ
     if distributed:
@@ -36,20 +49,20 @@ def main(out: str) -> None:
         rank, world = 0, 1
     torch.set_num_threads(1)
     model = tiny_llama(seed=0)
-    cfg = elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=4, tfinal=6, delta_t=2, total_steps=STEPS, seed=11,
-                                orth_reg_weight=0.1)
+    cfg = config(form)
     handle = elalora.get_model(model, cfg)
+    assert {a.kind for a in handle.adapters} == {form}
     if distributed:
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        assert type(handle.adapters[0].lora_Q).__name__ == "DTensor"
+        assert all(type(p).__name__ == "DTensor" for _, p, _ in handle.adapters[0].slot_parameters())
     torch.manual_seed(1000 + rank)  # processes' global RNGs differ on purpose: decisions must not depend on them
     # SGD with momentum, as in the DDP test: per-element state that rounds must zero, and no division by
     # sqrt(v) that would amplify the reduce-scatter's summation-order differences on tiny gradients.
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR[form], momentum=0.9)
     g = torch.Generator().manual_seed(5)
     model.train()
     losses = []
@@ -57,7 +70,7 @@ def main(out: str) -> None:
         x = torch.randint(0, 100, (GLOBAL_BATCH, SEQ), generator=g)
         per = GLOBAL_BATCH // world
         xs = x[rank * per:(rank + 1) * per]
-        loss = model(input_ids=xs, labels=xs).loss  # includes orth_reg_weight · R (forward hook)
+        loss = model(input_ids=xs, labels=xs).loss  # includes orth_reg_weight · R (forward hook; svd form)
         loss.backward()
         opt.step()
         events = handle.step(opt)
@@ -82,7 +95,7 @@ def main(out: str) -> None:
     if rank == 0:
         torch.save({"pattern": handle.rank_pattern(), "events": [e.to_dict() for e in handle.events],
                     "params": params, "losses": losses, "masks": [a.active.clone() for a in handle.adapters],
-                    "digest": digest, "world": world, "resumed": resumed}, out / "result.pt")
+                    "digest": digest, "world": world, "resumed": resumed, "form": form}, out / "result.pt")
     if distributed:
         dist.destroy_process_group()
 
@@ -99,7 +112,7 @@ def _resume_matches(ckpt, cfg, opt, digest, distributed) -> bool:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    opt2 = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    opt2 = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR[cfg.form], momentum=0.9)
     load_checkpoint(ckpt, handle, opt2)
     same = rank_pattern_digest(handle, include_weights=True) == digest and handle.step_count == STEPS
     bufs = lambda o: [full_tensor(o.state[p]["momentum_buffer"]) for g in o.param_groups for p in g["params"]]  # noqa: E731
@@ -107,4 +120,4 @@ def _resume_matches(ckpt, cfg, opt, digest, distributed) -> bool:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

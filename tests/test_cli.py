@@ -126,7 +126,8 @@ def _train(fx: Path, out: Path, *extra: str, task: str = "rte", data: str | None
 
 @pytest.fixture(scope="module")
 def runs(fx, tmp_path_factory):
-    """One tiny GLUE (RTE layout) run per method, shared by the tests below."""
+    """One tiny GLUE (RTE layout) run per method, shared by the tests below, and "elalora-lora": ElaLoRA on
+    the LoRA form (``--form lora``: B·diag(m)·A adapters)."""
     base = tmp_path_factory.mktemp("runs")
     out = {}
     for m in METHODS:
@@ -137,6 +138,8 @@ def runs(fx, tmp_path_factory):
             extra += ["--gelora-samples", "32"]
         assert _train(fx, base / m, *extra) == 0, m
         out[m] = base / m
+    assert _train(fx, base / "elalora-lora", "--method", "elalora", "--form", "lora", "--r", "4") == 0
+    out["elalora-lora"] = base / "elalora-lora"
     return out
 
 
@@ -328,9 +331,13 @@ def test_export_merged_loads_as_plain_model_with_same_predictions(fx, runs, tmp_
     assert (out3 / "config.json").is_file() and (out3 / "tokenizer.json").is_file()
 
 
-def test_inspect_elalora_and_peft(runs, capsys):
-    run = runs["elalora"]
+@pytest.mark.parametrize("name,form", [("elalora", "svd"), ("elalora-lora", "lora")], ids=["svd", "lora"])
+def test_inspect_elalora_and_peft(runs, capsys, name, form):
+    from elalora.persistence import safetensors_header
+
+    run = runs[name]
     pattern = _metrics(run)["rank_pattern"]
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["config"]["form"] == form
     assert main(["inspect", str(run / "adapter")]) == 0
     out = capsys.readouterr().out
     assert f"total rank: {sum(pattern.values())}" in out and "capacity" in out and "query" in out
@@ -340,6 +347,14 @@ def test_inspect_elalora_and_peft(runs, capsys):
     assert main(["inspect", str(run), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["rank_pattern"] == pattern and got["format"] == "elalora"
+    assert got["events"] > 0 and sum(pattern.values()) == 4 * len(pattern)  # ranks moved, budget kept
+    # the parameter counts are the form's: those of the tensors saved (compact: active ranks only)
+    numel = {}
+    for k, v in safetensors_header(run / "adapter" / "adapter_model.safetensors").items():
+        mod, _, leaf = k.rpartition(".")
+        if leaf.startswith("lora_"):
+            numel[mod] = numel.get(mod, 0) + int(torch.tensor(v["shape"]).prod())
+    assert got["module_params"] == {n: numel.get(n, 0) for n in pattern}
 
 
 def test_serving_exports_uniform_peft_and_gguf(fx, tmp_path, capsys):
@@ -391,7 +406,7 @@ def test_gguf_export_of_a_bert_run_is_refused(runs, tmp_path, capsys):
 
 
 def test_plot_regenerates_figures(runs, capsys):
-    for m in ("elalora", "gelora"):
+    for m in ("elalora", "elalora-lora", "gelora"):
         run = runs[m]
         for p in (run / "figures").iterdir():
             p.unlink()
@@ -524,9 +539,10 @@ def test_load_in_4bit_is_refused_for_classification(fx, tmp_path, capsys):
     assert "generation tasks" in capsys.readouterr().err
 
 
-def test_analyze_writes_table_json_and_figure(runs, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["elalora", "elalora-lora"])
+def test_analyze_writes_table_json_and_figure(runs, tmp_path, capsys, name):
     run = tmp_path / "run"
-    shutil.copytree(runs["elalora"], run)
+    shutil.copytree(runs[name], run)
     assert main(["analyze", str(run), "--fractions", "0.25", "--random-draws", "2", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     got = json.loads((run / "analysis" / "layer_contribution.json").read_text())

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,17 +19,18 @@ def _env():
 
 
 @pytest.mark.slow
-def test_torchrun_plain_loop_matches_single_process(tmp_path):
-    torchrun = shutil.which("torchrun") or None
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    r = subprocess.run(cmd + ["--nproc_per_node", "2", "--master_port", "29531", str(HERE / "ddp_worker.py"),
-                              str(tmp_path / "ddp.pt")], env=_env(), capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("form,port", [("svd", 29531), ("lora", 29535)], ids=["svd", "lora"])  # ddp_worker.py FORM
+def test_torchrun_plain_loop_matches_single_process(tmp_path, form, port):
+    cmd = [sys.executable, "-m", "torch.distributed.run"]  # this interpreter's torchrun, never one from PATH
+    r = subprocess.run(cmd + ["--nproc_per_node", "2", "--master_port", str(port), str(HERE / "ddp_worker.py"),
+                              str(tmp_path / "ddp.pt"), form], env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path / "one.pt")],
+    r = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path / "one.pt"), form],
                        env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ddp, one = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "one.pt")
     assert ddp["world"] == 2 and one["world"] == 1
+    assert ddp["form"] == one["form"] == form
     assert ddp["events"], "the run must contain rank changes"
     assert ddp["pattern"] == one["pattern"]
     strip = lambda evs: [{k: v for k, v in e.items() if k != "scores"} for e in evs]  # noqa: E731
@@ -63,11 +63,10 @@ def test_assert_replicas_agree_is_noop_without_distributed():
 
 @pytest.mark.slow
 def test_accelerate_trainer_matches_single_process(tmp_path):
-    accel = shutil.which("accelerate")
-    cmd = [accel] if accel else [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this interpreter
     # accelerate 1.x: `--cpu --num_processes 2` runs ONE process unless an mpirun hostfile is given;
     # `--multi_gpu` starts torch.distributed.run, which on a machine without CUDA uses gloo on the CPU.
-    r = subprocess.run(cmd + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    r = subprocess.run(cmd + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
                               str(HERE / "accelerate_worker.py"), str(tmp_path / "ddp.pt")],
                        env=_env(), capture_output=True, text=True, timeout=400)
@@ -132,9 +131,8 @@ def test_accelerate_cli_matches_single_process(tmp_path):
               # all-reduce's summation order (2 × 4 examples vs 8) flips ties; with the regulariser's share
               # the decisions are far from ties and must then be identical.
               "--orth-reg-weight", "0.1"]
-    accel = shutil.which("accelerate")
-    launcher = [accel] if accel else [sys.executable, "-m", "accelerate.commands.launch"]
-    r = subprocess.run(launcher + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this interpreter
+    r = subprocess.run(launcher + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
                                    "-m", "elalora", *common, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")],
                        env=_env(), capture_output=True, text=True, timeout=400)

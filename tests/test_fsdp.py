@@ -8,7 +8,6 @@ gradients (a sum of 2 partial means, then /2), which rounds differently from one
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,17 +25,21 @@ def _env():
     return env
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    torchrun = shutil.which("torchrun")
-    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+# The adapter form (fsdp_worker.py FORM) and a master port of its own.
+FORMS = {"svd": 29541, "lora": 29543}
+
+
+@pytest.fixture(scope="module", params=sorted(FORMS))
+def runs(request, tmp_path_factory):
+    form = request.param
+    root = tmp_path_factory.mktemp(f"fsdp-{form}")
+    cmd = [sys.executable, "-m", "torch.distributed.run"]  # this interpreter's torchrun, never one from PATH
     (root / "fsdp").mkdir()
     (root / "one").mkdir()
-    r = subprocess.run(cmd + ["--nproc_per_node", "2", "--master_port", "29541", str(HERE / "fsdp_worker.py"),
-                              str(root / "fsdp")], env=_env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd + ["--nproc_per_node", "2", "--master_port", str(FORMS[form]), str(HERE / "fsdp_worker.py"),
+                              str(root / "fsdp"), form], env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run([sys.executable, str(HERE / "fsdp_worker.py"), str(root / "one")],
+    r = subprocess.run([sys.executable, str(HERE / "fsdp_worker.py"), str(root / "one"), form],
                        env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return root
@@ -47,6 +50,7 @@ def test_fsdp2_matches_one_process(runs):
     fsdp = torch.load(runs / "fsdp" / "result.pt", weights_only=False)
     one = torch.load(runs / "one" / "result.pt", weights_only=False)
     assert fsdp["world"] == 2 and one["world"] == 1
+    assert fsdp["form"] == one["form"] and fsdp["form"] in FORMS
     assert fsdp["events"], "the run must contain rank changes"
     assert fsdp["resumed"] and one["resumed"], "load_checkpoint did not restore model, method and optimizer state"
     strip = lambda evs: [{k: v for k, v in e.items() if k != "scores"} for e in evs]  # noqa: E731
@@ -71,6 +75,7 @@ def test_fsdp2_saves_load_in_one_process(runs, tmp_path):
     from elalora.checkpoints import load_checkpoint
 
     from conftest import tiny_llama
+    from fsdp_worker import config
 
     fsdp = torch.load(runs / "fsdp" / "result.pt", weights_only=False)
     assert not [p.name for p in (runs / "fsdp").iterdir() if p.name.startswith(".")], "temporary files left behind"
@@ -78,7 +83,7 @@ def test_fsdp2_saves_load_in_one_process(runs, tmp_path):
     logits = {}
     for run in ("fsdp", "one"):
         h = load_adapter(tiny_llama(seed=0), runs / run / "adapter")
-        assert h.rank_pattern() == fsdp["pattern"]
+        assert h.rank_pattern() == fsdp["pattern"] and {a.kind for a in h.adapters} == {fsdp["form"]}
         with torch.no_grad():
             logits[run] = h.model(input_ids=ids).logits
         pm = PeftModel.from_pretrained(tiny_llama(seed=0), str(runs / run / "peft")).eval()
@@ -91,8 +96,7 @@ def test_fsdp2_saves_load_in_one_process(runs, tmp_path):
     ckpt = torch.load(runs / "fsdp" / "ckpt.pt", weights_only=False)
     assert ckpt["sharded_optimizer"] is True
     model = tiny_llama(seed=0)
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=4, tfinal=6, delta_t=2, total_steps=24,
-                                                       seed=11))
+    h = elalora.get_model(model, config(fsdp["form"]))
     load_checkpoint(runs / "fsdp" / "ckpt.pt", h)  # model + method state (the optimizer state is FSDP-keyed)
     assert h.rank_pattern() == fsdp["pattern"] and h.step_count == 24
     for n, p in model.named_parameters():

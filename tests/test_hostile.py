@@ -539,7 +539,7 @@ def test_single_class_training_file(fx, tmp_path, capsys):
 
 @needs_minilm
 def test_eval_output_on_a_read_only_location_fails_before_evaluating(run_dir, capsys, monkeypatch):
-    import elalora.cli.commands as R
+    import elalora.recipe.evaluation as R  # where elalora eval's evaluation runs
 
     called = []
     monkeypatch.setattr(R, "evaluate_model", lambda *a, **k: called.append(1) or {})

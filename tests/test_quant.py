@@ -119,10 +119,13 @@ def test_peft_export_loads_on_a_freshly_quantised_base(llama_dir, bits, tmp_path
     assert_close(out, ref)
 
 
-def test_merge_and_unload_4bit_returns_float_linear_layers(llama_dir):
+@pytest.mark.parametrize("form", ["svd", "lora"])
+def test_merge_and_unload_4bit_returns_float_linear_layers(llama_dir, form):
     model = load_quantized_causal_lm(llama_dir, 4)
-    h = elalora.get_model(model, _cfg())
+    h = elalora.get_model(model, _cfg(form=form))
+    assert {a.kind for a in h.adapters} == {form}
     _train(model, h)
+    assert h.events  # trained on the 4-bit base, ranks moved
     with torch.no_grad():
         ref = model(input_ids=_ids()).logits
     a = h.adapters[0]

@@ -28,9 +28,9 @@ def _batch(t):
     return x, (x[:, 0] > 50).long()
 
 
-def _setup():
+def _setup(form="svd"):
     model = tiny_bert(seed=0)
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(**CFG))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(**CFG, form=form))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 30)
     return model, h, opt, sched
@@ -47,19 +47,22 @@ def _run(model, h, opt, sched, start, stop):
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("stop_at", [9, 14])  # both inside the dynamic phase (rounds at 6, 8, 10, …)
-def test_plain_loop_resume_equals_uninterrupted(tmp_path, stop_at):
-    model, h, opt, sched = _setup()
+# both inside the dynamic phase (rounds at 6, 8, 10, …); the LoRA form (B·diag(m)·A) once
+@pytest.mark.parametrize("form,stop_at", [("svd", 9), ("svd", 14), ("lora", 9)])
+def test_plain_loop_resume_equals_uninterrupted(tmp_path, form, stop_at):
+    model, h, opt, sched = _setup(form)
+    assert {a.kind for a in h.adapters} == {form}
     _run(model, h, opt, sched, 0, 30)
     ref_events = [e.to_dict() for e in h.events]
+    assert any(e["step"] >= stop_at for e in ref_events), "no rank change after the restart: nothing to compare"
     ref_params = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    model, h, opt, sched = _setup()
+    model, h, opt, sched = _setup(form)
     _run(model, h, opt, sched, 0, stop_at)
     elalora.save_checkpoint(tmp_path / "ckpt.pt", h, opt, sched, extra={"next_step": stop_at})
     del model, h, opt, sched
 
-    model, h, opt, sched = _setup()  # a fresh process would do exactly this
+    model, h, opt, sched = _setup(form)  # a fresh process would do exactly this
     extra = elalora.load_checkpoint(tmp_path / "ckpt.pt", h, opt, sched)
     assert extra["next_step"] == stop_at and h.step_count == stop_at
     _run(model, h, opt, sched, stop_at, 30)

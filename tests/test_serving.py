@@ -24,14 +24,15 @@ from conftest import tiny_bert, tiny_llama
 from test_persistence import _trained_nonuniform
 
 
-def _uneven_llama():
+def _uneven_llama(form="svd"):
     """A tiny Llama adapter with ranks 0..4 (one module at rank 0) and non-trivial weights."""
     model = tiny_llama()
-    h = _trained_nonuniform(model, elalora.ElaLoRAConfig(r=3, b=1))
+    h = _trained_nonuniform(model, elalora.ElaLoRAConfig(r=3, b=1, form=form))
+    assert {a.kind for a in h.adapters} == {form}
     h.adapters[3].deactivate(h.adapters[3].active_indices().tolist())  # layer 0 o_proj at rank 0
     with torch.no_grad():  # updates of the size of the base weights (std 0.02), as after training
-        for a in h.adapters:
-            a.lora_lambda.mul_(0.05)
+        for a in h.adapters:  # ΔW is linear in λ (SVD form) and in B (LoRA form)
+            (a.lora_lambda if form == "svd" else a.lora_B).mul_(0.05)
     pattern = h.rank_pattern()
     assert min(pattern.values()) == 0 and len(set(pattern.values())) >= 3
     return model.eval(), h
@@ -255,8 +256,9 @@ def _hf_inverse_permute(w, n_head, n_kv):
     return torch.from_numpy(p._reverse_permute_weights(w.numpy(), n_head, n_kv))
 
 
-def test_gguf_export_names_shapes_alpha_and_llamacpp_rule(tmp_path):
-    model, h = _uneven_llama()
+@pytest.mark.parametrize("form", ["svd", "lora"])
+def test_gguf_export_names_shapes_alpha_and_llamacpp_rule(tmp_path, form):
+    model, h = _uneven_llama(form)
     want = _trained_delta(h)
     top = max(h.rank_pattern().values())
     info = h.export_gguf(tmp_path / "a.gguf")

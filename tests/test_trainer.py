@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
@@ -33,10 +34,13 @@ def _args(tmp_path, **kw):
     return TrainingArguments(**base)
 
 
-def test_trainer_grad_accumulation_changes_ranks(tmp_path):
+@pytest.mark.parametrize("form", ["svd", "lora"])
+def test_trainer_grad_accumulation_changes_ranks(tmp_path, form):
     model = tiny_bert()
-    cfg = elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=0.2, tfinal=0.2, delta_t=0.1, modules_to_save=["classifier"])
+    cfg = elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=0.2, tfinal=0.2, delta_t=0.1, modules_to_save=["classifier"],
+                                form=form)
     h = elalora.get_model(model, cfg)
+    assert {a.kind for a in h.adapters} == {form}
     calls = []
     orig = h.step
     h.step = lambda opt=None, step=None: (calls.append(step), orig(opt, step=step))[1]

@@ -25,7 +25,11 @@ The package, top (may import everything below it) to bottom (imports nothing of 
 Imports here: the core modules (model and below), never tasks/, plots/, recipe/ or cli/.
 """
 
-from .allocation.base import RankEvent
+from ._extras import quiet_optional_imports
+
+quiet_optional_imports()  # before anything imports bitsandbytes (transformers' Trainer -> peft does): _extras
+
+from .allocation.base import RankEvent  # noqa: E402
 from .config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig
 from .errors import (AdapterLoadError, ConfigError, ElaLoRAError, ExportError, MissingExtraError, QuantizationError,
                      TargetModuleError, TaskError)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import atomic_directory, atomic_write_bytes, json_default
@@ -23,14 +21,13 @@ from ..export_gguf import export_gguf
 from ..model import handle_of
 from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
 from ..recipe import RunSpec, train
-from ..recipe.analysis import format_contribution_table, layer_contribution
-from ..recipe.loading import (apply_pooling, head_modules, load_adapted_model, load_base_model, load_image_processor,
-                              load_tokenizer, quiet_transformers, resolve_max_length, resolve_model, set_threads)
+from ..recipe.evaluation import EvalRun, analyze_run, load_run_for_eval
+from ..recipe.loading import load_adapted_model, load_model_for_task, quiet_transformers, resolve_model, set_threads
 from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (EXPORT_MARKER, HeadSpec, base_for_adapter, check_output_dir, check_writable,
                              infer_task_kind, input_at_risk, output_lock, read_json, resolve_adapter_dir,
                              run_config_for, write_export_marker)
-from ..recipe.trainer import evaluate_model, make_collator
+from ..recipe.trainer import make_collator
 from ..serving import ConsumerVerdict, format_serving_report, serving_report
 from ..targets import select_target_modules
 from ..tasks import get_task, load_task_data
@@ -106,60 +103,23 @@ def cmd_train(args) -> int:
     return 0
 
 
-@dataclass
-class _Loaded:
-    """A saved adapter loaded onto its base model, with what evaluating it needs."""
+def _load_for_eval(args, adapter: str, *, output: str | None = None) -> EvalRun:
+    """The adapter of ``eval`` / ``analyze`` on its base model (:func:`elalora.recipe.evaluation.load_run_for_eval`:
+    task and data default to the run's); ``--output`` is checked before anything heavy is loaded."""
+    def check(adir: Path) -> None:
+        if output:
+            _check_output_file(output, adapter=adir)
 
-    adir: Path
-    model_path: str
-    model: object
-    spec: object
-    evals: list
-    run_cfg: dict
-    evaluate: Callable
+    return load_run_for_eval(adapter, **_eval_flags(args), check=check)
 
 
-def _load_for_eval(args, adapter: str, *, output: str | None = None) -> _Loaded:
-    """The adapter of ``eval`` / ``analyze`` on its base model; task and data default to the run's."""
-    quiet_transformers()
-    adir = resolve_adapter_dir(adapter)
-    adapter_format(adir)
-    run_cfg = run_config_for(adir) or {}
-    tr = run_cfg.get("training", {})
-    # Task and data default to the run's; explicit flags win.
-    if args.task is None:
-        if not run_cfg.get("task"):
-            raise RunError(f"pass --task: {str(adir)!r} has no run config.json next to it to take the task from")
-        args.task = run_cfg["task"]
-    same_task = run_cfg.get("task") == args.task
-    for key in ("data_dir", "train_file", "eval_file", "text_columns", "label_column", "max_eval_samples"):
-        if getattr(args, key) is None and same_task:
-            setattr(args, key, run_cfg.get(key))
-    if args.seed is None:
-        args.seed = tr.get("seed", 42) if same_task else 42
-    max_length = tr.get("max_length") or 128
-    batch_size = args.batch_size or tr.get("eval_batch_size") or 64
-    max_new = args.max_new_tokens or tr.get("max_new_tokens") or 64
-    args.max_train_samples = None
-    if output:
-        _check_output_file(output, adapter=adir)  # before the evaluation, not after it
-    train, evals, spec = load_data(args, for_eval_only=True)
-    del train
-    model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
-    set_threads(args.threads)
-    tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
-    base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
-    max_length = resolve_max_length(base, args.max_length, default=max_length)
-    apply_pooling(base, run_cfg.get("pooling") or "cls", spec.kind)  # as trained (--pooling)
-    image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
-    model = load_adapted_model(adir, base)
-    model.eval()
-
-    def evaluate(m) -> dict:
-        return evaluate_model(m, spec, tokenizer, image_processor, evals, batch_size=batch_size,
-                              max_length=max_length, max_new_tokens=max_new, seed=args.seed)
-
-    return _Loaded(adir, model_path, model, spec, evals, run_cfg, evaluate)
+def _eval_flags(args) -> dict:
+    """The flags of ``eval`` / ``analyze`` that :func:`~elalora.recipe.evaluation.load_run_for_eval` takes."""
+    return dict(task=args.task, data_dir=args.data_dir, train_file=args.train_file, eval_file=args.eval_file,
+                text_columns=args.text_columns, label_column=args.label_column,
+                max_eval_samples=args.max_eval_samples, model=args.model, gguf_file=args.gguf_file,
+                max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                threads=args.threads)
 
 
 def cmd_eval(args) -> int:
@@ -169,67 +129,24 @@ def cmd_eval(args) -> int:
         print(f"{k}: {v:.6f}")
     if args.output:
         _write_json_atomic(Path(args.output).expanduser(),
-                           {"task": ld.spec.name, "adapter": str(ld.adir.resolve()), "format": adapter_format(ld.adir),
-                            "model": ld.model_path, "n_eval": len(ld.evals), "metrics": metrics})
+                           {"task": ld.task.name, "adapter": str(ld.adapter_dir.resolve()),
+                            "format": adapter_format(ld.adapter_dir), "model": ld.model_path, "n_eval": len(ld.evals),
+                            "metrics": metrics})
     return 0
 
 
 def cmd_analyze(args) -> int:
-    """Layer-contribution study of a run (:mod:`elalora.recipe.analysis`): table + JSON + figure in the run."""
-    run_dir = Path(args.run_dir).expanduser()
-    if not (run_dir / "config.json").is_file() or not read_json(run_dir / "config.json").get("elalora_run"):
-        raise RunError(f"{args.run_dir!r} is not an elalora run directory (no config.json with the elalora_run "
-                       "marker); give the --output-dir of an 'elalora train' run")
-    fractions = args.fractions
-    out_dir = run_dir / "analysis"
-    ranks, stem = None, "layer_contribution"
-    if args.ranks_from is not None:
-        ranks = _final_ranks_of(Path(args.ranks_from).expanduser())
-        stem = "layer_contribution_ranks_from"
-    check_writable(out_dir / f"{stem}.json", "the run's analysis/ folder")
-    ld = _load_for_eval(args, str(run_dir))
-    main_metric = ld.spec.metric_names[0]
-    print(f"layer contribution of {run_dir} ({ld.spec.name}, {len(ld.evals)} evaluation examples): "
-          f"{1 + len(fractions) * (2 + args.random_draws)} evaluations"
-          + (f"; top/bottom chosen by the ranks of {args.ranks_from}" if ranks else ""), flush=True)
-    res = layer_contribution(ld.model, ld.evaluate, main_metric, fractions=fractions,
-                             random_draws=args.random_draws, seed=args.seed, ranks=ranks,
-                             progress=lambda msg: print(msg, flush=True))
-    table = format_contribution_table(res)
-    payload = {"run_dir": str(run_dir.resolve()), "task": ld.spec.name, "n_eval": len(ld.evals),
-               "method": ld.run_cfg.get("method"),
-               "ranks_from": str(Path(args.ranks_from).expanduser().resolve()) if ranks else None, **res.to_dict()}
-    with output_lock(out_dir):
-        out_dir.mkdir(exist_ok=True)
-        _write_json_atomic(out_dir / f"{stem}.json", payload)
-        atomic_write_bytes(out_dir / f"{stem}.md", (table + "\n").encode())
-        written = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
-        if not args.no_figure:
-            from ..plots import plot_layer_contribution
-
-            fig = run_dir / "figures" / f"{stem}.png"
-            plot_layer_contribution(res.summary(), fig, metric=main_metric, baseline=res.baseline[main_metric],
-                                    title=f"Layer contribution: {ld.spec.name}, {ld.run_cfg.get('method', '?')}"
-                                    + (f" (sets by the ranks of {Path(args.ranks_from).name})" if ranks else ""))
-            written.append(fig)
+    """Layer-contribution study of a run (:func:`elalora.recipe.evaluation.analyze_run`): table + JSON + figure
+    in the run."""
+    res = analyze_run(args.run_dir, fractions=args.fractions, random_draws=args.random_draws, seed=args.seed,
+                      ranks_from=args.ranks_from, figure=not args.no_figure,
+                      progress=lambda msg: print(msg, flush=True), **_eval_flags(args))
     print()
-    print(table)
+    print(res.table)
     print()
-    for p in written:
+    for p in res.written:
         print(f"wrote {p}")
     return 0
-
-
-def _final_ranks_of(run_dir: Path) -> dict[str, int]:
-    """The final rank pattern recorded in another run's metrics.json (for ``analyze --ranks-from``)."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise RunError(f"--ranks-from {str(run_dir)!r}: no metrics.json there; give the --output-dir of a finished "
-                       "'elalora train' run")
-    pattern = read_json(path).get("rank_pattern")
-    if not pattern:
-        raise RunError(f"--ranks-from {str(run_dir)!r}: its metrics.json has no rank_pattern")
-    return {str(k): int(v) for k, v in pattern.items()}
 
 
 def cmd_export(args) -> int:
@@ -270,12 +187,10 @@ def _export(args, adir: Path, fmt: str, out: Path) -> int:
                        "cannot express; export --to peft and apply elalora.heads.use_mean_pooling to the base "
                        "model before loading the adapter")
     model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
-    tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
     seed = (run_cfg or {}).get("training", {}).get("seed", 0)
-    base = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=seed)
-    apply_pooling(base, pooling, spec.kind)
-    image_processor = load_image_processor(model_path, base.config) if spec.kind == "image" else None
-    model = load_adapted_model(adir, base)
+    loaded = load_model_for_task(spec, model_path, gguf_file, seed=seed, pooling=pooling)
+    tokenizer, image_processor = loaded.tokenizer, loaded.image_processor
+    model = load_adapted_model(adir, loaded.model)
     with atomic_directory(out) as tmp:
         write_export_marker(tmp, adir, args.to, model_path)
         if args.to == "peft":
@@ -406,13 +321,10 @@ def cmd_plan(args) -> int:
     train, evals, spec = load_data(args)
     del evals
     set_threads(args.threads)
-    tokenizer = None if spec.kind == "image" else load_tokenizer(model_path, gguf_file, spec.kind)
-    model = load_base_model(spec.kind, model_path, gguf_file, spec, tokenizer, seed=args.seed)
-    max_length = resolve_max_length(model, args.max_length)
-    image_processor = load_image_processor(model_path, model.config) if spec.kind == "image" else None
-    collate = make_collator(spec, tokenizer, image_processor, max_length)
-    head = head_modules(model) if spec.kind != "generation" else None
-    names, targets = select_target_modules(model, targets, head)
+    loaded = load_model_for_task(spec, model_path, gguf_file, seed=args.seed, max_length=args.max_length)
+    model = loaded.model
+    collate = make_collator(spec, loaded.tokenizer, loaded.image_processor, loaded.max_length)
+    names, targets = select_target_modules(model, targets, loaded.head)
     plan = run_gelora_plan(model, train, collate, names, r=args.r, samples=args.gelora_samples,
                            pooling=args.gelora_pooling, batch_size=args.batch_size, seed=args.seed,
                            alpha_scale=args.gelora_alpha_scale)

@@ -32,9 +32,6 @@ from ..errors import ElaLoRAError
 
 __all__ = ["main", "build_parser", "step_value"]
 
-METHODS = ("lora", "adalora", "elalora", "alora", "gelora", "gelora-elalora")
-
-
 class UsageError(ElaLoRAError):
     """A bad command line (raised instead of argparse's print-usage-and-exit)."""
 
@@ -98,10 +95,10 @@ def _threads(text: str) -> int:
     return v
 
 
-def _budget(text: str) -> float | None:
-    """A positive number, or ``none`` (no cap)."""
+def _budget(text: str) -> float | str:
+    """A positive number, or ``"none"`` (no cap: recipe.spec.NO_CAP)."""
     if text.strip().lower() in ("none", "off"):
-        return None
+        return "none"
     return _positive_float(text)
 
 
@@ -146,112 +143,135 @@ def _add_data_flags(p: argparse.ArgumentParser, *, required_task: bool) -> None:
                    help="maximum tokens per example (default 128; generation prompts+targets)")
 
 
-def _add_train(sub) -> None:
+def _add_train(sub, *, with_flags: bool = True) -> None:
     # ---------------------------------------------------------------------------------- train
     t = sub.add_parser("train", help="fine-tune a model on a task", description=(
         "Fine-tune a model on a task and write adapter/, peft/, metrics.json, rank_history.jsonl, "
-        "config.json and figures/ into --output-dir."))
+        "config.json and figures/ into --output-dir. Every default below is RunSpec's (elalora.recipe) or, for "
+        "a method knob, the method config's (elalora.config), as named; a method knob given for a method it "
+        "does not apply to is an error."))
+    t.set_defaults(handler="train")
+    if not with_flags:  # another command runs: skip importing the recipe for this parser's defaults
+        return
+    from ..recipe.spec import DEFAULT_LR, METHODS, NO_CAP, knob_default, spec_default as d
+
+    def knob(name: str) -> str:
+        return f"default {knob_default(name)}"
+
     _add_model_flags(t, for_train=True)
     _add_data_flags(t, required_task=True)
     g = t.add_argument_group("method")
-    g.add_argument("--method", default="elalora", choices=METHODS, help="adaptation method (default elalora)")
-    g.add_argument("--r", type=_positive_int, default=8,
-                   help="rank budget: the average final rank per adapted matrix (default 8)")
+    g.add_argument("--method", default=d("method"), choices=METHODS, help="adaptation method (default %(default)s)")
+    g.add_argument("--r", type=_positive_int, default=d("r"),
+                   help="rank budget: the average final rank per adapted matrix (default %(default)s)")
     g.add_argument("--target-modules", default=None, metavar="NAMES",
                    help="comma-separated module names or name suffixes to adapt (default: every projection "
                         "of every block for known model types), or 're:REGEX' (full-name regex)")
     g.add_argument("--lora-alpha", type=_positive_float, default=None,
-                   help="scale numerator (default: 2r for lora/alora, 16 for elalora/adalora)")
-    g.add_argument("--lora-dropout", type=_fraction, default=0.0, help="dropout on the adapter input (default 0)")
+                   help="scale numerator (default: the adapter form's, ElasticAdapter.default_alpha: 2 × initial "
+                        "rank on the LoRA form (lora, alora, --form lora), 16 on the SVD form); not for gelora")
+    g.add_argument("--lora-dropout", type=_fraction, default=d("lora_dropout"),
+                   help="dropout on the adapter input (default %(default)s)")
     g.add_argument("--modules-to-save", default=None, metavar="NAMES",
                    help="comma-separated modules trained in full besides the adapters, as PEFT's modules_to_save "
                         "(default: the task head, 'classifier' or 'score'); e.g. 'pooler,classifier' also trains "
                         "BERT's pooler. The task head must be in the list")
-    g.add_argument("--pooling", default="cls", choices=("cls", "mean"),
-                   help="what a BERT-like classifier reads: 'cls' the model's pooler over [CLS] (default), "
-                        "'mean' the masked mean of the last hidden states (what sentence-transformers "
-                        "checkpoints such as all-MiniLM-L6-v2 were trained for)")
+    g.add_argument("--pooling", default=d("pooling"), choices=("cls", "mean"),
+                   help="what a BERT-like classifier reads: 'cls' the model's pooler over [CLS], 'mean' the masked "
+                        "mean of the last hidden states (what sentence-transformers checkpoints such as "
+                        "all-MiniLM-L6-v2 were trained for); default %(default)s")
     g = t.add_argument_group("ElaLoRA / AdaLoRA knobs (steps: an int = optimizer steps, a float < 1 = fraction of the run)")
-    g.add_argument("--b", type=_positive_int, default=4, help="ElaLoRA: ranks moved per round at the start (default 4)")
-    g.add_argument("--k", type=_positive_int, default=2, help="ElaLoRA: candidates per matrix per round (default 2)")
-    g.add_argument("--tinit", type=step_value, default=0.1, help="warm-up before the first round (default 0.1)")
-    g.add_argument("--tfinal", type=step_value, default=0.2, help="final steps with frozen ranks (default 0.2)")
-    g.add_argument("--delta-t", type=step_value, default=0.02, help="steps between rounds (default 0.02)")
-    g.add_argument("--beta1", type=_open_fraction, default=0.85, help="sensitivity EMA (default 0.85)")
-    g.add_argument("--beta2", type=_open_fraction, default=0.85, help="uncertainty EMA (default 0.85)")
-    g.add_argument("--orth-reg-weight", type=_nonneg_float, default=0.0,
-                   help="orthogonal regulariser weight γ (default 0: off; the papers' GLUE scripts use 0.1, PEFT 0.5; "
-                        "see docs/results.md, planted-rank benchmark)")
     g.add_argument("--form", default=None, metavar="FORM",
-                   help="ElaLoRA/AdaLoRA: the adapter form, 'svd' (P·diag(λ)·Q, the papers) or 'lora' (B·diag(m)·A, "
-                        "PEFT LoRA's initialisation and scale); default: the method config's (ElaLoRAConfig.form, "
-                        "AdaLoRAConfig.form)")
-    g.add_argument("--budget", default="rank", choices=("rank", "params"),
-                   help="ElaLoRA/AdaLoRA: conserve the total rank (default) or the active adapter parameters")
+                   help="the adapter form: 'svd' (P·diag(λ)·Q, the papers) or 'lora' (B·diag(m)·A with PEFT LoRA's "
+                        f"initialisation and scale; elalora.layers.ADAPTER_FORMS); {knob('form')}")
+    g.add_argument("--budget", default=None, choices=("rank", "params"),
+                   help=f"conserve the total rank or the active adapter parameters; {knob('budget')}")
+    g.add_argument("--b", type=_positive_int, default=None, help=f"ElaLoRA: ranks moved per round at the start; {knob('b')}")
+    g.add_argument("--k", type=_positive_int, default=None, help=f"ElaLoRA: candidates per matrix per round; {knob('k')}")
     g.add_argument("--grace-rounds", type=_nonneg_int, default=None,
-                   help="ElaLoRA: rounds in which a newly grown rank cannot be pruned (default: ElaLoRAConfig's)")
-    g.add_argument("--init-r", type=_positive_int, default=None, help="AdaLoRA: initial rank (default ceil(1.5 r))")
+                   help=f"ElaLoRA: rounds in which a newly grown rank is no candidate; {knob('grace_rounds')}")
+    g.add_argument("--tinit", type=step_value, default=None, help=f"warm-up before the first round; {knob('tinit')}")
+    g.add_argument("--tfinal", type=step_value, default=None, help=f"final steps with frozen ranks; {knob('tfinal')}")
+    g.add_argument("--delta-t", type=step_value, default=None, help=f"steps between rounds; {knob('delta_t')}")
+    g.add_argument("--beta1", type=_open_fraction, default=None, help=f"sensitivity EMA; {knob('beta1')}")
+    g.add_argument("--beta2", type=_open_fraction, default=None, help=f"uncertainty EMA; {knob('beta2')}")
+    g.add_argument("--orth-reg-weight", type=_nonneg_float, default=None,
+                   help="orthogonal regulariser weight γ, SVD form only (the papers' GLUE scripts use 0.1, PEFT 0.5; "
+                        f"see docs/results.md, planted-rank benchmark); {knob('orth_reg_weight')}")
+    g.add_argument("--init-r", type=_positive_int, default=None,
+                   help=f"AdaLoRA: initial rank; {knob('init_r')}: ceil(1.5 r)")
     g.add_argument("--max-rank", type=_positive_int, default=None,
-                   help="ElaLoRA/ALoRA: per-matrix capacity (default 2r; gelora-elalora: max(2r, largest planned rank))")
-    g.add_argument("--min-rank", type=_nonneg_int, default=1, help="ElaLoRA/ALoRA: no matrix is pruned below this (default 1)")
+                   help=f"ElaLoRA/ALoRA: per-matrix capacity; {knob('max_rank')}: 2r (gelora-elalora: at least the "
+                        "largest planned rank)")
+    g.add_argument("--min-rank", type=_nonneg_int, default=None,
+                   help=f"ElaLoRA/ALoRA: no matrix is pruned below this; {knob('min_rank')}")
     g = t.add_argument_group("ALoRA knobs")
-    g.add_argument("--alora-rounds", type=_nonneg_int, default=8, help="ALoRA: maximum number of rounds N_A (default 8)")
-    g.add_argument("--alora-k1", type=step_value, default=0.25, help="ALoRA: training before the first round (default 0.25)")
-    g.add_argument("--alora-k2", type=step_value, default=0.06, help="ALoRA: training between rounds (default 0.06)")
-    g.add_argument("--alora-val-size", type=_positive_int, default=32,
-                   help="ALoRA: held-out training examples for the ablation batch (default 32)")
-    g.add_argument("--alora-budget", type=_budget, default=1.0,
-                   help="ALoRA: at most as many rounds as keep the ablations' cost within this multiple of the "
-                        "training cost, at least one; 'none' = no cap, every --alora-rounds (default 1.0)")
-    g.add_argument("--alora-paper-budget", dest="alora_keep_budget", action="store_false",
-                   help="ALoRA: the paper's reallocation rule, under which a round where every module lost a rank "
-                        "adds none back (at r = 2 the first round halves the budget); default: prune only what "
-                        "can be given back, keeping the total rank")
-    g.add_argument("--alora-chunk", type=_positive_int, default=8,
-                   help="ALoRA: ablation masks per forward pass (default 8; 32-64 on a GPU)")
+    g.add_argument("--alora-rounds", type=_nonneg_int, default=None, help=f"maximum number of rounds N_A; {knob('alora_rounds')}")
+    g.add_argument("--alora-k1", type=step_value, default=None, help=f"training before the first round; {knob('alora_k1')}")
+    g.add_argument("--alora-k2", type=step_value, default=None, help=f"training between rounds; {knob('alora_k2')}")
+    g.add_argument("--alora-val-size", type=_positive_int, default=None,
+                   help=f"held-out training examples for the ablation batch; {knob('alora_val_size')}")
+    g.add_argument("--alora-budget", type=_budget, default=None,
+                   help="at most as many rounds as keep the ablations' cost within this multiple of the training "
+                        f"cost, at least one; '{NO_CAP}' = no cap, every --alora-rounds; {knob('alora_budget')}")
+    g.add_argument("--alora-paper-budget", dest="alora_keep_budget", action="store_const", const=False, default=None,
+                   help="the paper's reallocation rule, under which a round where every module lost a rank adds none "
+                        "back (at r = 2 the first round halves the budget); default: prune only what can be given "
+                        f"back, keeping the total rank ({knob('alora_keep_budget')})")
+    g.add_argument("--alora-chunk", type=_positive_int, default=None,
+                   help=f"ablation masks per forward pass (32-64 on a GPU); {knob('alora_chunk')}")
+    from ..recipe.methods import GELORA_DEFAULTS as G
+
     g = t.add_argument_group("GeLoRA knobs")
-    g.add_argument("--gelora-samples", type=_positive_int, default=256,
-                   help="training examples whose hidden states give the intrinsic dimensions (default 256)")
-    g.add_argument("--gelora-pooling", default="mean", choices=("mean", "cls", "last"),
-                   help="one vector per example: mean over tokens (default), first token, last token")
+    g.add_argument("--gelora-samples", type=_positive_int, default=None,
+                   help=f"training examples whose hidden states give the intrinsic dimensions (default {G['samples']}, "
+                        "recipe.methods.GELORA_DEFAULTS)")
+    g.add_argument("--gelora-pooling", default=None, choices=("mean", "cls", "last"),
+                   help=f"one vector per example: mean over tokens, first token, last token (default {G['pooling']})")
     g.add_argument("--gelora-alpha-scale", type=_positive_float, default=None,
-                   help="gelora: effective LoRA scale alpha/r of every module (default 32, as in the paper)")
+                   help=f"gelora: effective LoRA scale alpha/r of every module (default {G['alpha_scale']:g}, as in the paper)")
     g = t.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_float, default=3.0, help="training epochs (default 3)")
+    g.add_argument("--epochs", type=_positive_float, default=d("epochs"), help="training epochs (default %(default)s)")
     g.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=_positive_int, default=32, help="training batch size (default 32)")
+    g.add_argument("--batch-size", type=_positive_int, default=d("batch_size"), help="training batch size (default %(default)s)")
     g.add_argument("--eval-batch-size", type=_positive_int, default=None, help="evaluation batch size (default 2x batch size)")
-    g.add_argument("--grad-accum", type=_positive_int, default=1, help="gradient accumulation steps (default 1)")
-    g.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default 1e-3)")
-    g.add_argument("--warmup-ratio", type=_fraction, default=0.06, help="linear LR warm-up, fraction of the run (default 0.06)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--seed", type=_seed, default=42, help="seed of data order, subsets, head and adapter init (default 42)")
+    g.add_argument("--grad-accum", type=_positive_int, default=d("grad_accum"),
+                   help="gradient accumulation steps (default %(default)s)")
+    g.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate (default per adapter form, recipe.spec.DEFAULT_LR: "
+                        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+                        + "; chosen by benchmarks/lr_select.py on GLUE training splits)")
+    g.add_argument("--warmup-ratio", type=_fraction, default=d("warmup_ratio"),
+                   help="linear LR warm-up, fraction of the run (default %(default)s)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=d("weight_decay"), help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--seed", type=_seed, default=d("seed"),
+                   help="seed of data order, subsets, head and adapter init (default %(default)s)")
     g.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="N",
                    help="train on a seeded random subset of N examples")
     g.add_argument("--eval-steps", type=_nonneg_int, default=None, metavar="N",
                    help="evaluate every N optimizer steps (default: once per epoch; 0: only at the end)")
     g.add_argument("--logging-steps", type=_positive_int, default=None,
                    help="log the training loss every N steps (default 10, fewer on very short runs)")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
+    g.add_argument("--bf16", action="store_true", default=d("bf16"), help="bfloat16 mixed precision")
     q = g.add_mutually_exclusive_group()
-    q.add_argument("--load-in-4bit", dest="load_in_bits", action="store_const", const=4, default=None,
+    q.add_argument("--load-in-4bit", dest="load_in_bits", action="store_const", const=4, default=d("load_in_bits"),
                    help="generation tasks: quantise the base to 4 bits (NF4, QLoRA) with bitsandbytes; "
                         "adapters stay fp32 (needs pip install 'elalora[bnb]')")
     q.add_argument("--load-in-8bit", dest="load_in_bits", action="store_const", const=8,
                    help="generation tasks: quantise the base to 8 bits (LLM.int8()) with bitsandbytes")
-    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+    g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=d("group_by_length"),
                    help="do not batch examples of similar length together (grouping is on by default: less padding, faster)")
     g.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="generation tasks: tokens generated per example (default 64)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=d("max_new_tokens"),
+                   help="generation tasks: tokens generated per example (default %(default)s)")
     g = t.add_argument_group("output")
     g.add_argument("--output-dir", default=None, metavar="DIR",
                    help="run directory (default runs/<task>-<method>-r<r>); must be new or empty")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
-    g.add_argument("--no-figures", dest="figures", action="store_false", help="do not draw figures/")
-    g.add_argument("--export-layout", default="compact", choices=("compact", "uniform"),
+    g.add_argument("--no-figures", dest="figures", action="store_false", default=d("figures"), help="do not draw figures/")
+    g.add_argument("--export-layout", default=d("export_layout"), choices=("compact", "uniform"),
                    help="layout of peft/: compact (per-module ranks via rank_pattern, the default) or uniform "
                         "(every module padded to the largest rank, scale 1: for vLLM, TGI/LoRAX, SGLang, llama.cpp)")
-    t.set_defaults(handler="train")
 
 
 def _add_eval_export_plot(sub) -> None:
@@ -319,7 +339,7 @@ def _add_eval_export_plot(sub) -> None:
     pl.set_defaults(handler="plot")
 
 
-def _add_inspect_plan(sub) -> None:
+def _add_inspect_plan(sub, *, with_flags: bool = True) -> None:
     # -------------------------------------------------------------------------------- inspect
     ins = sub.add_parser("inspect", help="rank pattern and parameter counts of an adapter", description=(
         "Print the rank pattern and parameter counts of an adapter directory (elalora or PEFT LoRA; a run "
@@ -337,25 +357,36 @@ def _add_inspect_plan(sub) -> None:
     pn.add_argument("--r", type=_positive_int, default=None,
                     help="rescale to this average rank per matrix (default: the paper's unbudgeted rule)")
     pn.add_argument("--target-modules", default=None, metavar="NAMES", help="as for 'train'")
-    pn.add_argument("--gelora-samples", type=_positive_int, default=256, help="examples to use (default 256)")
-    pn.add_argument("--gelora-pooling", default="mean", choices=("mean", "cls", "last"), help="pooling (default mean)")
-    pn.add_argument("--gelora-alpha-scale", type=_positive_float, default=32.0, help="alpha/r of every module (default 32)")
-    pn.add_argument("--batch-size", type=_positive_int, default=32, help="batch size of the forward passes (default 32)")
-    pn.add_argument("--seed", type=_seed, default=42, help="seed of the example sample (default 42)")
+    pn.set_defaults(handler="plan")
+    if not with_flags:
+        return
+    from ..recipe.methods import GELORA_DEFAULTS as G
+    from ..recipe.spec import spec_default as d
+
+    pn.add_argument("--gelora-samples", type=_positive_int, default=G["samples"], help="examples to use (default %(default)s)")
+    pn.add_argument("--gelora-pooling", default=G["pooling"], choices=("mean", "cls", "last"),
+                    help="pooling (default %(default)s)")
+    pn.add_argument("--gelora-alpha-scale", type=_positive_float, default=G["alpha_scale"],
+                    help="alpha/r of every module (default %(default)s)")
+    pn.add_argument("--batch-size", type=_positive_int, default=d("batch_size"),
+                    help="batch size of the forward passes (default %(default)s, as train's)")
+    pn.add_argument("--seed", type=_seed, default=d("seed"), help="seed of the example sample (default %(default)s)")
     pn.add_argument("--output", default=None, metavar="FILE", help="also write the plan as JSON to FILE")
     pn.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
-    pn.set_defaults(handler="plan")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser. ``command``: the subcommand about to run; the flags of ``train`` and ``plan``, whose
+    defaults are read from the recipe (RunSpec, the method configs), are added only for that command or
+    for ``None`` (every parser complete), so that other commands answer without importing the recipe."""
     parser = _Parser(prog="elalora", description="Adaptive-rank LoRA fine-tuning (ElaLoRA, AdaLoRA, ALoRA, GeLoRA, LoRA).")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    _add_train(sub)
+    _add_train(sub, with_flags=command in (None, "train"))
     _add_eval_export_plot(sub)
-    _add_inspect_plan(sub)
+    _add_inspect_plan(sub, with_flags=command in (None, "plan"))
     return parser
 
 
@@ -379,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     prog = "elalora"
     try:
-        parser = build_parser()
+        command = next((a for a in argv if not a.startswith("-")), None)
+        parser = build_parser(command if command in ("train", "plan") else "")
         args = parser.parse_args(argv)
         if args.version:
             print(f"elalora {_version()}")

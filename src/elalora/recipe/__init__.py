@@ -7,9 +7,11 @@ directory (layout in :mod:`.rundir`). Everything is written into a temporary sib
 replaces the output directory only when the run has finished, so a failed or interrupted run
 leaves nothing half-written. The CLI, the benchmarks and the examples use these public functions.
 
-Modules: :mod:`.loading` (model paths, tokenizers, base models, adapters), :mod:`.trainer`
+Modules: :mod:`.loading` (model paths, tokenizers, base models, adapters; the loading sequence,
+:func:`~.loading.load_model_for_task` / :func:`~.loading.load_for_task`), :mod:`.trainer`
 (collators, the Trainer subclass, training arguments, evaluation), :mod:`.rundir` (the run
-directory), :mod:`.methods` (method configs, GeLoRA plans, schedules).
+directory), :mod:`.methods` (method configs, GeLoRA plans, schedules), :mod:`.evaluation` (a saved
+run evaluated and analysed: ``elalora eval`` / ``analyze``).
 
 Imports: :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.tasks`, :mod:`elalora.plots`,
 :mod:`elalora.integrations` (the ALoRA progress bar), :mod:`elalora.targets`, :mod:`elalora.errors`,
@@ -24,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,91 +35,21 @@ import torch
 
 from .._io import atomic_directory, json_default, write_json
 from ..errors import RunError, TrainingDivergedError, diverged_message
+from ..layers import adapter_form
 from ..model import get_model
 from ..persistence import EXPORT_LAYOUTS, peft_task_type
 from ..targets import select_target_modules
 from ..tasks import TaskSpec, get_task, load_task_data
-from .loading import (apply_pooling, head_modules, load_base_model, load_image_processor, load_tokenizer,
-                      quiet_transformers, resolve_max_length, resolve_model, resolve_modules_to_save, set_threads)
-from .methods import (PEFT_METHODS, build_method_config, expected_total_steps, peft_rank_pattern, run_gelora_plan,
-                      schedule_dict)
+from .loading import load_model_for_task, quiet_transformers, resolve_model, set_threads
+from .methods import (build_method_config, expected_total_steps, peft_rank_pattern, run_gelora_plan, schedule_dict,
+                      with_targets)
+from .spec import PEFT_METHODS, RunSpec, default_lr, inapplicable_knobs
 from .rundir import RUN_MARKER, abspath_or_none, check_output_dir, output_lock, versions
 from .trainer import (TaskTrainer, distributed_launch, example_lengths, generation_evaluator, is_main_process,
                       make_collator, prediction_metrics, training_args, world_size)
 
 __all__ = ["RunSpec", "Prepared", "Built", "Fitted", "RunResult", "prepare", "build", "fit", "save_run", "train",
            "default_output_dir", "log", "write_figures"]
-
-
-@dataclass
-class RunSpec:
-    """Everything a training run is asked to do (the ``elalora train`` flags; same defaults)."""
-
-    task: str
-    data_dir: str | None = None
-    train_file: str | None = None
-    eval_file: str | None = None
-    text_columns: str | None = None
-    label_column: str | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    max_length: int | None = None
-    model: str | None = None
-    gguf_file: str | None = None
-    method: str = "elalora"
-    r: int = 8
-    target_modules: list[str] | str | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    modules_to_save: list[str] | None = None  # trained in full besides the adapters; None: the task head
-    pooling: str = "cls"  # "mean": the classifier reads the masked mean of the last hidden states (elalora.heads)
-    b: int = 4
-    k: int = 2
-    tinit: int | float = 0.1
-    tfinal: int | float = 0.2
-    delta_t: int | float = 0.02
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.0  # the library default (config._ScoredConfig): off, see docs/results.md §4
-    form: str | None = None  # elalora/adalora: "svd" or "lora" (None: the method config's default)
-    budget: str = "rank"  # elalora/adalora: conserve the total rank or the active parameters
-    grace_rounds: int | None = None  # elalora: None = ElaLoRAConfig's default
-    init_r: int | None = None
-    max_rank: int | None = None
-    min_rank: int = 1
-    alora_rounds: int = 8
-    alora_k1: int | float = 0.25
-    alora_k2: int | float = 0.06
-    alora_val_size: int = 32
-    alora_budget: float | None = 1.0
-    alora_chunk: int = 8
-    alora_keep_budget: bool = True
-    gelora_samples: int = 256
-    gelora_pooling: str = "mean"
-    gelora_alpha_scale: float | None = None
-    epochs: float = 3.0
-    max_steps: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int | None = None
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.0
-    seed: int = 42
-    eval_steps: int | None = None
-    logging_steps: int | None = None
-    bf16: bool = False
-    load_in_bits: int | None = None  # 4 or 8: a bitsandbytes-quantised base (generation tasks)
-    group_by_length: bool = True
-    threads: int | None = None
-    max_new_tokens: int = 64
-    figures: bool = True
-    export_layout: str = "compact"  # peft/: "compact" (rank_pattern) or "uniform" (serving engines)
-
-    @classmethod
-    def from_namespace(cls, ns: Any) -> "RunSpec":
-        """The fields of ``ns`` (e.g. parsed arguments) that name a field here."""
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
 
 
 def log(msg: str) -> None:
@@ -149,32 +82,37 @@ class Prepared:
     head: list[str] | None
     module_names: list[str]
     targets: Any
+    config: Any = None  # the method config (None for the PEFT-trained methods), built once in _check_flags
 
 
-def _check_flags(spec: RunSpec) -> None:
-    """Options that do not combine, and the method knobs, before anything heavy is loaded."""
-    if spec.gelora_alpha_scale is not None and spec.method != "gelora":
-        raise RunError("--gelora-alpha-scale applies to --method gelora only")
-    if spec.lora_alpha is not None and spec.method == "gelora":
-        raise RunError("--lora-alpha does not apply to --method gelora (its alphas come from the plan); "
-                       "set the scale alpha/r with --gelora-alpha-scale")
+def _check_flags(spec: RunSpec):
+    """Options that do not combine, and the method knobs, before anything heavy is loaded. Returns the
+    method config (built here, once per run; ``None`` for the PEFT-trained methods)."""
+    bad = inapplicable_knobs(spec)
+    if bad:
+        knob, methods = bad[0]
+        why = " (its alphas come from the plan: set the scale alpha/r with --gelora-alpha-scale)" \
+            if knob == "lora_alpha" and spec.method == "gelora" else ""
+        raise RunError(f"--{knob.replace('_', '-')} does not apply to --method {spec.method}{why}; it applies to "
+                       f"--method {', '.join(methods)}")
     if spec.export_layout not in EXPORT_LAYOUTS:
         raise RunError(f"--export-layout {spec.export_layout!r}: choose one of {', '.join(EXPORT_LAYOUTS)}")
     if spec.export_layout != "compact" and spec.method in PEFT_METHODS:
         raise RunError(f"--export-layout {spec.export_layout} applies to the adaptive methods; --method "
                        f"{spec.method} trains PEFT's own LoRA, whose peft/ is PEFT's save as it is")
-    if spec.method not in PEFT_METHODS:
-        build_method_config(spec, spec.target_modules, None, max_planned=None)  # ConfigError on bad knobs
+    if spec.method in PEFT_METHODS:
+        return None
+    return build_method_config(spec, spec.target_modules, None)  # ConfigError on bad knobs
 
 
-def _hold_out_alora_batch(spec: RunSpec, train: list[dict]) -> tuple[list[dict], list[dict] | None]:
+def _hold_out_alora_batch(config, spec: RunSpec, train: list[dict]) -> tuple[list[dict], list[dict] | None]:
     """ALoRA's ablation batch B_val: held out from the training set when it is large enough."""
     if spec.method != "alora":
         return train, None
-    n_train = len(train)
-    picked = random.Random(spec.seed).sample(range(n_train), min(spec.alora_val_size, n_train))
+    n_train, size = len(train), config.val_batch_size
+    picked = random.Random(spec.seed).sample(range(n_train), min(size, n_train))
     val_examples = [train[i] for i in picked]
-    if n_train >= 4 * spec.alora_val_size:  # else too little data to hold out: B_val overlaps training
+    if n_train >= 4 * size:  # else too little data to hold out: B_val overlaps training
         held = set(picked)
         train = [ex for i, ex in enumerate(train) if i not in held]
     return train, val_examples
@@ -184,37 +122,33 @@ def prepare(spec: RunSpec) -> Prepared:
     """Load the data and the base model, pick the target modules; every check that can fail early."""
     task0 = get_task(spec.task)
     model_path, gguf_file = resolve_model(spec.model, spec.gguf_file, task0.kind)
-    _check_flags(spec)
+    config = _check_flags(spec)
+    if spec.lr is None:  # the evidence's lr for the method's adapter form (recipe.spec.DEFAULT_LR)
+        spec = dataclasses.replace(spec, lr=default_lr(config.adapter_kind if config is not None else "lora"))
     train, evals, task = load_task_data(
         task0, spec.data_dir, max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
         seed=spec.seed, train_file=spec.train_file, eval_file=spec.eval_file, text_columns=spec.text_columns,
         label_column=spec.label_column)
     set_threads(spec.threads)
-    train, val_examples = _hold_out_alora_batch(spec, train)
+    train, val_examples = _hold_out_alora_batch(config, spec, train)
     # under DDP one optimizer step consumes batch_size × world_size examples
     total_steps = expected_total_steps(len(train), spec.batch_size * world_size(), spec.grad_accum, spec.epochs,
                                        spec.max_steps)
-    probe = None
-    if spec.method not in PEFT_METHODS:
-        probe = build_method_config(spec, spec.target_modules, None)
-        schedule_dict(probe, total_steps)  # ConfigError if tinit + tfinal >= T etc.
-    tokenizer = None if task.kind == "image" else load_tokenizer(model_path, gguf_file, task.kind)
-    model = load_base_model(task.kind, model_path, gguf_file, task, tokenizer, seed=spec.seed,
-                            bits=spec.load_in_bits, bf16=spec.bf16)
-    max_length = resolve_max_length(model, spec.max_length)
-    image_processor = load_image_processor(model_path, model.config) if task.kind == "image" else None
+    if config is not None:
+        schedule_dict(config, total_steps)  # ConfigError if tinit + tfinal >= T etc.
+    loaded = load_model_for_task(task, model_path, gguf_file, seed=spec.seed, bits=spec.load_in_bits, bf16=spec.bf16,
+                                 max_length=spec.max_length, pooling=spec.pooling, modules_to_save=spec.modules_to_save)
+    tokenizer, model, image_processor, max_length, head = (loaded.tokenizer, loaded.model, loaded.image_processor,
+                                                            loaded.max_length, loaded.head)
     collate = make_collator(task, tokenizer, image_processor, max_length)
-    apply_pooling(model, spec.pooling, task.kind)  # before the adapters wrap the model
-    head = head_modules(model) if task.kind != "generation" else None
-    head = resolve_modules_to_save(model, spec.modules_to_save, head)
     module_names, targets = select_target_modules(model, spec.target_modules, head)
-    if probe is not None and hasattr(probe, "check_pool"):
-        probe.check_pool(len(module_names))  # ElaLoRA: b too large for k and the number of matrices
+    if config is not None and hasattr(config, "check_pool"):
+        config.check_pool(len(module_names))  # ElaLoRA: b too large for k and the number of matrices
     log(f"elalora train: task {task.name} ({len(train)} train / {len(evals)} eval examples), method {spec.method}, "
         f"r={spec.r}, {len(module_names)} adapted matrices of {model_path}{'/' + gguf_file if gguf_file else ''}, "
         f"{total_steps} optimizer steps, {torch.get_num_threads()} CPU thread(s)")
     return Prepared(spec, task, train, evals, val_examples, total_steps, model_path, gguf_file, max_length, tokenizer,
-                    model, image_processor, collate, head, module_names, targets)
+                    model, image_processor, collate, head, module_names, targets, config)
 
 
 # -------------------------------------------------------------------------------------- phase 2: build
@@ -242,7 +176,9 @@ def _peft_lora(prep: Prepared, plan) -> tuple[Any, dict]:
     common = dict(r=spec.r, target_modules=list(prep.module_names), lora_dropout=spec.lora_dropout, bias="none",
                   modules_to_save=_copy(prep.head), task_type=peft_task_type(prep.model))
     if plan is None:
-        lcfg = LoraConfig(lora_alpha=spec.lora_alpha if spec.lora_alpha is not None else 2.0 * spec.r, **common)
+        # the LoRA form's default alpha (2r): --method lora and ElaLoRA's LoRA form share one scale rule
+        alpha = spec.lora_alpha if spec.lora_alpha is not None else adapter_form("lora").default_alpha(spec.r)
+        lcfg = LoraConfig(lora_alpha=alpha, **common)
     else:
         lcfg = LoraConfig(lora_alpha=plan.alpha_scale * spec.r, rank_pattern=dict(plan.rank_pattern),
                           alpha_pattern=dict(plan.alpha_pattern), **common)
@@ -259,7 +195,7 @@ def build(prep: Prepared, run_dir: Path | None = None) -> Built:
         t0 = time.time()
         plan = run_gelora_plan(prep.model, prep.train, prep.collate, prep.module_names, r=spec.r,
                                samples=spec.gelora_samples, pooling=spec.gelora_pooling, batch_size=spec.batch_size,
-                               seed=spec.seed, alpha_scale=spec.gelora_alpha_scale or 32.0)
+                               seed=spec.seed, alpha_scale=spec.gelora_alpha_scale)
         log(f"GeLoRA plan ({time.time() - t0:.1f} s): intrinsic dimensions "
             + " ".join(f"{d:.1f}" for d in plan.intrinsic_dims) + "; block ranks "
             + " ".join(str(r) for r in plan.block_ranks))
@@ -268,9 +204,7 @@ def build(prep: Prepared, run_dir: Path | None = None) -> Built:
     if spec.method in PEFT_METHODS:
         peft_model, method_config = _peft_lora(prep, plan if spec.method == "gelora" else None)
         return Built(plan, None, peft_model, peft_model, method_config, peft_rank_pattern(peft_model))
-    config = build_method_config(spec, prep.targets, prep.head,
-                                 rank_pattern=dict(plan.rank_pattern) if plan is not None else None,
-                                 max_planned=max(plan.rank_pattern.values()) if plan is not None else None)
+    config = with_targets(prep.config, prep.targets, prep.head, plan)
     handle = get_model(prep.model, config)
     if spec.method == "alora":
         handle.allocator.set_validation_batch(prep.collate(prep.val_examples))
@@ -330,8 +264,12 @@ def _histories(trainer, task: TaskSpec) -> tuple[list[dict], list[dict], dict[st
     return history, losses, final
 
 
-def fit(prep: Prepared, built: Built, trainer_dir: str) -> Fitted:
-    """Train with the Hugging Face Trainer (the elalora callback drives the handle) and evaluate."""
+def fit(prep: Prepared, built: Built, trainer_dir: str, *, callbacks: Sequence[Any] | None = None) -> Fitted:
+    """Train with the Hugging Face Trainer (the elalora callback drives the handle) and evaluate.
+
+    ``callbacks``: more ``transformers.TrainerCallback`` objects, added after the run's own (the elalora
+    callback, or the divergence check of a PEFT-trained model), e.g. PEFT AdaLoRA's ``update_and_allocate``
+    from ``on_optimizer_step`` (benchmarks/accuracy.py)."""
     spec, task = prep.spec, prep.task
     lengths = None
     if spec.group_by_length and task.kind != "image":
@@ -356,6 +294,8 @@ def fit(prep: Prepared, built: Built, trainer_dir: str) -> Fitted:
         from ..integrations.trainer import DivergenceCallback
 
         trainer.add_callback(DivergenceCallback())  # the elalora callback does this check itself
+    for cb in callbacks or ():
+        trainer.add_callback(cb)
     t_train = time.time()
     train_out = trainer.train()
     train_runtime = time.time() - t_train
@@ -499,9 +439,10 @@ def write_figures(run_dir: Path, initial, final, events, scores, plan: dict | No
 
 # ------------------------------------------------------------------------------------------- all of it
 def train(spec: RunSpec, out_dir: str | Path | None = None, *, overwrite: bool = False,
-          record: dict | None = None) -> RunResult | None:
+          record: dict | None = None, callbacks: Sequence[Any] | None = None) -> RunResult | None:
     """Run :func:`prepare`, :func:`build`, :func:`fit` and :func:`save_run` into ``out_dir`` (default
-    ``runs/<task>-<method>-r<r>``), atomically. Returns ``None`` on non-main processes of a DDP launch."""
+    ``runs/<task>-<method>-r<r>``), atomically. Returns ``None`` on non-main processes of a DDP launch.
+    ``callbacks``: more Trainer callbacks (:func:`fit`)."""
     t_start = time.time()
     quiet_transformers()
     get_task(spec.task)  # unknown task: TaskError before anything else
@@ -510,13 +451,14 @@ def train(spec: RunSpec, out_dir: str | Path | None = None, *, overwrite: bool =
               ("--eval-file", spec.eval_file)]
     check_output_dir(out, overwrite, inputs=inputs)
     if not is_main_process():
-        return _train_into(spec, out, t_start, record)
+        return _train_into(spec, out, t_start, record, callbacks)
     with output_lock(out):  # a second `train` into the same directory fails now, not silently later
         check_output_dir(out, overwrite, inputs=inputs)  # again: another job may have just finished
-        return _train_into(spec, out, t_start, record)
+        return _train_into(spec, out, t_start, record, callbacks)
 
 
-def _train_into(spec: RunSpec, out: Path, t_start: float, record: dict | None) -> RunResult | None:
+def _train_into(spec: RunSpec, out: Path, t_start: float, record: dict | None,
+                callbacks: Sequence[Any] | None = None) -> RunResult | None:
     prep = prepare(spec)
     with tempfile.TemporaryDirectory(prefix="elalora-trainer-") as trainer_dir:
         # Under DDP every process trains and evaluates (both are collective); only the main process
@@ -524,6 +466,6 @@ def _train_into(spec: RunSpec, out: Path, t_start: float, record: dict | None) -
         target = atomic_directory(out) if is_main_process() else tempfile.TemporaryDirectory(prefix="elalora-rank-")
         with target as tmp:
             built = build(prep, Path(tmp))
-            fitted = fit(prep, built, trainer_dir)
+            fitted = fit(prep, built, trainer_dir, callbacks=callbacks)
             metrics = save_run(prep, built, fitted, Path(tmp), t_start, record)
     return RunResult(out, metrics) if is_main_process() else None

@@ -1,6 +1,12 @@
 """Loading for a run: where the model is (``--model`` / the default models), the tokenizer, image
 processor and base model with the task's head, CPU threads, and an adapter directory onto a base.
 
+The loading sequence is written once: :func:`load_model_for_task` (tokenizer, base model with the
+task's head, max length, image processor, pooling, the modules trained in full) is what
+:func:`elalora.recipe.prepare`, :func:`elalora.recipe.evaluation.load_run_for_eval` and
+:func:`load_for_task` run; :func:`load_for_task` adds the task's data and the CPU threads before it
+(what the benchmarks that train or evaluate outside :func:`elalora.recipe.train` start from).
+
 Imports: transformers, peft (lazily), :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.heads`,
 :mod:`elalora.tasks`, :mod:`elalora.quant` (lazily), :mod:`elalora.errors`, :mod:`elalora._extras`.
 """
@@ -12,6 +18,7 @@ import importlib.util
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +30,7 @@ from ..persistence import adapter_format, check_peft_adapter_fits
 
 __all__ = ["default_model", "resolve_model", "quiet_transformers", "default_threads", "set_threads", "load_tokenizer",
            "load_image_processor", "head_modules", "apply_pooling", "resolve_modules_to_save", "load_base_model", "load_adapted_model",
-           "SMOLLM2_GGUF"]
+           "LoadedModel", "load_model_for_task", "TaskModel", "load_for_task", "SMOLLM2_GGUF"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -278,6 +285,73 @@ def load_base_model(kind: str, path: str, gguf_file: str | None, spec, tokenizer
     if gguf_file:
         forget_quantization(model)
     return _set_pad_and_eos(model, kind, tokenizer)
+
+
+@dataclass
+class LoadedModel:
+    """A base model with the task's head, ready for adapters, and what feeding it needs."""
+
+    model: Any
+    tokenizer: Any  # None for image tasks
+    image_processor: Any  # image tasks only
+    max_length: int  # checked against the model's positions (resolve_max_length)
+    head: list[str] | None  # trained in full besides the adapters: modules_to_save, else the task head
+
+
+def load_model_for_task(task, model_path: str, gguf_file: str | None = None, *, seed: int = 42,
+                        bits: int | None = None, bf16: bool = False, max_length: int | None = None,
+                        default_max_length: int = 128, pooling: str = "cls",
+                        modules_to_save: list[str] | None = None) -> LoadedModel:
+    """The loading sequence of a run on ``task`` (a :class:`~elalora.tasks.TaskSpec`): tokenizer, base model
+    with the task's head (seeded), max length, image processor, pooling (before any adapter wraps the
+    model) and the modules trained in full (:func:`resolve_modules_to_save`)."""
+    tokenizer = None if task.kind == "image" else load_tokenizer(model_path, gguf_file, task.kind)
+    model = load_base_model(task.kind, model_path, gguf_file, task, tokenizer, seed=seed, bits=bits, bf16=bf16)
+    max_length = resolve_max_length(model, max_length, default=default_max_length)
+    image_processor = load_image_processor(model_path, model.config) if task.kind == "image" else None
+    apply_pooling(model, pooling, task.kind)  # before the adapters wrap the model
+    head = head_modules(model) if task.kind != "generation" else None
+    head = resolve_modules_to_save(model, modules_to_save, head)
+    return LoadedModel(model, tokenizer, image_processor, max_length, head)
+
+
+@dataclass
+class TaskModel(LoadedModel):
+    """:class:`LoadedModel` with the task's data: what :func:`load_for_task` returns."""
+
+    task: Any = None  # the TaskSpec as the data resolved it (custom columns, label names)
+    train: list[dict] | None = None
+    evals: list[dict] | None = None
+    model_path: str | None = None
+    gguf_file: str | None = None
+    threads: int | None = None  # torch's intra-op threads, as set
+
+
+def load_for_task(task, model: str | None = None, data_dir: str | None = None, *, seed: int = 42,
+                  threads: int | None = None, pooling: str = "cls", gguf_file: str | None = None,
+                  train_file: str | None = None, eval_file: str | None = None, text_columns: str | None = None,
+                  label_column: str | None = None, max_train_samples: int | None = None,
+                  max_eval_samples: int | None = None, max_length: int | None = None,
+                  modules_to_save: list[str] | None = None, bits: int | None = None,
+                  bf16: bool = False) -> TaskModel:
+    """Data and base model of ``task`` (a name or :class:`~elalora.tasks.TaskSpec`) as ``elalora train``
+    loads them: quiet transformers logging, ``model`` resolved as ``--model`` (``None``: the default model
+    of the task's kind), the task's data (seeded subsets), torch's CPU threads (:func:`set_threads`), then
+    :func:`load_model_for_task`. The arguments are :class:`~elalora.recipe.RunSpec`'s fields of the same
+    names (``bits`` is ``load_in_bits``)."""
+    from ..tasks import get_task, load_task_data
+
+    quiet_transformers()
+    task0 = get_task(task) if isinstance(task, str) else task
+    model_path, gguf = resolve_model(model, gguf_file, task0.kind)
+    train, evals, spec = load_task_data(task0, data_dir, max_train_samples=max_train_samples,
+                                        max_eval_samples=max_eval_samples, seed=seed, train_file=train_file,
+                                        eval_file=eval_file, text_columns=text_columns, label_column=label_column)
+    n = set_threads(threads)
+    m = load_model_for_task(spec, model_path, gguf, seed=seed, bits=bits, bf16=bf16, max_length=max_length,
+                            pooling=pooling, modules_to_save=modules_to_save)
+    return TaskModel(m.model, m.tokenizer, m.image_processor, m.max_length, m.head, task=spec, train=train,
+                     evals=evals, model_path=model_path, gguf_file=gguf, threads=n)
 
 
 def _load_quantized_base(kind: str, path: str, gguf_file: str | None, bits: int, bf16: bool):

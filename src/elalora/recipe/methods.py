@@ -1,7 +1,7 @@
 """Method choices of a run: the elalora config of each method, PEFT's LoRA rank pattern, the
 resolved schedule, the expected number of optimizer steps and the GeLoRA plan.
 
-Imports: :mod:`elalora.config`, :mod:`elalora.allocation.gelora`, :mod:`elalora.errors`, tqdm, peft (lazily).
+Imports: :mod:`.spec`, :mod:`elalora.allocation.gelora`, :mod:`elalora.errors`, tqdm, peft (lazily).
 """
 
 from __future__ import annotations
@@ -10,39 +10,38 @@ import math
 import random
 
 from ..allocation.gelora import plan_gelora
-from ..config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig
 from ..errors import RunError
+from .spec import METHOD_CONFIGS, PEFT_METHODS
 
-__all__ = ["PEFT_METHODS", "build_method_config", "peft_rank_pattern", "schedule_dict", "expected_total_steps",
+__all__ = ["PEFT_METHODS", "GELORA_DEFAULTS", "build_method_config", "with_targets", "peft_rank_pattern", "schedule_dict", "expected_total_steps",
            "run_gelora_plan"]
 
-PEFT_METHODS = ("lora", "gelora")  # trained as PEFT's own LoRA (plain LoRA has this one path)
 
+def build_method_config(spec, targets, head):
+    """The elalora config of ``spec.method`` (a :class:`~elalora.recipe.RunSpec`; validated: raises ConfigError).
 
-def build_method_config(spec, targets, head, *, rank_pattern=None, max_planned: int | None = None):
-    """The elalora config of ``spec.method`` (a :class:`~elalora.recipe.RunSpec`; validated: raises ConfigError)."""
-    common = dict(r=spec.r, target_modules=targets, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                  modules_to_save=head, seed=spec.seed)
-    scored = dict(tinit=spec.tinit, tfinal=spec.tfinal, delta_t=spec.delta_t, beta1=spec.beta1, beta2=spec.beta2,
-                  orth_reg_weight=spec.orth_reg_weight, budget=spec.budget)
-    if spec.form is not None:
-        scored["form"] = spec.form
+    Only the knobs the spec gives are passed (:meth:`~elalora.recipe.spec.RunSpec.method_overrides`); every
+    other field keeps the config's own default. ``gelora-elalora``: the plan's ``rank_pattern`` and a
+    capacity of at least its largest planned rank."""
     m = spec.method
-    if m == "adalora":
-        return AdaLoRAConfig(init_r=spec.init_r, **common, **scored)
-    if m in ("elalora", "gelora-elalora"):
-        max_rank = spec.max_rank
-        if m == "gelora-elalora" and max_planned is not None:
-            max_rank = max(max_rank or 2 * spec.r, 2 * spec.r, max_planned)
-        grace = {} if spec.grace_rounds is None else {"grace_rounds": spec.grace_rounds}
-        return ElaLoRAConfig(b=spec.b, k=spec.k, min_rank=spec.min_rank, max_rank=max_rank,
-                             rank_pattern=rank_pattern, **grace, **common, **scored)
-    if m == "alora":
-        return ALoRAConfig(n_rounds=spec.alora_rounds, k1=spec.alora_k1, k2=spec.alora_k2, max_rank=spec.max_rank,
-                           val_batch_size=spec.alora_val_size, min_rank=spec.min_rank,
-                           ablation_budget=spec.alora_budget, ablation_chunk=spec.alora_chunk,
-                           keep_budget=spec.alora_keep_budget, **common)
-    raise RunError(f"unknown method {m!r}")
+    if m not in METHOD_CONFIGS:
+        raise RunError(f"unknown method {m!r}")
+    kw = dict(r=spec.r, target_modules=targets, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+              modules_to_save=head, seed=spec.seed, **spec.method_overrides())
+    return METHOD_CONFIGS[m](**kw)
+
+
+def with_targets(config, targets, head, plan=None):
+    """``config`` (built by :func:`build_method_config` before the model was loaded) with the resolved
+    target modules and head and, for ``gelora-elalora``, the plan's ranks (capacity at least the largest
+    planned rank); re-validated. The same object: the run builds its config once."""
+    config.target_modules = targets
+    config.modules_to_save = head
+    if plan is not None and hasattr(config, "rank_pattern"):
+        config.rank_pattern = dict(plan.rank_pattern)
+        config.max_rank = max(config.max_rank, max(plan.rank_pattern.values()))
+    config.__post_init__()  # idempotent: every check again, on the final values
+    return config
 
 
 def peft_rank_pattern(peft_model) -> dict[str, int]:
@@ -89,8 +88,19 @@ def _gelora_batches(examples: list[dict], collate, n: int, batch_size: int, seed
         yield batch
 
 
-def run_gelora_plan(model, train, collate, module_names, *, r: int | None, samples: int, pooling: str,
-                    batch_size: int, seed: int, alpha_scale: float = 32.0):
+#: GeLoRA planning defaults (``elalora train --method gelora`` and ``elalora plan``): training examples whose
+#: hidden states give the intrinsic dimensions, their pooling, and the scale alpha/r of every module (32: the
+#: paper's).
+GELORA_DEFAULTS = {"samples": 256, "pooling": "mean", "alpha_scale": 32.0}
+
+
+def run_gelora_plan(model, train, collate, module_names, *, r: int | None, batch_size: int, seed: int,
+                    samples: int | None = None, pooling: str | None = None, alpha_scale: float | None = None):
+    """The GeLoRA plan of ``module_names`` (``None`` knobs: :data:`GELORA_DEFAULTS`)."""
+    d = GELORA_DEFAULTS
+    samples = d["samples"] if samples is None else samples
+    pooling = d["pooling"] if pooling is None else pooling
+    alpha_scale = d["alpha_scale"] if alpha_scale is None else alpha_scale
     n = min(samples, len(train))
     if n < 3:
         raise RunError(f"GeLoRA needs at least 3 training examples for the intrinsic dimensions; got {n}")
