@@ -82,7 +82,9 @@ RECIPE_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora"
 # RunSpec fields a method adds to the shared ones (its `elalora train` flags: --form lora, --budget params). The
 # LoRA-form methods have no orthogonal regulariser, so they drop the grid's orth_reg_weight 0.1 (ORTH_REG: the
 # SVD-form methods only).
-METHOD_KNOBS = {"elalora-lora": {"form": "lora"}, "elalora-lora-params": {"form": "lora", "budget": "params"},
+# "elalora" and "gelora-elalora" are the SVD form (the papers'; ElaLoRA's library default is now the LoRA form).
+METHOD_KNOBS = {"elalora": {"form": "svd"}, "gelora-elalora": {"form": "svd"},
+                "elalora-lora": {"form": "lora"}, "elalora-lora-params": {"form": "lora", "budget": "params"},
                 "adalora-lora": {"form": "lora"}}
 ORTH_REG = {"adalora", "elalora", "gelora-elalora"}
 # The recipe methods with a rank schedule (t_i, t_f, Δt): the only ones that take those knobs.
@@ -215,7 +217,7 @@ def carry_over(records: list[dict], todo: list[tuple], task_steps: dict, *, sour
     A cell carries over only when everything its command is made of is identical: (task, method, r, seed,
     steps) and every ``shared`` setting but the protocol's name (lr, epochs, pooling, batch, length, ...).
     Rerunning such a cell repeats it up to floating-point summation order (three STS-B cells rerun under
-    v3 agreed with v2 within 2.1e-4 Pearson; docs/results.md §3); the original date and argv stay in the
+    v3 agreed with v2 within 2.1e-4 Pearson; docs/results.md §1); the original date and argv stay in the
     record. Cells whose lr (or any other knob) differs are not touched."""
     proto = protocol_settings(protocol)
     by_key = {}

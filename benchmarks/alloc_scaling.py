@@ -281,12 +281,12 @@ def measure(shapes, r, *, repeats, seed=0, ours_adalora=True, ela_2r=True, head=
     names = [s[0] for s in shapes]
     variants = []
     ela_ads = our_adapters(shapes, r, c, seed)
-    ela = ElaLoRAAllocator(names, ela_ads, ElaLoRAConfig(r=r, b=4, k=2, max_rank=c, tinit=0, tfinal=tfinal, delta_t=dt,
+    ela = ElaLoRAAllocator(names, ela_ads, ElaLoRAConfig(r=r, form="svd", b=4, k=2, max_rank=c, tinit=0, tfinal=tfinal, delta_t=dt,
                                                           use_scheduler=False, total_steps=10**6))
     variants.append(OursVariant("ours_elalora", ela_ads, ela))
     if ela_2r:
         ads2 = our_adapters(shapes, r, 2 * r, seed + 1)
-        a2 = ElaLoRAAllocator(names, ads2, ElaLoRAConfig(r=r, b=4, k=2, tinit=0, tfinal=tfinal, delta_t=dt,
+        a2 = ElaLoRAAllocator(names, ads2, ElaLoRAConfig(r=r, form="svd", b=4, k=2, tinit=0, tfinal=tfinal, delta_t=dt,
                                                          use_scheduler=False, total_steps=10**6))
         variants.append(OursVariant("ours_elalora_cap2r", ads2, a2))
     if ours_adalora:

@@ -51,7 +51,7 @@ RECIPE_METHOD = {"peft-lora": "lora", "elalora": "elalora", "elalora-lora": "ela
 # Per-method RunSpec fields (`elalora train` flags). "elalora" is the committed protocol's arm (γ 0.1, the
 # papers' scripts); the library's defaults are γ 0 (the planted-rank study), which "elalora-svd-g0" and
 # "elalora-lora" (the LoRA form has no regulariser) use.
-METHOD_KNOBS = {"elalora": {"orth_reg_weight": 0.1}, "elalora-svd-g0": {"form": "svd"},
+METHOD_KNOBS = {"elalora": {"form": "svd", "orth_reg_weight": 0.1}, "elalora-svd-g0": {"form": "svd"},
                 "elalora-lora": {"form": "lora"}}
 
 # One protocol for every method. 64 steps of batch 4 (256 pairs, 5 % of an epoch): on this CPU a step

@@ -2,7 +2,7 @@
 
 Protocol v2 (benchmarks/accuracy.py) set one lr for both method families from PEFT LoRA's dev-set
 curves, and CoLA's lr (3e-4) leaves the SVD-form methods at the majority answer while 1e-3 lets them
-learn (docs/results.md §3). Choosing an lr per family on the GLUE dev set would tune on the set we
+learn (docs/results.md §1). Choosing an lr per family on the GLUE dev set would tune on the set we
 report; this script chooses it on held-out *training* data instead:
 
 1. ``write_split`` copies each task's ``train.tsv`` into ``--split-dir``: a seeded 80 % as

@@ -71,11 +71,12 @@ METHODS = ["peft-lora", "peft-lora-2r", "peft-adalora", "peft-adalora-noorth", "
 # "-orth": our SVD-form methods with the orthogonal regulariser at γ = 0.1 (the authors' GLUE value and our
 # default before the planted-rank study); "-noorth": PEFT AdaLoRA with γ = 0 instead of PEFT's default 0.5.
 LABEL = {"peft-lora": "PEFT LoRA (uniform)", "peft-adalora": "PEFT AdaLoRA (γ = 0.5, PEFT default)",
-         "peft-adalora-noorth": "PEFT AdaLoRA, γ = 0", "adalora": "AdaLoRA (ours, defaults: γ = 0)",
-         "adalora-orth": "AdaLoRA (ours), γ = 0.1", "elalora": "ElaLoRA (ours, defaults: γ = 0)",
+         "peft-adalora-noorth": "PEFT AdaLoRA, γ = 0", "adalora": "AdaLoRA (ours, SVD form, γ = 0)",
+         "adalora-orth": "AdaLoRA (ours), γ = 0.1", "elalora": "ElaLoRA (ours, SVD form, γ = 0)",
          "elalora-orth": "ElaLoRA (ours), γ = 0.1", "alora": "ALoRA (ours)", "gelora": "GeLoRA (plan)",
          "peft-lora-2r": "PEFT LoRA, lora_alpha 2r", "elalora-lora": "ElaLoRA, LoRA form",
-         "adalora-lora": "AdaLoRA (ours), LoRA form"}
+         "adalora-lora": "AdaLoRA (ours), LoRA form", "elalora-g1": "ElaLoRA (ours, SVD form), grace 1 round",
+         "elalora-lora-g1": "ElaLoRA, LoRA form, grace 1 round", "elalora-lora-g2": "ElaLoRA, LoRA form, grace 2 rounds"}
 
 
 def variant(method: str) -> tuple[str, dict]:
@@ -93,6 +94,8 @@ def variant(method: str) -> tuple[str, dict]:
         else:
             break
         parts.pop()
+    if parts[0] in ("elalora", "adalora"):
+        over.setdefault("form", "svd")  # the name without "-lora" is the SVD form (ElaLoRA's default is now lora)
     return "-".join(parts), over
 ORTH_VARIANT = 0.1
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]

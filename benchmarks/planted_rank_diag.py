@@ -42,7 +42,7 @@ teacher = pr.Distill(copy.deepcopy(base)); pr.plant(teacher.bert, names, ranks, 
 train = pr.batches(tok, train_text, 16, 32, 0, a.steps); ev = pr.batches(tok, dev, 32, 32, 0, 4)
 model = pr.Distill(copy.deepcopy(base))
 kw = {} if a.alpha is None else {"lora_alpha": a.alpha}
-cfg = elalora.ElaLoRAConfig(r=2, max_rank=max(ranks), target_modules=["bert."+x for x in names], total_steps=a.steps,
+cfg = elalora.ElaLoRAConfig(r=2, form="svd", max_rank=max(ranks), target_modules=["bert."+x for x in names], total_steps=a.steps,
         delta_t=0.05, orth_reg_weight=0.0, tinit=(0.1 if a.rounds else a.steps-2), tfinal=(0.2 if a.rounds else 1), seed=0, **kw)
 h = elalora.get_model(model, cfg)
 if a.init == "orth":

@@ -108,7 +108,7 @@ class Variant:
             self.model = base
         elif name == "ours_elalora":
             self.handle = elalora.get_model(base, elalora.ElaLoRAConfig(
-                r=8, b=4, k=2, tinit=0, tfinal=10, delta_t=DELTA_T, total_steps=total_steps, target_modules=targets,
+                r=8, form="svd", b=4, k=2, tinit=0, tfinal=10, delta_t=DELTA_T, total_steps=total_steps, target_modules=targets,
                 modules_to_save=["classifier"], orth_reg_weight=0.1))
             self.model = base
         else:

@@ -22,7 +22,7 @@ def _grads_like(h, seed=0):
 
 
 def test_one_ema_step_from_zero():
-    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
+    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
     with torch.no_grad():
         for p in h.adapter_parameters():
             p.normal_()
@@ -41,7 +41,7 @@ def test_one_ema_step_from_zero():
 
 
 def test_non_finite_grads_skip_and_none_grads_score_zero():
-    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
+    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
     _grads_like(h)
     tr = ImportanceTracker(h.adapters)
     tr.update()

@@ -174,7 +174,7 @@ def test_cell_fields_overrides_replace_or_add_fields(acc):
 def test_generation_cells_keep_their_per_method_knobs():
     gen = _load_bench("generation")
     f = {m: gen.cell_fields(m, 8, 0, "D", "E", 1) for m in gen.RECIPE_METHOD}
-    assert f["elalora"]["orth_reg_weight"] == 0.1 and "form" not in f["elalora"]
+    assert f["elalora"]["orth_reg_weight"] == 0.1 and f["elalora"]["form"] == "svd"  # the committed arm: the SVD form
     assert f["elalora-lora"]["form"] == "lora" and "orth_reg_weight" not in f["elalora-lora"]
     assert f["elalora-svd-g0"]["form"] == "svd" and "orth_reg_weight" not in f["elalora-svd-g0"]
     assert f["peft-lora"]["method"] == "lora" and "tinit" not in f["peft-lora"]

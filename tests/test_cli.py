@@ -126,8 +126,8 @@ def _train(fx: Path, out: Path, *extra: str, task: str = "rte", data: str | None
 
 @pytest.fixture(scope="module")
 def runs(fx, tmp_path_factory):
-    """One tiny GLUE (RTE layout) run per method, shared by the tests below, and "elalora-lora": ElaLoRA on
-    the LoRA form (``--form lora``: B·diag(m)·A adapters)."""
+    """One tiny GLUE (RTE layout) run per method, shared by the tests below ("elalora" runs ElaLoRA's default,
+    the LoRA form: B·diag(m)·A adapters), and "elalora-svd": ElaLoRA on the SVD form (``--form svd``: P·diag(λ)·Q)."""
     base = tmp_path_factory.mktemp("runs")
     out = {}
     for m in METHODS:
@@ -138,8 +138,8 @@ def runs(fx, tmp_path_factory):
             extra += ["--gelora-samples", "32"]
         assert _train(fx, base / m, *extra) == 0, m
         out[m] = base / m
-    assert _train(fx, base / "elalora-lora", "--method", "elalora", "--form", "lora", "--r", "4") == 0
-    out["elalora-lora"] = base / "elalora-lora"
+    assert _train(fx, base / "elalora-svd", "--method", "elalora", "--form", "svd", "--r", "4") == 0
+    out["elalora-svd"] = base / "elalora-svd"
     return out
 
 
@@ -169,6 +169,43 @@ def _check_run(run: Path, metric_names: tuple[str, ...], *, figures=("rank_heatm
 def test_step_values_parse_as_int_steps_or_float_fractions():
     assert step_value("300") == 300 and isinstance(step_value("300"), int)
     assert step_value("0.1") == 0.1 and isinstance(step_value("0.1"), float)
+
+
+def test_train_help_defaults_are_runspec_and_config_defaults():
+    """The CLI retypes no default: every `train` flag that sets a RunSpec field defaults to RunSpec's value
+    (None for a method knob: the method config's default), and a knob's help names that config default."""
+    import argparse
+    import dataclasses
+
+    from elalora.cli.main import build_parser
+    from elalora.config import ElaLoRAConfig
+    from elalora.recipe.spec import DEFAULT_LR, METHOD_KNOBS, RunSpec, knob_default, spec_default
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    train = sub.choices["train"]
+    fields = {f.name for f in dataclasses.fields(RunSpec)}
+    checked = set()
+    for a in train._actions:
+        if a.dest not in fields or a.required or a.option_strings == ["--load-in-8bit"]:  # 8-bit: 4-bit's dest
+            continue
+        assert a.default == spec_default(a.dest), (a.option_strings, a.default, spec_default(a.dest))
+        if a.dest in METHOD_KNOBS:
+            assert spec_default(a.dest) is None and knob_default(a.dest) in a.help, a.option_strings
+        checked.add(a.dest)
+    assert len(checked) >= 45, sorted(fields - checked)
+    assert {"form", "b", "orth_reg_weight", "lr", "r", "epochs", "batch_size"} <= checked
+    text = " ".join(train.format_help().split())  # argparse wraps the help text
+    assert "ElaLoRAConfig.form = 'lora'" in text and "AdaLoRAConfig.form = 'svd'" in text
+    assert f"ElaLoRAConfig.b = {ElaLoRAConfig.b}" in text
+    assert all(f"{k} {v:g}" in text for k, v in DEFAULT_LR.items())
+
+
+def test_a_knob_for_another_method_is_an_error_naming_the_methods(fx, tmp_path, capsys):
+    line = _assert_one_line_error(capsys, _train(fx, tmp_path / "o", "--method", "lora", "--b", "2"))
+    assert "--b does not apply to --method lora" in line and "elalora" in line
+    line = _assert_one_line_error(capsys, _train(fx, tmp_path / "o", "--method", "alora", "--orth-reg-weight", "0.1"))
+    assert "--orth-reg-weight does not apply to --method alora" in line and "adalora" in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_help_and_no_command(capsys):
@@ -331,7 +368,7 @@ def test_export_merged_loads_as_plain_model_with_same_predictions(fx, runs, tmp_
     assert (out3 / "config.json").is_file() and (out3 / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("name,form", [("elalora", "svd"), ("elalora-lora", "lora")], ids=["svd", "lora"])
+@pytest.mark.parametrize("name,form", [("elalora-svd", "svd"), ("elalora", "lora")], ids=["svd", "lora"])
 def test_inspect_elalora_and_peft(runs, capsys, name, form):
     from elalora.persistence import safetensors_header
 
@@ -406,7 +443,7 @@ def test_gguf_export_of_a_bert_run_is_refused(runs, tmp_path, capsys):
 
 
 def test_plot_regenerates_figures(runs, capsys):
-    for m in ("elalora", "elalora-lora", "gelora"):
+    for m in ("elalora", "elalora-svd", "gelora"):
         run = runs[m]
         for p in (run / "figures").iterdir():
             p.unlink()
@@ -539,7 +576,7 @@ def test_load_in_4bit_is_refused_for_classification(fx, tmp_path, capsys):
     assert "generation tasks" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["elalora", "elalora-lora"])
+@pytest.mark.parametrize("name", ["elalora", "elalora-svd"])
 def test_analyze_writes_table_json_and_figure(runs, tmp_path, capsys, name):
     run = tmp_path / "run"
     shutil.copytree(runs[name], run)

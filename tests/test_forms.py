@@ -105,11 +105,17 @@ def test_new_ranks_keep_delta_w_and_are_orthogonal(form):
 
 
 def test_form_config_rules():
-    assert ElaLoRAConfig(r=8).form == "svd" and ElaLoRAConfig(r=8).lora_alpha == 16
+    # ElaLoRA defaults to the LoRA form (protocol v3's rule, docs/results.md), AdaLoRA to the SVD form (PEFT's)
+    assert ElaLoRAConfig(r=8).form == "lora" and ElaLoRAConfig(r=8, form="svd").lora_alpha == 16
     assert ElaLoRAConfig(r=8, form="lora").lora_alpha == 16  # 2 r
     assert ElaLoRAConfig(r=2, form="lora").lora_alpha == 4
     assert AdaLoRAConfig(r=8, form="lora").lora_alpha == 24  # 2 init_r: scale 2, as LoRA's
     assert AdaLoRAConfig(r=8).form == "svd" and AdaLoRAConfig(r=8).lora_alpha == 16
+    from elalora.config import config_from_dict
+
+    legacy = ElaLoRAConfig(r=2, form="svd").to_dict()
+    legacy.pop("form")  # saved before forms existed: every adapter was the SVD form then
+    assert config_from_dict(legacy).form == "svd" and config_from_dict(ElaLoRAConfig(r=2).to_dict()).form == "lora"
     with pytest.raises(ConfigError, match="form must be one of"):
         ElaLoRAConfig(form="dora")
     with pytest.raises(ConfigError, match="orth_reg_weight.*form='lora' has none"):

@@ -34,7 +34,8 @@ def _adapted(model) -> int:
 
 
 def _handle(seed=0, **kw):
-    cfg = dict(r=2, b=1, modules_to_save=["classifier"], total_steps=20, tinit=2, tfinal=2, delta_t=2)
+    # the SVD form: several tests below reach into its P / λ / Q
+    cfg = dict(r=2, form="svd", b=1, modules_to_save=["classifier"], total_steps=20, tinit=2, tfinal=2, delta_t=2)
     cfg.update(kw)
     return elalora.get_model(tiny_bert(seed=seed), elalora.ElaLoRAConfig(**cfg))
 

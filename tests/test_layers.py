@@ -76,7 +76,7 @@ def test_deactivate_reactivate_keeps_shapes_identities_and_optimizer_params():
     model = tiny_bert()
     import elalora
 
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     before = [(id(p), tuple(p.shape)) for p in model.parameters()]
@@ -246,7 +246,7 @@ def test_orth_reg_is_added_to_the_loss_in_training_only_and_ignores_inactive_slo
     import elalora
 
     model = tiny_bert()
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, b=1, orth_reg_weight=0.3))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, form="svd", b=1, orth_reg_weight=0.3))
     x, y = torch.randint(0, 100, (2, 6)), torch.tensor([0, 1])
     model.eval()
     plain = model(input_ids=x, labels=y).loss
@@ -270,7 +270,7 @@ def test_default_targets_for_vit():
 
     model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                                 num_attention_heads=2, intermediate_size=37))
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, b=1, modules_to_save=["classifier"]))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, form="svd", b=1, modules_to_save=["classifier"]))
     assert len(h.adapters) == 12  # q, k, v, o, fc1, fc2 in each of 2 blocks; the head stays out
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -286,7 +286,7 @@ def test_task_gradient_on_P_Q_is_zero_at_the_svd_start_but_the_regulariser_gradi
     import elalora
 
     model = tiny_bert()
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, target_modules=["query", "value"], orth_reg_weight=0.0))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, form="svd", target_modules=["query", "value"], orth_reg_weight=0.0))
     model.train()
     x, y = torch.randint(0, 100, (4, 6)), torch.tensor([0, 1, 0, 1])
     model(input_ids=x, labels=y).loss.backward()

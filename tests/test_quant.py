@@ -32,7 +32,7 @@ def llama_dir(tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(r=2, b=1, k=1, tinit=2, tfinal=2, delta_t=2, total_steps=12, seed=1)
+    base = dict(r=2, form="svd", b=1, k=1, tinit=2, tfinal=2, delta_t=2, total_steps=12, seed=1)  # the tests read P, Q
     base.update(kw)
     return elalora.ElaLoRAConfig(**base)
 

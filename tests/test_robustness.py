@@ -100,7 +100,7 @@ def test_bf16_autocast_and_bf16_base():
 
 def test_fp16_gradscaler_skip_touches_neither_scores_nor_ranks():
     model = tiny_bert()
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, b=2, tinit=1, tfinal=1, delta_t=1, total_steps=10))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, form="svd", b=2, tinit=1, tfinal=1, delta_t=1, total_steps=10))
     opt = torch.optim.AdamW(h.adapter_parameters(), lr=5e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     model.train()

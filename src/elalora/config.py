@@ -179,7 +179,9 @@ class _ScoredConfig(AdapterConfig):
     ``form``: the adapter form the allocation runs on (a key of :data:`elalora.layers.ADAPTER_FORMS`):
     ``"svd"`` is ``ΔW = P·diag(λ)·Q·s`` (the papers), ``"lora"`` is ``ΔW = B·diag(m)·A·s`` with PEFT
     LoRA's initialisation and scale (``A`` Kaiming, ``B = 0``, ``lora_alpha = 2 r``). Scores are
-    ``|w·∂L/∂w|`` over the form's slot parameters either way.
+    ``|w·∂L/∂w|`` over the form's slot parameters either way. ElaLoRA defaults to ``"lora"`` (the evidence,
+    docs/results.md), AdaLoRA to ``"svd"`` (PEFT's AdaLoRA, the reference it is pinned against). A saved
+    config without ``form`` was written before forms existed and loads as ``"svd"``.
 
     ``budget``: what a round conserves. ``"rank"``: the total rank (the papers). ``"params"``: the number
     of active adapter parameters, a rank of a ``d_out × d_in`` matrix costing ``d_in + d_out`` (plus 1 for
@@ -241,6 +243,8 @@ class ElaLoRAConfig(_ScoredConfig):
         use_scheduler: decay ``b`` with ``b_t = round(b (1 − p³))``; otherwise ``b_t = b``.
         rank_pattern: optional starting rank per module name (e.g. a GeLoRA plan); the total budget
             is then the sum of this pattern.
+        form: the adapter form, default ``"lora"`` (``B·diag(m)·A``, PEFT LoRA's start and scale): the
+            form that won protocol v3's rule (docs/results.md); ``"svd"`` is the paper's ``P·diag(λ)·Q``.
         grace_rounds: a rank grown in a round is no candidate (neither for pruning nor as its matrix's
             weakest rank in the growth criterion) for this many following rounds. A newborn rank scores
             about 0 under ``|w·∂L/∂w|`` (λ = 0 on the SVD form, B = 0 on the LoRA form), so without a
@@ -255,6 +259,9 @@ class ElaLoRAConfig(_ScoredConfig):
     rank_pattern: dict[str, int] | None = None
     lora_alpha: float | None = None
     grace_rounds: int = 0
+    # The LoRA form by default: under protocol v3 it beat the SVD form by the rule written before the cells
+    # ran (docs/results.md, "ElaLoRA's default form"); ``form="svd"`` reproduces the paper.
+    form: str = "lora"
     method: ClassVar[str] = "elalora"
 
     def __post_init__(self) -> None:
@@ -442,6 +449,8 @@ def config_from_dict(d: dict) -> AdapterConfig:
         raise ConfigError(f"unknown method {method!r} in saved config; known: {sorted(_CONFIGS)}")
     cls = _CONFIGS[method]
     names = {f.name for f in dataclasses.fields(cls)}
+    if "form" in names and "form" not in d:
+        d["form"] = "svd"  # saved before forms existed: every adapter then was the SVD form
     unknown = set(d) - names
     if unknown:
         raise ConfigError(f"saved {method} config has unknown fields {sorted(unknown)}; was it written by a newer elalora?")

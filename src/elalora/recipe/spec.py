@@ -64,7 +64,7 @@ RUN_KNOBS: dict[str, tuple[str, ...]] = {
 }
 #: The peak learning rate per adapter form when ``lr`` is not given: chosen by ``benchmarks/lr_select.py``
 #: on a split of the GLUE *training* sets (PEFT LoRA for the LoRA form, PEFT AdaLoRA for the SVD form; the
-#: dev sets never read; benchmarks/results/lr_select.jsonl, docs/results.md §3): 1e-3 and 3e-3 on every task.
+#: dev sets never read; benchmarks/results/lr_select.jsonl, docs/results.md §1): 1e-3 and 3e-3 on every task.
 DEFAULT_LR = {"lora": 1e-3, "svd": 3e-3}
 #: ``alora_budget`` value meaning "no cap" (``ALoRAConfig.ablation_budget=None``).
 NO_CAP = "none"

@@ -1,0 +1,50 @@
+"""The README's and docs/results.md's generated figures agree with the committed records.
+
+``benchmarks/report.py`` renders every marked block (``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``) and the
+numbers behind the README's figure from the JSON-lines files in ``benchmarks/results/``; a doc edited by hand,
+or a record added without ``python benchmarks/report.py``, fails here.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["report"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_generated_block_and_the_readme_figure_agree_with_the_records(report):
+    bad = report.check()
+    assert not bad, "\n".join(bad)
+
+
+def test_the_check_sees_a_changed_figure(report, tmp_path, monkeypatch):
+    """The check can fail: a README whose reading names another number is caught."""
+    readme = tmp_path / "README.md"
+    text = report.README.read_text()
+    block = report.current(text, "results-glance")
+    assert block and "ties" in block
+    readme.write_text(text.replace(block, block.replace("ties", "ties nearly"), 1))
+    monkeypatch.setattr(report, "README", readme)
+    assert any("results-glance" in line for line in report.check())
+
+
+def test_readme_is_an_entry_point():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    for heading in ("## Install", "## Quickstart", "## Results at a glance", "## The Python API", "## Documentation"):
+        assert heading in text, heading
+    for page in ("serving", "large_models", "distributed", "reliability", "cli", "results"):
+        assert f"docs/{page}.md" in text and (ROOT / "docs" / f"{page}.md").is_file(), page
+    assert "docs/figures/results_at_a_glance.png" in text and (ROOT / "docs/figures/results_at_a_glance.png").is_file()
