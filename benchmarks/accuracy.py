@@ -30,8 +30,8 @@ Methods and their own knobs (everything else is shared, see ``SHARED``):
                      Δt 5 % of the steps, β 0.85, orthogonal reg. 0.1; ``update_and_allocate`` from a
                      ``TrainerCallback.on_optimizer_step`` (this file);
 * ``adalora``        ours, same schedule and knobs as PEFT AdaLoRA (``--method adalora``);
-* ``elalora``        ours, r held constant (capacity 2r), b 4, k 2, t_i 10 %, t_f 20 %, Δt 5 %,
-                     lora_alpha 16, orthogonal reg. 0.1 (``--method elalora``);
+* ``elalora``        ours on the SVD form (the papers'), r held constant (capacity 2r), b 4, k 2, t_i 10 %,
+                     t_f 20 %, Δt 5 %, lora_alpha 16, orthogonal reg. 0.1 (``--method elalora --form svd``);
 * ``alora``          ours, r per matrix at start (capacity 2r), 8 rounds, K1 25 %, K2 6 %, B_val 32
                      held-out training examples, lora_alpha 2r (``--method alora``);
 * ``gelora``         GeLoRA ranks (TwoNN on 256 training examples, mean pooling) rescaled to an average
@@ -42,6 +42,8 @@ Methods and their own knobs (everything else is shared, see ``SHARED``):
                      no orthogonal regulariser (the LoRA form has none), the LoRA family's lr;
 * ``elalora-lora-params`` the same at the parameter budget (``--budget params``): active adapter
                      parameters never above PEFT LoRA's at the same r;
+* ``elalora-lora-g1`` the same with a grace period of one round for newborn ranks (``--grace-rounds 1``: the
+                     planted-rank benchmark's candidate default, docs/results.md §3);
 * ``adalora-lora``   our AdaLoRA on the LoRA form (``--method adalora --form lora``; lora_alpha 2 init_r).
 
 A budget r is an average final rank of r per adapted matrix for every method (AdaLoRA prunes from
@@ -74,10 +76,11 @@ BEGIN, END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
 
 TASKS = ["rte", "mrpc", "cola", "stsb"]
 METHODS = ["peft-lora", "peft-lora-eva", "peft-adalora", "adalora", "elalora", "alora", "gelora", "gelora-elalora",
-           "elalora-lora", "elalora-lora-params", "adalora-lora"]
+           "elalora-lora", "elalora-lora-params", "elalora-lora-g1", "adalora-lora"]
 # The recipe's method (RunSpec.method, `elalora train --method`) of each grid method trained by the recipe.
 RECIPE_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora", "alora": "alora", "gelora": "gelora",
                  "gelora-elalora": "gelora-elalora", "elalora-lora": "elalora", "elalora-lora-params": "elalora",
+                 "elalora-lora-g1": "elalora",
                  "adalora-lora": "adalora"}
 # RunSpec fields a method adds to the shared ones (its `elalora train` flags: --form lora, --budget params). The
 # LoRA-form methods have no orthogonal regulariser, so they drop the grid's orth_reg_weight 0.1 (ORTH_REG: the
@@ -85,6 +88,7 @@ RECIPE_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora"
 # "elalora" and "gelora-elalora" are the SVD form (the papers'; ElaLoRA's library default is now the LoRA form).
 METHOD_KNOBS = {"elalora": {"form": "svd"}, "gelora-elalora": {"form": "svd"},
                 "elalora-lora": {"form": "lora"}, "elalora-lora-params": {"form": "lora", "budget": "params"},
+                "elalora-lora-g1": {"form": "lora", "grace_rounds": 1},
                 "adalora-lora": {"form": "lora"}}
 ORTH_REG = {"adalora", "elalora", "gelora-elalora"}
 # The recipe methods with a rank schedule (t_i, t_f, Δt): the only ones that take those knobs.
@@ -94,6 +98,7 @@ EXTRA_R = {4: ["peft-adalora", "adalora"]}  # AdaLoRA also at r = 4 (ElaLoRA r=2
 LABEL = {"peft-lora": "PEFT LoRA", "peft-lora-eva": "PEFT LoRA + EVA", "peft-adalora": "PEFT AdaLoRA", "adalora": "AdaLoRA (ours)",
          "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA",
          "elalora-lora": "ElaLoRA, LoRA form (ours)", "elalora-lora-params": "ElaLoRA, LoRA form, param budget (ours)",
+         "elalora-lora-g1": "ElaLoRA, LoRA form, grace 1 round (ours)",
          "adalora-lora": "AdaLoRA, LoRA form (ours)"}
 DEFAULT_STEPS = 100  # the step budget of the main table in docs/results.md
 DELTA_T = 0.05  # fraction of the steps between allocation rounds (AdaLoRA, ElaLoRA: ours and PEFT's)
@@ -143,7 +148,7 @@ PROTOCOLS["v3"] = _v2_with_lr(1e-3, 3e-3)
 # (chosen by lr_select on PEFT LoRA, so none of our methods picks its own).
 LR_FAMILY = {"peft-lora": "lora", "peft-lora-eva": "lora", "gelora": "lora", "alora": "lora",
              "peft-adalora": "svd", "adalora": "svd", "elalora": "svd", "gelora-elalora": "svd",
-             "elalora-lora": "lora", "elalora-lora-params": "lora", "adalora-lora": "lora"}
+             "elalora-lora": "lora", "elalora-lora-params": "lora", "elalora-lora-g1": "lora", "adalora-lora": "lora"}
 
 
 def protocol_settings(name: str | None) -> dict | None:

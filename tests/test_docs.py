@@ -5,23 +5,18 @@ numbers behind the README's figure from the JSON-lines files in ``benchmarks/res
 or a record added without ``python benchmarks/report.py``, fails here.
 """
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def report():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["report"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("report")
 
 
 def test_every_generated_block_and_the_readme_figure_agree_with_the_records(report):
