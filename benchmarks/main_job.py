@@ -43,14 +43,15 @@ def run(data_dir: str | None, threads: int | None) -> dict:
         if r.returncode != 0:
             raise SystemExit(f"the main job failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
         metrics = json.loads((Path(tmp) / "runs" / "stsb" / "metrics.json").read_text())
+        config = json.loads((Path(tmp) / "runs" / "stsb" / "config.json").read_text())
     out_lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     import torch
 
     return {"command": " ".join(shlex.quote(a) for a in ["elalora", *argv]), "wall_s": round(wall, 1),
             "last_lines": "\n".join(out_lines[-3:]), "metrics": metrics["final"],
             "rank_pattern_range": [min(metrics["rank_pattern"].values()), max(metrics["rank_pattern"].values())],
-            "total_rank": metrics["total_rank"], "active_params": metrics.get("active_params"),
-            "method_config": metrics.get("method_config"), "machine": cpu_model(),
+            "total_rank": metrics["total_rank"], "parameters": metrics.get("parameters"),
+            "method_config": config.get("method_config"), "lr": config["training"]["lr"], "machine": cpu_model(),
             "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
             "stderr_first_line": (r.stderr.splitlines() or [""])[0],
             "date": time.strftime("%Y-%m-%d %H:%M")}
