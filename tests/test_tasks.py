@@ -102,6 +102,35 @@ def test_glue_real_row_counts(task, n_train, n_dev, caplog):
 
 
 @needs_glue
+@pytest.mark.parametrize("task", ["stsb", "rte"])
+def test_glue_from_the_hub_gives_the_examples_of_the_local_files(task, monkeypatch):
+    """The README's quickstart without --data-dir reads GLUE from the Hub (``datasets.load_dataset`` of
+    ``nyu-mll/glue``). No machine here reaches the Hub, so the Hub's answer is built from the official files
+    in the Hub's own layout (its column names and splits; integer labels, RTE's entailment = 0 both on the Hub
+    and in the local loader) and the examples must equal those read from the files."""
+    datasets = pytest.importorskip("datasets")
+    train, dev, spec = load_task_data(task, GLUE_DIR)
+    cols = {"stsb": ("sentence1", "sentence2"), "rte": ("sentence1", "sentence2")}[task]
+
+    def as_hub(examples):
+        return datasets.Dataset.from_dict({cols[0]: [e["text_a"] for e in examples],
+                                           cols[1]: [e["text_b"] for e in examples],
+                                           "label": [e["label"] for e in examples],
+                                           "idx": list(range(len(examples)))})
+
+    calls = []
+
+    def fake_load_dataset(path, name, **kw):
+        calls.append((path, name))
+        return datasets.DatasetDict({"train": as_hub(train), "validation": as_hub(dev), "test": as_hub(dev[:3])})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    hub_train, hub_dev, hub_spec = load_task_data(task, None)
+    assert calls == [(T.GLUE_HUB_DATASET, task)] and T.GLUE_HUB_DATASET == "nyu-mll/glue"
+    assert hub_train == train and hub_dev == dev and hub_spec.name == spec.name
+
+
+@needs_glue
 def test_glue_real_labels_and_fields():
     train, dev, _ = load_task_data("rte", GLUE_DIR)
     # RTE train row 0 is not_entailment, row 1 entailment.
