@@ -200,6 +200,20 @@ def test_train_help_defaults_are_runspec_and_config_defaults():
     assert all(f"{k} {v:g}" in text for k, v in DEFAULT_LR.items())
 
 
+def test_the_method_config_is_built_once_per_run(fx, tmp_path, monkeypatch):
+    import elalora.recipe as R
+
+    calls, real = [], R.build_method_config
+    monkeypatch.setattr(R, "build_method_config", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert _train(fx, tmp_path / "o", "--method", "elalora", "--r", "2", "--no-figures") == 0
+    assert len(calls) == 1
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert cfg["method_config"]["form"] == "lora" and cfg["training"]["lr"] == 1e-3  # the form's lr
+    assert _train(fx, tmp_path / "s", "--method", "elalora", "--form", "svd", "--r", "2", "--no-figures") == 0
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["method_config"]["form"] == "svd" and cfg["training"]["lr"] == 3e-3
+
+
 def test_a_knob_for_another_method_is_an_error_naming_the_methods(fx, tmp_path, capsys):
     line = _assert_one_line_error(capsys, _train(fx, tmp_path / "o", "--method", "lora", "--b", "2"))
     assert "--b does not apply to --method lora" in line and "elalora" in line
