@@ -156,13 +156,13 @@ def render(records: list[dict], methods=METHODS) -> str:
             recs.setdefault(rec["method"], {})[int(rec["seed"])] = rec
     ref = "ElaLoRA-lora" if recs.get("elalora-lora") else "ElaLoRA"
     head = ["method", "seeds", "BLEU", "ROUGE-L", f"{ref} − method, BLEU (paired)", f"{ref} − method, ROUGE-L (paired)",
-            "final ranks (min–max)"]
+            "final ranks (min–max)", "active params (trainable)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     ela = recs.get("elalora-lora") or recs.get("elalora", {})
     for m in ["untrained"] + list(methods):
         got = recs.get(m, {})
         if not got:
-            lines.append(f"| {LABEL[m]} | 0 | pending | pending | | | |")
+            lines.append(f"| {LABEL[m]} | 0 | pending | pending | | | | |")
             continue
         cols = []
         for k in ("bleu", "rougeL"):
@@ -180,7 +180,10 @@ def render(records: list[dict], methods=METHODS) -> str:
             pair.append(paired_cell(d) if d else "pending")
         ranks = [v for rec in got.values() for v in (rec.get("rank_pattern") or {}).values()]
         rk = f"{min(ranks)}–{max(ranks)}" if ranks else "–"
-        lines.append("| " + " | ".join([LABEL[m], str(len(got)), *cols, *pair, rk]) + " |")
+        act = [rec["active_params"] for rec in got.values() if rec.get("active_params")]
+        trn = [rec["trainable_params"] for rec in got.values() if rec.get("trainable_params")]
+        par = f"{statistics.mean(act):,.0f} ({statistics.mean(trn):,.0f})" if act and trn else "–"
+        lines.append("| " + " | ".join([LABEL[m], str(len(got)), *cols, *pair, rk, par]) + " |")
     p = PROTOCOL
     note = (f"\n\nProtocol `{p['name']}`: {p['model']}, r = {p['r']}, {p['steps']} steps of batch {p['batch_size']} on "
             f"{p['train']}, lr {p['lr']:g} (linear decay, warm-up {p['warmup_ratio']:.0%}), max length "
