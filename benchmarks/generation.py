@@ -195,13 +195,16 @@ def render(records: list[dict], methods=METHODS) -> str:
 
 
 def write_heatmap(records: list[dict], seed: int = 0) -> Path | None:
+    """The final ranks of ElaLoRA's default (the LoRA form) at ``seed``; the SVD-form arm where it has no cell."""
     from elalora.plots import plot_rank_heatmap
 
-    for rec in records:
-        if (rec.get("protocol"), rec["method"], int(rec["seed"])) == (PROTOCOL["name"], "elalora", seed) \
-                and rec.get("rank_pattern"):
+    runs = {rec["method"]: rec for rec in records if rec.get("protocol") == PROTOCOL["name"]
+            and int(rec["seed"]) == seed and rec.get("rank_pattern")}
+    for method in ("elalora-lora", "elalora"):
+        if method in runs:
+            rec = runs[method]
             plot_rank_heatmap(rec["rank_pattern"], FIGURE, initial=rec.get("initial_rank_pattern"),
-                              title=f"ElaLoRA r={rec['r']}, E2E NLG, SmolLM2-135M (seed {seed}): final ranks")
+                              title=f"{LABEL[method]} r={rec['r']}, E2E NLG, SmolLM2-135M (seed {seed}): final ranks")
             return FIGURE
     return None
 
