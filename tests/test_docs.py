@@ -43,3 +43,15 @@ def test_readme_is_an_entry_point():
     for page in ("serving", "large_models", "distributed", "reliability", "cli", "results"):
         assert f"docs/{page}.md" in text and (ROOT / "docs" / f"{page}.md").is_file(), page
     assert "docs/figures/results_at_a_glance.png" in text and (ROOT / "docs/figures/results_at_a_glance.png").is_file()
+
+
+def test_relative_links_in_the_readme_and_docs_resolve():
+    import re
+
+    bad = []
+    for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for m in re.finditer(r"\]\(([^)#\s]+)(#[^)]*)?\)", f.read_text()):
+            target = m.group(1)
+            if not target.startswith(("http://", "https://")) and not (f.parent / target).exists():
+                bad.append(f"{f.relative_to(ROOT)} -> {target}")
+    assert not bad, bad
