@@ -172,6 +172,9 @@ def _grid_blocks(records) -> list[tuple[str, str]]:
          A.paired_table(records, protocol=PROTOCOL, tasks=tasks, method=DEFAULT_ARM, baselines=base, cross=())),
         (f"accuracy-table-protocol-{PROTOCOL}-paired-svd",
          A.paired_table(records, protocol=PROTOCOL, tasks=tasks, method=OTHER_ARM, baselines=base, cross=())),
+        (f"accuracy-table-protocol-{PROTOCOL}-paired-params",
+         A.paired_table(records, protocol=PROTOCOL, tasks=tasks, method="elalora-lora-params",
+                        baselines=("peft-lora", DEFAULT_ARM), cross=())),
         (f"accuracy-params-{PROTOCOL}", params_table(records)),
         (f"form-rule-{PROTOCOL}", form_rule_text(records)),
     ]
