@@ -43,7 +43,8 @@ PROTOCOL = "v3"
 #: ElaLoRA's default form (ElaLoRAConfig.form) and the grid method that runs it; the other form's method.
 DEFAULT_ARM, OTHER_ARM = "elalora-lora", "elalora"
 BASELINES = ("peft-lora", "peft-adalora")
-GRID_METHODS = ["peft-lora", "peft-adalora", "elalora", "elalora-lora", "elalora-lora-params", "adalora-lora", "alora"]
+GRID_METHODS = ["peft-lora", "peft-adalora", "elalora", "elalora-lora", "elalora-lora-params", "elalora-lora-g1",
+                "adalora-lora", "alora"]
 RS = (2, 8)
 RULE_SEEDS = (0, 1, 2)  # the rule was written for seeds 0-2; later seeds (the 5-seed cells) do not move it
 
@@ -174,6 +175,9 @@ def _grid_blocks(records) -> list[tuple[str, str]]:
          A.paired_table(records, protocol=PROTOCOL, tasks=tasks, method=OTHER_ARM, baselines=base, cross=())),
         (f"accuracy-table-protocol-{PROTOCOL}-paired-params",
          A.paired_table(records, protocol=PROTOCOL, tasks=tasks, method="elalora-lora-params",
+                        baselines=("peft-lora", DEFAULT_ARM), cross=())),
+        (f"accuracy-table-protocol-{PROTOCOL}-paired-g1",
+         A.paired_table(records, protocol=PROTOCOL, tasks=tasks, method="elalora-lora-g1",
                         baselines=("peft-lora", DEFAULT_ARM), cross=())),
         (f"accuracy-params-{PROTOCOL}", params_table(records)),
         (f"form-rule-{PROTOCOL}", form_rule_text(records)),
