@@ -43,7 +43,7 @@ from ..tasks import TaskSpec, get_task, load_task_data
 from .loading import load_model_for_task, quiet_transformers, resolve_model, set_threads
 from .methods import (build_method_config, expected_total_steps, peft_rank_pattern, run_gelora_plan, schedule_dict,
                       with_targets)
-from .spec import PEFT_METHODS, RunSpec, default_lr, inapplicable_knobs
+from .spec import DEFAULT_LR, PEFT_METHODS, RunSpec, inapplicable_knobs
 from .rundir import RUN_MARKER, abspath_or_none, check_output_dir, output_lock, versions
 from .trainer import (TaskTrainer, distributed_launch, example_lengths, generation_evaluator, is_main_process,
                       make_collator, prediction_metrics, training_args, world_size)
@@ -124,7 +124,7 @@ def prepare(spec: RunSpec) -> Prepared:
     model_path, gguf_file = resolve_model(spec.model, spec.gguf_file, task0.kind)
     config = _check_flags(spec)
     if spec.lr is None:  # the evidence's lr for the method's adapter form (recipe.spec.DEFAULT_LR)
-        spec = dataclasses.replace(spec, lr=default_lr(config.adapter_kind if config is not None else "lora"))
+        spec = dataclasses.replace(spec, lr=DEFAULT_LR[config.adapter_kind if config is not None else "lora"])
     train, evals, task = load_task_data(
         task0, spec.data_dir, max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
         seed=spec.seed, train_file=spec.train_file, eval_file=spec.eval_file, text_columns=spec.text_columns,

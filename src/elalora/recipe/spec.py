@@ -20,7 +20,7 @@ from typing import Any
 from ..config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig
 
 __all__ = ["RunSpec", "METHODS", "METHOD_CONFIGS", "METHOD_KNOBS", "DEFAULT_LR", "PEFT_METHODS", "knob_default",
-           "inapplicable_knobs", "default_lr", "spec_default"]
+           "inapplicable_knobs", "spec_default"]
 
 #: The methods of ``elalora train`` (``lora`` and ``gelora`` train PEFT's own LoRA).
 METHODS = ("lora", "adalora", "elalora", "alora", "gelora", "gelora-elalora")
@@ -183,8 +183,3 @@ def inapplicable_knobs(spec: RunSpec) -> list[tuple[str, tuple[str, ...]]]:
         if getattr(spec, knob) is not None and spec.method not in methods:
             bad.append((knob, methods))
     return bad
-
-
-def default_lr(form: str) -> float:
-    """:data:`DEFAULT_LR` of adapter form ``form``."""
-    return DEFAULT_LR[form]
