@@ -6,13 +6,17 @@
     python benchmarks/layer_contribution.py --runs runs/grid --threads 1
     # only aggregate the analyses that exist and render the table into docs/results.md
     python benchmarks/layer_contribution.py --runs runs/grid --render
+    # another study: the v3 grid's ElaLoRA runs on the LoRA form (grace 1, the library's default)
+    python benchmarks/layer_contribution.py --runs runs/grid --protocol v3 --method elalora-lora-g1 --threads 1
 
 For each run, ``elalora analyze`` switches off the adapters of the k matrices with the highest final ranks
 ("top"), then of the k with the lowest ("bottom"), then of k random ones (3 draws), k = 10 % and 25 % of
 the 36 matrices, and records the drop of the task's main metric on the dev set
 (:mod:`elalora.recipe.analysis`; run here through :func:`elalora.recipe.evaluation.analyze_run`, what
 ``elalora analyze`` runs). This script collects one record per run into
-``benchmarks/results/layer_contribution.jsonl`` and renders, per task and k, the mean drop over seeds of
+the study's JSON-lines file (:func:`study_paths`: ``benchmarks/results/layer_contribution.jsonl`` for the first
+study, protocol v2's SVD-form ElaLoRA at r 8; ``layer_contribution_PROTOCOL_METHOD_rR.jsonl`` for any other)
+and renders, into the study's own block of docs/results.md, per task and k, the mean drop over seeds of
 each group, and the paired difference top − bottom with its 95 % interval. The paper's claim ("layers
 receiving higher rank allocations contribute more significantly") predicts top > random > bottom.
 
@@ -38,7 +42,24 @@ from accuracy import LABEL, METRIC_NAME, TASKS, paired_cell  # noqa: E402
 
 JSONL = RESULTS / "layer_contribution.jsonl"
 DOC = ROOT / "docs" / "results.md"
-BEGIN, END = "<!-- layer-contribution-table:begin -->", "<!-- layer-contribution-table:end -->"
+#: (protocol, grid method, r) of each study whose table docs/results.md §4 shows; the first is protocol v2's
+#: SVD-form ElaLoRA, the second the v3 grid's ElaLoRA at the library's defaults (LoRA form, grace 1 round).
+STUDIES = [("v2", "elalora", 8), ("v3", "elalora-lora-g1", 8)]
+
+
+def study_paths(protocol: str, method: str, r: int) -> tuple[Path, str]:
+    """``(JSON-lines file, doc block name)`` of one study. Each study has its own file, because the file is
+    rewritten whole from the analyses found (it is their aggregate), and its own block in docs/results.md."""
+    if (protocol, method, r) == STUDIES[0]:
+        return JSONL, "layer-contribution-table"
+    return RESULTS / f"layer_contribution_{protocol}_{method}_r{r}.jsonl", f"layer-contribution-{protocol}-{method}-r{r}"
+
+
+def render_study(recs: list[dict], control_method: str = "peft-lora") -> str:
+    """The study's block: the ablation table and, where the records have one, the control's."""
+    table = render(recs)
+    ctrl = render_control(recs, LABEL.get(control_method, control_method))
+    return table + ("\n\n" + ctrl if ctrl else "")
 
 
 def run_dirs(runs: Path, protocol: str, method: str, r: int, tasks, seeds) -> list[tuple[str, int, Path]]:
@@ -167,7 +188,8 @@ def main(argv=None) -> int:
     ap.add_argument("--control-tasks", default="stsb",
                     help="tasks for the control (default %(default)s: a control costs 7 evaluations per seed)")
     ap.add_argument("--render", action="store_true", help="do not analyze; aggregate what exists and render")
-    ap.add_argument("--results", default=str(JSONL))
+    ap.add_argument("--results", default=None,
+                    help="JSON-lines file (default: the study's own, see study_paths; rewritten whole)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -192,16 +214,15 @@ def main(argv=None) -> int:
                 # the same top/bottom sets in the uniform-rank run (one random draw: 7 evaluations)
                 analyze(control, args.threads, ranks_from=d, random_draws=1, figure=False)
         recs.append(record(t, s, d, args.protocol, args.method, args.r, control))
-    out = Path(args.results)
+    default_out, block = study_paths(args.protocol, args.method, args.r)
+    out = Path(args.results) if args.results else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".jsonl.tmp")  # the file is the aggregate of the analyses found: rewrite it whole
     tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
     os.replace(tmp, out)
-    table = render(recs)
-    ctrl = render_control(recs, LABEL.get(args.control_method, args.control_method))
-    if ctrl:
-        table += "\n\n" + ctrl
-    write_doc_block(DOC, BEGIN, END, table, "## Layer contribution")
+    table = render_study(recs, args.control_method)
+    if args.results is None:  # the study's own records: its block in docs/results.md (report.py renders the same)
+        write_doc_block(DOC, f"<!-- {block}:begin -->", f"<!-- {block}:end -->", table, "## Layer contribution")
     print(table)
     return 0
 

@@ -255,6 +255,17 @@ def test_layer_contribution_render_pairs_top_and_bottom_by_seed():
     assert lc.render_control([rec(0, 0.05, 0.02, 0.01)], "PEFT LoRA") == ""  # no control: no table
 
 
+def test_layer_contribution_studies_have_their_own_file_and_block():
+    """Each study's file is rewritten whole from its analyses, so two studies must never share one."""
+    lc = _load_bench("layer_contribution")
+    paths = [lc.study_paths(*s) for s in lc.STUDIES]
+    assert paths[0] == (lc.JSONL, "layer-contribution-table")  # the first study keeps its committed file
+    assert len({p for p, _ in paths}) == len(paths) and len({b for _, b in paths}) == len(paths)
+    f, block = lc.study_paths("v3", "elalora-lora-g1", 8)
+    assert f.name == "layer_contribution_v3_elalora-lora-g1_r8.jsonl"
+    assert block == "layer-contribution-v3-elalora-lora-g1-r8"
+
+
 def test_generation_render_untrained_row_and_paired_difference():
     gen = _load_bench("generation")
     name = gen.PROTOCOL["name"]

@@ -55,3 +55,21 @@ def test_relative_links_in_the_readme_and_docs_resolve():
             if not target.startswith(("http://", "https://")) and not (f.parent / target).exists():
                 bad.append(f"{f.relative_to(ROOT)} -> {target}")
     assert not bad, bad
+
+
+def test_grace_rule_adopts_only_a_minilm_gain_without_a_tiny64_loss(report):
+    """docs/results.md §3's grace rule on hand-made planted records (relative losses by seed)."""
+    def recs(base, g0, g1):
+        steps, lr = report.GRACE_BASES[base]
+        common = {"base": base, "setting": "concentrated", "steps": steps, "r": 2, "lr": lr}
+        return ([{**common, "method": "elalora-lora", "seed": s, "rel_loss": v} for s, v in enumerate(g0)]
+                + [{**common, "method": "elalora-lora-g1", "seed": s, "rel_loss": v} for s, v in enumerate(g1)])
+
+    gain = recs("minilm", [0.40, 0.41, 0.42], [0.39, 0.40, 0.41])  # -0.01 in every seed: interval [-0.01, -0.01]
+    flat = recs("tiny64", [0.05, 0.06, 0.07], [0.06, 0.05, 0.07])  # +0.01, -0.01, 0: a tie
+    worse = recs("tiny64", [0.05, 0.06, 0.07], [0.06, 0.07, 0.08])  # +0.01 in every seed: a loss
+    g = report.grace_rule(gain + flat)
+    assert g["minilm"]["n"] == 3 and abs(g["minilm"]["mean"] + 0.01) < 1e-9 and g["adopt"]
+    assert not report.grace_rule(gain + worse)["adopt"]
+    assert not report.grace_rule(recs("minilm", [0.40, 0.41, 0.42], [0.41, 0.40, 0.42]) + flat)["adopt"]
+    assert "stays 0" in report.grace_rule_text(gain + worse)
