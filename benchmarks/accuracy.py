@@ -86,8 +86,11 @@ RECIPE_METHOD = {"peft-lora": "lora", "adalora": "adalora", "elalora": "elalora"
 # LoRA-form methods have no orthogonal regulariser, so they drop the grid's orth_reg_weight 0.1 (ORTH_REG: the
 # SVD-form methods only).
 # "elalora" and "gelora-elalora" are the SVD form (the papers'; ElaLoRA's library default is now the LoRA form).
+# "elalora-lora" and "elalora-lora-params" ran before the LoRA form's default grace period became 1 round
+# (docs/results.md §3, "The grace rule"): they keep grace 0, "elalora-lora-g1" is the library's default.
 METHOD_KNOBS = {"elalora": {"form": "svd"}, "gelora-elalora": {"form": "svd"},
-                "elalora-lora": {"form": "lora"}, "elalora-lora-params": {"form": "lora", "budget": "params"},
+                "elalora-lora": {"form": "lora", "grace_rounds": 0},
+                "elalora-lora-params": {"form": "lora", "budget": "params", "grace_rounds": 0},
                 "elalora-lora-g1": {"form": "lora", "grace_rounds": 1},
                 "adalora-lora": {"form": "lora"}}
 ORTH_REG = {"adalora", "elalora", "gelora-elalora"}

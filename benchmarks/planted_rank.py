@@ -96,6 +96,8 @@ def variant(method: str) -> tuple[str, dict]:
         parts.pop()
     if parts[0] in ("elalora", "adalora"):
         over.setdefault("form", "svd")  # the name without "-lora" is the SVD form (ElaLoRA's default is now lora)
+    if parts[0] == "elalora":
+        over.setdefault("grace_rounds", 0)  # the name without "-g<N>" is no grace (the LoRA form's default is now 1)
     return "-".join(parts), over
 ORTH_VARIANT = 0.1
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]

@@ -225,6 +225,23 @@ def test_grace_rounds_protect_newborn_ranks_and_churn_is_counted(form):
     assert h2.allocator.born == st["born"] and h2.allocator.churn() == c2
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_grace_never_protects_initial_ranks_so_the_first_rounds_move_as_without_grace(form):
+    """Grace protects grown ranks only: until a round grows one, grace 2 makes the same moves as grace 0
+    (a bug made every initial rank look grown in round -1, so the first g rounds moved nothing)."""
+    def events(grace):
+        model = tiny_bert(seed=4)
+        h = get_model(model, ElaLoRAConfig(r=2, form=form, tinit=2, tfinal=2, delta_t=1, b=3, use_scheduler=False,
+                                           grace_rounds=grace, modules_to_save=["classifier"]))
+        _train(model, h, 24, seed=5)
+        return [e.to_dict() for e in h.events]
+
+    e0, e2 = events(0), events(2)
+    assert e0, "the run must move ranks"
+    first = e0[0]["step"]
+    assert [e for e in e2 if e["step"] == first] == [e for e in e0 if e["step"] == first]
+
+
 def test_saved_form_must_match_module_kinds(tmp_path):
     import json
 

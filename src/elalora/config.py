@@ -248,7 +248,9 @@ class ElaLoRAConfig(_ScoredConfig):
         grace_rounds: a rank grown in a round is no candidate (neither for pruning nor as its matrix's
             weakest rank in the growth criterion) for this many following rounds. A newborn rank scores
             about 0 under ``|w·∂L/∂w|`` (λ = 0 on the SVD form, B = 0 on the LoRA form), so without a
-            grace period it is the first to be pruned again (docs/results.md, "Churn").
+            grace period it is the first to be pruned again (docs/results.md §3, "Churn"). Default: the
+            form's (``ElasticAdapter.default_grace_rounds``), set by the planted-rank rule written in
+            advance (docs/results.md §3, "The grace rule"); 0 on the SVD form, the paper's.
     """
 
     b: int = 4
@@ -258,14 +260,23 @@ class ElaLoRAConfig(_ScoredConfig):
     use_scheduler: bool = True
     rank_pattern: dict[str, int] | None = None
     lora_alpha: float | None = None
-    grace_rounds: int = 0
+    grace_rounds: int | None = None
     # The LoRA form by default: under protocol v3 it beat the SVD form by the rule written before the cells
     # ran (docs/results.md, "ElaLoRA's default form"); ``form="svd"`` reproduces the paper.
     form: str = "lora"
     method: ClassVar[str] = "elalora"
 
+    @classmethod
+    def derived_default(cls, field: str) -> str | None:
+        """How a field whose default is ``None`` gets its value, for help texts (``elalora train --help``)."""
+        if field == "grace_rounds":
+            return "the form's: " + ", ".join(f"{f} {c.default_grace_rounds}" for f, c in ADAPTER_FORMS.items())
+        return None
+
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.grace_rounds is None:  # the form's default (validated form: super() checked it)
+            self.grace_rounds = int(ADAPTER_FORMS[self.form].default_grace_rounds)
         _require(_is_int(self.grace_rounds) and self.grace_rounds >= 0,
                  f"grace_rounds must be an integer >= 0; got {self.grace_rounds!r}")
         _require(_is_int(self.b) and self.b >= 1, f"b (ranks moved per round) must be an integer >= 1; got {self.b!r}")

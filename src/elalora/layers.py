@@ -19,7 +19,8 @@ A *form* is one adapter class and one entry of :data:`ADAPTER_FORMS` (``{"svd": 
 GatedLoRAAdapter}``). Everything outside this module asks the class, never the form's name: its
 slot parameters and their shapes (:meth:`ElasticAdapter.slot_shapes`), its default ``lora_alpha``
 (:meth:`ElasticAdapter.default_alpha`), whether it has an orthogonal regulariser
-(``has_orthogonality_penalty``).
+(``has_orthogonality_penalty``), and ElaLoRA's default grace period for the ranks it grows
+(``default_grace_rounds``; the allocation policy reads it through ``ElaLoRAConfig``).
 
 Tensor shapes never change during training: a rank is switched on or off through the mask, so
 optimizers, DDP's reducer, LR schedulers and ``torch.compile`` graphs stay valid. An inactive slot
@@ -117,6 +118,9 @@ class ElasticAdapter(nn.Module):
     kind: str = "abstract"
     #: whether :meth:`orthogonality_penalty` exists (the regulariser ``R`` of SPEC §1; ``orth_reg_weight``)
     has_orthogonality_penalty: bool = False
+    #: ``ElaLoRAConfig.grace_rounds`` when the config gives none: rounds in which a newly grown rank is no
+    #: candidate. 0 here (the papers' rule, no grace); a form sets its own from evidence.
+    default_grace_rounds: int = 0
 
     @classmethod
     def slot_shapes(cls, rank: int, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
@@ -378,6 +382,9 @@ class GatedLoRAAdapter(ElasticAdapter):
     """
 
     kind = "lora"
+    # A grown rank starts at B = 0, so |w·∂L/∂w| scores it about 0 and the next round prunes it again.
+    # docs/results.md §3's grace rule sets this from the planted-rank benchmark (0 until it has decided).
+    default_grace_rounds = 0
 
     @classmethod
     def slot_shapes(cls, rank, in_features, out_features):

@@ -223,7 +223,9 @@ class ElaLoRAAllocator(Allocator):
         g = self.config.grace_rounds
         if not g:
             return None
-        return [torch.tensor([0 <= self.rounds - j <= g for j in born], dtype=torch.bool) for born in self.born]
+        # j = -1 (never grown: an initial rank) is never protected. Without the j >= 0 test, round r <= g - 1
+        # saw every initial rank as "grown in round -1" and moved nothing (fixed 2026-12-06; docs/results.md §3).
+        return [torch.tensor([j >= 0 and self.rounds - j <= g for j in born], dtype=torch.bool) for born in self.born]
 
     def churn(self) -> dict[str, int]:
         """``grown``: ranks grown so far; ``pruned_young``: of those, pruned within ``CHURN_ROUNDS`` rounds

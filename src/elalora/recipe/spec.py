@@ -167,7 +167,10 @@ def knob_default(knob: str) -> str:
         cls = METHOD_CONFIGS[method]
         f = cls.__dataclass_fields__[field]
         val = f.default if f.default is not dataclasses.MISSING else "?"
-        names = seen.setdefault((field, repr(val) if isinstance(val, str) else str(val)), [])
+        shown = repr(val) if isinstance(val, str) else str(val)
+        if val is None and hasattr(cls, "derived_default"):  # a default computed from other fields
+            shown = cls.derived_default(field) or shown
+        names = seen.setdefault((field, shown), [])
         if cls.__name__ not in names:
             names.append(cls.__name__)
     return ", ".join(f"{'/'.join(classes)}.{field} = {val}" for (field, val), classes in seen.items())
