@@ -102,6 +102,8 @@ LABEL = {"peft-lora": "PEFT LoRA", "peft-lora-eva": "PEFT LoRA + EVA", "peft-ada
          "elalora": "ElaLoRA (ours)", "alora": "ALoRA (ours)", "gelora": "GeLoRA", "gelora-elalora": "GeLoRA → ElaLoRA",
          "elalora-lora": "ElaLoRA, LoRA form (ours)", "elalora-lora-params": "ElaLoRA, LoRA form, param budget (ours)",
          "elalora-lora-g1": "ElaLoRA, LoRA form, grace 1 round (ours)",
+         # records of the grace bug (fixed in bf750e0): grace 1, and the first round moved nothing
+         "elalora-lora-g1-skip1": "ElaLoRA, LoRA form, grace 1 round, first round idle (bug, ours)",
          "adalora-lora": "AdaLoRA, LoRA form (ours)"}
 DEFAULT_STEPS = 100  # the step budget of the main table in docs/results.md
 DELTA_T = 0.05  # fraction of the steps between allocation rounds (AdaLoRA, ElaLoRA: ours and PEFT's)

@@ -76,7 +76,11 @@ LABEL = {"peft-lora": "PEFT LoRA (uniform)", "peft-adalora": "PEFT AdaLoRA (γ =
          "elalora-orth": "ElaLoRA (ours), γ = 0.1", "alora": "ALoRA (ours)", "gelora": "GeLoRA (plan)",
          "peft-lora-2r": "PEFT LoRA, lora_alpha 2r", "elalora-lora": "ElaLoRA, LoRA form",
          "adalora-lora": "AdaLoRA (ours), LoRA form", "elalora-g1": "ElaLoRA (ours, SVD form), grace 1 round",
-         "elalora-lora-g1": "ElaLoRA, LoRA form, grace 1 round", "elalora-lora-g2": "ElaLoRA, LoRA form, grace 2 rounds"}
+         "elalora-lora-g1": "ElaLoRA, LoRA form, grace 1 round", "elalora-lora-g2": "ElaLoRA, LoRA form, grace 2 rounds",
+         # records of the grace bug (fixed in bf750e0): the first N rounds moved nothing
+         "elalora-g1-skip1": "ElaLoRA (ours, SVD form), grace 1 round, first round idle (bug)",
+         "elalora-lora-g1-skip1": "ElaLoRA, LoRA form, grace 1 round, first round idle (bug)",
+         "elalora-lora-g2-skip2": "ElaLoRA, LoRA form, grace 2 rounds, first 2 rounds idle (bug)"}
 
 
 def variant(method: str) -> tuple[str, dict]:
