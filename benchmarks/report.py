@@ -126,6 +126,15 @@ def readme_results(records) -> str:
              ""]
     n, w, lo, m = _verdicts(rows, DEFAULT_ARM, "peft-lora")
     ns, ws, ls, ms = _verdicts(rows, OTHER_ARM, "peft-lora")
+    full = sum(x["n"] >= 3 for x in rows if x["arm"] == DEFAULT_ARM and x["baseline"] == "peft-lora")
+    if full < len(A.TASKS) * len(RS):  # the defaults' grid is still running: no reading from part of it
+        return "\n".join(lines + [
+            f"- **ElaLoRA at its defaults ({DEFAULTS_TEXT})**: {full} of {len(A.TASKS) * len(RS)} GLUE cells have "
+            f"3 seeds; the reading waits for the rest (`python benchmarks/accuracy.py --protocol {PROTOCOL} "
+            f"--methods {DEFAULT_ARM} --r 2,8 --no-extra`).",
+            f"- **The papers' SVD form** against PEFT LoRA wins {ws} and loses {ls} of {ns} cells (mean {ms:+.2f}). "
+            f"The rule written before the cells ran chose the LoRA form: D = {rule['lora']['D']:+.2f} for the LoRA "
+            f"form, {rule['svd']['D']:+.2f} for the SVD form ([docs/results.md](docs/results.md) §1)."])
     na, wa, la, ma = _verdicts(rows, DEFAULT_ARM, "peft-adalora")
     own = [statistics.mean(d) for t in A.TASKS for r in RS if (d := _paired(records, DEFAULT_ARM, "adalora-lora", t, r))]
     own_m = statistics.mean(own) if own else math.nan
@@ -134,11 +143,19 @@ def readme_results(records) -> str:
     lost = [f"{x['task'].upper()} r {x['r']}" for x in rows
             if x["arm"] == DEFAULT_ARM and x["baseline"] == "peft-lora" and x["high"] < 0]
     gain = ("the allocation adds nothing measurable over prune-only: the gain over the SVD form is the LoRA "
-            "form's" if abs(own_m) < 0.5 else "the allocation itself differs from prune-only")
-    verdict = (f"ElaLoRA at its defaults is level with plain LoRA: it wins {', '.join(won) or 'no cell'}, loses "
-               f"{', '.join(lost) or 'none'}, and its mean over the 8 cells ({m:+.2f} points) is short of a clear "
-               f"gain. Against our AdaLoRA on the same form (prune only) its mean difference is {own_m:+.2f} "
-               f"points, so {gain}. The papers' claim to beat LoRA at every budget is not reproduced here")
+            "form's" if abs(own_m) < 0.5 else "growing as well as pruning adds to prune-only" if own_m > 0
+            else "prune-only does better than pruning and growing")
+    if m >= 1 and not lost:
+        stance, tail = "meets the goal against plain LoRA", "reaches the +1 point aimed at"
+    elif len(lost) > len(won):
+        stance, tail = "trails plain LoRA", "is short of LoRA's"
+    else:
+        stance, tail = "is level with plain LoRA", "is short of a clear gain"
+    verdict = (f"ElaLoRA at its defaults {stance}: it wins {', '.join(won) or 'no cell'}, loses "
+               f"{', '.join(lost) or 'none'}, and its mean over the 8 cells ({m:+.2f} points) {tail}. "
+               f"Against our AdaLoRA on the same form (prune only) its mean difference is {own_m:+.2f} "
+               f"points, so {gain}. The papers' claim to beat LoRA at every budget is "
+               f"{'borne out' if m >= 1 and not lost else 'not reproduced'} here")
     lines += [
         f"- **Against PEFT LoRA**, ElaLoRA at its defaults ({DEFAULTS_TEXT}) wins {w}, loses {lo} and ties "
         f"{n - w - lo} of {n} "
