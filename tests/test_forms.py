@@ -124,6 +124,13 @@ def test_form_config_rules():
         AdaLoRAConfig(budget="flops")
     with pytest.raises(ConfigError, match="grace_rounds"):
         ElaLoRAConfig(grace_rounds=-1)
+    # grace: the form's default (the LoRA form's 1 from docs/results.md §3's rule; the SVD form keeps the paper's 0);
+    # a saved config keeps the grace it ran with, whatever the default is now
+    assert ElaLoRAConfig(r=2).grace_rounds == 1 and ElaLoRAConfig(r=2, form="svd").grace_rounds == 0
+    assert ElaLoRAConfig(r=2, grace_rounds=0).grace_rounds == 0
+    assert config_from_dict(ElaLoRAConfig(r=2, grace_rounds=0).to_dict()).grace_rounds == 0
+    legacy.pop("grace_rounds")  # saved before forms and grace existed: the SVD form, no grace, as it ran
+    assert config_from_dict(legacy).grace_rounds == 0
     assert adapter_param_count("svd", 3, 10, 20) == 3 * 31 and adapter_param_count("lora", 3, 10, 20) == 90
 
 
