@@ -223,9 +223,14 @@ class ElaLoRAAllocator(Allocator):
         g = self.config.grace_rounds
         if not g:
             return None
-        # j = -1 (never grown: an initial rank) is never protected. Without the j >= 0 test, round r <= g - 1
-        # saw every initial rank as "grown in round -1" and moved nothing (fixed 2026-12-06; docs/results.md §3).
-        return [torch.tensor([j >= 0 and self.rounds - j <= g for j in born], dtype=torch.bool) for born in self.born]
+        return [torch.tensor([self._grown_within(j, g) for j in born], dtype=torch.bool) for born in self.born]
+
+    def _grown_within(self, born: int, n: int) -> bool:
+        """Whether a slot born in round ``born`` was grown within the last ``n`` rounds (as seen from the
+        coming round). ``born = -1`` (never grown: an initial rank) is never young. Without that test, round
+        r <= g - 1 saw every initial rank as "grown in round -1" and grace moved nothing (fixed 2026-12-06;
+        docs/results.md §3)."""
+        return born >= 0 and self.rounds - born <= n
 
     def churn(self) -> dict[str, int]:
         """``grown``: ranks grown so far; ``pruned_young``: of those, pruned within ``CHURN_ROUNDS`` rounds
@@ -244,8 +249,7 @@ class ElaLoRAAllocator(Allocator):
             cost=self.cost, param_budget=self.param_budget)
         for m, slots in prune.items():
             for s in slots:
-                if 0 <= self.rounds - self.born[m][s] <= CHURN_ROUNDS and self.born[m][s] >= 0:
-                    self.churned += 1
+                self.churned += self._grown_within(self.born[m][s], CHURN_ROUNDS)
                 self.born[m][s] = -1
         before = {m: self.adapters[m].active.tolist() for m in grow}
         events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
