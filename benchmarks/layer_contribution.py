@@ -104,7 +104,8 @@ def render_control(recs: list[dict], control_label: str) -> str:
     if not by:
         return ""
     head = ["task", "seeds", "k", f"{control_label} without ablation", "drop: ElaLoRA's top set off",
-            "drop: ElaLoRA's bottom set off", "top − bottom (paired)", "same in the ElaLoRA run"]
+            "drop: ElaLoRA's bottom set off", "top − bottom (paired)", "same in the ElaLoRA run",
+            "ElaLoRA's top − bottom minus the control's (paired)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
     def ms(v):
@@ -124,12 +125,13 @@ def render_control(recs: list[dict], control_label: str) -> str:
             lines.append("| " + " | ".join([
                 f"{t.upper()} ({METRIC_NAME[t]})", str(len(seeds)), f"{k} ({f:.0%})", ms(base),
                 ms([c[0] for c in ct]), ms([c[1] for c in ct]), paired_cell([c[0] - c[1] for c in ct]),
-                paired_cell([e[0] - e[1] for e in el])]) + " |")
+                paired_cell([e[0] - e[1] for e in el]),
+                paired_cell([(e[0] - e[1]) - (c[0] - c[1]) for e, c in zip(el, ct)])]) + " |")
     return "\n".join(lines) + (
         f"\n\nControl: in the {control_label} run of the same seed (uniform rank r on every matrix), the adapters "
         "of the matrices that ElaLoRA's run ranked top (bottom) are switched off (`elalora analyze RUN "
         "--ranks-from ELALORA_RUN`). If ElaLoRA's top set matters only because ElaLoRA gave it more rank, its "
-        "drop here is no larger than the bottom set's.")
+        "drop here is no larger than the bottom set's; the last column asks whether the rank ElaLoRA gave its top set made it matter more than it does at uniform rank.")
 
 
 def render(recs: list[dict]) -> str:

@@ -252,6 +252,8 @@ def test_layer_contribution_render_pairs_top_and_bottom_by_seed():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:6] == ["2", "4 (10%)", "80.0 ± 0.0", "2.5 ± 0.7", "1.5 ± 0.7"]
     assert cells[6] == "+1.0 [+1.0, +1.0] win (n=2)" and cells[7].startswith("+2.0 [")
+    # ElaLoRA's top − bottom (3, 1) minus the control's (1, 1): 2, 0 -> mean 1, se 1, t(1) 12.71
+    assert cells[8] == "+1.0 [-11.7, +13.7] tie (n=2)"
     assert lc.render_control([rec(0, 0.05, 0.02, 0.01)], "PEFT LoRA") == ""  # no control: no table
 
 
