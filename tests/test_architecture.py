@@ -248,19 +248,47 @@ def _watched(code: str, tmp_path: Path) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_the_watcher_reproduces_the_bitsandbytes_kernels_notice(tmp_path):
-    """The control of the test below: without elalora's filter, importing bitsandbytes under the watcher
-    logs the notice, so its absence below means the filter works (not that this CPU lacks AVX512-BF16)."""
+    """The control of the test below: without elalora's filters, importing bitsandbytes under the watcher
+    logs the notice (and, with the ``kernels`` package installed, ``kernels``' offline publisher notice
+    first), so their absence below means the filters work (not that this CPU lacks AVX512-BF16)."""
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes is not installed")
-    if importlib.util.find_spec("kernels") is not None:
-        pytest.skip("the `kernels` package is installed: bitsandbytes has no notice to log")
+    with_kernels = importlib.util.find_spec("kernels") is not None
     _, err = _watched("import bitsandbytes", tmp_path)
     assert "Failed to load CPU gemm_4bit_forward from kernels-community" in err, err[-2000:]
+    assert ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'" in err) == with_kernels, \
+        err[-2000:]
     _, err = _watched("import elalora, bitsandbytes, logging\n"
-                      "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another notice')", tmp_path)
-    assert "gemm_4bit" not in err and "another notice" in err, err[-2000:]  # exactly that one message
+                      "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another notice')\n"
+                      "logging.getLogger('kernels._internals.hf_hub').warning('a kernels notice')", tmp_path)
+    # exactly those messages: the same loggers' other messages still show
+    assert "gemm_4bit" not in err and "publisher trust" not in err, err[-2000:]
+    assert "another notice" in err and "a kernels notice" in err, err[-2000:]
+
+
+def test_the_quiet_filters_drop_exactly_their_messages():
+    """elalora._extras.quiet_optional_imports: each filter drops its one message (by its start, the hub
+    repository named) and nothing else, and installing twice adds no second filter."""
+    import logging
+
+    from elalora._extras import QUIETED_NOTICES, quiet_optional_imports
+
+    quiet_optional_imports()
+    quiet_optional_imports()
+    for name, prefix in QUIETED_NOTICES.items():
+        logger = logging.getLogger(name)
+        assert len(logger.filters) == len({id(f) for f in logger.filters}) == 1, logger.filters
+
+        def passes(msg: str) -> bool:
+            return logger.filter(logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None))
+
+        assert not passes(prefix + " anything after it")
+        assert passes("an unrelated notice") and passes(prefix[:-5])
+    trust = logging.getLogger("kernels._internals.hf_hub")
+    other_repo = "Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode."
+    assert trust.filter(logging.LogRecord(trust.name, logging.WARNING, __file__, 1, other_repo, None, None))
 
 
 @pytest.mark.slow

@@ -5,15 +5,24 @@ task data and metrics, the figures, GGUF loading, the default model, the Trainer
 4-bit / 8-bit bases (bitsandbytes) and TRL come with extras declared in ``pyproject.toml``;
 :func:`require` is the one place that turns a missing one into :class:`~elalora.errors.MissingExtraError`.
 
-One third-party notice is silenced here (:func:`quiet_optional_imports`, installed by ``import elalora``):
-bitsandbytes (>= 0.49), on a CPU with AVX512-BF16, logs "Failed to load CPU gemm_4bit_forward from
-kernels-community: No module named 'kernels'" when it is imported. It is imported on every run,
-float ones too, because transformers' ``Trainer`` imports peft, whose ``peft.helpers`` imports
-bitsandbytes whenever it is installed (peft 0.21); nothing in elalora imports it before a 4-bit /
-8-bit base is asked for. The missing kernel serves bitsandbytes' fused CPU *inference* layout, which
-elalora switches off on every adapted 4-bit base (:func:`elalora.quant.keep_standard_4bit_layout`), so
-the notice tells a user of this package nothing. A :class:`logging.Filter` on that one logger drops
-exactly that one message; every other bitsandbytes message still shows.
+Two third-party notices are silenced here (:func:`quiet_optional_imports`, installed by ``import elalora``).
+Both come from importing bitsandbytes (>= 0.49) on a CPU with AVX512-BF16, which tries to fetch a fused CPU
+``gemm_4bit_forward`` kernel from the hub repository ``kernels-community/quantization-bitsandbytes``:
+
+- bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community: ..." when that fails
+  (without the ``kernels`` package: "No module named 'kernels'");
+- with ``kernels`` installed (transformers >= 5.25 requires it) and the hub offline, ``kernels`` first logs
+  "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face
+  Hub is in offline mode".
+
+bitsandbytes is imported on every run, float ones too, because transformers' ``Trainer`` imports peft,
+whose ``peft.helpers`` imports bitsandbytes whenever it is installed (peft 0.21); nothing in elalora
+imports it before a 4-bit / 8-bit base is asked for. The kernel serves bitsandbytes' fused CPU
+*inference* layout, which elalora switches off on every adapted 4-bit base
+(:func:`elalora.quant.keep_standard_4bit_layout`), so neither notice tells a user of this package
+anything. One :class:`logging.Filter` per logger drops exactly those messages (matched by their start,
+the repository named); every other message of those loggers still shows. Online, the fetch itself is
+bitsandbytes' business and is left alone.
 
 Imports: stdlib and :mod:`elalora.errors` only.
 """
@@ -72,21 +81,28 @@ def require(module: str, purpose: str | None = None) -> ModuleType:
         raise MissingExtraError(install_hint(top) + why) from None
 
 
-#: The logger and the start of the one bitsandbytes message :func:`quiet_optional_imports` drops.
-BNB_KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
-BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+#: logger -> the start of the one message :func:`quiet_optional_imports` drops from it (module docstring).
+QUIETED_NOTICES: dict[str, str] = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+}
 
 
-class _DropBnbKernelsNotice(logging.Filter):
-    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" notice (module docstring)."""
+class _DropNotice(logging.Filter):
+    """Drops the records of one logger whose message starts with ``prefix`` (module docstring)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(BNB_KERNELS_NOTICE)
+        return not str(record.msg).startswith(self.prefix)
 
 
 def quiet_optional_imports() -> None:
-    """Install the filter of the module docstring on bitsandbytes' CPU-ops logger (idempotent; imports nothing:
-    the logger object exists before bitsandbytes does, and bitsandbytes logs through the same object)."""
-    logger = logging.getLogger(BNB_KERNELS_LOGGER)
-    if not any(isinstance(f, _DropBnbKernelsNotice) for f in logger.filters):
-        logger.addFilter(_DropBnbKernelsNotice())
+    """Install the filters of the module docstring on their loggers (idempotent; imports nothing: a logger
+    object exists before its package does, and the package logs through the same object)."""
+    for name, prefix in QUIETED_NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropNotice(prefix))
