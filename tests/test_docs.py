@@ -73,3 +73,21 @@ def test_grace_rule_adopts_only_a_minilm_gain_without_a_tiny64_loss(report):
     assert not report.grace_rule(gain + worse)["adopt"]
     assert not report.grace_rule(recs("minilm", [0.40, 0.41, 0.42], [0.41, 0.40, 0.42]) + flat)["adopt"]
     assert "stays 0" in report.grace_rule_text(gain + worse)
+
+
+def test_long_vs_short_pairs_each_long_seed_with_the_same_seed_at_two_epochs(report):
+    """docs/results.md §1's 2-vs-20-epoch table on hand-made MRPC records: means over all short seeds, the
+    gain paired by seed (seed 4 has no long cell, so it enters the mean but not the pairing)."""
+    def rec(protocol, method, seed, f1):
+        return {"protocol": protocol, "task": "mrpc", "r": 8, "method": method, "seed": seed, "main": f1 / 100}
+
+    m = report.LONG_METHODS[0]
+    recs = ([rec(report.PROTOCOL, m, s, v) for s, v in enumerate([80.0, 82.0, 84.0, 86.0, 88.0])]
+            + [rec(report.LONG, m, s, v) for s, v in enumerate([81.0, 84.0, 87.0])]
+            + [rec("v2", m, 0, 10.0)])  # another protocol: ignored
+    row = [x for x in report.long_vs_short(recs).splitlines() if x.startswith("| ")][1]
+    # gains +1, +2, +3: mean 2, sd 1, t(0.975, 2) = 4.303 -> half-width 2.484
+    assert "84.0 ± 3.2 (5 seeds)" in row and "81.0, 84.0, 87.0 (84.0 ± 3.0)" in row, row
+    assert "+2.0 [-0.5, +4.5] (n=3)" in row, row
+    one = report.long_vs_short(recs[:1]).splitlines()
+    assert "| 80.0 (1 seed) | – (–) | – |" in one[2] and "| – (0 seeds) | – (–) | – |" in one[3], one
