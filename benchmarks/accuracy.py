@@ -463,7 +463,11 @@ def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, kee
 
 
 # ----------------------------------------------------------------------------------- table
-def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_extra=True, protocol=None) -> str:
+def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_extra=True, protocol=None,
+                 not_run: dict[str, str] | None = None) -> str:
+    """The grid as a markdown table: mean ± sd per cell, parameters, average. ``not_run``: methods whose missing
+    cells will not be run (method -> why, for the note); they read "not run" instead of "pending"."""
+    not_run = not_run or {}
     recs = {}
     for rec in records:
         if rec.get("protocol") != protocol:
@@ -474,7 +478,7 @@ def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_
     rows_r = sorted(set(rs) | (set(EXTRA_R) if with_extra else set()))
     head = ["r", "method", "trainable params (final active)"] + [f"{t.upper()} ({METRIC_NAME.get(t, '')})" for t in tasks] + ["avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    n_done = n_all = 0
+    n_done = n_all = n_skip = 0
     for r in rows_r:
         for m in methods:
             if r not in rs and m not in EXTRA_R.get(r, []):
@@ -483,6 +487,10 @@ def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_
             for t in tasks:
                 got = recs.get((t, m, r), {})
                 vals = [100 * got[s]["main"] for s in seeds if s in got]
+                if m in not_run and not vals:
+                    n_skip += len(seeds)
+                    cells.append("not run")
+                    continue
                 n_all += len(seeds)
                 n_done += len(vals)
                 if params is None and got:
@@ -499,11 +507,14 @@ def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_
                 else:
                     means.append(mu)
                 cells.append(txt)
-            avg = f"{statistics.mean(means):.1f}" if len(means) == len(tasks) else "pending"
+            avg = (f"{statistics.mean(means):.1f}" if len(means) == len(tasks)
+                   else "–" if m in not_run else "pending")
             p = "pending" if params is None else (f"{params[0]:,}" + (f" ({params[1]:,})" if params[1] else ""))
             lines.append("| " + " | ".join([str(r), LABEL.get(m, m), p] + cells + [avg]) + " |")
     budget = f"protocol {protocol}" if protocol else f"{steps} steps per cell"
-    note = (f"\n\n{n_done} of {n_all} cells done (3 seeds: {', '.join(map(str, seeds))}; {budget}). "
+    skipped = (f"; {n_skip} not run: " + "; ".join(f"{LABEL.get(m, m)}: {why}" for m, why in not_run.items())
+               if n_skip else "")
+    note = (f"\n\n{n_done} of {n_all} cells done (3 seeds: {', '.join(map(str, seeds))}; {budget}{skipped}). "
             "Scores ×100, mean ± std over the seeds done; `avg` only when every task has all seeds. Trainable "
             "params include the classifier head and, for ElaLoRA/ALoRA/AdaLoRA, every allocated rank slot; "
             "in parentheses the parameters of the ranks active at the end (seed "

@@ -48,6 +48,12 @@ def test_render_table_means_pending_and_avg(acc):
     assert "60.0 ± 10.0" in rows["ElaLoRA (ours)"] and rows["ElaLoRA (ours)"].rstrip(" |").endswith("60.0")
     assert "55.0 ± 0.0 (1/3 seeds)" in rows["PEFT LoRA"] and "pending" in rows["PEFT LoRA"]
     assert "13 of 24 cells done" in table
+    # an arm that will not be run further: its missing cells read "not run", its avg "–", and they leave the count
+    table = acc.render_table(recs, tasks=acc.TASKS, methods=["peft-lora", "elalora"], rs=[8], seeds=[0, 1, 2],
+                             steps=100, with_extra=False, not_run={"peft-lora": "dropped"})
+    row = [line for line in table.splitlines() if "| PEFT LoRA |" in line][0]
+    assert "55.0 ± 0.0 (1/3 seeds)" in row and row.count("not run") == 3 and row.rstrip(" |").endswith("–"), row
+    assert "pending" not in row and "13 of 15 cells done" in table and "9 not run: PEFT LoRA: dropped" in table
 
 
 def test_write_doc_table_replaces_only_the_block(acc, tmp_path):
