@@ -43,8 +43,8 @@ def _run(method, *, checkpointing=False, compile_backend=None):
         g = torch.Generator().manual_seed(9)
         ids = torch.randint(0, 100, (4, 10), generator=g)
         h.allocator.set_validation_batch({"input_ids": ids, "labels": ids})
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    if checkpointing:  # transformers 5.25 renamed it (the old name warns until v6); older versions have only the old
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     net = torch.compile(model, backend=compile_backend) if compile_backend is not None else model
     opt = torch.optim.AdamW(h.adapter_parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
