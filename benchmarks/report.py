@@ -68,13 +68,15 @@ class Block:
     text: str
 
 
+def _cell(records, method, task, r, protocol=PROTOCOL) -> dict[int, float]:
+    """One grid cell: seed -> main metric × 100."""
+    return {int(x["seed"]): 100 * x["main"] for x in records
+            if x.get("protocol") == protocol and x["task"] == task and int(x["r"]) == r and x["method"] == method}
+
+
 def _paired(records, method, baseline, task, r, seeds=None):
     """Paired differences (points) of ``method`` minus ``baseline``, one per seed both have (of ``seeds``)."""
-    cells = {}
-    for rec in records:
-        if rec.get("protocol") == PROTOCOL and rec["task"] == task and int(rec["r"]) == r:
-            cells.setdefault(rec["method"], {})[int(rec["seed"])] = 100 * rec["main"]
-    x, y = cells.get(method, {}), cells.get(baseline, {})
+    x, y = _cell(records, method, task, r), _cell(records, baseline, task, r)
     return [x[s] - y[s] for s in sorted(set(x) & set(y)) if seeds is None or s in seeds]
 
 
@@ -227,10 +229,6 @@ def long_vs_short(records, *, task: str = "mrpc", r: int = 8) -> str:
     """The 20-epoch cells (``LONG``) beside the same arms at 2 epochs (``PROTOCOL``): per arm, both cells'
     mean ± sd and the longer run's gain, paired by seed (same seed, same data order for the first epochs)
     with a 95 % t-interval. Scores × 100."""
-    def cells(protocol, method):
-        return {int(x["seed"]): 100 * x["main"] for x in records
-                if x.get("protocol") == protocol and x["task"] == task and int(x["r"]) == r and x["method"] == method}
-
     def ms(v):
         v = list(v)
         return "–" if not v else f"{statistics.mean(v):.1f}" + (f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else "")
@@ -239,13 +237,9 @@ def long_vs_short(records, *, task: str = "mrpc", r: int = 8) -> str:
              f"{A.PROTOCOLS[LONG]['epochs'][task]} epochs ({LONG}), by seed | longer minus shorter, paired by seed |",
              "|---|---|---|---|"]
     for m in LONG_METHODS:
-        short, long_ = cells(PROTOCOL, m), cells(LONG, m)
+        short, long_ = _cell(records, m, task, r), _cell(records, m, task, r, protocol=LONG)
         d = [long_[s] - short[s] for s in sorted(set(short) & set(long_))]
-        if len(d) > 1:
-            mu, lo, hi = interval(d)
-            gain = f"{mu:+.1f} [{lo:+.1f}, {hi:+.1f}] (n={len(d)})"
-        else:
-            gain = f"{d[0]:+.1f} (n=1)" if d else "–"
+        gain = A.paired_cell(d) if d else "–"
         by_seed = ", ".join(f"{long_[s]:.1f}" for s in sorted(long_))
         lines.append(f"| {A.LABEL.get(m, m)} | {ms(short.values())} ({len(short)} seed{'s' * (len(short) != 1)}) | "
                      f"{by_seed or '–'} ({ms(long_.values())}) | {gain} |")

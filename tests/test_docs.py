@@ -88,6 +88,6 @@ def test_long_vs_short_pairs_each_long_seed_with_the_same_seed_at_two_epochs(rep
     row = [x for x in report.long_vs_short(recs).splitlines() if x.startswith("| ")][1]
     # gains +1, +2, +3: mean 2, sd 1, t(0.975, 2) = 4.303 -> half-width 2.484
     assert "84.0 ± 3.2 (5 seeds)" in row and "81.0, 84.0, 87.0 (84.0 ± 3.0)" in row, row
-    assert "+2.0 [-0.5, +4.5] (n=3)" in row, row
+    assert "+2.0 [-0.5, +4.5] tie (n=3)" in row, row
     one = report.long_vs_short(recs[:1]).splitlines()
     assert "| 80.0 (1 seed) | – (–) | – |" in one[2] and "| – (0 seeds) | – (–) | – |" in one[3], one
