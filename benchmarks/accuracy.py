@@ -514,7 +514,7 @@ def render_table(records: list[dict], *, tasks, methods, rs, seeds, steps, with_
     budget = f"protocol {protocol}" if protocol else f"{steps} steps per cell"
     skipped = (f"; {n_skip} not run: " + "; ".join(f"{LABEL.get(m, m)}: {why}" for m, why in not_run.items())
                if n_skip else "")
-    note = (f"\n\n{n_done} of {n_all} cells done (3 seeds: {', '.join(map(str, seeds))}; {budget}{skipped}). "
+    note = (f"\n\n{n_done} of {n_all} cells done ({len(seeds)} seeds: {', '.join(map(str, seeds))}; {budget}{skipped}). "
             "Scores ×100, mean ± std over the seeds done; `avg` only when every task has all seeds. Trainable "
             "params include the classifier head and, for ElaLoRA/ALoRA/AdaLoRA, every allocated rank slot; "
             "in parentheses the parameters of the ranks active at the end (seed "

@@ -47,7 +47,11 @@ def test_render_table_means_pending_and_avg(acc):
     rows = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith("| 8 ")}
     assert "60.0 ± 10.0" in rows["ElaLoRA (ours)"] and rows["ElaLoRA (ours)"].rstrip(" |").endswith("60.0")
     assert "55.0 ± 0.0 (1/3 seeds)" in rows["PEFT LoRA"] and "pending" in rows["PEFT LoRA"]
-    assert "13 of 24 cells done" in table
+    assert "13 of 24 cells done (3 seeds: 0, 1, 2;" in table
+    # the note counts the seeds it was given
+    two = acc.render_table(recs, tasks=acc.TASKS, methods=["elalora"], rs=[8], seeds=[0, 1], steps=100,
+                           with_extra=False)
+    assert "8 of 8 cells done (2 seeds: 0, 1;" in two, two
     # an arm that will not be run further: its missing cells read "not run", its avg "–", and they leave the count
     table = acc.render_table(recs, tasks=acc.TASKS, methods=["peft-lora", "elalora"], rs=[8], seeds=[0, 1, 2],
                              steps=100, with_extra=False, not_run={"peft-lora": "dropped"})
