@@ -75,6 +75,24 @@ def test_grace_rule_adopts_only_a_minilm_gain_without_a_tiny64_loss(report):
     assert "stays 0" in report.grace_rule_text(gain + worse)
 
 
+def test_readme_regime_line_pairs_each_form_with_peft_lora_at_twenty_epochs(report):
+    """The README's line on MRPC for 20 epochs, on hand-made records: each form minus PEFT LoRA over the
+    seeds both have; a form without a paired seed is left out, and no long records means no line."""
+    def rec(protocol, method, seed, f1):
+        return {"protocol": protocol, "task": "mrpc", "r": 8, "method": method, "seed": seed, "main": f1 / 100}
+
+    base, lora, svd = report.LONG_METHODS
+    recs = ([rec(report.LONG, base, s, v) for s, v in enumerate([85.0, 85.0, 85.0, 85.0])]
+            + [rec(report.LONG, lora, s, v) for s, v in enumerate([86.0, 87.0, 88.0])]  # +1, +2, +3
+            + [rec(report.PROTOCOL, svd, 0, 99.0)])  # the 2-epoch grid: not the papers' regime
+    line = report.long_regime_line(recs)
+    assert "the LoRA form (no grace) +2.0 [-0.5, +4.5] tie (n=3)" in line and "SVD form" not in line, line
+    assert "MRPC trained for 20 epochs" in line
+    recs += [rec(report.LONG, svd, s, v) for s, v in enumerate([84.0, 84.5, 84.0, 84.5])]  # mean -0.75, t(3) 3.182 -> h 0.459
+    assert "the SVD form -0.8 [-1.2, -0.3] loss (n=4)" in report.long_regime_line(recs)
+    assert report.long_regime_line([r for r in recs if r["protocol"] != report.LONG]) == ""
+
+
 def test_long_vs_short_pairs_each_long_seed_with_the_same_seed_at_two_epochs(report):
     """docs/results.md §1's 2-vs-20-epoch table on hand-made MRPC records: means over all short seeds, the
     gain paired by seed (seed 4 has no long cell, so it enters the mean but not the pairing)."""
