@@ -56,6 +56,37 @@ def machine_info(threads: int) -> dict:
     return info
 
 
+#: The packages whose versions can move a benchmark's numbers (recorded with every accuracy cell).
+PROVENANCE_PACKAGES = ("elalora", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
+
+
+def provenance() -> dict:
+    """Which code and which packages produced a record: the repository's commit (``None`` outside git), whether
+    tracked files differed from it, and the installed versions of :data:`PROVENANCE_PACKAGES` (``None`` if
+    absent). Cells run weeks apart, from worktrees and venvs, are then comparable by their records alone."""
+    import subprocess
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    versions = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None, "versions": versions}
+
+
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 

@@ -68,7 +68,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, loadavg, train_cell, write_doc_block  # noqa: E402
+from _common import RESULTS, loadavg, provenance, train_cell, write_doc_block  # noqa: E402
 
 JSONL = RESULTS / "accuracy.jsonl"
 DOC = ROOT / "docs" / "results.md"
@@ -458,7 +458,7 @@ def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, kee
                 "main": float(res["final"][res["main_metric"]]), "wall_s": round(time.time() - t0, 1),
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                 "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "shared": shared})
+                "shared": shared, "provenance": provenance()})
     return res
 
 

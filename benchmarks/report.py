@@ -54,8 +54,20 @@ BASELINES = ("peft-lora", "peft-adalora")
 GRID_METHODS = ["peft-lora", "peft-adalora", "elalora", "elalora-lora", "elalora-lora-params", "elalora-lora-g1",
                 "elalora-lora-g1-skip1", "adalora-lora", "alora"]
 RS = (2, 8)
-#: The papers' own regime on one task (issue 27): MRPC for 20 epochs at r 8, PEFT LoRA against both forms.
-LONG, LONG_METHODS = "v3-mrpc20", ("peft-lora", "elalora-lora", "elalora")
+#: The papers' own regime on one task (issue 27): MRPC for 20 epochs at r 8, PEFT LoRA against both forms
+#: (the form rule's arms) and ElaLoRA at the library's defaults.
+LONG = "v3-mrpc20"
+LONG_METHODS = tuple(dict.fromkeys(("peft-lora", FORM_ARMS["lora"], DEFAULT_ARM, FORM_ARMS["svd"])))
+
+
+def long_words(default_arm: str) -> dict[str, str]:
+    """The README's words for each ElaLoRA arm of ``LONG``, in the order its line gives them: the default arm
+    first, then each form rule arm that is not also the default."""
+    forms = ((FORM_ARMS["lora"], "the LoRA form with no grace"), (FORM_ARMS["svd"], "the SVD form"))
+    return {default_arm: f"at its defaults ({DEFAULTS_TEXT})", **{m: w for m, w in forms if m != default_arm}}
+
+
+LONG_WORDS = long_words(DEFAULT_ARM)
 #: Grid arms whose missing cells will not be run, and why (their cells read "not run", not "pending").
 NOT_RUN = {"elalora-lora-g1-skip1": "superseded by the fixed code (§1)"}
 RULE_SEEDS = (0, 1, 2)  # the rule was written for seeds 0-2; later seeds (the 5-seed cells) do not move it
@@ -128,6 +140,7 @@ def readme_results(records) -> str:
     rule = form_rule(records)
     lines = ["![ElaLoRA minus PEFT LoRA and PEFT AdaLoRA, paired by seed, 95 % intervals](docs/figures/results_at_a_glance.png)",
              ""]
+    long = [x] if (x := long_regime_line(records)) else []  # its own cell: shown whether or not the grid is done
     n, w, lo, m = _verdicts(rows, DEFAULT_ARM, "peft-lora")
     ns, ws, ls, ms = _verdicts(rows, OTHER_ARM, "peft-lora")
     full = sum(x["n"] >= 3 for x in rows if x["arm"] == DEFAULT_ARM and x["baseline"] == "peft-lora")
@@ -138,7 +151,7 @@ def readme_results(records) -> str:
             f"--methods {DEFAULT_ARM} --r 2,8 --no-extra`).",
             f"- **The papers' SVD form** against PEFT LoRA wins {ws} and loses {ls} of {ns} cells (mean {ms:+.2f}). "
             f"The rule written before the cells ran chose the LoRA form: D = {rule['lora']['D']:+.2f} for the LoRA "
-            f"form, {rule['svd']['D']:+.2f} for the SVD form ([docs/results.md](docs/results.md) §1)."])
+            f"form, {rule['svd']['D']:+.2f} for the SVD form ([docs/results.md](docs/results.md) §1)."] + long)
     na, wa, la, ma = _verdicts(rows, DEFAULT_ARM, "peft-adalora")
     own = [statistics.mean(d) for t in A.TASKS for r in RS if (d := _paired(records, DEFAULT_ARM, "adalora-lora", t, r))]
     own_m = statistics.mean(own) if own else math.nan
@@ -170,22 +183,22 @@ def readme_results(records) -> str:
         f"(mean {ma:+.2f}).",
         f"- **So, honestly:** {verdict} ([docs/results.md](docs/results.md) §1).",
     ]
-    return "\n".join(lines + ([long] if (long := long_regime_line(records)) else []))
+    return "\n".join(lines + long)
 
 
 def long_regime_line(records, *, task: str = "mrpc", r: int = 8) -> str:
     """The README's line on the papers' own regime (``LONG``: MRPC for 20 epochs): each form of ElaLoRA minus
     PEFT LoRA, paired by seed, with its verdict; empty while no form has a paired seed."""
     parts = []
-    for m, what in ((LONG_METHODS[1], "the LoRA form (no grace)"), (LONG_METHODS[2], "the SVD form")):
-        d = _paired(records, m, LONG_METHODS[0], task, r, protocol=LONG)
+    for m, what in LONG_WORDS.items():
+        d = _paired(records, m, "peft-lora", task, r, protocol=LONG)
         if d:
             parts.append(f"{what} {A.paired_cell(d)}")
     if not parts:
         return ""
     epochs = A.PROTOCOLS[LONG]["epochs"][task]
     return (f"- **In the papers' regime** ({task.upper()} trained for {epochs} epochs, r {r}), ElaLoRA minus PEFT "
-            f"LoRA, F1 × 100 paired by seed: {'; '.join(parts)}. One cell on a 22.7M-parameter encoder, not the "
+            f"LoRA, {A.METRIC_NAME[task]} × 100 paired by seed: {'; '.join(parts)}. One cell on a 22.7M-parameter encoder, not the "
             "paper's DeBERTaV3-base ([docs/results.md](docs/results.md) §1, \"MRPC for 20 epochs\").")
 
 
@@ -235,7 +248,9 @@ def _grid_blocks(records) -> list[tuple[str, str]]:
                                                            seeds=[0, 1, 2], steps=-1, with_extra=False, protocol=LONG)),
         (f"accuracy-table-protocol-{LONG}-paired",
          "\n\n".join(A.paired_table(records, protocol=LONG, tasks=["mrpc"], method=m, baselines=b, rs=(8,), cross=())
-                     for m, b in (("elalora-lora", ("peft-lora", "elalora")), ("elalora", ("peft-lora",))))),
+                     for m, b in ((DEFAULT_ARM, ("peft-lora", FORM_ARMS["lora"])),
+                                  (FORM_ARMS["lora"], ("peft-lora", FORM_ARMS["svd"])),
+                                  (FORM_ARMS["svd"], ("peft-lora",))) if m not in b)),
         (f"accuracy-long-vs-short-{LONG}", long_vs_short(records)),
         (f"form-rule-{PROTOCOL}", form_rule_text(records)),
     ]

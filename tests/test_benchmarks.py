@@ -322,3 +322,25 @@ def test_lr_select_split_is_a_seeded_partition_of_the_training_file(tmp_path):
     assert glue_layout("cola") == ("CoLA", False) and glue_layout("stsb") == ("STS-B", True)
     with pytest.raises(ValueError, match="unknown GLUE task"):
         glue_layout("stsbb")
+
+
+def test_provenance_names_the_commit_and_the_package_versions(acc, monkeypatch):
+    """Every accuracy record carries the commit it ran from and the versions that can move its numbers."""
+    import shutil
+    import subprocess
+    from importlib import metadata
+
+    from _common import PROVENANCE_PACKAGES, provenance
+
+    p = provenance()
+    assert set(p["versions"]) == set(PROVENANCE_PACKAGES)
+    assert p["versions"]["torch"] == metadata.version("torch") and p["versions"]["peft"] == metadata.version("peft")
+    if shutil.which("git") and (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        assert p["commit"] == head and isinstance(p["dirty"], bool)
+    else:
+        assert p["commit"] is None and p["dirty"] is None
+    # run_cell writes it into every record (the training itself stubbed out)
+    monkeypatch.setattr(acc, "run_recipe_cell", lambda *a, **k: {"final": {"f1": 0.5}, "main_metric": "f1"})
+    rec = acc.run_cell("mrpc", "elalora-lora", 8, 0, 10, None, 1, protocol="v3")
+    assert rec["main"] == 0.5 and rec["provenance"]["versions"] == p["versions"]

@@ -75,22 +75,30 @@ def test_grace_rule_adopts_only_a_minilm_gain_without_a_tiny64_loss(report):
     assert "stays 0" in report.grace_rule_text(gain + worse)
 
 
-def test_readme_regime_line_pairs_each_form_with_peft_lora_at_twenty_epochs(report):
+def test_readme_regime_line_pairs_each_form_with_peft_lora_at_twenty_epochs(report, monkeypatch):
     """The README's line on MRPC for 20 epochs, on hand-made records: each form minus PEFT LoRA over the
     seeds both have; a form without a paired seed is left out, and no long records means no line."""
     def rec(protocol, method, seed, f1):
         return {"protocol": protocol, "task": "mrpc", "r": 8, "method": method, "seed": seed, "main": f1 / 100}
 
-    base, lora, svd = report.LONG_METHODS
+    base, lora, svd = "peft-lora", report.FORM_ARMS["lora"], report.FORM_ARMS["svd"]
     recs = ([rec(report.LONG, base, s, v) for s, v in enumerate([85.0, 85.0, 85.0, 85.0])]
             + [rec(report.LONG, lora, s, v) for s, v in enumerate([86.0, 87.0, 88.0])]  # +1, +2, +3
             + [rec(report.PROTOCOL, svd, 0, 99.0)])  # the 2-epoch grid: not the papers' regime
     line = report.long_regime_line(recs)
-    assert "the LoRA form (no grace) +2.0 [-0.5, +4.5] tie (n=3)" in line and "SVD form" not in line, line
+    assert "the LoRA form with no grace +2.0 [-0.5, +4.5] tie (n=3)" in line and "SVD form" not in line, line
+    assert "at its defaults" not in line, line  # the default arm has no 20-epoch record here
     assert "MRPC trained for 20 epochs" in line
     recs += [rec(report.LONG, svd, s, v) for s, v in enumerate([84.0, 84.5, 84.0, 84.5])]  # mean -0.75, t(3) 3.182 -> h 0.459
     assert "the SVD form -0.8 [-1.2, -0.3] loss (n=4)" in report.long_regime_line(recs)
     assert report.long_regime_line([r for r in recs if r["protocol"] != report.LONG]) == ""
+    # the default arm comes first, named as such; a default that is a form rule arm is named once
+    assert list(report.long_words("elalora-lora-g1")) == ["elalora-lora-g1", lora, svd]
+    assert list(report.long_words(lora)) == [lora, svd] and "defaults" in report.long_words(lora)[lora]
+    monkeypatch.setattr(report, "LONG_WORDS", report.long_words("elalora-lora-g1"))
+    recs += [rec(report.LONG, "elalora-lora-g1", s, v) for s, v in enumerate([85.0, 86.0])]  # +0, +1
+    line = report.long_regime_line(recs)
+    assert f"by seed: at its defaults ({report.DEFAULTS_TEXT}) +0.5 [-5.9, +6.9] tie (n=2); the LoRA" in line, line
 
 
 def test_long_vs_short_pairs_each_long_seed_with_the_same_seed_at_two_epochs(report):
