@@ -1,5 +1,6 @@
-"""Helpers shared by the benchmark scripts: machine description, timing, output files, and training runs
-through the public recipe (:func:`elalora.recipe.train`; the benchmarks never drive the CLI)."""
+"""Helpers shared by the benchmark scripts: machine description, timing, Markdown output, and training runs
+through the public recipe (:func:`elalora.recipe.train`; the benchmarks never drive the CLI). Records (read,
+append, carry-over, provenance) live in ``_records.py``, statistics in ``_stats.py``, the arms in ``arms.py``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from _records import RESULTS, write_json  # noqa: F401  (re-exported: the timing benchmarks write here)
 
 
 def cpu_model() -> str:
@@ -56,37 +57,6 @@ def machine_info(threads: int) -> dict:
     return info
 
 
-#: The packages whose versions can move a benchmark's numbers (recorded with every accuracy cell).
-PROVENANCE_PACKAGES = ("elalora", "torch", "transformers", "peft", "accelerate", "bitsandbytes")
-
-
-def provenance() -> dict:
-    """Which code and which packages produced a record: the repository's commit (``None`` outside git), whether
-    tracked files differed from it, and the installed versions of :data:`PROVENANCE_PACKAGES` (``None`` if
-    absent). Cells run weeks apart, from worktrees and venvs, are then comparable by their records alone."""
-    import subprocess
-    from importlib import metadata
-
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args):
-        try:
-            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    versions = {}
-    for name in PROVENANCE_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": bool(status) if status is not None else None, "versions": versions}
-
-
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
@@ -100,13 +70,6 @@ def iqr(xs) -> tuple[float, float]:
         return (min(xs), max(xs)) if xs else (float("nan"), float("nan"))
     q = statistics.quantiles(xs, n=4)
     return float(q[0]), float(q[2])
-
-
-def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    tmp.replace(path)
 
 
 def write_doc_block(doc: Path, begin: str, end: str, body: str, heading: str) -> None:
@@ -195,3 +158,32 @@ def train_cell(fields: dict, out: Path, callbacks=None) -> dict:
             "method_config": cfg.get("method_config"), "schedule": cfg.get("schedule"),
             "threads": cfg.get("training", {}).get("threads"), "runner": "elalora.recipe.train (in-process)",
             "spec": dict(fields), "argv": train_argv(fields, out)}
+
+
+def run_cells(todo: list[tuple], run, *, jobs: int = 1, done=None, describe=str) -> None:
+    """Run ``run(*cell)`` for every cell of ``todo`` and hand each record to ``done(rec)``; a failing cell is
+    reported on stderr and does not stop the rest. With ``jobs`` > 1 each cell runs in a fresh process (spawn:
+    nothing leaks between cells) and only this process calls ``done`` (the one writer of the records)."""
+    import gc
+    import multiprocessing
+    import traceback
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    done = done or (lambda rec: None)
+    if jobs <= 1:
+        for c in todo:
+            print(f"=== cell {describe(c)} (load {loadavg()})", flush=True)
+            try:
+                done(run(*c))
+            except Exception:  # noqa: BLE001  (one failing cell must not stop the grid)
+                print(f"cell {describe(c)} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            gc.collect()
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        futs = {pool.submit(run, *c): c for c in todo}
+        for fut in as_completed(futs):
+            try:
+                done(fut.result())
+            except Exception:  # noqa: BLE001
+                print(f"cell {describe(futs[fut])} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)

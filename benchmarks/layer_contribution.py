@@ -4,7 +4,7 @@
     python benchmarks/accuracy.py --protocol v2 --methods elalora --r 8 --keep-runs runs/grid
     # run `elalora analyze` on every kept run that has no analysis yet, then aggregate and render
     python benchmarks/layer_contribution.py --runs runs/grid --threads 1
-    # only aggregate the analyses that exist and render the table into docs/results.md
+    # only aggregate the analyses that exist and render the table into docs/results/layer_contribution.md
     python benchmarks/layer_contribution.py --runs runs/grid --render
     # another study: the v3 grid's ElaLoRA runs on the LoRA form (grace 1, the library's default)
     python benchmarks/layer_contribution.py --runs runs/grid --protocol v3 --method elalora-lora-g1 --threads 1
@@ -16,8 +16,8 @@ the 36 matrices, and records the drop of the task's main metric on the dev set
 ``elalora analyze`` runs). This script collects one record per run into
 the study's JSON-lines file (:func:`study_paths`: ``benchmarks/results/layer_contribution.jsonl`` for the first
 study, protocol v2's SVD-form ElaLoRA at r 8; ``layer_contribution_PROTOCOL_METHOD_rR.jsonl`` for any other)
-and renders, into the study's own block of docs/results.md, per task and k, the mean drop over seeds of
-each group, and the paired difference top − bottom with its 95 % interval. The paper's claim ("layers
+and renders, into the study's own block of docs/results/layer_contribution.md, per task and k, the mean drop
+over seeds of each group, and the paired difference top − bottom with its 95 % interval. The paper's claim ("layers
 receiving higher rank allocations contribute more significantly") predicts top > random > bottom.
 
 The control (``--control-method peft-lora``, on ``--control-tasks``): the same top and bottom sets
@@ -37,28 +37,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_doc_block  # noqa: E402
-from accuracy import LABEL, METRIC_NAME, TASKS, paired_cell  # noqa: E402
+from _common import write_doc_block  # noqa: E402
+from _records import RESULTS  # noqa: E402
+from _stats import paired_cell  # noqa: E402
+from arms import label  # noqa: E402
+from glue_protocols import METRIC_NAME, TASKS  # noqa: E402
 
 JSONL = RESULTS / "layer_contribution.jsonl"
-DOC = ROOT / "docs" / "results.md"
-#: (protocol, grid method, r) of each study whose table docs/results.md §4 shows; the first is protocol v2's
-#: SVD-form ElaLoRA, the second the v3 grid's ElaLoRA at the library's defaults (LoRA form, grace 1 round).
+DOC = ROOT / "docs" / "results" / "layer_contribution.md"
+#: (protocol, grid arm, r) of each study whose table docs/results/layer_contribution.md shows; the first is
+#: protocol v2's SVD-form ElaLoRA, the second the v3 grid's ElaLoRA at the library's defaults (LoRA form,
+#: grace 1 round).
 STUDIES = [("v2", "elalora", 8), ("v3", "elalora-lora-g1", 8)]
 
 
 def study_paths(protocol: str, method: str, r: int) -> tuple[Path, str]:
     """``(JSON-lines file, doc block name)`` of one study. Each study has its own file, because the file is
-    rewritten whole from the analyses found (it is their aggregate), and its own block in docs/results.md."""
+    rewritten whole from the analyses found (it is their aggregate), and its own block in
+    docs/results/layer_contribution.md."""
     if (protocol, method, r) == STUDIES[0]:
         return JSONL, "layer-contribution-table"
-    return RESULTS / f"layer_contribution_{protocol}_{method}_r{r}.jsonl", f"layer-contribution-{protocol}-{method}-r{r}"
+    return (RESULTS / f"layer_contribution_{protocol}_{method}_r{r}.jsonl",
+            f"layer-contribution-{protocol}-{method}-r{r}")
 
 
 def render_study(recs: list[dict], control_method: str = "peft-lora") -> str:
     """The study's block: the ablation table and, where the records have one, the control's."""
     table = render(recs)
-    ctrl = render_control(recs, LABEL.get(control_method, control_method))
+    ctrl = render_control(recs, label(control_method))
     return table + ("\n\n" + ctrl if ctrl else "")
 
 
@@ -131,7 +137,8 @@ def render_control(recs: list[dict], control_label: str) -> str:
         f"\n\nControl: in the {control_label} run of the same seed (uniform rank r on every matrix), the adapters "
         "of the matrices that ElaLoRA's run ranked top (bottom) are switched off (`elalora analyze RUN "
         "--ranks-from ELALORA_RUN`). If ElaLoRA's top set matters only because ElaLoRA gave it more rank, its "
-        "drop here is no larger than the bottom set's; the last column asks whether the rank ElaLoRA gave its top set made it matter more than it does at uniform rank.")
+        "drop here is no larger than the bottom set's; the last column asks whether the rank ElaLoRA gave its top "
+        "set made it matter more than it does at uniform rank.")
 
 
 def render(recs: list[dict]) -> str:
@@ -223,7 +230,7 @@ def main(argv=None) -> int:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
     os.replace(tmp, out)
     table = render_study(recs, args.control_method)
-    if args.results is None:  # the study's own records: its block in docs/results.md (report.py renders the same)
+    if args.results is None:  # the study's own records: its block in DOC (report.py renders the same)
         write_doc_block(DOC, f"<!-- {block}:begin -->", f"<!-- {block}:end -->", table, "## Layer contribution")
     print(table)
     return 0

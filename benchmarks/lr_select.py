@@ -31,7 +31,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import accuracy as A  # noqa: E402
-from _common import RESULTS  # noqa: E402
+from _records import RESULTS, read_records  # noqa: E402
+from arms import label  # noqa: E402
 
 JSONL = RESULTS / "lr_select.jsonl"
 FAMILY_METHOD = {"lora": "peft-lora", "svd": "peft-adalora"}
@@ -42,7 +43,7 @@ def write_split(src: Path, dst: Path, task: str, *, held_out: float = 0.2, seed:
 
     Lines are copied as they are (GLUE TSVs are read with ``csv.QUOTE_NONE``: one line, one row). The
     split is a seeded permutation of the data rows, so the same seed gives the same split anywhere."""
-    from elalora.tasks.sources import glue_layout
+    from elalora.tasks import glue_layout
 
     folder_name, has_header = glue_layout(task)
     lines = (src / folder_name / "train.tsv").read_bytes().splitlines(keepends=True)
@@ -85,7 +86,7 @@ def selection_table(records: list[dict], tasks, seeds) -> tuple[str, dict]:
             pick = max(means, key=means.get) if len(means) == len(A.SELECT_LRS) else None
             if pick is not None:
                 chosen.setdefault(t, {})[fam] = float(pick)
-            lines.append(f"| {t.upper()} ({A.METRIC_NAME[t]}) | {fam} ({A.LABEL[m]}) | " + " | ".join(cells)
+            lines.append(f"| {t.upper()} ({A.METRIC_NAME[t]}) | {fam} ({label(m)}) | " + " | ".join(cells)
                          + f" | {pick or 'pending'} |")
     return "\n".join(lines), chosen
 
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
                     ",".join(FAMILY_METHOD.values()), "--r", "8", "--no-extra", "--seeds", ",".join(map(str, seeds)),
                     "--jobs", str(args.jobs), "--threads", "1", "--data-dir", args.split_dir,
                     "--results", str(JSONL), "--no-render"])
-    table, chosen = selection_table(A.read_records(JSONL), tasks, seeds)
+    table, chosen = selection_table(read_records(JSONL), tasks, seeds)
     print(table)
     print(f"\nv3 lr per task and family: {chosen}")
     return 0

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import accuracy  # noqa: E402
+from _records import append_record, read_records  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "orth_reg_check.jsonl"
 
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     done = {(r["task"], r["method"], r["r"], r["seed"], r["steps"], r["orth_reg_weight"])
-            for r in accuracy.read_records(OUT)}
+            for r in read_records(OUT)}
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
                 rec.update(task=task, method=method, r=args.r, seed=seed, steps=args.steps, orth_reg_weight=args.gamma,
                            main=rec["final"][rec["main_metric"]])
                 print(task, method, seed, "γ", args.gamma, rec["main_metric"], rec["main"], flush=True)
-                accuracy.append_record(rec, OUT)
+                append_record(rec, OUT)
     return 0
 
 

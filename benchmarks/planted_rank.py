@@ -24,9 +24,9 @@ Two plantings (``--setting``):
 Methods: PEFT LoRA (uniform), PEFT AdaLoRA, our AdaLoRA, ElaLoRA (capacity = the largest planted
 rank, so it can reach the planting), ALoRA (same capacity), GeLoRA (plan rescaled to the budget),
 plus regulariser variants of the SVD-form methods: ours at γ = 0.1 (``-orth``; our default is γ = 0
-since this study, see docs/results.md) and PEFT AdaLoRA at γ = 0 (``-noorth``; PEFT's default is 0.5). Every
-method keeps its library's defaults (alpha, regulariser weight, schedule fractions); the optimizer,
-learning rate, data and steps are shared.
+since this study, see docs/results/planted_rank.md) and PEFT AdaLoRA at γ = 0 (``-noorth``; PEFT's default is
+0.5); the arms are benchmarks/arms.py's. Every method keeps its library's defaults (alpha, regulariser
+weight, schedule fractions); the optimizer, learning rate, data and steps are shared.
 
 Records are appended one per (base, setting, method, r, seed, steps) to
 ``benchmarks/results/planted_rank.jsonl``; a rerun skips the cells already there (resumable).
@@ -57,53 +57,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import append_record, model_path, read_records  # noqa: E402
 from _common import md_table  # noqa: E402
+from _records import RESULTS, append_record, read_records  # noqa: E402
+from arms import arm, label, live  # noqa: E402
+from glue_protocols import model_path  # noqa: E402
 
-JSONL = ROOT / "benchmarks" / "results" / "planted_rank.jsonl"
-DOC = ROOT / "docs" / "results.md"
+JSONL = RESULTS / "planted_rank.jsonl"
+#: The arms this study runs by default (benchmarks/arms.py; their ``overrides`` go to the method's config).
+#: "peft-lora" is PEFT LoRA at PEFT's own default lora_alpha 8, "peft-lora-2r" at 2r (the LoRA form's scale);
+#: "-orth": our SVD-form methods at γ = 0.1 (the authors' GLUE value and our default before this study);
+#: "-noorth": PEFT AdaLoRA at γ = 0 instead of PEFT's default 0.5. Any other arm of the table runs too.
 METHODS = ["peft-lora", "peft-lora-2r", "peft-adalora", "peft-adalora-noorth", "adalora", "adalora-orth",
            "adalora-lora", "elalora", "elalora-orth", "elalora-lora", "alora", "gelora"]
-# Variants of our SVD-family methods, as name suffixes: "-lora" (form="lora"), "-g<N>" (ElaLoRA's
-# grace_rounds=N), "-params" (budget="params"), e.g. "elalora-lora-g1". Any combination runs; LABEL names
-# the ones the tables show. "peft-lora-2r" is PEFT LoRA at lora_alpha = 2r, the LoRA form's default scale
-# (PEFT's own default is lora_alpha 8).
-# "-orth": our SVD-form methods with the orthogonal regulariser at γ = 0.1 (the authors' GLUE value and our
-# default before the planted-rank study); "-noorth": PEFT AdaLoRA with γ = 0 instead of PEFT's default 0.5.
-LABEL = {"peft-lora": "PEFT LoRA (uniform)", "peft-adalora": "PEFT AdaLoRA (γ = 0.5, PEFT default)",
-         "peft-adalora-noorth": "PEFT AdaLoRA, γ = 0", "adalora": "AdaLoRA (ours, SVD form, γ = 0)",
-         "adalora-orth": "AdaLoRA (ours), γ = 0.1", "elalora": "ElaLoRA (ours, SVD form, γ = 0)",
-         "elalora-orth": "ElaLoRA (ours), γ = 0.1", "alora": "ALoRA (ours)", "gelora": "GeLoRA (plan)",
-         "peft-lora-2r": "PEFT LoRA, lora_alpha 2r", "elalora-lora": "ElaLoRA, LoRA form",
-         "adalora-lora": "AdaLoRA (ours), LoRA form", "elalora-g1": "ElaLoRA (ours, SVD form), grace 1 round",
-         "elalora-lora-g1": "ElaLoRA, LoRA form, grace 1 round", "elalora-lora-g2": "ElaLoRA, LoRA form, grace 2 rounds",
-         # records of the grace bug (fixed in bf750e0): the first N rounds moved nothing
-         "elalora-g1-skip1": "ElaLoRA (ours, SVD form), grace 1 round, first round idle (bug)",
-         "elalora-lora-g1-skip1": "ElaLoRA, LoRA form, grace 1 round, first round idle (bug)",
-         "elalora-lora-g2-skip2": "ElaLoRA, LoRA form, grace 2 rounds, first 2 rounds idle (bug)"}
-
-
-def variant(method: str) -> tuple[str, dict]:
-    """``(base method, config overrides)`` of a method name with variant suffixes (see METHODS)."""
-    parts = method.split("-")
-    over: dict = {}
-    while len(parts) > 1:
-        tail = parts[-1]
-        if tail == "lora" and parts[0] in ("elalora", "adalora"):
-            over["form"] = "lora"
-        elif tail == "params":
-            over["budget"] = "params"
-        elif tail.startswith("g") and tail[1:].isdigit():
-            over["grace_rounds"] = int(tail[1:])
-        else:
-            break
-        parts.pop()
-    if parts[0] in ("elalora", "adalora"):
-        over.setdefault("form", "svd")  # the name without "-lora" is the SVD form (ElaLoRA's default is now lora)
-    if parts[0] == "elalora":
-        over.setdefault("grace_rounds", 0)  # the name without "-g<N>" is no grace (the LoRA form's default is now 1)
-    return "-".join(parts), over
-ORTH_VARIANT = 0.1
+STUDY = "planted"  # the arms' labels in this study (arms.label)
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 SHARED = {"batch_size": 16, "max_length": 32, "lr": 1e-3, "optimizer": "AdamW, weight decay 0",
           "schedule": "linear decay to 0, no warm-up", "loss": "MSE of the last hidden states (non-pad tokens)",
@@ -237,12 +203,12 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
 
     model = Distill(copy.deepcopy(base))
     fnames = ["bert." + n for n in names]
-    m, over = variant(method)
-    m = m.removesuffix("-noorth").removesuffix("-orth").removesuffix("-2r")
-    if m in ("peft-lora", "peft-adalora", "gelora"):
+    a = arm(method)
+    m, over = a.method, dict(a.overrides)
+    if m in ("lora", "peft-adalora", "gelora"):
         import peft
 
-        if m == "peft-lora":
+        if m == "lora":
             alpha = 2 * r if method == "peft-lora-2r" else 8  # 8: PEFT's default
             cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=fnames, lora_dropout=0.0)
         elif m == "gelora":  # the plan trained as PEFT LoRA, as `elalora train --method gelora` does
@@ -253,8 +219,8 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
             cfg = peft.AdaLoraConfig(init_r=int(math.ceil(1.5 * r)), target_r=r, target_modules=fnames,
                                      lora_dropout=0.0, total_step=steps, tinit=int(0.1 * steps),
                                      tfinal=int(0.2 * steps), deltaT=max(1, int(0.05 * steps)))
-            if method.endswith("-noorth"):
-                cfg.orth_reg_weight = 0.0
+            if "orth_reg_weight" in over:  # PEFT's default is 0.5
+                cfg.orth_reg_weight = over["orth_reg_weight"]
         torch.manual_seed(seed)
         pm = peft.get_peft_model(model, cfg)
 
@@ -263,7 +229,7 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
                 pm.base_model.update_and_allocate(t)
 
         def ranks_fn():
-            if m == "peft-lora":
+            if m == "lora":
                 return [r] * len(names)
             if m == "gelora":
                 return [int(pm.base_model.model.get_submodule(n).r["default"]) for n in fnames]
@@ -284,14 +250,13 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
     elif m == "alora":
         cfg = elalora.ALoRAConfig(max_rank=cap, total_steps=steps, **kw)
     else:
-        raise ValueError(f"unknown method {method!r}; known: {METHODS}")
-    if method.endswith("-orth"):
-        cfg.orth_reg_weight = ORTH_VARIANT
+        raise ValueError(f"arm {method!r} trains {m!r}, which this study cannot build")
     handle = elalora.get_model(model, cfg)
     handle.set_total_steps(steps)
     if m == "alora":
         handle.allocator.set_validation_batch(
-            val_batch, loss_fn=lambda out, b: per_example_mse(out["last_hidden_state"], b["target"], b["attention_mask"]))
+            val_batch,
+            loss_fn=lambda out, b: per_example_mse(out["last_hidden_state"], b["target"], b["attention_mask"]))
 
     def step_fn(opt, t):
         handle.step(opt, step=t)
@@ -359,8 +324,8 @@ def run_cell(*, base_kind: str, setting: str, method: str, r: int, seed: int, st
         vb["target"] = teacher(**vb).last_hidden_state
     cap = max(max(ranks), 2 * r)
     t0 = time.time()
-    model, step_fn, ranks_fn, gamma, extra_fn = build_student(method, base, names, r=r, cap=cap, steps=steps, seed=seed,
-                                             plan_batches=plan_b, val_batch=vb)
+    model, step_fn, ranks_fn, gamma, extra_fn = build_student(method, base, names, r=r, cap=cap, steps=steps,
+                                                              seed=seed, plan_batches=plan_b, val_batch=vb)
     start_loss = heldout_loss(model, teacher, eval_b)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -381,7 +346,8 @@ def run_cell(*, base_kind: str, setting: str, method: str, r: int, seed: int, st
     planted_idx = [i for i, k in enumerate(ranks) if k > 0]
     total = sum(final)
     return {
-        "base": base_kind, "setting": setting, "method": method, "r": r, "seed": seed, "steps": steps, "lr": lr, "orth_reg_weight": gamma,
+        "base": base_kind, "setting": setting, "method": method, "r": r, "seed": seed, "steps": steps, "lr": lr,
+        "orth_reg_weight": gamma,
         "n_matrices": n, "budget": r * n, "planted_ranks": ranks, "final_ranks": final,
         "start_loss": start_loss, "end_loss": end_loss, "rel_loss": end_loss / start_loss,
         "planted_share": (sum(final[i] for i in planted_idx) / total) if total else None,
@@ -407,7 +373,9 @@ def _fmt(xs, digits=3) -> str:
     return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1):.{digits}f}"
 
 
-def render(records: list[dict], *, base: str, steps: int, r: int, lr: float = SHARED["lr"]) -> str:
+def render(records: list[dict], *, base: str, steps: int, r: int, lr: float = SHARED["lr"], methods=None) -> str:
+    """The tables of one (base, steps, r, lr), one per setting: the arms ``methods`` in that order, by default
+    :data:`METHODS` and then any other live arm with records (retired arms leave the live tables: arms.live)."""
     out = []
     for setting in ("concentrated", "spread"):
         rows = []
@@ -416,18 +384,19 @@ def render(records: list[dict], *, base: str, steps: int, r: int, lr: float = SH
         if not sel:
             continue
         uni = sel[0]["uniform_share"]
-        shown = METHODS + sorted({x["method"] for x in sel} - set(METHODS))
+        shown = methods or live(METHODS + sorted({x["method"] for x in sel} - set(METHODS)))
         for m in shown:
             recs = [x for x in sel if x["method"] == m]
             if not recs:
                 continue
             churn = [x["churn"] for x in recs if x.get("churn")]
             ch = (f"{sum(c['pruned_young'] for c in churn)} / {sum(c['grown'] for c in churn)}" if churn else "–")
-            rows.append([LABEL.get(m, m), len(recs), _fmt([x["rel_loss"] for x in recs]),
+            rows.append([label(m, STUDY), len(recs), _fmt([x["rel_loss"] for x in recs]),
                          _fmt([x["planted_share"] for x in recs], 2), _fmt([x["spearman"] for x in recs], 2), ch])
         ex = sel[0]
         out.append(f"**{setting}** (planted ranks {[k for k in ex['planted_ranks'] if k]} on "
-                   f"{sum(1 for k in ex['planted_ranks'] if k)} of {ex['n_matrices']} matrices, budget {ex['budget']}; "
+                   f"{sum(1 for k in ex['planted_ranks'] if k)} of {ex['n_matrices']} matrices, "
+                   f"budget {ex['budget']}; "
                    f"uniform share {uni:.2f}):\n\n"
                    + md_table(["method", "seeds", "rel. loss (end/start)", "rank share on planted", "Spearman",
                                "churn: pruned ≤ 2 rounds after birth / grown"], rows))

@@ -9,10 +9,14 @@ function of JSON-lines records in ``benchmarks/results/``:
 * README ``quickstart``: the main job as a new user runs it (``main_job.jsonl``, written by
   ``benchmarks/main_job.py``): the command, what it printed, how long it took;
 * README ``results-glance``: the three-line reading of the accuracy grid (``accuracy.jsonl``, protocol v3)
-  and one line on the papers' regime (protocol ``v3-mrpc20``), next to the figure ``docs/figures/results_at_a_glance.png``, whose plotted numbers are kept in
-  ``results_at_a_glance.json`` beside it so that ``--check`` can compare them with the records;
-* docs/results.md: the protocol-v3 tables (targets, grid, paired differences per form, active parameters,
-  the default-form rule's numbers, MRPC for 20 epochs against 2), E2E NLG, the planted-rank tables and layer contribution.
+  and one line on the papers' regime (protocol ``v3-mrpc20``), next to the figure
+  ``docs/figures/results_at_a_glance.png``, whose plotted numbers are kept in ``results_at_a_glance.json`` beside
+  it so that ``--check`` can compare them with the records;
+* docs/results.md, the summary: the v3 grid of the live arms, ElaLoRA at its defaults paired with each baseline,
+  the default-form rule, MRPC for 20 epochs, E2E NLG and the grace rule;
+* the study pages under docs/results/ (:data:`PAGES`): the rest of each study's tables (glue_grid.md, mrpc20.md,
+  e2e.md, planted_rank.md, layer_contribution.md) and, in history.md, the rows of retired arms (benchmarks/arms.py:
+  superseded, or a bug since fixed), which leave the live tables.
 
 ``tests/test_docs.py`` runs the check, so a figure in the docs that no record supports fails the suite.
 """
@@ -30,12 +34,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _stats as S  # noqa: E402
 import accuracy as A  # noqa: E402
+from _common import md_table  # noqa: E402
+from _records import RESULTS, read_records  # noqa: E402
+from arms import label, live  # noqa: E402
 from elalora import ElaLoRAConfig  # noqa: E402
-from _common import RESULTS, md_table  # noqa: E402
 
 README = ROOT / "README.md"
 RESULTS_DOC = ROOT / "docs" / "results.md"
+#: The study pages (docs/results/NAME.md) that hold generated blocks.
+PAGES = {name: ROOT / "docs" / "results" / f"{name}.md"
+         for name in ("glue_grid", "mrpc20", "e2e", "planted_rank", "layer_contribution", "history")}
 FIGURE = ROOT / "docs" / "figures" / "results_at_a_glance.png"
 FIGURE_DATA = FIGURE.with_suffix(".json")
 MAIN_JOB = RESULTS / "main_job.jsonl"
@@ -51,8 +61,10 @@ DEFAULTS_TEXT = "LoRA form" + (f", grace {_DEFAULTS.grace_rounds} round" + "s" *
 #: The arms of the default-form rule (docs/results.md §1), one per form; the LoRA form's ran at grace 0.
 FORM_ARMS = {"lora": "elalora-lora", "svd": "elalora"}
 BASELINES = ("peft-lora", "peft-adalora")
-GRID_METHODS = ["peft-lora", "peft-adalora", "elalora", "elalora-lora", "elalora-lora-params", "elalora-lora-g1",
-                "elalora-lora-g1-skip1", "adalora-lora", "alora"]
+#: The v3 grid's arms, in table order; the live tables leave out the retired ones (arms.live), history.md shows them.
+GRID_ARMS = ["peft-lora", "peft-adalora", "elalora", "elalora-lora", "elalora-lora-params", "elalora-lora-g1",
+             "elalora-lora-g1-skip1", "adalora-lora", "alora"]
+GRID_METHODS = live(GRID_ARMS)
 RS = (2, 8)
 #: The papers' own regime on one task (issue 27): MRPC for 20 epochs at r 8, PEFT LoRA against both forms
 #: (the form rule's arms) and ElaLoRA at the library's defaults.
@@ -68,8 +80,8 @@ def long_words(default_arm: str) -> dict[str, str]:
 
 
 LONG_WORDS = long_words(DEFAULT_ARM)
-#: Grid arms whose missing cells will not be run, and why (their cells read "not run", not "pending").
-NOT_RUN = {"elalora-lora-g1-skip1": "superseded by the fixed code (§1)"}
+#: Retired grid arms whose missing cells will not be run, and why (their cells read "not run", not "pending").
+NOT_RUN = {"elalora-lora-g1-skip1": "superseded by the fixed code"}
 RULE_SEEDS = (0, 1, 2)  # the rule was written for seeds 0-2; later seeds (the 5-seed cells) do not move it
 
 
@@ -92,13 +104,7 @@ def _paired(records, method, baseline, task, r, seeds=None, protocol=PROTOCOL):
     return [x[s] - y[s] for s in sorted(set(x) & set(y)) if seeds is None or s in seeds]
 
 
-def interval(d: list[float]) -> tuple[float, float, float]:
-    """``(mean, low, high)``: mean ± t(0.975, n−1)·sd/√n."""
-    mu = statistics.mean(d)
-    if len(d) < 2:
-        return mu, math.nan, math.nan
-    h = A.t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return mu, mu - h, mu + h
+interval = S.interval
 
 
 def glance_data(records) -> dict:
@@ -118,8 +124,9 @@ def glance_data(records) -> dict:
 
 
 def form_rule(records) -> dict:
-    """docs/results.md §1's rule ("ElaLoRA's default form"): ``D`` = the mean over the 8 GLUE cells of the mean paired difference against
-    PEFT LoRA, per form; the larger ``D`` wins (tie-breakers only when they differ by < 0.5 points)."""
+    """docs/results/glue_grid.md's rule ("ElaLoRA's default form"): ``D`` = the mean over the 8 GLUE cells of the
+    mean paired difference against PEFT LoRA, per form; the larger ``D`` wins (tie-breakers only when they differ by
+    < 0.5 points)."""
     out = {}
     for form, arm in FORM_ARMS.items():
         per = [statistics.mean(d) for t in A.TASKS for r in RS
@@ -138,8 +145,8 @@ def _verdicts(rows, arm, baseline):
 def readme_results(records) -> str:
     rows = glance_data(records)["rows"]
     rule = form_rule(records)
-    lines = ["![ElaLoRA minus PEFT LoRA and PEFT AdaLoRA, paired by seed, 95 % intervals](docs/figures/results_at_a_glance.png)",
-             ""]
+    lines = ["![ElaLoRA minus PEFT LoRA and PEFT AdaLoRA, paired by seed, 95 % intervals]"
+             "(docs/figures/results_at_a_glance.png)", ""]
     long = [x] if (x := long_regime_line(records)) else []  # its own cell: shown whether or not the grid is done
     n, w, lo, m = _verdicts(rows, DEFAULT_ARM, "peft-lora")
     ns, ws, ls, ms = _verdicts(rows, OTHER_ARM, "peft-lora")
@@ -153,7 +160,8 @@ def readme_results(records) -> str:
             f"The rule written before the cells ran chose the LoRA form: D = {rule['lora']['D']:+.2f} for the LoRA "
             f"form, {rule['svd']['D']:+.2f} for the SVD form ([docs/results.md](docs/results.md) §1)."] + long)
     na, wa, la, ma = _verdicts(rows, DEFAULT_ARM, "peft-adalora")
-    own = [statistics.mean(d) for t in A.TASKS for r in RS if (d := _paired(records, DEFAULT_ARM, "adalora-lora", t, r))]
+    own = [statistics.mean(d) for t in A.TASKS for r in RS
+           if (d := _paired(records, DEFAULT_ARM, "adalora-lora", t, r))]
     own_m = statistics.mean(own) if own else math.nan
     won = [f"{x['task'].upper()} r {x['r']}" for x in rows
            if x["arm"] == DEFAULT_ARM and x["baseline"] == "peft-lora" and x["low"] > 0]
@@ -193,13 +201,13 @@ def long_regime_line(records, *, task: str = "mrpc", r: int = 8) -> str:
     for m, what in LONG_WORDS.items():
         d = _paired(records, m, "peft-lora", task, r, protocol=LONG)
         if d:
-            parts.append(f"{what} {A.paired_cell(d)}")
+            parts.append(f"{what} {S.paired_cell(d)}")
     if not parts:
         return ""
     epochs = A.PROTOCOLS[LONG]["epochs"][task]
     return (f"- **In the papers' regime** ({task.upper()} trained for {epochs} epochs, r {r}), ElaLoRA minus PEFT "
-            f"LoRA, {A.METRIC_NAME[task]} × 100 paired by seed: {'; '.join(parts)}. One cell on a 22.7M-parameter encoder, not the "
-            "paper's DeBERTaV3-base ([docs/results.md](docs/results.md) §1, \"MRPC for 20 epochs\").")
+            f"LoRA, {A.METRIC_NAME[task]} × 100 paired by seed: {'; '.join(parts)}. One cell on a 22.7M-parameter "
+            "encoder, not the paper's DeBERTaV3-base ([docs/results.md](docs/results.md) §1, \"MRPC for 20 epochs\").")
 
 
 def quickstart(records: list[dict], acc: list[dict]) -> str:
@@ -223,10 +231,15 @@ def quickstart(records: list[dict], acc: list[dict]) -> str:
 def _grid_blocks(records) -> list[tuple[str, str]]:
     tasks = A.TASKS
     grid = A.render_table(records, tasks=tasks, methods=GRID_METHODS, rs=list(RS), seeds=[0, 1, 2], steps=-1,
-                          with_extra=False, protocol=PROTOCOL, not_run=NOT_RUN)
+                          with_extra=False, protocol=PROTOCOL)
     trivial = ("\n\nTrivial answers: " + "; ".join(f"{t.upper()} {A.TRIVIAL[t][1]:.1f} ({A.TRIVIAL[t][0]})"
                                                   for t in tasks) + ".")
     base = ("peft-lora", "peft-adalora", "adalora-lora")
+    retired = [m for m in GRID_ARMS if m not in GRID_METHODS]
+    bug_grid = A.render_table(records, tasks=tasks, methods=["elalora-lora", "elalora-lora-g1", *retired], rs=list(RS),
+                              seeds=[0, 1, 2], steps=-1, with_extra=False, protocol=PROTOCOL, not_run=NOT_RUN)
+    long_grid = A.render_table(records, tasks=["mrpc"], methods=list(LONG_METHODS), rs=[8], seeds=[0, 1, 2], steps=-1,
+                               with_extra=False, protocol=LONG)
     return [
         (f"accuracy-table-protocol-{PROTOCOL}-targets", A.targets_table(records, protocol=PROTOCOL, tasks=tasks)),
         (f"accuracy-table-protocol-{PROTOCOL}", grid + trivial),
@@ -244,8 +257,7 @@ def _grid_blocks(records) -> list[tuple[str, str]]:
          A.paired_table(records, protocol=PROTOCOL, tasks=tasks, method="elalora-lora-g1-skip1",
                         baselines=("peft-lora", FORM_ARMS["lora"]), cross=())),
         (f"accuracy-params-{PROTOCOL}", params_table(records)),
-        (f"accuracy-table-protocol-{LONG}", A.render_table(records, tasks=["mrpc"], methods=list(LONG_METHODS), rs=[8],
-                                                           seeds=[0, 1, 2], steps=-1, with_extra=False, protocol=LONG)),
+        (f"accuracy-table-protocol-{LONG}", long_grid),
         (f"accuracy-table-protocol-{LONG}-paired",
          "\n\n".join(A.paired_table(records, protocol=LONG, tasks=["mrpc"], method=m, baselines=b, rs=(8,), cross=())
                      for m, b in ((DEFAULT_ARM, ("peft-lora", FORM_ARMS["lora"])),
@@ -253,6 +265,7 @@ def _grid_blocks(records) -> list[tuple[str, str]]:
                                   (FORM_ARMS["svd"], ("peft-lora",))) if m not in b)),
         (f"accuracy-long-vs-short-{LONG}", long_vs_short(records)),
         (f"form-rule-{PROTOCOL}", form_rule_text(records)),
+        (f"accuracy-table-protocol-{PROTOCOL}-retired", bug_grid),
     ]
 
 
@@ -270,12 +283,12 @@ def long_vs_short(records, *, task: str = "mrpc", r: int = 8) -> str:
     for m in LONG_METHODS:
         short, long_ = _cell(records, m, task, r), _cell(records, m, task, r, protocol=LONG)
         d = [long_[s] - short[s] for s in sorted(set(short) & set(long_))]
-        gain = A.paired_cell(d) if d else "–"
+        gain = S.paired_cell(d) if d else "–"
         by_seed = ", ".join(f"{long_[s]:.1f}" for s in sorted(long_))
-        lines.append(f"| {A.LABEL.get(m, m)} | {ms(short.values())} ({len(short)} seed{'s' * (len(short) != 1)}) | "
+        lines.append(f"| {label(m)} | {ms(short.values())} ({len(short)} seed{'s' * (len(short) != 1)}) | "
                      f"{by_seed or '–'} ({ms(long_.values())}) | {gain} |")
-    return "\n".join(lines) + ("\n\nScores ×100, MRPC F1 at r 8; the 2-epoch cells are the v3 grid's (all their seeds in "
-                               "the mean ± sd). The gain pairs each 20-epoch seed with the same seed at 2 epochs.")
+    return "\n".join(lines) + ("\n\nScores ×100, MRPC F1 at r 8; the 2-epoch cells are the v3 grid's (all their seeds "
+                               "in the mean ± sd). The gain pairs each 20-epoch seed with the same seed at 2 epochs.")
 
 
 def params_table(records) -> str:
@@ -293,7 +306,7 @@ def params_table(records) -> str:
                 continue
             trn = statistics.mean(x["trainable_params"] for x in got)
             rel = f"{statistics.mean(act) / ref_m:.3f}" if ref_m else "–"
-            rows.append([r, A.LABEL.get(m, m), len(act), f"{trn:,.0f}", f"{statistics.mean(act):,.0f}",
+            rows.append([r, label(m), len(act), f"{trn:,.0f}", f"{statistics.mean(act):,.0f}",
                          f"{min(act):,}–{max(act):,}", rel])
     return md_table(["r", "method", "cells", "trainable (capacity)", "active at the end (mean)", "active (min–max)",
                      "active / PEFT LoRA's"], rows) + (
@@ -315,12 +328,13 @@ def form_rule_text(records) -> str:
                            "(`ElaLoRAConfig.form`); no tie-breaker is needed."))
 
 
-#: The planted-rank cells of docs/results.md §3's grace rule: (base, steps, lr) per teacher, r 2, concentrated.
+#: The planted-rank cells of the grace rule (docs/results/planted_rank.md): (base, steps, lr) per teacher, r 2,
+#: concentrated.
 GRACE_BASES = {"minilm": (150, 1e-3), "tiny64": (400, 3e-3)}
 
 
 def grace_rule(planted: list[dict]) -> dict:
-    """docs/results.md §3's rule for ``ElaLoRAConfig.grace_rounds`` (written before seeds 3 and 4 ran): per
+    """The planted-rank study's rule for ``ElaLoRAConfig.grace_rounds`` (written before seeds 3 and 4 ran): per
     teacher, the paired differences of the relative loss, ElaLoRA-lora with grace 1 minus without, by seed.
     Grace 1 becomes the default when MiniLM's 95 % interval lies below 0 and tiny64's does not lie above 0."""
     out = {}
@@ -345,8 +359,16 @@ def grace_rule_text(planted: list[dict]) -> str:
              f"[{g[base]['low']:+.4f}, {g[base]['high']:+.4f}]" for base in GRACE_BASES]
     lines.append("- **`grace_rounds = 1`** is ElaLoRA's default: MiniLM's interval lies below 0 and tiny64's does not "
                  "lie above it." if g["adopt"] else
-                 "- **`grace_rounds` stays 0**: the rule asks for MiniLM's interval below 0 and tiny64's not above it.")
+                 "- **`grace_rounds` stays 0**: the rule asks for MiniLM's interval below 0 and tiny64's not above "
+                 "it.")
     return "\n".join(lines)
+
+
+#: The planted-rank tables: block name -> (base, steps, lr) at r 2.
+PLANTED = {"planted-tiny64": ("tiny64", 400, 3e-3), "planted-minilm": ("minilm", 150, 1e-3)}
+#: The retired planted arms (the grace bug), each shown in history.md beside the fixed arm of the same grace.
+PLANTED_RETIRED = ["elalora-lora", "elalora-lora-g1", "elalora-lora-g1-skip1", "elalora-lora-g2-skip2",
+                   "elalora", "elalora-g1-skip1"]
 
 
 def _other_blocks() -> list[tuple[str, str]]:
@@ -354,25 +376,48 @@ def _other_blocks() -> list[tuple[str, str]]:
     import layer_contribution as L
     import planted_rank as P
 
-    out = []
-    gen = A.read_records(G.JSONL)
-    out.append(("generation-table", G.render(gen)))
-    planted = A.read_records(P.JSONL)
-    out.append(("planted-tiny64", P.render(planted, base="tiny64", steps=400, r=2, lr=3e-3)))
-    out.append(("planted-minilm", P.render(planted, base="minilm", steps=150, r=2)))
+    out = [("generation-table", G.render(read_records(G.JSONL)))]
+    planted = read_records(P.JSONL)
+    for name, (base, steps, lr) in PLANTED.items():
+        out.append((name, P.render(planted, base=base, steps=steps, r=2, lr=lr)))
+        have = {x["method"] for x in planted if (x["base"], x["steps"]) == (base, steps)}
+        out.append((f"{name}-retired", P.render(planted, base=base, steps=steps, r=2, lr=lr,
+                                                methods=[m for m in PLANTED_RETIRED if m in have])))
     out.append(("grace-rule", grace_rule_text(planted)))
     for study in L.STUDIES:  # one block per layer-contribution study that has records
         path, name = L.study_paths(*study)
         if path.is_file():
-            out.append((name, L.render_study(A.read_records(path))))
+            out.append((name, L.render_study(read_records(path))))
     return out
 
 
+#: Where each generated block lives: the summary (docs/results.md) or a study page; every block of
+#: :func:`blocks` must be placed here.
+PLACE = {
+    **dict.fromkeys([f"accuracy-table-protocol-{PROTOCOL}", f"accuracy-table-protocol-{PROTOCOL}-paired-g1",
+                     f"form-rule-{PROTOCOL}", f"accuracy-table-protocol-{LONG}-paired", "generation-table",
+                     "planted-minilm", "grace-rule"], RESULTS_DOC),
+    **dict.fromkeys([f"accuracy-table-protocol-{PROTOCOL}-targets", f"accuracy-table-protocol-{PROTOCOL}-paired",
+                     f"accuracy-table-protocol-{PROTOCOL}-paired-svd", f"accuracy-params-{PROTOCOL}",
+                     f"accuracy-table-protocol-{PROTOCOL}-paired-params"], PAGES["glue_grid"]),
+    **dict.fromkeys([f"accuracy-table-protocol-{LONG}", f"accuracy-long-vs-short-{LONG}"], PAGES["mrpc20"]),
+    "planted-tiny64": PAGES["planted_rank"],
+    **dict.fromkeys(["layer-contribution-table", "layer-contribution-v3-elalora-lora-g1-r8"],
+                    PAGES["layer_contribution"]),
+    **dict.fromkeys([f"accuracy-table-protocol-{PROTOCOL}-paired-g1-skip1",
+                     f"accuracy-table-protocol-{PROTOCOL}-retired", "planted-tiny64-retired",
+                     "planted-minilm-retired"], PAGES["history"]),
+}
+
+
 def blocks() -> list[Block]:
-    acc = A.read_records(A.JSONL)
-    out = [Block(README, "quickstart", quickstart(A.read_records(MAIN_JOB), acc)),
+    acc = read_records(A.JSONL)
+    out = [Block(README, "quickstart", quickstart(read_records(MAIN_JOB), acc)),
            Block(README, "results-glance", readme_results(acc))]
-    out += [Block(RESULTS_DOC, n, t) for n, t in _grid_blocks(acc) + _other_blocks()]
+    for name, text in _grid_blocks(acc) + _other_blocks():
+        if name not in PLACE:
+            raise KeyError(f"block {name!r} has no page: add it to report.PLACE")
+        out.append(Block(PLACE[name], name, text))
     return out
 
 
@@ -406,7 +451,7 @@ def check() -> list[str]:
         elif got != b.text:
             bad.append(f"{_rel(b.doc)}: block {b.name!r} disagrees with its record "
                        f"(run python benchmarks/report.py)")
-    want = glance_data(A.read_records(A.JSONL))
+    want = glance_data(read_records(A.JSONL))
     have = json.loads(FIGURE_DATA.read_text()) if FIGURE_DATA.is_file() else None
     if have != want:
         bad.append(f"{FIGURE_DATA.relative_to(ROOT)}: the figure's numbers disagree with accuracy.jsonl "
@@ -425,7 +470,8 @@ def draw(data: dict, path: Path = FIGURE) -> None:
 
     rows = [(t, r) for t in A.TASKS for r in RS]
     fig, axes = plt.subplots(1, len(BASELINES), figsize=(9, 4.2), sharey=True)
-    style = {DEFAULT_ARM: ("o", "C0", f"ElaLoRA, defaults ({DEFAULTS_TEXT})"), OTHER_ARM: ("s", "C1", "ElaLoRA, SVD form (papers)")}
+    style = {DEFAULT_ARM: ("o", "C0", f"ElaLoRA, defaults ({DEFAULTS_TEXT})"),
+             OTHER_ARM: ("s", "C1", "ElaLoRA, SVD form (papers)")}
     for ax, b in zip(axes, BASELINES):
         for k, arm in enumerate((DEFAULT_ARM, OTHER_ARM)):
             mk, col, lab = style[arm]
@@ -438,7 +484,7 @@ def draw(data: dict, path: Path = FIGURE) -> None:
                 ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]], fmt=mk, color=col,
                             capsize=2, label=lab if i == 0 else None)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_title(f"ElaLoRA minus {A.LABEL[b]}")
+        ax.set_title(f"ElaLoRA minus {label(b)}")
         ns = sorted({p["n"] for p in data["rows"]})
         seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
         ax.set_xlabel(f"paired difference, points (95 % t-interval, {seeds} seeds)")
@@ -447,7 +493,8 @@ def draw(data: dict, path: Path = FIGURE) -> None:
     axes[0].invert_yaxis()
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle(f"GLUE on all-MiniLM-L6-v2, protocol {data['protocol']} (benchmarks/results/accuracy.jsonl)", fontsize=9)
+    fig.suptitle(f"GLUE on all-MiniLM-L6-v2, protocol {data['protocol']} (benchmarks/results/accuracy.jsonl)",
+                 fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -465,7 +512,7 @@ def write() -> None:
         texts[b.doc] = pre + begin + "\n" + b.text + "\n" + end + rest.split(end, 1)[1]
     for doc, text in texts.items():
         doc.write_text(text)
-    data = glance_data(A.read_records(A.JSONL))
+    data = glance_data(read_records(A.JSONL))
     draw(data)
     FIGURE_DATA.write_text(json.dumps(data, indent=1) + "\n")
 

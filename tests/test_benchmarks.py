@@ -1,4 +1,5 @@
-"""The accuracy harness's bookkeeping (no training): grid, resume-by-skipping, torn JSONL lines, table."""
+"""The benchmark layer's bookkeeping (no training): the arms table, grid, resume-by-skipping, torn JSONL lines,
+tables, and that the benchmarks use the library's public API only."""
 
 import json
 from pathlib import Path
@@ -29,12 +30,14 @@ def test_grid_counts(acc):
 
 
 def test_records_append_and_torn_line(acc, tmp_path):
+    from _records import append_record, read_records
+
     f = tmp_path / "a.jsonl"
-    acc.append_record(_rec("rte", "elalora", 8, 0, 0.5), f)
+    append_record(_rec("rte", "elalora", 8, 0, 0.5), f)
     with open(f, "a") as fh:
         fh.write('{"task": "rte", "meth')  # an interrupted write
-    acc.append_record(_rec("rte", "elalora", 8, 1, 0.6), f)
-    recs = acc.read_records(f)
+    append_record(_rec("rte", "elalora", 8, 1, 0.6), f)
+    recs = read_records(f)
     assert [r["seed"] for r in recs] == [0, 1]
 
 
@@ -165,7 +168,7 @@ def test_cell_fields_overrides_replace_or_add_fields(acc):
     a = train_argv(f, "O")
     assert val(a, "--orth-reg-weight") == "0.0" and a.count("--orth-reg-weight") == 1 and val(a, "--b") == "2"
     assert acc.cell_fields("stsb", "elalora", 2, 0, 100, "D", 1)["orth_reg_weight"] == 0.1
-    # the per-method knobs (METHOD_KNOBS, ORTH_REG): the LoRA-form arms drop the regulariser
+    # the arms' overrides (benchmarks/arms.py) and ORTH_REG: the LoRA-form arms drop the regulariser
     lp = acc.cell_fields("stsb", "elalora-lora-params", 2, 0, 100, "D", 1)
     assert (lp["method"], lp["form"], lp["budget"]) == ("elalora", "lora", "params") and "orth_reg_weight" not in lp
     from elalora.recipe import RunSpec
@@ -175,7 +178,9 @@ def test_cell_fields_overrides_replace_or_add_fields(acc):
 
 def test_generation_cells_keep_their_per_method_knobs():
     gen = _load_bench("generation")
-    f = {m: gen.cell_fields(m, 8, 0, "D", "E", 1) for m in gen.RECIPE_METHOD}
+    from arms import ARMS
+
+    f = {m: gen.cell_fields(m, 8, 0, "D", "E", 1) for m in gen.METHODS if ARMS[m].recipe}
     assert f["elalora"]["orth_reg_weight"] == 0.1 and f["elalora"]["form"] == "svd"  # the committed arm: the SVD form
     assert f["elalora-lora"]["form"] == "lora" and "orth_reg_weight" not in f["elalora-lora"]
     assert f["elalora-svd-g0"]["form"] == "svd" and "orth_reg_weight" not in f["elalora-svd-g0"]
@@ -301,7 +306,7 @@ def test_generation_render_untrained_row_and_paired_difference():
 def test_lr_select_split_is_a_seeded_partition_of_the_training_file(tmp_path):
     from conftest import shared_data_dir
     from elalora.tasks import load_task_data
-    from elalora.tasks.sources import glue_layout
+    from elalora.tasks import glue_layout
 
     glue = shared_data_dir() / "glue"
     if not (glue / "MRPC" / "train.tsv").is_file():
@@ -330,7 +335,7 @@ def test_provenance_names_the_commit_and_the_package_versions(acc, monkeypatch):
     import subprocess
     from importlib import metadata
 
-    from _common import PROVENANCE_PACKAGES, provenance
+    from _records import PROVENANCE_PACKAGES, provenance
 
     p = provenance()
     assert set(p["versions"]) == set(PROVENANCE_PACKAGES)
@@ -344,3 +349,91 @@ def test_provenance_names_the_commit_and_the_package_versions(acc, monkeypatch):
     monkeypatch.setattr(acc, "run_recipe_cell", lambda *a, **k: {"final": {"f1": 0.5}, "main_metric": "f1"})
     rec = acc.run_cell("mrpc", "elalora-lora", 8, 0, 10, None, 1, protocol="v3")
     assert rec["main"] == 0.5 and rec["provenance"]["versions"] == p["versions"]
+
+
+def test_one_arms_table_serves_every_benchmark_and_every_record(acc):
+    """benchmarks/arms.py is the one table of arms: every script's arms and every committed record's arm are in it,
+    each recipe arm is a valid RunSpec, and a study's own label differs only where its protocol changes it."""
+    from arms import ARMS, LR_FAMILIES, label, live
+
+    from _records import read_records
+    from elalora.recipe import RunSpec
+
+    gen, pr, rep, sel = (_load_bench(n) for n in ("generation", "planted_rank", "report", "lr_select"))
+    used = {*acc.METHODS, *gen.METHODS, *pr.METHODS, *rep.GRID_ARMS, *rep.LONG_METHODS, *sel.FAMILY_METHOD.values(),
+            *rep.PLANTED_RETIRED, "untrained"}
+    assert used <= set(ARMS), used - set(ARMS)
+    for f in sorted((ROOT / "benchmarks" / "results").glob("*.jsonl")):
+        methods = {r["method"] for r in read_records(f) if r.get("method")}
+        if f.name.startswith("protocol_"):
+            continue  # the protocol study names recipe methods, not arms (docs/protocol_study.md)
+        assert methods <= set(ARMS), (f.name, methods - set(ARMS))
+    for name, arm in ARMS.items():
+        assert arm.name == name and arm.lr_family in LR_FAMILIES and arm.label
+        if arm.recipe:
+            RunSpec(task="rte", method=arm.method, r=2, **arm.overrides)
+    assert acc.LR_FAMILY["elalora-lora-g1"] == "lora" and acc.LR_FAMILY["elalora"] == "svd"
+    # labels: the grid's, and a study's own where its protocol differs (the planted study runs PEFT's γ 0.5)
+    assert label("elalora") == "ElaLoRA (ours)" and label("elalora", "planted") == "ElaLoRA (ours, SVD form, γ = 0)"
+    assert label("peft-adalora", "e2e") == "PEFT AdaLoRA" and label("not-an-arm") == "not-an-arm"
+    # retired arms (a fixed bug) leave the live tables
+    assert live(["elalora-lora-g1", "elalora-lora-g1-skip1"]) == ["elalora-lora-g1"]
+    assert "elalora-lora-g1-skip1" not in rep.GRID_METHODS and "elalora-lora-g1-skip1" in rep.GRID_ARMS
+    with pytest.raises(TypeError):
+        ARMS["elalora"].overrides["form"] = "lora"  # the table is data: read-only
+
+
+def test_planted_arms_build_the_configs_their_names_say():
+    """The planted-rank study builds its students from the arms table: the overrides reach the method's config."""
+    import torch
+
+    pr = _load_bench("planted_rank")
+    from transformers import BertConfig, BertModel
+
+    base = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=16), add_pooling_layer=False)
+    names = pr.target_names(base)
+    vb = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+
+    def config(method):
+        out = pr.build_student(method, base, names, r=2, cap=4, steps=20, seed=0, plan_batches=[], val_batch=vb)
+        return out[3], out[4]().get("method_config") or {}
+
+    gamma, cfg = config("elalora")
+    assert gamma == 0.0 and cfg["form"] == "svd" and cfg["grace_rounds"] == 0
+    gamma, cfg = config("elalora-orth")
+    assert gamma == pytest.approx(0.1) and cfg["form"] == "svd"
+    gamma, cfg = config("elalora-lora-g1")
+    assert gamma == 0.0 and (cfg["form"], cfg["grace_rounds"]) == ("lora", 1)
+    assert config("peft-adalora")[0] == pytest.approx(0.5) and config("peft-adalora-noorth")[0] == 0.0
+    assert config("adalora-orth")[0] == pytest.approx(0.1) and config("adalora")[1]["form"] == "svd"
+
+
+def test_benchmarks_use_only_the_public_api():
+    """No benchmark imports a private name or module of the library, or builds the recipe's Built by hand."""
+    import ast
+
+    bad = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("elalora"):
+                parts = node.module.split(".") + [a.name for a in node.names]
+                bad += [f"{path.name}:{node.lineno} imports {node.module}.{p}" for p in parts if p.startswith("_")]
+                if node.module == "elalora.tasks.sources":
+                    bad.append(f"{path.name}:{node.lineno} imports elalora.tasks.sources")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Built":
+                bad.append(f"{path.name}:{node.lineno} builds recipe.Built by hand (use Built.from_peft_model)")
+    assert not bad, "\n".join(bad)
+
+
+def test_stats_interval_by_hand():
+    """_stats: the interval is mean ± t(0.975, n−1)·sd/√n (hand-computed), one value has no interval."""
+    import math
+
+    from _stats import interval, mean_sd, paired_cell
+
+    mu, lo, hi = interval([1.0, 2.0, 3.0])
+    assert mu == 2.0 and abs((hi - mu) - 4.302652729911275 / math.sqrt(3)) < 1e-9 and lo == pytest.approx(4 - hi)
+    assert math.isnan(interval([1.0])[1]) and paired_cell([1.5]) == "+1.5 (1 seed)"
+    assert mean_sd([4.0]) == (4.0, 0.0) and mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))

@@ -163,6 +163,13 @@ class Built:
     method_config: dict
     initial_pattern: dict[str, int]
 
+    @classmethod
+    def from_peft_model(cls, peft_model: Any, method_config: dict) -> Built:
+        """A PEFT model built outside :func:`build` (an adapter the recipe has no method for, e.g. PEFT
+        AdaLoRA as a baseline), ready for :func:`fit`: trained as it is, with no plan and no elalora handle."""
+        return cls(plan=None, handle=None, peft_model=peft_model, train_model=peft_model,
+                   method_config=dict(method_config), initial_pattern={})
+
 
 def _copy(names: list[str] | None) -> list[str] | None:
     """A copy for PEFT, whose sequence-classification model appends its default heads to the list in place."""

@@ -27,11 +27,11 @@ from .collate import CausalLMCollator, ImageCollator, TextClassificationCollator
 from .e2e import build_prompt
 from .images import IMAGE_EXTENSIONS
 from .metrics import compute_metrics
-from .sources import GLUE_HUB_DATASET, load_task_data
+from .sources import GLUE_HUB_DATASET, glue_layout, load_task_data
 from .spec import GLUE_TASKS, OTHER_TASKS, TaskSpec, get_task, known_task_names
 
 __all__ = [
     "TaskError", "TaskSpec", "GLUE_TASKS", "OTHER_TASKS", "known_task_names", "get_task", "load_task_data",
     "build_prompt", "TextClassificationCollator", "CausalLMCollator", "encode_prompts", "eos_id",
-    "ImageCollator", "compute_metrics", "GLUE_HUB_DATASET", "IMAGE_EXTENSIONS",
+    "ImageCollator", "compute_metrics", "GLUE_HUB_DATASET", "IMAGE_EXTENSIONS", "glue_layout",
 ]
