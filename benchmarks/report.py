@@ -391,33 +391,39 @@ def _other_blocks() -> list[tuple[str, str]]:
     return out
 
 
-#: Where each generated block lives: the summary (docs/results.md) or a study page; every block of
-#: :func:`blocks` must be placed here.
-PLACE = {
-    **dict.fromkeys([f"accuracy-table-protocol-{PROTOCOL}", f"accuracy-table-protocol-{PROTOCOL}-paired-g1",
-                     f"form-rule-{PROTOCOL}", f"accuracy-table-protocol-{LONG}-paired", "generation-table",
-                     "planted-minilm", "grace-rule"], RESULTS_DOC),
-    **dict.fromkeys([f"accuracy-table-protocol-{PROTOCOL}-targets", f"accuracy-table-protocol-{PROTOCOL}-paired",
-                     f"accuracy-table-protocol-{PROTOCOL}-paired-svd", f"accuracy-params-{PROTOCOL}",
-                     f"accuracy-table-protocol-{PROTOCOL}-paired-params"], PAGES["glue_grid"]),
-    **dict.fromkeys([f"accuracy-table-protocol-{LONG}", f"accuracy-long-vs-short-{LONG}"], PAGES["mrpc20"]),
-    "planted-tiny64": PAGES["planted_rank"],
-    **dict.fromkeys(["layer-contribution-table", "layer-contribution-v3-elalora-lora-g1-r8"],
-                    PAGES["layer_contribution"]),
-    **dict.fromkeys([f"accuracy-table-protocol-{PROTOCOL}-paired-g1-skip1",
-                     f"accuracy-table-protocol-{PROTOCOL}-retired", "planted-tiny64-retired",
-                     "planted-minilm-retired"], PAGES["history"]),
+#: The blocks each study page holds (every block of :func:`blocks` is on one page at least) and, in
+#: :data:`SUMMARY`, those docs/results.md shows as well: the current tables a reader of the summary needs.
+PAGE_BLOCKS = {
+    "glue_grid": [f"accuracy-table-protocol-{PROTOCOL}-targets", f"accuracy-table-protocol-{PROTOCOL}",
+                  f"accuracy-table-protocol-{PROTOCOL}-paired-g1", f"accuracy-table-protocol-{PROTOCOL}-paired",
+                  f"accuracy-table-protocol-{PROTOCOL}-paired-svd", f"accuracy-params-{PROTOCOL}",
+                  f"accuracy-table-protocol-{PROTOCOL}-paired-params", f"form-rule-{PROTOCOL}"],
+    "mrpc20": [f"accuracy-table-protocol-{LONG}", f"accuracy-table-protocol-{LONG}-paired",
+               f"accuracy-long-vs-short-{LONG}"],
+    "e2e": ["generation-table"],
+    "planted_rank": ["planted-minilm", "grace-rule", "planted-tiny64"],
+    "layer_contribution": ["layer-contribution-table", "layer-contribution-v3-elalora-lora-g1-r8"],
+    "history": [f"accuracy-table-protocol-{PROTOCOL}-retired", f"accuracy-table-protocol-{PROTOCOL}-paired-g1-skip1",
+                "planted-minilm-retired", "planted-tiny64-retired"],
 }
+SUMMARY = [f"accuracy-table-protocol-{PROTOCOL}", f"accuracy-table-protocol-{PROTOCOL}-paired-g1",
+           f"form-rule-{PROTOCOL}", f"accuracy-table-protocol-{LONG}-paired", "generation-table", "planted-minilm",
+           "grace-rule"]
+
+
+def places(name: str) -> list[Path]:
+    """The docs that show the block ``name``: its study page and, if it is in :data:`SUMMARY`, docs/results.md."""
+    docs = [PAGES[page] for page, names in PAGE_BLOCKS.items() if name in names]
+    if not docs:
+        raise KeyError(f"block {name!r} has no page: add it to report.PAGE_BLOCKS")
+    return docs + ([RESULTS_DOC] if name in SUMMARY else [])
 
 
 def blocks() -> list[Block]:
     acc = read_records(A.JSONL)
     out = [Block(README, "quickstart", quickstart(read_records(MAIN_JOB), acc)),
            Block(README, "results-glance", readme_results(acc))]
-    for name, text in _grid_blocks(acc) + _other_blocks():
-        if name not in PLACE:
-            raise KeyError(f"block {name!r} has no page: add it to report.PLACE")
-        out.append(Block(PLACE[name], name, text))
+    out += [Block(doc, name, text) for name, text in _grid_blocks(acc) + _other_blocks() for doc in places(name)]
     return out
 
 

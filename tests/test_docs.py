@@ -1,4 +1,5 @@
-"""The README's and docs/results.md's generated figures agree with the committed records.
+"""The README's and the results pages' generated figures agree with the committed records, and the docs' links
+resolve.
 
 ``benchmarks/report.py`` renders every marked block (``<!-- NAME:begin -->`` ... ``<!-- NAME:end -->``) and the
 numbers behind the README's figure from the JSON-lines files in ``benchmarks/results/``; a doc edited by hand,
@@ -45,16 +46,42 @@ def test_readme_is_an_entry_point():
     assert "docs/figures/results_at_a_glance.png" in text and (ROOT / "docs/figures/results_at_a_glance.png").is_file()
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
 def test_relative_links_in_the_readme_and_docs_resolve():
+    """Every relative link in README.md and docs/ (study pages included) points at a file that exists and, for a
+    Markdown target with ``#anchor``, at one of its headings."""
     import re
 
     bad = []
-    for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for m in re.finditer(r"\]\(([^)#\s]+)(#[^)]*)?\)", f.read_text()):
-            target = m.group(1)
-            if not target.startswith(("http://", "https://")) and not (f.parent / target).exists():
+    for f in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for m in re.finditer(r"\]\(([^)#\s]*)(#[^)\s]*)?\)", f.read_text()):
+            target, anchor = m.group(1), m.group(2)
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path = (f.parent / target) if target else f
+            if not path.exists():
                 bad.append(f"{f.relative_to(ROOT)} -> {target}")
+            elif anchor and path.suffix == ".md":
+                slugs = {_slug(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)}
+                if anchor[1:] not in slugs:
+                    bad.append(f"{f.relative_to(ROOT)} -> {target}{anchor} (no such heading)")
     assert not bad, bad
+
+
+def test_results_summary_is_short_and_links_every_study_page():
+    """docs/results.md is a summary a reader can finish; each study has its own page, linked from it."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    assert len(text.splitlines()) <= 250
+    pages = sorted((ROOT / "docs" / "results").glob("*.md"))
+    assert len(pages) >= 6
+    for page in pages:
+        assert f"results/{page.name}" in text, page.name
 
 
 def test_grace_rule_adopts_only_a_minilm_gain_without_a_tiny64_loss(report):

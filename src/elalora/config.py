@@ -167,20 +167,19 @@ class _ScoredConfig(AdapterConfig):
     gradient on P and Q is ``∂L/∂P = s·G·Qᵀ·diag(λ)`` (``G = ∂L/∂ΔW``), exactly 0 at the start and
     ∝ λ afterwards, while R's gradient does not depend on λ and, the norm being unsquared, does not
     vanish near orthonormality (it keeps a size of about ``2γ/(2N√r)`` per rank row). Adam normalises
-    each element's step, so whichever gradient is larger owns the element: measured on the
-    planted-rank benchmark (``benchmarks/planted_rank.py``, γ = 0.1), R's gradient was ~100× the
-    task's on P and Q and larger on every element for the whole run, so P and Q kept their random
-    directions and only λ fitted the task; and ~99.7 % of the P/Q importance mass ``|w·∂L/∂w|`` came
-    from R, whose per-rank gradient shrinks like ``1/√r_m`` (it favours low-rank matrices, pulling the
-    allocation back to uniform). Relative distillation loss 0.57 (γ = 0.1) against 0.22 (γ = 0), and
-    a GLUE pair task 55.5 % against 77.4 % (issue 15). Set γ > 0 to reproduce the papers' setups.
+    each element's step, so whichever gradient is larger owns the element: at γ > 0, R's gradient owns
+    P and Q, which keep their random directions while only λ fits the task, and R dominates the P/Q
+    importance mass ``|w·∂L/∂w|``; its per-rank gradient shrinks like ``1/√r_m``, so it favours
+    low-rank matrices and pulls the allocation back to uniform. The measurements are in
+    docs/results/planted_rank.md ("Why the SVD-form methods lost"). Set γ > 0 to reproduce the papers'
+    setups.
     The LoRA form has no regulariser: γ > 0 with ``form="lora"`` is an error.
 
     ``form``: the adapter form the allocation runs on (a key of :data:`elalora.layers.ADAPTER_FORMS`):
     ``"svd"`` is ``ΔW = P·diag(λ)·Q·s`` (the papers), ``"lora"`` is ``ΔW = B·diag(m)·A·s`` with PEFT
     LoRA's initialisation and scale (``A`` Kaiming, ``B = 0``, ``lora_alpha = 2 r``). Scores are
     ``|w·∂L/∂w|`` over the form's slot parameters either way. ElaLoRA defaults to ``"lora"`` (the evidence,
-    docs/results.md), AdaLoRA to ``"svd"`` (PEFT's AdaLoRA, the reference it is pinned against). A saved
+    docs/results/glue_grid.md), AdaLoRA to ``"svd"`` (PEFT's AdaLoRA, the reference it is pinned against). A saved
     config without ``form`` was written before forms existed and loads as ``"svd"``.
 
     ``budget``: what a round conserves. ``"rank"``: the total rank (the papers). ``"params"``: the number
@@ -244,13 +243,13 @@ class ElaLoRAConfig(_ScoredConfig):
         rank_pattern: optional starting rank per module name (e.g. a GeLoRA plan); the total budget
             is then the sum of this pattern.
         form: the adapter form, default ``"lora"`` (``B·diag(m)·A``, PEFT LoRA's start and scale): the
-            form that won protocol v3's rule (docs/results.md); ``"svd"`` is the paper's ``P·diag(λ)·Q``.
+            form that won protocol v3's rule (docs/results/glue_grid.md); ``"svd"`` is the paper's ``P·diag(λ)·Q``.
         grace_rounds: a rank grown in a round is no candidate (neither for pruning nor as its matrix's
             weakest rank in the growth criterion) for this many following rounds. A newborn rank scores
             about 0 under ``|w·∂L/∂w|`` (λ = 0 on the SVD form, B = 0 on the LoRA form), so without a
-            grace period it is the first to be pruned again (docs/results.md §3, "Churn"). Default: the
-            form's (``ElasticAdapter.default_grace_rounds``), set by the planted-rank rule written in
-            advance (docs/results.md §3, "The grace rule"); 0 on the SVD form, the paper's.
+            grace period it is the first to be pruned again (docs/results/planted_rank.md, churn). Default:
+            the form's (``ElasticAdapter.default_grace_rounds``), set by the planted-rank rule written in
+            advance (docs/results/planted_rank.md, "The grace rule"); 0 on the SVD form, the paper's.
     """
 
     b: int = 4
@@ -262,7 +261,7 @@ class ElaLoRAConfig(_ScoredConfig):
     lora_alpha: float | None = None
     grace_rounds: int | None = None
     # The LoRA form by default: under protocol v3 it beat the SVD form by the rule written before the cells
-    # ran (docs/results.md, "ElaLoRA's default form"); ``form="svd"`` reproduces the paper.
+    # ran (docs/results/glue_grid.md, "ElaLoRA's default form"); ``form="svd"`` reproduces the paper.
     form: str = "lora"
     method: ClassVar[str] = "elalora"
 

@@ -383,8 +383,8 @@ class GatedLoRAAdapter(ElasticAdapter):
 
     kind = "lora"
     # A grown rank starts at B = 0, so |w·∂L/∂w| scores it about 0 and the next round prunes it again. One
-    # round of grace passed docs/results.md §3's grace rule, written before its planted-rank cells ran (MiniLM,
-    # 5 seeds: relative loss -0.018 [-0.028, -0.007] against no grace; tiny64: +0.002 [-0.008, +0.013]).
+    # round of grace passed the planted-rank grace rule, written before its cells ran (the numbers:
+    # docs/results/planted_rank.md, "The grace rule").
     default_grace_rounds = 1
 
     @classmethod
