@@ -284,19 +284,20 @@ def main(argv=None):
 
 
 def render(args, tasks, methods, seeds) -> None:
-    """Print the tables of ``--protocol`` (or ``--steps``) and write them into their blocks of :data:`DOC` (the
-    main table always shows the full default grid, so that missing cells read "pending"; a table of another
-    step budget, a partial grid by design, shows only the tasks and arms it has)."""
+    """Print the tables of ``--protocol`` and let report.py rewrite every committed block from the records (it
+    decides what each page shows); or, for a ``--steps`` grid, print its table and write it into its block of
+    :data:`DOC` (the main table always shows the full default grid, so that missing cells read "pending"; a
+    table of another step budget, a partial grid by design, shows only the tasks and arms it has)."""
     recs = R.read_records(JSONL)
     if args.protocol:
         table = render_table(recs, tasks=TASKS, methods=methods, rs=DEFAULT_R, seeds=seeds, steps=-1,
                              with_extra=not args.no_extra, protocol=args.protocol)
-        trivial = "\n\nTrivial answers: " + "; ".join(f"{t.upper()} {v:.1f} ({w})" for t, (w, v) in TRIVIAL.items())
-        paired = paired_table(recs, protocol=args.protocol, tasks=TASKS)
-        for suffix, text in (("", table + trivial + "."), ("-paired", paired),
-                             ("-targets", targets_table(recs, protocol=args.protocol, tasks=TASKS))):
-            write_doc_table(text, steps=f"protocol-{args.protocol}{suffix}")
-        print(table + trivial + "\n\n" + paired)
+        print(table + "\n\n" + paired_table(recs, protocol=args.protocol, tasks=TASKS))
+        if JSONL == R.RESULTS / "accuracy.jsonl":  # the committed records: their docs follow them
+            import report
+
+            report.write()
+            print("rewrote the generated blocks of README.md and docs/results*.md (benchmarks/report.py)")
         return
     t_show, m_show = TASKS, METHODS
     if args.steps != DEFAULT_STEPS:

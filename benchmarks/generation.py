@@ -3,7 +3,7 @@ untrained model, under one protocol (``PROTOCOL``).
 
     # run the cells (skips those already in benchmarks/results/generation.jsonl), then render the table
     python benchmarks/generation.py --threads 1
-    # only (re)write the table and the ElaLoRA rank heatmap in docs/results.md / docs/figures/
+    # only (re)write the table and the ElaLoRA rank heatmap in docs/results/e2e.md / docs/figures/
     python benchmarks/generation.py --render
 
 Training data is the official E2E dev set (``valid.txt``, 4,672 pairs; the public training file is not in

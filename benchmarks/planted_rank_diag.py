@@ -1,4 +1,4 @@
-"""Diagnostics behind the orthogonal-regulariser finding (docs/results.md, planted-rank section).
+"""Diagnostics behind the orthogonal-regulariser finding (docs/results/planted_rank.md, "Why the SVD-form methods lost").
 
 Trains our ElaLoRA on the tiny concentrated planted-rank cell (seed 0) with the task loss and γ·R as
 two separate backward passes, and prints every ``--every`` steps: the norms of the task and of the

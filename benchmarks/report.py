@@ -1,4 +1,4 @@
-"""Every generated block of README.md and docs/results.md, and the README's figure, from the committed records.
+"""Every generated block of README.md, docs/results.md and its study pages, and the README's figure, from the records.
 
     python benchmarks/report.py            # rewrite every block and docs/figures/results_at_a_glance.png
     python benchmarks/report.py --check    # exit 1 naming each block (or figure) that disagrees with its record
