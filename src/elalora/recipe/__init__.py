@@ -7,8 +7,8 @@ directory (layout in :mod:`.rundir`). Everything is written into a temporary sib
 replaces the output directory only when the run has finished, so a failed or interrupted run
 leaves nothing half-written. The CLI, the benchmarks and the examples use these public functions.
 
-Modules: :mod:`.loading` (model paths, tokenizers, base models, adapters; the loading sequence,
-:func:`~.loading.load_model_for_task` / :func:`~.loading.load_for_task`), :mod:`.trainer`
+Modules: :mod:`.loading` (model paths, tokenizers, base models, adapters; the one loading sequence of
+data and model, :func:`~.loading.load_for_task`), :mod:`.trainer`
 (collators, the Trainer subclass, training arguments, evaluation), :mod:`.rundir` (the run
 directory), :mod:`.methods` (method configs, GeLoRA plans, schedules), :mod:`.evaluation` (a saved
 run evaluated and analysed: ``elalora eval`` / ``analyze``).
@@ -39,8 +39,8 @@ from ..layers import adapter_form
 from ..model import get_model
 from ..persistence import EXPORT_LAYOUTS, peft_task_type
 from ..targets import select_target_modules
-from ..tasks import TaskSpec, get_task, load_task_data
-from .loading import load_model_for_task, quiet_transformers, resolve_model, set_threads
+from ..tasks import TaskSpec, get_task
+from .loading import load_for_task, quiet_transformers
 from .methods import (build_method_config, expected_total_steps, peft_rank_pattern, run_gelora_plan, schedule_dict,
                       with_targets)
 from .spec import DEFAULT_LR, PEFT_METHODS, RunSpec, inapplicable_knobs
@@ -120,24 +120,25 @@ def _hold_out_alora_batch(config, spec: RunSpec, train: list[dict]) -> tuple[lis
 
 def prepare(spec: RunSpec) -> Prepared:
     """Load the data and the base model, pick the target modules; every check that can fail early."""
-    task0 = get_task(spec.task)
-    model_path, gguf_file = resolve_model(spec.model, spec.gguf_file, task0.kind)
     config = _check_flags(spec)
     if spec.lr is None:  # the evidence's lr for the method's adapter form (recipe.spec.DEFAULT_LR)
         spec = dataclasses.replace(spec, lr=DEFAULT_LR[config.adapter_kind if config is not None else "lora"])
-    train, evals, task = load_task_data(
-        task0, spec.data_dir, max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
-        seed=spec.seed, train_file=spec.train_file, eval_file=spec.eval_file, text_columns=spec.text_columns,
-        label_column=spec.label_column)
-    set_threads(spec.threads)
-    train, val_examples = _hold_out_alora_batch(config, spec, train)
-    # under DDP one optimizer step consumes batch_size × world_size examples
-    total_steps = expected_total_steps(len(train), spec.batch_size * world_size(), spec.grad_accum, spec.epochs,
-                                       spec.max_steps)
-    if config is not None:
-        schedule_dict(config, total_steps)  # ConfigError if tinit + tfinal >= T etc.
-    loaded = load_model_for_task(task, model_path, gguf_file, seed=spec.seed, bits=spec.load_in_bits, bf16=spec.bf16,
-                                 max_length=spec.max_length, pooling=spec.pooling, modules_to_save=spec.modules_to_save)
+    train = val_examples = total_steps = None
+
+    def fits(data_train: list[dict], evals: list[dict], task: TaskSpec) -> None:
+        """Once the data are loaded, before the model: ALoRA's held-out batch, the run's length, the schedule."""
+        nonlocal train, val_examples, total_steps
+        train, val_examples = _hold_out_alora_batch(config, spec, data_train)
+        # under DDP one optimizer step consumes batch_size × world_size examples
+        total_steps = expected_total_steps(len(train), spec.batch_size * world_size(), spec.grad_accum, spec.epochs,
+                                           spec.max_steps)
+        if config is not None:
+            schedule_dict(config, total_steps)  # ConfigError if tinit + tfinal >= T etc.
+
+    loaded = load_for_task(spec.data, spec.model, gguf_file=spec.gguf_file, threads=spec.threads,
+                           bits=spec.load_in_bits, bf16=spec.bf16, max_length=spec.max_length, pooling=spec.pooling,
+                           modules_to_save=spec.modules_to_save, check=fits)
+    task, evals, model_path, gguf_file = loaded.task, loaded.evals, loaded.model_path, loaded.gguf_file
     tokenizer, model, image_processor, max_length, head = (loaded.tokenizer, loaded.model, loaded.image_processor,
                                                             loaded.max_length, loaded.head)
     collate = make_collator(task, tokenizer, image_processor, max_length)
