@@ -130,7 +130,7 @@ def analyze_run(run_dir: str | Path, *, fractions: Sequence[float] = DEFAULT_FRA
     ``run_dir/analysis/layer_contribution.{json,md}`` and ``run_dir/figures/layer_contribution.png``
     (``ranks_from``: the top/bottom sets chosen by another run's final ranks, written as
     ``layer_contribution_ranks_from.*``). ``load``: the keyword arguments of :func:`load_run_for_eval`
-    (task, data, model, batch size, threads...); ``progress`` receives the progress lines."""
+    (``data``: task and data fields, model, batch size, threads...); ``progress`` receives the progress lines."""
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.json").is_file() or not read_json(run_dir / "config.json").get(RUN_MARKER):
         raise RunError(f"{str(run_dir)!r} is not an elalora run directory (no config.json with the {RUN_MARKER} "
