@@ -88,8 +88,9 @@ def run_untrained(data_dir, eval_file, threads) -> dict:
     """The base model (the task's default, SmolLM2-135M GGUF), loaded as a run loads it, scored as a run is."""
     from elalora.recipe.loading import load_for_task
     from elalora.recipe.trainer import evaluate_model
+    from elalora.tasks import DataSpec
 
-    tm = load_for_task("e2e_nlg", None, data_dir, seed=0, threads=threads, eval_file=str(eval_file),
+    tm = load_for_task(DataSpec("e2e_nlg", data_dir, eval_file=str(eval_file), seed=0), None, threads=threads,
                        max_length=PROTOCOL["max_length"])
     t0 = time.time()
     final = evaluate_model(tm.model, tm.task, tm.tokenizer, None, tm.evals, batch_size=EVAL_BATCH,

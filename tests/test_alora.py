@@ -530,8 +530,9 @@ def test_config_validation():
         elalora.ALoRAConfig(r=2, min_rank=3)
     with pytest.raises(ConfigError, match="k1"):
         elalora.ALoRAConfig(r=2, k1=50, total_steps=10)
-    assert elalora.ALoRAConfig(r=2, k1=0.25, k2=0.1).resolve_schedule(100) == (25, 10)
-    assert elalora.ALoRAConfig(r=2, k1=0).resolve_schedule(100)[0] == 1
+    s = elalora.ALoRAConfig(r=2, k1=0.25, k2=0.1).resolve_schedule(100)
+    assert (s.k1, s.k2) == (25, 10)
+    assert elalora.ALoRAConfig(r=2, k1=0).resolve_schedule(100).k1 == 1
 
 
 # -------------------------------------------------------------------------- (4) Trainer callback

@@ -201,7 +201,7 @@ def test_train_help_defaults_are_runspec_and_config_defaults():
 
 
 def test_the_method_config_is_built_once_per_run(fx, tmp_path, monkeypatch):
-    import elalora.recipe as R
+    import elalora.recipe.run as R  # where the phases look build_method_config up
 
     calls, real = [], R.build_method_config
     monkeypatch.setattr(R, "build_method_config", lambda *a, **k: calls.append(1) or real(*a, **k))

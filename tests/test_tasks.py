@@ -167,6 +167,32 @@ def test_glue_task_folder_directly_and_subsampling():
         load_task_data("rte", GLUE_DIR, max_train_samples=0)
 
 
+@needs_glue
+def test_data_spec_is_one_frozen_value_that_loads_like_load_task_data():
+    import argparse
+    import dataclasses
+
+    from elalora.recipe import RunSpec
+    from elalora.recipe.evaluation import eval_data
+    from elalora.tasks import DataSpec
+
+    run = RunSpec(task="rte", data_dir=str(GLUE_DIR), max_train_samples=20, max_eval_samples=10, seed=3, r=4)
+    data = run.data
+    assert data == DataSpec("rte", str(GLUE_DIR), max_train_samples=20, max_eval_samples=10, seed=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        data.seed = 4
+    assert data.load() == load_task_data("rte", GLUE_DIR, max_train_samples=20, max_eval_samples=10, seed=3)
+    ns = argparse.Namespace(task="rte", data_dir=str(GLUE_DIR), max_eval_samples=10, seed=3, r=4)
+    assert DataSpec.from_fields(ns) == dataclasses.replace(data, max_train_samples=None)
+    # a run's config.json: its data and training seed, the flags given in their place; another task: defaults
+    cfg = {"task": "rte", "data_dir": str(GLUE_DIR), "max_train_samples": 20, "max_eval_samples": 10,
+           "training": {"seed": 3}, "method": "elalora"}
+    assert eval_data(cfg) == data
+    assert eval_data(cfg, {"max_eval_samples": 5, "data_dir": None}, seed=7) == dataclasses.replace(
+        data, max_eval_samples=5, seed=7)
+    assert eval_data(cfg, {"task": "mrpc", "data_dir": str(GLUE_DIR)}) == DataSpec("mrpc", str(GLUE_DIR), seed=42)
+
+
 # ------------------------------------------------------------------------------ GLUE (synthetic files)
 
 

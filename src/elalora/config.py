@@ -35,6 +35,7 @@ __all__ = [
     "AdaLoRAConfig",
     "ALoRAConfig",
     "Schedule",
+    "ALoRASchedule",
     "config_from_dict",
     "CONFIG_FORMAT_VERSION",
 ]
@@ -78,6 +79,17 @@ class Schedule:
     tinit: int
     tfinal: int
     delta_t: int
+
+
+@dataclass(frozen=True)
+class ALoRASchedule:
+    """ALoRA's schedule in absolute optimizer steps: a round after ``k1`` steps and then every ``k2`` steps,
+    at most ``n_rounds`` rounds (before the ``ablation_budget`` cap), in a run of ``total_steps`` steps."""
+
+    total_steps: int
+    k1: int
+    k2: int
+    n_rounds: int
 
 
 @dataclass
@@ -434,8 +446,8 @@ class ALoRAConfig(AdapterConfig):
     def capacity(self) -> int:
         return int(self.max_rank)
 
-    def resolve_schedule(self, total_steps: int) -> tuple[int, int]:
-        """``(K1, K2)`` in optimizer steps for a run of ``total_steps`` steps (``K1 >= 1``, ``K2 >= 1``).
+    def resolve_schedule(self, total_steps: int) -> ALoRASchedule:
+        """``K1`` and ``K2`` in optimizer steps for a run of ``total_steps`` steps (``K1 >= 1``, ``K2 >= 1``).
 
         Raises if ``n_rounds > 0`` and the first round would fall after the end of the run.
         """
@@ -445,7 +457,7 @@ class ALoRAConfig(AdapterConfig):
         _require(self.n_rounds == 0 or k1 <= total_steps,
                  f"k1={self.k1!r} puts the first ALoRA round after {k1} steps, past the end of the run "
                  f"(total_steps={total_steps}); lower k1 or train longer")
-        return k1, k2
+        return ALoRASchedule(total_steps=int(total_steps), k1=int(k1), k2=int(k2), n_rounds=int(self.n_rounds))
 
 
 _CONFIGS = {c.method: c for c in (ElaLoRAConfig, AdaLoRAConfig, ALoRAConfig)}

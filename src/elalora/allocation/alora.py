@@ -254,7 +254,8 @@ class ALoRAAllocator(Allocator):
         self.loss_fn = loss_fn
 
     def set_total_steps(self, total_steps: int) -> None:
-        self.k1, self.k2 = self.config.resolve_schedule(int(total_steps))
+        schedule = self.config.resolve_schedule(int(total_steps))
+        self.k1, self.k2 = schedule.k1, schedule.k2
         self.total_steps = int(total_steps)
 
     def set_step_examples(self, n: int) -> None:

@@ -11,6 +11,7 @@ Imports: :mod:`elalora.recipe`, :mod:`elalora.model`, :mod:`elalora.persistence`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..model import handle_of
 from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
 from ..recipe import RunSpec, train
 from ..recipe.evaluation import EvalRun, analyze_run, load_run_for_eval
-from ..recipe.loading import load_adapted_model, load_model_for_task, quiet_transformers, resolve_model, set_threads
+from ..recipe.loading import load_adapted_model, load_for_task, load_model_for_task, quiet_transformers
 from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (EXPORT_MARKER, HeadSpec, base_for_adapter, check_output_dir, check_writable,
                              infer_task_kind, input_at_risk, output_lock, read_json, resolve_adapter_dir,
@@ -30,7 +31,7 @@ from ..recipe.rundir import (EXPORT_MARKER, HeadSpec, base_for_adapter, check_ou
 from ..recipe.trainer import make_collator
 from ..serving import ConsumerVerdict, format_serving_report, serving_report
 from ..targets import select_target_modules
-from ..tasks import get_task, load_task_data
+from ..tasks import DataSpec, get_task
 
 __all__ = ["cmd_train", "cmd_eval", "cmd_analyze", "cmd_export", "cmd_plot", "cmd_inspect", "cmd_plan",
            "parse_target_modules"]
@@ -52,18 +53,6 @@ def parse_target_modules(text: str | None):
 def parse_names(text: str | None) -> list[str] | None:
     """``--modules-to-save``: comma-separated module names (an empty list is refused by the recipe)."""
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
-
-
-def load_data(args, *, for_eval_only: bool = False):
-    """``(train, evals, task spec)`` from the data flags of ``eval`` / ``plan``."""
-    spec = get_task(args.task)
-    train, evals, spec = load_task_data(
-        spec, args.data_dir,
-        max_train_samples=None if for_eval_only else getattr(args, "max_train_samples", None),
-        max_eval_samples=args.max_eval_samples, seed=args.seed,
-        train_file=args.train_file, eval_file=args.eval_file,
-        text_columns=args.text_columns, label_column=args.label_column)
-    return train, evals, spec
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -114,12 +103,12 @@ def _load_for_eval(args, adapter: str, *, output: str | None = None) -> EvalRun:
 
 
 def _eval_flags(args) -> dict:
-    """The flags of ``eval`` / ``analyze`` that :func:`~elalora.recipe.evaluation.load_run_for_eval` takes."""
-    return dict(task=args.task, data_dir=args.data_dir, train_file=args.train_file, eval_file=args.eval_file,
-                text_columns=args.text_columns, label_column=args.label_column,
-                max_eval_samples=args.max_eval_samples, model=args.model, gguf_file=args.gguf_file,
-                max_length=args.max_length, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                threads=args.threads)
+    """The flags of ``eval`` / ``analyze`` that :func:`~elalora.recipe.evaluation.load_run_for_eval` takes; the
+    data flags as its ``data`` (:class:`~elalora.tasks.DataSpec`'s fields given, the seed apart)."""
+    data = {f.name: getattr(args, f.name) for f in dataclasses.fields(DataSpec)
+            if f.name != "seed" and hasattr(args, f.name)}
+    return dict(data=data, model=args.model, gguf_file=args.gguf_file, max_length=args.max_length,
+                batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, threads=args.threads)
 
 
 def cmd_eval(args) -> int:
@@ -311,18 +300,15 @@ def cmd_inspect(args) -> int:
 
 def cmd_plan(args) -> int:
     quiet_transformers()
-    spec0 = get_task(args.task)
+    get_task(args.task)  # unknown task: TaskError before anything else
     targets = parse_target_modules(args.target_modules)
-    model_path, gguf_file = resolve_model(args.model, args.gguf_file, spec0.kind)
     if args.output:
         _check_output_file(args.output, inputs=[("--model", args.model), ("--data-dir", args.data_dir),
                                                 ("--train-file", args.train_file), ("--eval-file", args.eval_file)])
-    args.max_train_samples = None
-    train, evals, spec = load_data(args)
-    del evals
-    set_threads(args.threads)
-    loaded = load_model_for_task(spec, model_path, gguf_file, seed=args.seed, max_length=args.max_length)
-    model = loaded.model
+    loaded = load_for_task(DataSpec.from_fields(args), args.model, gguf_file=args.gguf_file, threads=args.threads,
+                           max_length=args.max_length)
+    spec, train, model, model_path, gguf_file = (loaded.task, loaded.train, loaded.model, loaded.model_path,
+                                                 loaded.gguf_file)
     collate = make_collator(spec, loaded.tokenizer, loaded.image_processor, loaded.max_length)
     names, targets = select_target_modules(model, targets, loaded.head)
     plan = run_gelora_plan(model, train, collate, names, r=args.r, samples=args.gelora_samples,

@@ -2,9 +2,10 @@
 (:func:`load_run_for_eval`, behind ``elalora eval``), and the layer-contribution study written into the
 run directory (:func:`analyze_run`, behind ``elalora analyze`` and ``benchmarks/layer_contribution.py``).
 
-Task, data, seed, max length and batch size default to the ones the run recorded in its config.json;
-the base model to the run's (or the adapter's ``base_model_name_or_path``). The loading itself is
-:func:`elalora.recipe.loading.load_model_for_task`, the same sequence as a training run's.
+Task, data, seed, max length and batch size default to the ones the run recorded in its config.json
+(the data as one :class:`~elalora.tasks.DataSpec`, :func:`eval_data`); the base model to the run's (or
+the adapter's ``base_model_name_or_path``). The loading itself is
+:func:`elalora.recipe.loading.load_for_task`, the same sequence as a training run's.
 
 Imports: :mod:`.loading`, :mod:`.rundir`, :mod:`.trainer`, :mod:`.analysis`, :mod:`elalora.tasks`,
 :mod:`elalora.persistence`, :mod:`elalora._io`, :mod:`elalora.errors`, :mod:`elalora.plots` (lazily).
@@ -12,8 +13,9 @@ Imports: :mod:`.loading`, :mod:`.rundir`, :mod:`.trainer`, :mod:`.analysis`, :mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,16 +24,14 @@ from typing import Any
 from .._io import atomic_write_bytes, json_default
 from ..errors import RunError
 from ..persistence import adapter_format
-from ..tasks import get_task, load_task_data
+from ..tasks import DataSpec, get_task
 from .analysis import DEFAULT_FRACTIONS, format_contribution_table, layer_contribution
-from .loading import load_adapted_model, load_model_for_task, quiet_transformers, set_threads
+from .loading import load_adapted_model, load_for_task, quiet_transformers
 from .rundir import (RUN_MARKER, base_for_adapter, check_writable, output_lock, read_json, resolve_adapter_dir,
                      run_config_for)
 from .trainer import evaluate_model
 
-__all__ = ["EvalRun", "load_run_for_eval", "AnalysisResult", "analyze_run", "final_ranks_of"]
-
-_DATA_KEYS = ("data_dir", "train_file", "eval_file", "text_columns", "label_column", "max_eval_samples")
+__all__ = ["EvalRun", "eval_data", "load_run_for_eval", "AnalysisResult", "analyze_run", "final_ranks_of"]
 
 
 @dataclass
@@ -48,55 +48,57 @@ class EvalRun:
     evaluate: Callable[[Any], dict[str, float]]  # model -> metrics, on ``evals``
 
 
-def load_run_for_eval(adapter: str | Path, *, task: str | None = None, data_dir: str | None = None,
-                      train_file: str | None = None, eval_file: str | None = None, text_columns: str | None = None,
-                      label_column: str | None = None, max_eval_samples: int | None = None, seed: int | None = None,
+def eval_data(run_config: dict, data: Mapping[str, Any] | None = None, seed: int | None = None) -> DataSpec:
+    """The :class:`~elalora.tasks.DataSpec` that evaluates a run: the fields of ``data`` given (not ``None``;
+    :class:`~elalora.tasks.DataSpec`'s names but ``seed``) and ``seed`` win; the others are the run's
+    (its ``config.json``: task, files, columns, sample limits, ``training.seed``) while the task is the
+    run's, else the defaults (seed 42)."""
+    given = {k: v for k, v in (data or {}).items() if v is not None}
+    task = given.pop("task", None) or run_config.get("task")
+    if run_config.get("task") == task:
+        spec = DataSpec.from_fields(run_config, seed=run_config.get("training", {}).get("seed", 42))
+    else:
+        spec = DataSpec(task)
+    return dataclasses.replace(spec, **given, **({} if seed is None else {"seed": seed}))
+
+
+def load_run_for_eval(adapter: str | Path, *, data: Mapping[str, Any] | None = None, seed: int | None = None,
                       model: str | None = None, gguf_file: str | None = None, max_length: int | None = None,
                       batch_size: int | None = None, max_new_tokens: int | None = None, threads: int | None = None,
                       check: Callable[[Path], None] | None = None) -> EvalRun:
     """Load the adapter ``adapter`` (an adapter directory, or a run directory meaning its adapter/) onto its
-    base model with the evaluation data; arguments left ``None`` take the run's values (module docstring).
-    ``check`` is called with the adapter directory once it is resolved, before the data and the model
-    are loaded (``elalora eval --output`` checks its file there)."""
+    base model with the evaluation data (:func:`eval_data`: ``data`` holds the data fields given, e.g.
+    ``{"task": "rte", "max_eval_samples": 100}``); arguments left ``None`` take the run's values (module
+    docstring). ``check`` is called with the adapter directory once it is resolved, before the data and
+    the model are loaded (``elalora eval --output`` checks its file there)."""
     quiet_transformers()
     adir = resolve_adapter_dir(str(adapter))
     adapter_format(adir)
     run_cfg = run_config_for(adir) or {}
     tr = run_cfg.get("training", {})
-    if task is None:  # task and data default to the run's; explicit arguments win
-        if not run_cfg.get("task"):
-            raise RunError(f"pass --task: {str(adir)!r} has no run config.json next to it to take the task from")
-        task = run_cfg["task"]
-    same_task = run_cfg.get("task") == task
-    data = dict(data_dir=data_dir, train_file=train_file, eval_file=eval_file, text_columns=text_columns,
-                label_column=label_column, max_eval_samples=max_eval_samples)
-    for key in _DATA_KEYS:
-        if data[key] is None and same_task:
-            data[key] = run_cfg.get(key)
-    if seed is None:
-        seed = tr.get("seed", 42) if same_task else 42
+    if (data or {}).get("task") is None and not run_cfg.get("task"):  # task and data default to the run's
+        raise RunError(f"pass --task: {str(adir)!r} has no run config.json next to it to take the task from")
+    spec = eval_data(run_cfg, data, seed)
     run_max_length = tr.get("max_length") or 128
     batch_size = batch_size or tr.get("eval_batch_size") or 64
     max_new = max_new_tokens or tr.get("max_new_tokens") or 64
     if check is not None:
         check(adir)  # before the evaluation, not after it
-    _, evals, spec = load_task_data(get_task(task), data["data_dir"], max_train_samples=None,
-                                    max_eval_samples=data["max_eval_samples"], seed=seed,
-                                    train_file=data["train_file"], eval_file=data["eval_file"],
-                                    text_columns=data["text_columns"], label_column=data["label_column"])
-    model_path, gguf = base_for_adapter(adir, SimpleNamespace(model=model, gguf_file=gguf_file), run_cfg, spec.kind)
-    set_threads(threads)
-    loaded = load_model_for_task(spec, model_path, gguf, seed=seed, max_length=max_length,
-                                 default_max_length=run_max_length,
-                                 pooling=run_cfg.get("pooling") or "cls")  # as trained (--pooling)
+    # the base model before the data: a custom task's kind ("auto" until its data are read) picks no other model
+    kind = get_task(spec.task).kind
+    model_path, gguf = base_for_adapter(adir, SimpleNamespace(model=model, gguf_file=gguf_file), run_cfg, kind)
+    loaded = load_for_task(spec, model_path, gguf_file=gguf, threads=threads, max_length=max_length,
+                           default_max_length=run_max_length,
+                           pooling=run_cfg.get("pooling") or "cls")  # as trained (--pooling)
     adapted = load_adapted_model(adir, loaded.model)
     adapted.eval()
+    task, evals = loaded.task, loaded.evals
 
     def evaluate(m) -> dict[str, float]:
-        return evaluate_model(m, spec, loaded.tokenizer, loaded.image_processor, evals, batch_size=batch_size,
-                              max_length=loaded.max_length, max_new_tokens=max_new, seed=seed)
+        return evaluate_model(m, task, loaded.tokenizer, loaded.image_processor, evals, batch_size=batch_size,
+                              max_length=loaded.max_length, max_new_tokens=max_new, seed=spec.seed)
 
-    return EvalRun(adir, model_path, adapted, spec, evals, run_cfg, seed, evaluate)
+    return EvalRun(adir, model_path, adapted, task, evals, run_cfg, spec.seed, evaluate)
 
 
 def final_ranks_of(run_dir: str | Path) -> dict[str, int]:
@@ -128,7 +130,7 @@ def analyze_run(run_dir: str | Path, *, fractions: Sequence[float] = DEFAULT_FRA
     ``run_dir/analysis/layer_contribution.{json,md}`` and ``run_dir/figures/layer_contribution.png``
     (``ranks_from``: the top/bottom sets chosen by another run's final ranks, written as
     ``layer_contribution_ranks_from.*``). ``load``: the keyword arguments of :func:`load_run_for_eval`
-    (task, data, model, batch size, threads...); ``progress`` receives the progress lines."""
+    (``data``: task and data fields, model, batch size, threads...); ``progress`` receives the progress lines."""
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.json").is_file() or not read_json(run_dir / "config.json").get(RUN_MARKER):
         raise RunError(f"{str(run_dir)!r} is not an elalora run directory (no config.json with the {RUN_MARKER} "

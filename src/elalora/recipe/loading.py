@@ -1,11 +1,13 @@
 """Loading for a run: where the model is (``--model`` / the default models), the tokenizer, image
 processor and base model with the task's head, CPU threads, and an adapter directory onto a base.
 
-The loading sequence is written once: :func:`load_model_for_task` (tokenizer, base model with the
-task's head, max length, image processor, pooling, the modules trained in full) is what
-:func:`elalora.recipe.prepare`, :func:`elalora.recipe.evaluation.load_run_for_eval` and
-:func:`load_for_task` run; :func:`load_for_task` adds the task's data and the CPU threads before it
-(what the benchmarks that train or evaluate outside :func:`elalora.recipe.train` start from).
+The loading sequence is written once: :func:`load_for_task` takes the run's data (a frozen
+:class:`~elalora.tasks.DataSpec`) and its base model: the model resolved, the data loaded, torch's CPU
+threads, then :func:`load_model_for_task` (tokenizer, base model with the task's head, max length, image
+processor, pooling, the modules trained in full). It is the one path of :func:`elalora.recipe.prepare`
+(training), :func:`elalora.recipe.evaluation.load_run_for_eval` (``elalora eval`` / ``analyze``) and
+``elalora plan``, and where the benchmarks that train or evaluate outside :func:`elalora.recipe.train`
+start from; ``elalora export``, which reads no data, runs :func:`load_model_for_task` alone.
 
 Imports: transformers, peft (lazily), :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.heads`,
 :mod:`elalora.tasks`, :mod:`elalora.quant` (lazily), :mod:`elalora.errors`, :mod:`elalora._extras`.
@@ -18,15 +20,19 @@ import importlib.util
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._extras import available, install_hint
 from ..errors import AdapterLoadError, MissingExtraError, RunError
 from ..heads import use_mean_pooling
 from ..model import load_adapter
 from ..persistence import adapter_format, check_peft_adapter_fits
+
+if TYPE_CHECKING:
+    from ..tasks import DataSpec
 
 __all__ = ["default_model", "resolve_model", "quiet_transformers", "default_threads", "set_threads", "load_tokenizer",
            "load_image_processor", "head_modules", "apply_pooling", "resolve_modules_to_save", "load_base_model", "load_adapted_model",
@@ -327,29 +333,32 @@ class TaskModel(LoadedModel):
     threads: int | None = None  # torch's intra-op threads, as set
 
 
-def load_for_task(task, model: str | None = None, data_dir: str | None = None, *, seed: int = 42,
-                  threads: int | None = None, pooling: str = "cls", gguf_file: str | None = None,
-                  train_file: str | None = None, eval_file: str | None = None, text_columns: str | None = None,
-                  label_column: str | None = None, max_train_samples: int | None = None,
-                  max_eval_samples: int | None = None, max_length: int | None = None,
-                  modules_to_save: list[str] | None = None, bits: int | None = None,
-                  bf16: bool = False) -> TaskModel:
-    """Data and base model of ``task`` (a name or :class:`~elalora.tasks.TaskSpec`) as ``elalora train``
-    loads them: quiet transformers logging, ``model`` resolved as ``--model`` (``None``: the default model
-    of the task's kind), the task's data (seeded subsets), torch's CPU threads (:func:`set_threads`), then
-    :func:`load_model_for_task`. The arguments are :class:`~elalora.recipe.RunSpec`'s fields of the same
-    names (``bits`` is ``load_in_bits``)."""
-    from ..tasks import get_task, load_task_data
+def load_for_task(data: DataSpec, model: str | None = None, *, gguf_file: str | None = None,
+                  threads: int | None = None, bits: int | None = None, bf16: bool = False,
+                  max_length: int | None = None, default_max_length: int = 128, pooling: str = "cls",
+                  modules_to_save: list[str] | None = None,
+                  check: Callable[[list[dict], list[dict], Any], None] | None = None) -> TaskModel:
+    """Data and base model of a run, as ``elalora train`` loads them: quiet transformers logging, ``model``
+    resolved as ``--model`` (``None``: the default model of the task's kind), the data of ``data`` (a
+    :class:`~elalora.tasks.DataSpec`: task, files, columns, seeded subsets), torch's CPU threads
+    (:func:`set_threads`), then :func:`load_model_for_task` seeded with ``data.seed``. The keyword arguments
+    are :class:`~elalora.recipe.RunSpec`'s fields of the same names (``bits`` is ``load_in_bits``;
+    ``default_max_length``: the max length when ``max_length`` is ``None``, lowered to the model's positions).
+
+    ``check(train, evals, task)`` is called once the data are loaded, before the model is: the checks that
+    need the data fail before the slow part (``prepare`` checks the method's schedule against the run's
+    length there)."""
+    from ..tasks import get_task
 
     quiet_transformers()
-    task0 = get_task(task) if isinstance(task, str) else task
+    task0 = get_task(data.task) if isinstance(data.task, str) else data.task
     model_path, gguf = resolve_model(model, gguf_file, task0.kind)
-    train, evals, spec = load_task_data(task0, data_dir, max_train_samples=max_train_samples,
-                                        max_eval_samples=max_eval_samples, seed=seed, train_file=train_file,
-                                        eval_file=eval_file, text_columns=text_columns, label_column=label_column)
+    train, evals, spec = data.load()
     n = set_threads(threads)
-    m = load_model_for_task(spec, model_path, gguf, seed=seed, bits=bits, bf16=bf16, max_length=max_length,
-                            pooling=pooling, modules_to_save=modules_to_save)
+    if check is not None:
+        check(train, evals, spec)
+    m = load_model_for_task(spec, model_path, gguf, seed=data.seed, bits=bits, bf16=bf16, max_length=max_length,
+                            default_max_length=default_max_length, pooling=pooling, modules_to_save=modules_to_save)
     return TaskModel(m.model, m.tokenizer, m.image_processor, m.max_length, m.head, task=spec, train=train,
                      evals=evals, model_path=model_path, gguf_file=gguf, threads=n)
 

@@ -6,6 +6,7 @@ Imports: :mod:`.spec`, :mod:`elalora.allocation.gelora`, :mod:`elalora.errors`, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -58,13 +59,12 @@ def peft_rank_pattern(peft_model) -> dict[str, int]:
 
 
 def schedule_dict(config, total_steps: int) -> dict | None:
-    if hasattr(config, "resolve_schedule") and config.method in ("elalora", "adalora"):
-        s = config.resolve_schedule(int(total_steps))
-        return {"total_steps": s.total_steps, "tinit": s.tinit, "tfinal": s.tfinal, "delta_t": s.delta_t}
-    if config.method == "alora":
-        k1, k2 = config.resolve_schedule(int(total_steps))
-        return {"total_steps": int(total_steps), "k1": int(k1), "k2": int(k2), "n_rounds": config.n_rounds}
-    return None
+    """The method's schedule for a run of ``total_steps`` steps, as config.json records it (the fields of
+    :class:`~elalora.config.Schedule` or :class:`~elalora.config.ALoRASchedule`); ``None`` for a config
+    without one. Raises ConfigError when the schedule does not fit the run."""
+    if not hasattr(config, "resolve_schedule"):
+        return None
+    return dataclasses.asdict(config.resolve_schedule(int(total_steps)))
 
 
 def expected_total_steps(n_train: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int | None) -> int:

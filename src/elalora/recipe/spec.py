@@ -6,9 +6,10 @@ default": :data:`METHOD_KNOBS` names, per method, the config field it sets (``--
 ``ElaLoRAConfig.b``), so the CLI reads its defaults and its help from here and from the configs
 (:func:`knob_default`), and a knob given for a method it does not apply to is an error that names the
 methods it applies to (:func:`inapplicable_knobs`). The learning rate follows the evidence per
-adapter form (:data:`DEFAULT_LR`).
+adapter form (:data:`DEFAULT_LR`). The data fields of a run travel together as its
+:attr:`RunSpec.data` (:class:`~elalora.tasks.DataSpec`).
 
-Imports: :mod:`elalora.config` (the method configs) only.
+Imports: :mod:`elalora.config` (the method configs), :mod:`elalora.tasks` (:class:`~elalora.tasks.DataSpec`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig
+from ..tasks import DataSpec
 
 __all__ = ["RunSpec", "METHODS", "METHOD_CONFIGS", "METHOD_KNOBS", "DEFAULT_LR", "PEFT_METHODS", "knob_default",
            "inapplicable_knobs", "spec_default"]
@@ -143,6 +145,11 @@ class RunSpec:
     def from_namespace(cls, ns: Any) -> "RunSpec":
         """The fields of ``ns`` (e.g. parsed arguments) that name a field here."""
         return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)})
+
+    @property
+    def data(self) -> DataSpec:
+        """The data this run reads: its task, files, columns, sample limits and seed, as one frozen value."""
+        return DataSpec.from_fields(self)
 
     def method_overrides(self) -> dict[str, Any]:
         """``{config field: value}`` of the method knobs given (not ``None``) for ``self.method``."""

@@ -15,7 +15,7 @@ Examples are plain dicts:
 Every problem with the user's data or arguments raises :class:`~elalora.errors.TaskError` with
 a one-line message. The metrics and image decoding need ``pip install 'elalora[tasks]'``.
 
-Modules: :mod:`.spec` (task specs), :mod:`.sources` (loading; :mod:`.e2e`, :mod:`.images`),
+Modules: :mod:`.spec` (task specs), :mod:`.sources` (loading, :class:`DataSpec`; :mod:`.e2e`, :mod:`.images`),
 :mod:`.collate` (batches), :mod:`.metrics`. Imports: :mod:`elalora.errors`, :mod:`elalora._extras`
 and third-party packages only -- nothing else of elalora.
 """
@@ -27,11 +27,11 @@ from .collate import CausalLMCollator, ImageCollator, TextClassificationCollator
 from .e2e import build_prompt
 from .images import IMAGE_EXTENSIONS
 from .metrics import compute_metrics
-from .sources import GLUE_HUB_DATASET, glue_layout, load_task_data
+from .sources import GLUE_HUB_DATASET, DataSpec, glue_layout, load_task_data
 from .spec import GLUE_TASKS, OTHER_TASKS, TaskSpec, get_task, known_task_names
 
 __all__ = [
     "TaskError", "TaskSpec", "GLUE_TASKS", "OTHER_TASKS", "known_task_names", "get_task", "load_task_data",
-    "build_prompt", "TextClassificationCollator", "CausalLMCollator", "encode_prompts", "eos_id",
+    "DataSpec", "build_prompt", "TextClassificationCollator", "CausalLMCollator", "encode_prompts", "eos_id",
     "ImageCollator", "compute_metrics", "GLUE_HUB_DATASET", "IMAGE_EXTENSIONS", "glue_layout",
 ]

@@ -1,5 +1,5 @@
 """Data loading: :func:`load_task_data` for GLUE (local TSV or the Hub), custom CSV/TSV/JSONL files,
-E2E NLG and image folders.
+E2E NLG and image folders; :class:`DataSpec`, the data a run reads, as one frozen value.
 
 Supported tasks
 ---------------
@@ -41,7 +41,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ from .e2e import load_e2e
 from .images import load_image_folder
 from .spec import GLUE_TASKS, TaskSpec, get_task, known_task_names, normalize_task_name, parse_columns
 
-__all__ = ["load_task_data", "GLUE_HUB_DATASET"]
+__all__ = ["load_task_data", "DataSpec", "GLUE_HUB_DATASET"]
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +171,45 @@ def load_task_data(
     train = _subsample(train, max_train_samples, seed, shuffle=True)
     evals = _subsample(evals, max_eval_samples, seed + 1, shuffle=False)
     return train, evals, spec
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data a run reads: the task, its files and columns, the sample limits and the subset seed.
+
+    One value instead of the arguments of :func:`load_task_data`; built once per run (from a
+    :class:`~elalora.recipe.RunSpec`, parsed flags or a run's ``config.json``: :meth:`from_fields`) and
+    loaded with :meth:`load`. The fields are :func:`load_task_data`'s arguments of the same names
+    (``task`` a name or a :class:`TaskSpec`); ``seed`` defaults to the recipe's 42.
+    """
+
+    task: str | TaskSpec
+    data_dir: str | None = None
+    train_file: str | None = None
+    eval_file: str | None = None
+    text_columns: str | None = None
+    label_column: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 42
+
+    @classmethod
+    def from_fields(cls, source: Any, **given: Any) -> "DataSpec":
+        """The fields of ``source`` that name a field here (attributes of an object such as a ``RunSpec`` or
+        parsed arguments, or keys of a mapping such as a run's ``config.json``), then ``given``."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if isinstance(source, Mapping):
+            found = {n: source[n] for n in names if n in source}
+        else:
+            found = {n: getattr(source, n) for n in names if hasattr(source, n)}
+        return cls(**{**found, **given})
+
+    def load(self) -> tuple[list[dict], list[dict], TaskSpec]:
+        """``(train_examples, eval_examples, spec)``: :func:`load_task_data` on these fields."""
+        return load_task_data(self.task, self.data_dir, max_train_samples=self.max_train_samples,
+                              max_eval_samples=self.max_eval_samples, seed=self.seed, train_file=self.train_file,
+                              eval_file=self.eval_file, text_columns=self.text_columns,
+                              label_column=self.label_column)
 
 
 # ---------------------------------------------------------------------------------------------
