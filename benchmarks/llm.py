@@ -55,6 +55,7 @@ from _common import RESULTS, loadavg, machine_info, md_table, provenance, train_
 from accuracy import append_record, read_records, t_quantile  # noqa: E402
 
 JSONL = RESULTS / "llm.jsonl"
+PLANTED_JSONL = RESULTS / "llm_planted.jsonl"  # the LLM positive control (benchmarks/planted_rank.py --llm)
 DOC = ROOT / "docs" / "results" / "llm.md"
 FIGURES = ROOT / "docs" / "figures"
 PROTOCOL = "llm-v1"
@@ -433,9 +434,43 @@ def render_power(records, sizes_name: str = "full") -> str:
     return md_table(head, rows) + "\n\nSeeds capped at 10 (docs/results/llm.md, the power rule)."
 
 
-def blocks(records, sizes_name: str = "full") -> list[tuple[str, str]]:
+def render_planted(planted: list[dict], base: str = "smollm2-135m") -> str:
+    """The LLM positive control: relative held-out loss per method, and ElaLoRA − uniform LoRA paired by seed."""
+    by: dict = {}
+    for rec in planted:
+        if rec.get("base") == base:
+            by.setdefault(rec["method"], {})[int(rec["seed"])] = rec
+    labels = {"peft-lora-2r": "uniform LoRA (PEFT, alpha 2r)", "elalora-lora-g1": "ElaLoRA (defaults)"}
+    head = ["method", "seeds", "held-out loss / base's", "rank on the planted matrices", "active params",
+            "ElaLoRA − uniform (paired)"]
+    rows = []
+    ela, uni = by.get("elalora-lora-g1", {}), by.get("peft-lora-2r", {})
+    for m, lab in labels.items():
+        got = by.get(m, {})
+        if not got:
+            rows.append([lab, 0, "pending", "", "", ""])
+            continue
+        v = [got[s]["rel_loss"] for s in sorted(got)]
+        sh = [got[s]["planted_share"] for s in sorted(got)]
+        d = [ela[s]["rel_loss"] - uni[s]["rel_loss"] for s in sorted(set(ela) & set(uni))]
+        pair = ""
+        if m == "elalora-lora-g1" and d:
+            mu = statistics.mean(d)
+            half = t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+            pair = f"{mu:+.4f} [{mu - half:+.4f}, {mu + half:+.4f}] (n={len(d)}, lower in {sum(x < 0 for x in d)})"
+        rows.append([lab, len(v), f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""),
+                     f"{statistics.mean(sh):.1%}", f"{statistics.mean(got[s]['active_params'] for s in got):,.0f}",
+                     pair])
+    return md_table(head, rows) + ("\n\nHeld-out loss: MSE of the last hidden states to the teacher's on 128 held-out "
+                                   "texts, at the end over at the start (the base). Rank on the planted matrices: "
+                                   "their share of the final total rank (uniform: 6 of 210 = 2.9 %).")
+
+
+def blocks(records, sizes_name: str = "full", planted: list[dict] | None = None) -> list[tuple[str, str]]:
+    planted = read_records(PLANTED_JSONL) if planted is None else planted
     return ([("llm-lr", render_lr(records, sizes_name)), ("llm-power", render_power(records, sizes_name))]
-            + [(f"llm-{t}", render_task(records, t, sizes_name)) for t in TASKS])
+            + [(f"llm-{t}", render_task(records, t, sizes_name)) for t in TASKS]
+            + [("llm-planted", render_planted(planted))])
 
 
 def figure_path(task: str, figures: Path = FIGURES) -> Path:
