@@ -51,8 +51,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _common import RESULTS, loadavg, machine_info, md_table, provenance, train_cell  # noqa: E402
-from accuracy import append_record, read_records, t_quantile  # noqa: E402
+from _common import RESULTS, loadavg, machine_info, md_table, train_cell  # noqa: E402
+
+try:  # the benchmark kit (branch i35: records and statistics in their own modules)
+    from _records import append_record, provenance, read_records
+    from _stats import t_quantile
+except ImportError:  # before it: the same functions in _common / accuracy
+    from _common import provenance
+    from accuracy import append_record, read_records, t_quantile
+from arms import ARMS as ALL_ARMS  # noqa: E402
+from arms import label as arm_label  # noqa: E402
 
 JSONL = RESULTS / "llm.jsonl"
 PLANTED_JSONL = RESULTS / "llm_planted.jsonl"  # the LLM positive control (benchmarks/planted_rank.py --llm)
@@ -68,15 +76,11 @@ SEEDS = (0, 1)  # the pilot; the power rule (docs/results/llm.md) sets how many 
 LR_SELECT_R, LR_SELECT_SEED = 8, 0
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# The arms: the names and knobs of benchmarks/accuracy.py's tables (RunSpec overrides). Every arm here trains the
-# LoRA form, so all share the LoRA family's lr, chosen on PEFT LoRA (none of our methods picks its own lr).
-ARMS = {
-    "peft-lora": {"label": "PEFT LoRA", "family": "lora", "fields": {"method": "lora"}},
-    "elalora-lora-g1": {"label": "ElaLoRA (library defaults: LoRA form, grace 1)", "family": "lora",
-                        "fields": {"method": "elalora", "form": "lora", "grace_rounds": 1}},
-    "adalora-lora": {"label": "AdaLoRA (ours), LoRA form", "family": "lora",
-                     "fields": {"method": "adalora", "form": "lora"}},
-}
+# The arms, read from benchmarks/arms.py (one table for every benchmark). Every arm here trains the LoRA form, so
+# all take the LoRA family's lr, chosen on PEFT LoRA (none of our methods picks its own lr).
+LLM_ARMS = ("peft-lora", "elalora-lora-g1", "adalora-lora")
+ARMS = {n: {"label": arm_label(n, "llm"), "family": ALL_ARMS[n].lr_family,
+            "fields": {"method": ALL_ARMS[n].method, **ALL_ARMS[n].overrides}} for n in LLM_ARMS}
 FAMILY_REFERENCE = {"lora": "peft-lora"}  # the arm whose lr-selection cells choose each family's lr
 BASELINE, OURS = "peft-lora", "elalora-lora-g1"
 

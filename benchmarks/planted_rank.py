@@ -600,7 +600,10 @@ def llm_key(rec) -> tuple:
 
 def llm_main(argv=None) -> int:
     """``--llm``: run the LLM control's missing cells (resumable, one JSON line each, with provenance)."""
-    from _common import provenance
+    try:  # the benchmark kit (branch i35) keeps provenance in _records; before it, _common has it
+        from _records import provenance
+    except ImportError:
+        from _common import provenance
 
     ap = argparse.ArgumentParser(description="LLM planted-rank positive control (docs/results/llm.md §8)")
     ap.add_argument("--tiny", action="store_true", help="a random 2-layer Llama, a few steps (tests)")
