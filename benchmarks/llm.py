@@ -88,7 +88,7 @@ BASELINE, OURS = "peft-lora", "elalora-lora-g1"
 SIZES = {
     "full": {"e2e": {"epochs": 1, "batch_size": 16, "max_length": 128, "nll_pairs": 1000, "gen_mrs": 200,
                      "max_new_tokens": 64, "eval_batch_size": 32, "train_pairs": None},
-             "xsum": {"epochs": 2, "batch_size": 8, "max_length": 352, "doc_tokens": 256, "train_docs": 800,
+             "xsum": {"epochs": 1, "batch_size": 8, "max_length": 352, "doc_tokens": 256, "train_docs": 800,
                       "eval_batch_size": 8},
              "lr_held_out": 0.2, "lr_nll_cap": 500, "split_seed": 0, "nll_seed": 0},
     # "cost": the full sizes' per-example work on fewer examples (10 optimizer steps, a tenth of the evaluation),
@@ -407,7 +407,10 @@ def render_lr(records, sizes_name: str = "full") -> str:
                                    f"{LR_SELECT_R}, seed {LR_SELECT_SEED}; the lowest wins.")
 
 
-def power_seeds(sd: float, effect: float = 1.0, cap: int = 10) -> int:
+POWER_CAP = 5  # seeds per comparison at most (docs/results/llm.md §6: a cell costs CPU-hours)
+
+
+def power_seeds(sd: float, effect: float = 1.0, cap: int = POWER_CAP) -> int:
     """Seeds for a paired two-sided t-test at 5 % to find a true mean difference ``effect`` (per cent NLL) with
     80 % power, given the sd of the paired differences: the smallest n ≥ 2 with
     ``t(0.975, n−1) + t(0.80, n−1) ≤ effect·√n / sd``; capped at ``cap``."""
@@ -435,7 +438,8 @@ def render_power(records, sizes_name: str = "full") -> str:
                 sd = statistics.stdev(d)
                 rows.append([task, f"{ARMS[arm]['label']} − PEFT LoRA, r {r}", len(d), f"{sd:.3f}",
                              power_seeds(max(sd, 1e-9))])
-    return md_table(head, rows) + "\n\nSeeds capped at 10 (docs/results/llm.md, the power rule)."
+    return md_table(head, rows) + (f"\n\nSeeds capped at {POWER_CAP} (docs/results/llm.md §6); a comparison at the cap "
+                                   "whose rule asks for more is labelled *cannot resolve 1 %*.")
 
 
 def render_planted(planted: list[dict], base: str = "smollm2-135m") -> str:

@@ -109,10 +109,12 @@ def test_heldout_nll_equals_the_models_teacher_forced_loss(llm, tmp_path):
 
 
 def test_power_rule_and_lane_split(llm):
-    # sd 1 % with a 1 % effect: n = 10 at the cap (t-quantiles make 8 too few); sd 0.3 %: n small
-    assert llm.power_seeds(0.3) <= 4 and llm.power_seeds(0.3) >= 2
-    assert llm.power_seeds(5.0) == 10  # capped
-    assert llm.power_seeds(0.6) < llm.power_seeds(0.9)
+    # hand check: sd 0.3 %, effect 1 %: n = 3 passes (t(.975,2) + t(.8,2) = 4.303 + 1.061 = 5.36 <= sqrt(3)/0.3
+    # = 5.77) and n = 2 fails (12.71 + 1.376 > 4.71)
+    assert llm.power_seeds(0.3) == 3
+    assert llm.power_seeds(5.0) == llm.POWER_CAP == llm.power_seeds(5.0, cap=llm.POWER_CAP)  # capped
+    assert llm.power_seeds(5.0, cap=50) > llm.POWER_CAP
+    assert llm.power_seeds(0.6, cap=50) < llm.power_seeds(0.9, cap=50)
     cells = llm.plan("grid", ["e2e", "xsum"], list(llm.ARMS), [2, 8], [0, 1])
     assert len(cells) == 2 * len(llm.ARMS) * 2 * 2
     # the arms of one (task, r, seed) are adjacent: interleaved
