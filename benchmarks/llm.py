@@ -53,12 +53,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from _common import RESULTS, loadavg, machine_info, md_table, train_cell  # noqa: E402
 
-try:  # the benchmark kit (branch i35: records and statistics in their own modules)
-    from _records import append_record, provenance, read_records
-    from _stats import t_quantile
-except ImportError:  # before it: the same functions in _common / accuracy
-    from _common import provenance
-    from accuracy import append_record, read_records, t_quantile
+from _records import append_record, provenance, read_records  # noqa: E402
+from _stats import t_quantile  # noqa: E402
 from arms import ARMS as ALL_ARMS  # noqa: E402
 from arms import label as arm_label  # noqa: E402
 

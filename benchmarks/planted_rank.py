@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import md_table  # noqa: E402
-from _records import RESULTS, append_record, read_records  # noqa: E402
+from _records import RESULTS, append_record, provenance, read_records  # noqa: E402
 from arms import arm, label, live  # noqa: E402
 from glue_protocols import model_path  # noqa: E402
 
@@ -569,10 +569,6 @@ def llm_key(rec) -> tuple:
 
 def llm_main(argv=None) -> int:
     """``--llm``: run the LLM control's missing cells (resumable, one JSON line each, with provenance)."""
-    try:  # the benchmark kit (branch i35) keeps provenance in _records; before it, _common has it
-        from _records import provenance
-    except ImportError:
-        from _common import provenance
 
     ap = argparse.ArgumentParser(description="LLM planted-rank positive control (docs/results/llm.md §8)")
     ap.add_argument("--tiny", action="store_true", help="a random 2-layer Llama, a few steps (tests)")

@@ -464,6 +464,9 @@ def check() -> list[str]:
                    "(run python benchmarks/report.py)")
     if not FIGURE.is_file():
         bad.append(f"{FIGURE.relative_to(ROOT)} is missing")
+    import llm  # the decoder-LLM page renders its own blocks (benchmarks/llm.py); checked here with the rest
+
+    bad += llm.check(read_records(llm.JSONL))
     return bad
 
 
