@@ -729,3 +729,20 @@ def test_a_run_whose_finite_loss_ran_away_fails(fx, tmp_path, capsys, form):
     line = _one_line(capsys, rc)
     assert "diverged at step" in line and "learning rate" in line
     assert not (tmp_path / "out").exists()
+
+
+@needs_minilm
+@pytest.mark.parametrize("case,edit,field", [
+    ("r -1", lambda c: c.update(r=-1), "r must be"),
+    ("alpha string", lambda c: c.update(lora_alpha="x"), "lora_alpha"),
+    ("rank pattern -2", lambda c: c.update(rank_pattern={"a": -2}), "rank_pattern"),
+    ("target modules number", lambda c: c.update(target_modules=3), "target_modules"),
+    ("not LoRA", lambda c: c.update(peft_type="IA3"), "IA3"),
+])
+def test_hostile_peft_configs_are_refused_by_every_reader(run_dir, fx, tmp_path, capsys, case, edit, field):
+    d = _copy_run(run_dir, tmp_path)
+    _edit(d / "peft", edit)
+    argv = _readers(fx, d)
+    for cmd in ("inspect", "eval", "export"):
+        a = [x if x != str(d / "adapter") else str(d / "peft") for x in argv[cmd]]
+        assert field in _one_line(capsys, _cli(*a)), cmd

@@ -149,7 +149,7 @@ ADAPTER_EDITS = {
     "form disagrees": (lambda c: c["config"].update(form="svd" if c["config"]["form"] == "lora" else "lora"), "form"),
     "module form disagrees": (lambda c: _first(c).update(form="svd" if _first(c)["form"] == "lora" else "lora"),
                               "form"),
-    "missing module": (lambda c: c["modules"].pop(next(iter(c["modules"]))), "tensor"),
+    "missing module": (lambda c: c["modules"].pop(next(iter(c["modules"]))), "does not list"),
     "budget foo": (lambda c: c["config"].update(budget="foo"), "budget"),
     "budget list": (lambda c: c["config"].update(budget=["rank"]), "budget"),
     "grace -3": (lambda c: c["config"].update(grace_rounds=-3), "grace_rounds"),
@@ -297,8 +297,8 @@ def _first_name(b):
 
 STATE_EDITS = {
     "param_budget -5": (lambda b: b["elalora"]["allocator"].update(param_budget=-5), "param_budget", "params"),
-    "float mask": (lambda b: b["elalora"]["masks"].update({_first_name(b): b["elalora"]["masks"][_first_name(b)].float()}),
-                   "boolean", "rank"),
+    "float mask": (lambda b: b["elalora"]["masks"].update(
+        {_first_name(b): b["elalora"]["masks"][_first_name(b)].float()}), "boolean", "rank"),
     "rounds -1": (lambda b: b["elalora"]["allocator"].update(rounds=-1), "rounds", "rank"),
     "rounds str": (lambda b: b["elalora"]["allocator"].update(rounds="3"), "rounds", "rank"),
     "total_steps 0": (lambda b: b["elalora"]["allocator"].update(total_steps=0), "total_steps", "rank"),

@@ -26,7 +26,8 @@ from typing import Any, Iterator, Sequence
 
 from .errors import OutputLockedError, OutputPathError
 
-__all__ = ["atomic_directory", "atomic_write_bytes", "read_json", "write_json", "json_default", "recover_interrupted_swap",
+__all__ = ["atomic_directory", "atomic_write_bytes", "read_json", "write_json", "json_default",
+           "recover_interrupted_swap",
            "keep_user_files_directory", "output_lock"]
 
 

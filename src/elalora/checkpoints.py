@@ -149,11 +149,12 @@ def _check_checkpoint_fits(path, blob: dict, handle, optimizer) -> None:
         raise AdapterLoadError(f"checkpoint {path}: {wrong[0]} has shape {tuple(model_state[wrong[0]].shape)}, the model "
                                f"{tuple(own[wrong[0]].shape)}")
     for k, v in model_state.items():
-        if v.is_floating_point() != own[k].is_floating_point() or (v.dtype == torch.bool) != (own[k].dtype == torch.bool):
+        bools = (v.dtype == torch.bool, own[k].dtype == torch.bool)
+        if v.is_floating_point() != own[k].is_floating_point() or bools[0] != bools[1]:
             raise AdapterLoadError(f"checkpoint {path}: {k} is {v.dtype}, the model's is {own[k].dtype}")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise AdapterLoadError(f"checkpoint {path}: {k} holds NaN or inf values (the run had diverged); resume from "
-                                   "an earlier checkpoint with a lower learning rate")
+            raise AdapterLoadError(f"checkpoint {path}: {k} holds NaN or inf values (the run had diverged); "
+                                   "resume from an earlier checkpoint with a lower learning rate")
     masks = blob["elalora"]["masks"]
     for n in handle.names:
         k = f"{n}.active"

@@ -48,7 +48,8 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _build_adapter(base: nn.Module, config: AdapterConfig, r: int, capacity: int, alpha: float,
                    generator: torch.Generator) -> ElasticAdapter:
-    return adapter_form(config.form)(base, r=r, capacity=capacity, lora_alpha=alpha, lora_dropout=config.lora_dropout, generator=generator)
+    return adapter_form(config.form)(base, r=r, capacity=capacity, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                                     generator=generator)
 
 
 class AdaptiveModel:

@@ -201,15 +201,16 @@ def _write_adapter_dir(path, tensors, cfg, save_id: str) -> None:
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    """The checked ``adapter_config.json`` of the elalora adapter at ``path`` (:class:`~elalora.validation.AdapterDir`)."""
+    """The checked ``adapter_config.json`` of the elalora adapter at ``path``
+    (:class:`~elalora.validation.AdapterDir`)."""
     return _elalora_dir(path).config
 
 
 def _elalora_dir(path) -> AdapterDir:
     adir = path if isinstance(path, AdapterDir) else AdapterDir(path)
     if adir.format != "elalora":
-        raise AdapterLoadError(f"{adir.path} is a PEFT {adir.config.get('peft_type')} adapter, not an elalora adapter; "
-                               "load it with peft.PeftModel.from_pretrained")
+        raise AdapterLoadError(f"{adir.path} is a PEFT {adir.config.get('peft_type')} adapter, not an elalora "
+                               "adapter; load it with peft.PeftModel.from_pretrained")
     return adir
 
 

@@ -202,7 +202,8 @@ def _check_pattern(pattern: Any, where: str, field: str, capacity: dict[str, int
         raise error(f"{where}: {field} must be an object of module -> rank, got {_short(pattern)}")
     for n, r in pattern.items():
         if capacity is not None and n not in capacity:
-            raise error(f"{where}: {field} names module {n!r}, which the adapter does not have")
+            raise error(f"{where}: {field} names module {n!r}, which the adapter's module list does not list (a "
+                        "module entry is missing?)")
         cap = (capacity or {}).get(n)
         if not _is_count(r) or (cap is not None and r > cap):
             allowed = f"an integer in [0, capacity={cap}]" if cap is not None else "an integer >= 0"
@@ -255,7 +256,8 @@ def check_adapter_config(cfg: Any, where: str) -> dict:
         if info["capacity"] > lim:
             bad(f"module {n!r}: capacity {info['capacity']} exceeds min(in_features, out_features) = {lim}")
         if not _is_count(info["rank"]) or info["rank"] > info["capacity"]:
-            bad(f"module {n!r}: rank must be an integer in [0, capacity={info['capacity']}], got {_short(info['rank'])}")
+            bad(f"module {n!r}: rank must be an integer in [0, capacity={info['capacity']}], "
+                f"got {_short(info['rank'])}")
         if not _is_number(info["scaling"]):
             bad(f"module {n!r}: scaling must be a finite number, got {_short(info['scaling'])}")
         if "r_init" in info and not _is_count(info["r_init"]):
@@ -271,7 +273,8 @@ def check_adapter_config(cfg: Any, where: str) -> dict:
     if "form" not in conf and conf.get("method") in ("elalora", "adalora"):
         conf["form"] = forms.pop()  # a config saved without its form: the modules say which
     elif "form" in conf and {conf["form"]} != forms:
-        bad(f"the method config says form {_short(conf['form'])} but the modules are of form {', '.join(sorted(forms))}")
+        bad(f"the method config says form {_short(conf['form'])} but the modules are of form "
+            f"{', '.join(sorted(forms))}")
     try:
         d = dict(conf, target_modules=list(modules))
         if d.get("method") == "elalora":
@@ -318,7 +321,8 @@ def check_peft_config(cfg: Any, where: str) -> dict:
         if p is not None and (not isinstance(p, dict) or not all(ok(x) for x in p.values())):
             bad(f"{field} must be an object of module -> {allowed}")
     tm = cfg.get("target_modules")
-    if tm is not None and not isinstance(tm, str) and (not isinstance(tm, list) or not all(isinstance(t, str) for t in tm)):
+    names_ok = isinstance(tm, list) and all(isinstance(t, str) for t in tm)
+    if tm is not None and not isinstance(tm, str) and not names_ok:
         bad(f"target_modules must be a list of module names or a regex string, got {_short(tm)}")
     mts = cfg.get("modules_to_save")
     if mts is not None and (not isinstance(mts, list) or not all(isinstance(t, str) for t in mts)):
@@ -449,12 +453,13 @@ class AdapterDir:
                 raise AdapterLoadError(f"{self.path}: tensor {k} is missing from {ADAPTER_WEIGHTS}; the adapter is "
                                        "corrupt")
             if list(header[k]["shape"]) != shp:
-                raise AdapterLoadError(f"{self.path}: {k} has shape {tuple(header[k]['shape'])}, expected {tuple(shp)} "
-                                       f"from {ADAPTER_CONFIG}; the adapter is corrupt or was edited")
+                raise AdapterLoadError(f"{self.path}: {k} has shape {tuple(header[k]['shape'])}, expected "
+                                       f"{tuple(shp)} from {ADAPTER_CONFIG}; the adapter is corrupt or was edited")
         extra = sorted(set(header) - set(expected) - set(self.config.get("full_parameters", [])))
         if extra:
-            raise AdapterLoadError(f"{self.path}: {ADAPTER_WEIGHTS} holds {len(extra)} tensor(s) that {ADAPTER_CONFIG} "
-                                   f"does not list (first: {extra[0]}); a module entry is missing from the config")
+            raise AdapterLoadError(f"{self.path}: {ADAPTER_WEIGHTS} holds {len(extra)} tensor(s) that "
+                                   f"{ADAPTER_CONFIG} does not list (first: {extra[0]}); a module entry is missing "
+                                   "from the config")
 
 
 # ------------------------------------------------------------------------------- run directories
@@ -711,8 +716,9 @@ def check_optimizer_state(optimizer, state: dict, path) -> None:
                                "optimizer as when it was saved")
     for i, (g, mine) in enumerate(zip(groups, optimizer.param_groups)):
         if len(g.get("params", [])) != len(mine["params"]):
-            raise AdapterLoadError(f"checkpoint {path}: optimizer group {i} has {len(mine['params'])} parameters, the "
-                                   f"checkpoint {len(g.get('params', []))}; build the same optimizer as when it was saved")
+            raise AdapterLoadError(f"checkpoint {path}: optimizer group {i} has {len(mine['params'])} parameters, "
+                                   f"the checkpoint {len(g.get('params', []))}; build the same optimizer as when it "
+                                   "was saved")
 
 
 # ------------------------------------------------------------------------------------- configs

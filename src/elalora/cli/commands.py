@@ -150,7 +150,7 @@ def cmd_analyze(args) -> int:
 def cmd_export(args) -> int:
     quiet_transformers()
     ad = open_adapter_dir(args.adapter)  # read and checked once
-    adir, fmt = ad.path, ad.format
+    adir = ad.path
     out = Path(args.output_dir).expanduser()
     if out.resolve() == adir.resolve() or adir.resolve() in out.resolve().parents:
         raise RunError("--output-dir must not be the adapter directory or inside it")

@@ -80,6 +80,10 @@ class LossDivergence:
         self.high = 0
         self.last: float | None = None
 
+    def fresh(self) -> "LossDivergence":
+        """A new watch with the same settings (a new ``train()`` call starts from a new reference)."""
+        return type(self)(self.factor, self.patience, self.floor)
+
     def update(self, logs: dict | None, step: int) -> None:
         """Feed one ``on_log`` payload; raises :class:`~elalora.errors.TrainingDivergedError` when the
         condition holds."""
@@ -133,7 +137,7 @@ class DivergenceCallback(TrainerCallback):
         self.loss_watch = loss_watch if loss_watch is not None else LossDivergence()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.loss_watch = type(self.loss_watch)(self.loss_watch.factor, self.loss_watch.patience, self.loss_watch.floor)
+        self.loss_watch = self.loss_watch.fresh()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         check_logs_finite(logs, state.global_step)
@@ -198,7 +202,7 @@ class ElaLoRACallback(TrainerCallback):
             # ALoRA's ablation budget compares with this process's training examples per step
             alloc.set_step_examples(int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps))
         self._restored = state.global_step == 0
-        self.loss_watch = type(self.loss_watch)(self.loss_watch.factor, self.loss_watch.patience, self.loss_watch.floor)
+        self.loss_watch = self.loss_watch.fresh()
 
     def on_step_begin(self, args, state, control, **kwargs):
         if not self._restored:
