@@ -27,9 +27,10 @@ METHODS = ("elalora", "adalora")
 def _config(method="elalora", form="lora", budget="rank", **kw):
     base = dict(r=2, form=form, budget=budget, modules_to_save=["classifier"], total_steps=30, tinit=2, tfinal=2,
                 delta_t=2)
+    base.update(kw)
     if method == "elalora":
-        return elalora.ElaLoRAConfig(b=1, **base, **kw)
-    return elalora.AdaLoRAConfig(init_r=3, **base, **kw)
+        return elalora.ElaLoRAConfig(b=1, **base)
+    return elalora.AdaLoRAConfig(init_r=3, **base)
 
 
 def _structure(model) -> tuple:
