@@ -9,7 +9,7 @@ circle)::
     5  tasks/, plots/
     4  model, elalora (the package's public names)
     3  persistence, checkpoints, allocation/, importance, integrations/, serving, export_gguf
-    2  targets, adapter_checks
+    2  targets, validation
     1  layers, config, heads, quant
     0  errors, _io, _extras, _handle
 """
@@ -31,7 +31,7 @@ LEVELS = {
     "elalora.errors": 0, "elalora._io": 0, "elalora._extras": 0, "elalora._handle": 0,
     # heads: model surgery on the base model (like layers), importing only errors; recipe/ applies it
     "elalora.layers": 1, "elalora.config": 1, "elalora.heads": 1, "elalora.quant": 1,
-    "elalora.targets": 2, "elalora.adapter_checks": 2,
+    "elalora.targets": 2, "elalora.validation": 2,
     "elalora.persistence": 3, "elalora.checkpoints": 3, "elalora.allocation": 3, "elalora.importance": 3, "elalora.integrations": 3,
     # serving: pure checks of a PEFT export's config and shapes (imports nothing of the package; at the
     # level of the format it judges, so persistence may use it). export_gguf: another export format, on

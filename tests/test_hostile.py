@@ -151,13 +151,13 @@ EDITS = {
     "capacity 10**7": (lambda c: _first(c).update(capacity=10**7), "capacity 10000000 exceeds"),
     "rank above capacity": (lambda c: _first(c).update(rank=_first(c)["capacity"] + 1), "rank must be"),
     "negative rank": (lambda c: _first(c).update(rank=-1), "rank must be"),
-    "missing key": (lambda c: _first(c).pop("kind"), "missing kind"),
+    "missing key": (lambda c: _first(c).pop("form"), "missing form"),
     "non-numeric scale": (lambda c: _first(c).update(scaling="big"), "scaling must be a finite number"),
     "nan scale": (lambda c: _first(c).update(scaling=float("nan")), "scaling must be a finite number"),
-    "unknown kind": (lambda c: _first(c).update(kind="dora"), "kind must be"),
+    "unknown form": (lambda c: _first(c).update(form="dora"), "form must be"),
     "modules not an object": (lambda c: c.update(modules=[]), "'modules' must be"),
-    "bad config field": (lambda c: c["config"].update(b="four"), "method config or history is invalid"),
-    "bad history": (lambda c: c.update(events=[{"step": 1}]), "method config or history is invalid"),
+    "bad config field": (lambda c: c["config"].update(b="four"), "config: b .* must be an integer"),
+    "bad history": (lambda c: c.update(events=[{"step": 1}]), "rank change 1: missing module"),
     "module entry removed": (lambda c: c["modules"].pop(next(iter(c["modules"]))), "does not list"),
 }
 
@@ -585,3 +585,164 @@ def test_cli_restores_a_run_whose_swap_was_interrupted(run_dir, tmp_path, capsys
         assert _cli("inspect", str(tmp_path / "r")) == 0
     assert (tmp_path / "r" / "adapter" / "adapter_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+# ============================================== issue 38: every reader as strict as loading (exit 2, one line)
+@pytest.fixture(scope="module")
+def svd_params_run(fx, tmp_path_factory):
+    """The other form and the other budget (run_dir is the LoRA form under the rank budget)."""
+    out = tmp_path_factory.mktemp("hostile_runs_svd") / "run"
+    torch.set_num_threads(1)
+    assert _train(fx, out, "--method", "elalora", "--r", "2", "--form", "svd", "--budget", "params") == 0
+    return out
+
+
+def _other_form(c):
+    return "svd" if c["config"]["form"] == "lora" else "lora"
+
+
+CLI_EDITS = {
+    "rank -1": (lambda c: _first(c).update(rank=-1), "rank"),
+    "rank above capacity": (lambda c: _first(c).update(rank=_first(c)["capacity"] + 1), "rank"),
+    "capacity below rank": (lambda c: _first(c).update(capacity=1, rank=2), "rank"),
+    "capacity 10^6": (lambda c: _first(c).update(capacity=10**6), "capacity"),
+    "form foo": (lambda c: c["config"].update(form="foo"), "form"),
+    "module form foo": (lambda c: _first(c).update(form="foo"), "form"),
+    "form disagrees with the tensors": (lambda c: c["config"].update(form=_other_form(c)), "form"),
+    "module entry missing": (lambda c: c["modules"].pop(next(iter(c["modules"]))), "does not list"),
+    "budget foo": (lambda c: c["config"].update(budget="foo"), "budget"),
+    "grace -1": (lambda c: c["config"].update(grace_rounds=-1), "grace_rounds"),
+    "grace 'x'": (lambda c: c["config"].update(grace_rounds="x"), "grace_rounds"),
+    "event rank -7": (lambda c: c.update(events=[{"step": 1, "module": next(iter(c["modules"])), "old_rank": 1,
+                                                  "new_rank": -7}]), "new_rank"),
+    "scaling string": (lambda c: _first(c).update(scaling="x"), "scaling"),
+}
+
+
+def _copy_run(run, tmp_path) -> Path:
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(run, d)
+    return d
+
+
+def _readers(fx, d):
+    """Every command that reads an adapter (or the run around it), as argv lists."""
+    data = ["--task", "rte", "--data-dir", str(fx / "glue"), "--model", str(fx / "bert"), "--max-eval-samples", "4"]
+    return {"inspect": ["inspect", str(d / "adapter")],
+            "eval": ["eval", "--adapter", str(d / "adapter"), *data],
+            "export": ["export", "--adapter", str(d / "adapter"), "--to", "peft", "--output-dir", str(d.parent / "x")],
+            "plot": ["plot", str(d)],
+            "analyze": ["analyze", str(d), "--fractions", "0.5", "--random-draws", "1", "--no-figure", *data]}
+
+
+@needs_minilm
+@pytest.mark.parametrize("run", ["run_dir", "svd_params_run"])
+@pytest.mark.parametrize("case", sorted(CLI_EDITS))
+def test_every_reader_refuses_a_hostile_adapter_with_one_line(request, fx, tmp_path, capsys, run, case):
+    d = _copy_run(request.getfixturevalue(run), tmp_path)
+    edit, field = CLI_EDITS[case]
+    _edit(d / "adapter", edit)
+    before = _tree(d)
+    for cmd, argv in _readers(fx, d).items():
+        line = _one_line(capsys, _cli(*argv))
+        assert field in line, (cmd, line)
+    assert _tree(d) == before and not (d.parent / "x").exists()
+
+
+@needs_minilm
+@pytest.mark.parametrize("run", ["run_dir", "svd_params_run"])
+def test_an_adapter_config_without_its_form_key_works_everywhere(request, fx, tmp_path, capsys, run):
+    d = _copy_run(request.getfixturevalue(run), tmp_path)
+    form = json.loads((d / "adapter" / "adapter_config.json").read_text())["config"]["form"]
+    _edit(d / "adapter", lambda c: c["config"].pop("form"))
+    argv = _readers(fx, d)
+    assert _cli(*argv["inspect"], "--json") == 0
+    assert json.loads(capsys.readouterr().out)["form"] == form
+    assert _cli(*argv["eval"]) == 0
+    assert _cli(*argv["export"]) == 0 and (d.parent / "x" / "adapter_config.json").is_file()
+
+
+RUN_FILE_EDITS = {
+    "rank_history new_rank -7": ("rank_history.jsonl", "lines", lambda ev, mod: ev.append(
+        {"step": 2, "module": mod, "old_rank": 2, "new_rank": -7}), "new_rank"),
+    "rank_history above capacity": ("rank_history.jsonl", "lines", lambda ev, mod: ev.append(
+        {"step": 2, "module": mod, "old_rank": 2, "new_rank": 10**6}), "capacity"),
+    "rank_history not JSON": ("rank_history.jsonl", "text", lambda t: t + "{not json\n", "not valid JSON"),
+    "rank_history unknown module": ("rank_history.jsonl", "lines", lambda ev, mod: ev.append(
+        {"step": 2, "module": "nowhere", "old_rank": 2, "new_rank": 1}), "nowhere"),
+    "metrics rank -1": ("metrics.json", "json", lambda m: m["rank_pattern"].update(
+        {next(iter(m["rank_pattern"])): -1}), "rank_pattern"),
+    "metrics rank above capacity": ("metrics.json", "json", lambda m: m["rank_pattern"].update(
+        {next(iter(m["rank_pattern"])): 10**6}), "capacity"),
+    "metrics initial pattern string": ("metrics.json", "json", lambda m: m.update(initial_rank_pattern="x"),
+                                       "initial_rank_pattern"),
+    "metrics scores": ("metrics.json", "json", lambda m: m.update(importance_scores={"a": "x"}), "importance_scores"),
+    "metrics not an object": ("metrics.json", "text", lambda t: "[1, 2]\n", "metrics.json"),
+    "config total_steps": ("config.json", "json", lambda c: c.update(total_steps=-3), "total_steps"),
+    "config seed": ("config.json", "json", lambda c: c["training"].update(seed="x"), "training.seed"),
+    "config task kind": ("config.json", "json", lambda c: c["task_spec"].update(kind="dance"), "task_spec.kind"),
+    "plan intrinsic dims": ("gelora_plan.json", "text", lambda t: json.dumps(
+        {"intrinsic_dims": [float("nan")], "block_ranks": [1], "rank_pattern": {}}), "intrinsic_dims"),
+    "plan block ranks": ("gelora_plan.json", "text", lambda t: json.dumps(
+        {"intrinsic_dims": [1.0], "block_ranks": [-2], "rank_pattern": {}}), "block_ranks"),
+}
+
+
+def _edit_run_file(d: Path, name: str, how: str, fn) -> None:
+    p = d / name
+    text = p.read_text() if p.is_file() else ""
+    if how == "text":
+        p.write_text(fn(text))
+    elif how == "json":
+        obj = json.loads(text)
+        fn(obj)
+        p.write_text(json.dumps(obj))
+    else:
+        ev = [json.loads(x) for x in text.splitlines() if x.strip()]
+        fn(ev, next(iter(json.loads((d / "adapter" / "adapter_config.json").read_text())["modules"])))
+        p.write_text("".join(json.dumps(e) + "\n" for e in ev))
+
+
+@needs_minilm
+@pytest.mark.parametrize("case", sorted(RUN_FILE_EDITS))
+def test_hostile_run_files_fail_every_command_that_reads_them(run_dir, fx, tmp_path, capsys, case):
+    d = _copy_run(run_dir, tmp_path)
+    name, how, fn, field = RUN_FILE_EDITS[case]
+    _edit_run_file(d, name, how, fn)
+    assert field in _one_line(capsys, _cli("plot", str(d)))
+    if name == "config.json":  # eval and export take task, data and settings from it
+        for cmd in ("eval", "export"):
+            assert field in _one_line(capsys, _cli(*_readers(fx, d)[cmd]))
+    if name == "metrics.json" and "rank_pattern" in field:  # analyze --ranks-from reads another run's metrics
+        line = _one_line(capsys, _cli(*_readers(fx, run_dir)["analyze"], "--ranks-from", str(d)))
+        assert field in line
+
+
+@needs_minilm
+@pytest.mark.parametrize("form", ["lora", "svd"])
+def test_a_run_whose_finite_loss_ran_away_fails(fx, tmp_path, capsys, form):
+    """`elalora train --lr 1000`, 4 steps: the LoRA form stays finite (loss in the thousands), the SVD form
+    hits NaN; both end with exit 2 and one line, and write nothing."""
+    rc = _train(fx, tmp_path / "out", "--form", form, "--lr", "1000")
+    line = _one_line(capsys, rc)
+    assert "diverged at step" in line and "learning rate" in line
+    assert not (tmp_path / "out").exists()
+
+
+@needs_minilm
+@pytest.mark.parametrize("case,edit,field", [
+    ("r -1", lambda c: c.update(r=-1), "r must be"),
+    ("alpha string", lambda c: c.update(lora_alpha="x"), "lora_alpha"),
+    ("rank pattern -2", lambda c: c.update(rank_pattern={"a": -2}), "rank_pattern"),
+    ("target modules number", lambda c: c.update(target_modules=3), "target_modules"),
+    ("not LoRA", lambda c: c.update(peft_type="IA3"), "IA3"),
+])
+def test_hostile_peft_configs_are_refused_by_every_reader(run_dir, fx, tmp_path, capsys, case, edit, field):
+    d = _copy_run(run_dir, tmp_path)
+    _edit(d / "peft", edit)
+    argv = _readers(fx, d)
+    for cmd in ("inspect", "eval", "export"):
+        a = [x if x != str(d / "adapter") else str(d / "peft") for x in argv[cmd]]
+        assert field in _one_line(capsys, _cli(*a)), cmd

@@ -1,5 +1,5 @@
 """Atomic file and directory writes, output locks, and JSON files (the only file-writing helpers of
-the package).
+the package, and its one JSON reader).
 
 Every directory is written into a temporary sibling and swapped into place, every file via a
 temporary sibling and ``os.replace``, so an interrupted save leaves the previous contents intact;
@@ -26,7 +26,8 @@ from typing import Any, Iterator, Sequence
 
 from .errors import OutputLockedError, OutputPathError
 
-__all__ = ["atomic_directory", "atomic_write_bytes", "write_json", "json_default", "recover_interrupted_swap",
+__all__ = ["atomic_directory", "atomic_write_bytes", "read_json", "write_json", "json_default",
+           "recover_interrupted_swap",
            "keep_user_files_directory", "output_lock"]
 
 
@@ -246,5 +247,17 @@ def json_default(o: Any):
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON (plus a newline) to ``path``."""
-    Path(path).write_text(json.dumps(obj, indent=2, default=json_default) + "\n")
+    """Write ``obj`` as indented JSON (plus a newline) to ``path``, atomically (:func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=json_default) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike, *, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in ``path`` (the one JSON reader of the package). An unreadable file or invalid JSON
+    raises ``error`` (an :class:`~elalora.errors.ElaLoRAError` subclass at the callers) with a one-line
+    message naming the file; what the value must hold is checked by :mod:`elalora.validation`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{str(path)!r} is not valid JSON ({' '.join(str(e).split())}); the file is corrupt") from None
+    except OSError as e:
+        raise error(f"cannot read {str(path)!r}: {e.strerror or e}") from None

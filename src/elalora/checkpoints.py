@@ -12,7 +12,7 @@ writes; on load each process writes its own shards back (:func:`elalora.layers.e
 resumes only under the parallelism it was saved with (sharded or not). (The Trainer integration uses
 the Trainer's own checkpoints plus the handle's state; see :mod:`elalora.integrations`.)
 
-Imports: :mod:`elalora.persistence` (the rank-0 writer), :mod:`elalora.layers`, :mod:`elalora.adapter_checks`,
+Imports: :mod:`elalora.persistence` (the rank-0 writer), :mod:`elalora.layers`, :mod:`elalora.validation`,
 :mod:`elalora._io`, :mod:`elalora.errors`.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write_bytes
-from .adapter_checks import check_optimizer_state
+from .validation import check_optimizer_state
 from .errors import AdapterLoadError
 from .layers import edit_, full_tensor
 from .persistence import is_sharded, write_on_rank0
@@ -82,7 +82,10 @@ def load_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_schedule
         raise AdapterLoadError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {e})") from None
     if not isinstance(blob, dict) or "elalora_checkpoint_version" not in blob:
         raise AdapterLoadError(f"{path} is not an elalora training checkpoint")
-    if blob["elalora_checkpoint_version"] > 1:
+    v = blob["elalora_checkpoint_version"]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise AdapterLoadError(f"checkpoint {path}: elalora_checkpoint_version must be an integer >= 1, got {v!r}")
+    if v > 1:
         raise AdapterLoadError(f"{path} was written by a newer elalora (checkpoint version "
                                f"{blob['elalora_checkpoint_version']}); upgrade elalora")
     _check_checkpoint_fits(path, blob, handle, optimizer)
@@ -128,15 +131,16 @@ def load_checkpoint(path: str | os.PathLike, handle, optimizer=None, lr_schedule
 
 
 def _check_checkpoint_fits(path, blob: dict, handle, optimizer) -> None:
-    """The handle state, model state and optimizer state of a checkpoint fit (nothing is changed)."""
+    """The handle state (:func:`elalora.validation.check_handle_state`: method, form, budget, capacities,
+    schedule, allocator values), model state and optimizer state of a checkpoint fit (nothing is changed)."""
     try:
         handle.validate_state_dict(blob.get("elalora"))
     except ValueError as e:
         raise AdapterLoadError(f"checkpoint {path} does not fit this model: {e}") from None
     model_state = blob.get("model")
     own = handle.model.state_dict()
-    if not isinstance(model_state, dict):
-        raise AdapterLoadError(f"checkpoint {path} holds no model state")
+    if not isinstance(model_state, dict) or not all(torch.is_tensor(v) for v in model_state.values()):
+        raise AdapterLoadError(f"checkpoint {path} holds no model state (an object of tensors)")
     unexpected = [k for k in model_state if k not in own]
     if unexpected:
         raise AdapterLoadError(f"checkpoint {path} has parameters this model lacks: {unexpected[:3]}")
@@ -144,6 +148,21 @@ def _check_checkpoint_fits(path, blob: dict, handle, optimizer) -> None:
     if wrong:
         raise AdapterLoadError(f"checkpoint {path}: {wrong[0]} has shape {tuple(model_state[wrong[0]].shape)}, the model "
                                f"{tuple(own[wrong[0]].shape)}")
+    for k, v in model_state.items():
+        bools = (v.dtype == torch.bool, own[k].dtype == torch.bool)
+        if v.is_floating_point() != own[k].is_floating_point() or bools[0] != bools[1]:
+            raise AdapterLoadError(f"checkpoint {path}: {k} is {v.dtype}, the model's is {own[k].dtype}")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise AdapterLoadError(f"checkpoint {path}: {k} holds NaN or inf values (the run had diverged); "
+                                   "resume from an earlier checkpoint with a lower learning rate")
+    masks = blob["elalora"]["masks"]
+    for n in handle.names:
+        k = f"{n}.active"
+        if k in model_state and not torch.equal(model_state[k], masks[n]):
+            raise AdapterLoadError(f"checkpoint {path}: the model's mask {k} and the handle state's disagree; the "
+                                   "checkpoint is corrupt")
+    if not isinstance(blob.get("extra", {}), dict):
+        raise AdapterLoadError(f"checkpoint {path}: extra must be a dict, got {type(blob['extra']).__name__}")
     if optimizer is not None and blob.get("optimizer") is not None:
         if bool(blob.get("sharded_optimizer")) != is_sharded(handle):
             raise AdapterLoadError(f"checkpoint {path} was saved from a {'sharded' if blob.get('sharded_optimizer') else 'plain'} "

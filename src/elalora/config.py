@@ -38,11 +38,16 @@ __all__ = [
     "ALoRASchedule",
     "config_from_dict",
     "CONFIG_FORMAT_VERSION",
+    "FORMS",
+    "BUDGETS",
 ]
 
 CONFIG_FORMAT_VERSION = 1
 
-
+#: The adapter forms (``form=``; the keys of :data:`elalora.layers.ADAPTER_FORMS`) and the budgets
+#: (``budget=``): the config checks and the command line's ``choices`` both read these.
+FORMS: tuple[str, ...] = tuple(ADAPTER_FORMS)
+BUDGETS: tuple[str, ...] = ("rank", "params")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -121,7 +126,7 @@ class AdapterConfig:
 
     @property
     def adapter_kind(self) -> str:
-        """The adapter form (a key of :data:`elalora.layers.ADAPTER_FORMS`)."""
+        """Deprecated alias of :attr:`form` (kept for code written before the form had one name)."""
         return self.form
 
     def __post_init__(self) -> None:
@@ -212,10 +217,11 @@ class _ScoredConfig(AdapterConfig):
     budget: str = "rank"
 
     def __post_init__(self) -> None:
-        _require(self.form in ADAPTER_FORMS,
-                 f"form must be one of {', '.join(repr(f) for f in ADAPTER_FORMS)}; got {self.form!r}")
+        _require(isinstance(self.form, str) and self.form in FORMS,
+                 f"form must be one of {', '.join(repr(f) for f in FORMS)}; got {self.form!r}")
         super().__post_init__()
-        _require(self.budget in ("rank", "params"), f"budget must be 'rank' or 'params'; got {self.budget!r}")
+        _require(isinstance(self.budget, str) and self.budget in BUDGETS,
+                 f"budget must be one of {', '.join(repr(b) for b in BUDGETS)}; got {self.budget!r}")
         _check_step_knob("tinit", self.tinit, allow_zero=True)
         _check_step_knob("tfinal", self.tfinal, allow_zero=True)
         _check_step_knob("delta_t", self.delta_t, allow_zero=False)

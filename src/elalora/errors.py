@@ -15,7 +15,7 @@ from __future__ import annotations
 
 __all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError", "ExportError",
            "MissingExtraError", "ReplicaMismatchError", "QuantizationError", "OutputPathError", "OutputLockedError",
-           "TrainingDivergedError", "diverged_message"]
+           "TrainingDivergedError", "diverged_message", "loss_diverged_message"]
 
 
 class ElaLoRAError(Exception):
@@ -78,10 +78,19 @@ class OutputLockedError(ElaLoRAError, RuntimeError):
 
 
 class TrainingDivergedError(ElaLoRAError, FloatingPointError):
-    """The loss or the adapter weights became NaN/inf; the message names the step."""
+    """The loss or the adapter weights became NaN/inf, or the loss rose far above its start and stayed there;
+    the message names the step."""
 
 
 def diverged_message(step: int, what: str) -> str:
     """The one-line message of a :class:`TrainingDivergedError` at ``step``."""
     return (f"training diverged at step {step}: {what} is NaN or inf. Lower the learning rate (or add warm-up / "
             "gradient clipping) and train again")
+
+
+def loss_diverged_message(step: int, start: float, now: float, factor: float, how: str) -> str:
+    """The one-line message of a :class:`TrainingDivergedError` for a finite loss that ran away (the condition:
+    :class:`elalora.integrations.trainer.LossDivergence`)."""
+    return (f"training diverged at step {step}: the training loss rose from {start:.4g} to {now:.4g}, above "
+            f"{factor:g}x its start {how}. Lower the learning rate (or add warm-up / gradient clipping) and "
+            "train again")

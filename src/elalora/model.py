@@ -10,7 +10,8 @@ The handle does no file I/O; :mod:`elalora.persistence` reads and writes the fil
 :func:`load_adapter` here rebuilds a handle from what it reads.
 
 Imports: :mod:`elalora.targets`, :mod:`elalora.allocation`, :mod:`elalora.importance`,
-:mod:`elalora.persistence`, :mod:`elalora.layers`, :mod:`elalora.config`, :mod:`elalora.errors`,
+:mod:`elalora.persistence`, :mod:`elalora.validation`, :mod:`elalora.layers`, :mod:`elalora.config`,
+:mod:`elalora.errors`,
 :mod:`elalora._handle`; the Trainer callback (:mod:`elalora.integrations.trainer`) lazily, so that
 ``import elalora`` does not import the Trainer.
 """
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from . import persistence
-from ._handle import attach_handle, carried_handle, handle_of
+from ._handle import attach_handle, carried_handle, detach_handle, handle_of
 from .allocation import make_allocator
 from .allocation.base import RankEvent
 from .config import AdapterConfig, config_from_dict
@@ -33,6 +34,7 @@ from .errors import AdapterLoadError, ConfigError, TargetModuleError, TrainingDi
 from .importance import ImportanceTracker
 from .layers import ElasticAdapter, adapter_form, adapter_param_count, base_shape
 from .targets import DEFAULT_TARGET_MODULES, find_target_modules, lies_within, matches_suffix
+from .validation import AdapterDir, check_config, check_handle_state, checkpoint_identity
 
 __all__ = ["get_model", "AdaptiveModel", "handle_of", "load_adapter", "DEFAULT_TARGET_MODULES",
            "find_target_modules", "TargetModuleError", "TrainingDivergedError"]
@@ -46,7 +48,8 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _build_adapter(base: nn.Module, config: AdapterConfig, r: int, capacity: int, alpha: float,
                    generator: torch.Generator) -> ElasticAdapter:
-    return adapter_form(config.adapter_kind)(base, r=r, capacity=capacity, lora_alpha=alpha, lora_dropout=config.lora_dropout, generator=generator)
+    return adapter_form(config.form)(base, r=r, capacity=capacity, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                                     generator=generator)
 
 
 class AdaptiveModel:
@@ -68,6 +71,7 @@ class AdaptiveModel:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if carried_handle(model) is not None:
             raise TargetModuleError("this model already carries elalora adapters; build the adapters once per model")
+        check_config(config)  # again: a field set after construction (config.budget = "foo") fails here
         self.model = model
         self.config = config
         names = find_target_modules(model, config.target_modules, config.modules_to_save)
@@ -121,7 +125,7 @@ class AdaptiveModel:
         self.num_steps_without_grad = 0
         self.initial_rank_pattern = self.rank_pattern()
         self._hook = None
-        if getattr(config, "orth_reg_weight", 0) and adapter_form(config.adapter_kind).has_orthogonality_penalty:
+        if getattr(config, "orth_reg_weight", 0) and adapter_form(config.form).has_orthogonality_penalty:
             self._hook = model.register_forward_hook(self._add_orth_reg)
         attach_handle(model, self)  # lets the Trainer callback and persistence find the handle
 
@@ -266,7 +270,10 @@ class AdaptiveModel:
         """Everything a resumed run needs besides the model and optimizer state dicts."""
         return {
             "format_version": 1,
-            "method": self.config.method,
+            # what the state belongs to (a resume into another method, form, budget or schedule is refused:
+            # elalora.validation.check_handle_state); "method" was there from the start, the rest since issue 38
+            **checkpoint_identity(self.config),
+            "capacities": {n: a.capacity for n, a in zip(self.names, self.adapters)},
             "names": list(self.names),
             "step_count": self.step_count,
             "events": [e.to_dict() for e in self.events],
@@ -307,26 +314,9 @@ class AdaptiveModel:
             self.importance.load_state_dict(backup["importance"])
 
     def validate_state_dict(self, state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if ``state`` cannot be loaded into this handle (changes nothing)."""
-        if not isinstance(state, dict) or not {"names", "masks", "step_count", "events", "allocator"} <= set(state):
-            raise AdapterLoadError("not an elalora handle state (missing names/masks/step_count/events/allocator)")
-        if state.get("format_version", 1) > 1:
-            raise AdapterLoadError(f"elalora state format {state['format_version']} is newer than this elalora supports (1); upgrade elalora")
-        if state.get("method") != self.config.method:
-            raise AdapterLoadError(f"checkpoint is for method {state.get('method')!r}, this model uses {self.config.method!r}")
-        if list(state["names"]) != self.names:
-            raise AdapterLoadError("checkpoint adapts different modules than this model: "
-                             f"{sorted(set(state['names']) ^ set(self.names))[:5]}")
-        for n, a in zip(self.names, self.adapters):
-            m = state["masks"].get(n) if isinstance(state["masks"], dict) else None
-            if not torch.is_tensor(m) or m.shape != a.active.shape:
-                got = "none" if not torch.is_tensor(m) else m.numel()
-                raise AdapterLoadError(f"{n}: checkpoint capacity {got} != model capacity {a.capacity}")
-        try:
-            [RankEvent(**e) for e in state["events"]]
-            int(state["step_count"])
-        except (TypeError, ValueError) as e:
-            raise AdapterLoadError(f"checkpoint history is malformed: {e}") from None
+        """Raise :class:`~elalora.errors.AdapterLoadError` (a ``ValueError``) if ``state`` cannot be loaded into
+        this handle (:func:`elalora.validation.check_handle_state`); changes nothing."""
+        check_handle_state(state, self)
 
     # ----------------------------------------------------------------- persistence shortcuts
     def save_pretrained(self, path: str, **kw) -> None:
@@ -383,6 +373,23 @@ def get_model(model: nn.Module, config: AdapterConfig, **kw) -> AdaptiveModel:
     return AdaptiveModel(model, config, **kw)
 
 
+def _unwrap(model: nn.Module, handle: AdaptiveModel | None, grads: dict[str, bool], training: bool,
+            before: set[int]) -> None:
+    """Undo a wrapping that failed half-way: the base layers of the adapters it added (not in ``before``)
+    back in place, no handle, the parameters' ``requires_grad`` and the training mode as they were."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, ElasticAdapter) and id(m) not in before:
+            _set_submodule(model, name, m.base_layer)
+    if handle is not None:
+        handle.remove_hooks()
+    if carried_handle(model) is not None and carried_handle(model) is handle:
+        detach_handle(model)
+    for n, p in model.named_parameters():
+        if n in grads:
+            p.requires_grad_(grads[n])
+    model.train(training)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: bool = False,
                  check_base_model: bool = True) -> AdaptiveModel:
     """Wrap a fresh ``model`` and load the adapter saved at ``path`` onto it.
@@ -393,7 +400,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
     shapes and finite values, and -- unless ``check_base_model=False`` -- that ``model``'s weights
     are the ones the adapter was trained on (a fingerprint recorded at save time).
     """
-    cfg, tensors = persistence.read_adapter(model, path, check_base_model=check_base_model)
+    adir = path if isinstance(path, AdapterDir) else AdapterDir(path)
+    cfg, tensors = persistence.read_adapter(model, adir, check_base_model=check_base_model)
     modules = cfg["modules"]
     try:
         conf_d = dict(cfg["config"])
@@ -402,14 +410,27 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
         config = config_from_dict(conf_d)
         events = [RankEvent(**e) for e in cfg.get("events", [])]
     except (ConfigError, TypeError, ValueError, KeyError) as e:
-        raise AdapterLoadError(f"{path}/{persistence.ADAPTER_CONFIG}: the method config or history is invalid "
+        raise AdapterLoadError(f"{adir.config_path}: the method config or history is invalid "
                                f"({' '.join(str(e).split())}); the adapter config was edited or is corrupt") from None
-    handle = AdaptiveModel(
-        model, config,
-        rank_pattern={n: i["rank"] for n, i in modules.items()},
-        capacity_pattern={n: i["capacity"] for n, i in modules.items()},
-    )
-    persistence.restore_adapter(handle, cfg, tensors, path)
+    if config.form != next(iter(modules.values()))["form"]:  # checked by AdapterDir; kept as the invariant
+        raise AdapterLoadError(f"{adir.config_path}: the config's form {config.form!r} is not the modules' form")
+    # Everything was checked; should wrapping or copying still fail, the model is put back as it was.
+    if carried_handle(model) is not None:
+        raise TargetModuleError("this model already carries elalora adapters; load the adapter onto a fresh model")
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    training = model.training
+    before = {id(m) for m in model.modules() if isinstance(m, ElasticAdapter)}
+    handle = None
+    try:
+        handle = AdaptiveModel(
+            model, config,
+            rank_pattern={n: i["rank"] for n, i in modules.items()},
+            capacity_pattern={n: i["capacity"] for n, i in modules.items()},
+        )
+        persistence.restore_adapter(handle, cfg, tensors, adir.path)
+    except BaseException:
+        _unwrap(model, handle, grads, training, before)
+        raise
     handle.events = events
     if not is_trainable:
         for p in model.parameters():

@@ -43,10 +43,10 @@ handle from what :func:`read_adapter` returns.
 
 Saves never delete what elalora did not write: into a folder holding other files only the adapter
 files are replaced (:func:`elalora._io.keep_user_files_directory`), and an existing file at the path
-is refused. Non-finite weights are never written nor loaded (:mod:`elalora.adapter_checks`).
+is refused. Non-finite weights are never written nor loaded (:mod:`elalora.validation`).
 
 Imports: :mod:`elalora.layers`, :mod:`elalora.config`, :mod:`elalora.errors`, :mod:`elalora._io`,
-:mod:`elalora._handle`, :mod:`elalora.adapter_checks`, :mod:`elalora.quant`; ``peft`` and ``safetensors`` lazily.
+:mod:`elalora._handle`, :mod:`elalora.validation`, :mod:`elalora.quant`; ``peft`` and ``safetensors`` lazily.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ import contextlib
 import json
 import math
 import os
-import struct
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -65,23 +64,23 @@ from torch import nn
 
 from ._handle import detach_handle, handle_of
 from ._io import atomic_directory, atomic_write_bytes, keep_user_files_directory, output_lock, recover_interrupted_swap
-from .adapter_checks import (base_fingerprint, check_base_model_weights, check_finite_tensors,
-                             check_peft_fingerprint, safetensors_metadata, slot_shapes, validate_adapter_config)
+from ._io import json_default, write_json
 from .config import CONFIG_FORMAT_VERSION
 from .errors import AdapterLoadError, ExportError, OutputLockedError, OutputPathError
 from .layers import ElasticAdapter, adapter_param_count, base_shape, full_tensor, is_dtensor
 from .quant import dequantize_weight, original_dtype
+from .validation import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterDir, base_fingerprint, check_base_model_weights,
+                         check_finite_tensors, check_peft_fingerprint, safetensors_header, slot_shapes)
 
 __all__ = [
     "AdapterLoadError", "save_adapter", "read_adapter", "restore_adapter", "export_peft", "merge_and_unload",
     "atomic_directory", "atomic_write_bytes", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX",
     "is_sharded", "write_on_rank0", "peft_task_type", "adapter_format", "adapter_summary",
     "check_peft_adapter_fits", "OutputPathError", "OutputLockedError", "output_lock", "recover_interrupted_swap",
-    "check_base_model_weights", "safetensors_metadata", "EXPORT_LAYOUTS", "uniform_lora_factors",
+    "check_base_model_weights", "safetensors_metadata", "EXPORT_LAYOUTS", "uniform_lora_factors", "AdapterDir",
+    "safetensors_header",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPORT_LAYOUTS = ("compact", "uniform")  # export_peft(layout=...)
 PEFT_PREFIX = "base_model.model."  # PEFT's tensor-name prefix in adapter_model.safetensors
 
@@ -163,7 +162,7 @@ def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = Tru
     for name, a in zip(handle.names, handle.adapters):
         idx = a.active_indices()
         modules[name] = {
-            "kind": a.kind, "rank": int(idx.numel()), "capacity": a.capacity, "in_features": a.in_features,
+            "form": a.kind, "rank": int(idx.numel()), "capacity": a.capacity, "in_features": a.in_features,
             "out_features": a.out_features, "fan_in_fan_out": a.fan_in_fan_out, "scaling": a.scaling,
             "r_init": a.r_init,
         }
@@ -198,56 +197,43 @@ def _write_adapter_dir(path, tensors, cfg, save_id: str) -> None:
     with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
         _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS,
                           metadata={"format": "pt", "elalora": str(CONFIG_FORMAT_VERSION), "elalora_save_id": save_id})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+        write_json(tmp / ADAPTER_CONFIG, cfg)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    recover_interrupted_swap(path)  # a save interrupted mid-swap: put the previous adapter back
-    p = Path(path) / ADAPTER_CONFIG
-    if Path(path).is_file():
-        raise AdapterLoadError(f"{path} is a file, not an adapter directory")
-    if not Path(path).is_dir():
-        raise AdapterLoadError(f"adapter directory {path} does not exist")
-    if not p.is_file():
-        raise AdapterLoadError(f"{path} holds no {ADAPTER_CONFIG}: not an elalora adapter directory")
-    try:
-        cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterLoadError(f"{p} is not valid JSON ({e}); the adapter is corrupt") from None
-    except OSError as e:
-        raise AdapterLoadError(f"cannot read {p}: {e.strerror or e}") from None
-    if not isinstance(cfg, dict):
-        raise AdapterLoadError(f"{p} is not a JSON object; the adapter is corrupt")
-    if "elalora_format_version" not in cfg:
-        if cfg.get("peft_type"):
-            raise AdapterLoadError(f"{path} is a PEFT {cfg['peft_type']} adapter, not an elalora adapter; "
-                                   "load it with peft.PeftModel.from_pretrained")
-        raise AdapterLoadError(f"{p} has no elalora_format_version: not an elalora adapter")
-    v = cfg["elalora_format_version"]
-    if not isinstance(v, int) or v > CONFIG_FORMAT_VERSION:
-        raise AdapterLoadError(f"{path} was written in elalora format {v}; this elalora reads up to "
-                               f"{CONFIG_FORMAT_VERSION}. Upgrade elalora to load it")
-    return cfg
+    """The checked ``adapter_config.json`` of the elalora adapter at ``path``
+    (:class:`~elalora.validation.AdapterDir`)."""
+    return _elalora_dir(path).config
 
 
-def read_adapter(model: nn.Module, path: str | os.PathLike, *,
+def _elalora_dir(path) -> AdapterDir:
+    adir = path if isinstance(path, AdapterDir) else AdapterDir(path)
+    if adir.format != "elalora":
+        raise AdapterLoadError(f"{adir.path} is a PEFT {adir.config.get('peft_type')} adapter, not an elalora "
+                               "adapter; load it with peft.PeftModel.from_pretrained")
+    return adir
+
+
+def read_adapter(model: nn.Module, path: str | os.PathLike | AdapterDir, *,
                  check_base_model: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(adapter config, tensors)`` of the elalora adapter at ``path``, checked against ``model``.
 
     Everything is checked before anything touches the model, so a wrong base model or a corrupt
-    file fails with a message naming the first mismatch: the config (:func:`validate_adapter_config`),
-    that config and weights come from the same save, every saved module exists in ``model`` with
-    the same shape, the weight file holds exactly the listed tensors with the right shapes and finite
-    values, and (unless ``check_base_model=False``) the base weights match the saved fingerprint.
+    file fails with a message naming the first mismatch: the config (:class:`~elalora.validation.AdapterDir`,
+    returned normalised: each module's ``form``), that config and weights come from the same save, every
+    saved module exists in ``model`` with the same shape, the weight file holds exactly the listed tensors
+    with the right shapes and finite values, and (unless ``check_base_model=False``) the base weights
+    match the saved fingerprint.
     """
-    cfg = read_adapter_config(path)
-    validate_adapter_config(cfg, str(path))
-    tensors = _load_safetensors(Path(path) / ADAPTER_WEIGHTS)
-    meta_id = safetensors_metadata(Path(path) / ADAPTER_WEIGHTS).get("elalora_save_id")
+    adir = _elalora_dir(path)
+    cfg, path = adir.config, adir.path
+    adir.check_header()
+    tensors = _load_safetensors(adir.weights_path)
+    meta_id = adir.metadata.get("elalora_save_id")
     if cfg.get("save_id") and meta_id and cfg["save_id"] != meta_id:
         raise AdapterLoadError(f"{path}: {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} come from different saves "
                                "(an interrupted save into a folder with other files?); save the adapter again")
-    base = cfg.get("base_model") if isinstance(cfg.get("base_model"), dict) else {}
+    base = cfg.get("base_model") or {}
     _check_modules_fit(model, cfg["modules"], base)
     _check_tensors(model, cfg, tensors, path)
     if check_base_model and isinstance(base.get("fingerprint"), dict):
@@ -454,7 +440,7 @@ def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = 
         base_model_name_or_path=base_model_name_or_path or ident["name_or_path"],
     )
     check_finite_tensors(tensors, f"export_peft({str(path)!r})")
-    meta = {"format": "pt", "elalora_base_fingerprint": json.dumps(base_fingerprint(handle))}
+    meta = {"format": "pt", "elalora_base_fingerprint": json.dumps(base_fingerprint(handle), default=json_default)}
     with write_on_rank0(handle) as writer:
         if writer:
             with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
@@ -510,47 +496,17 @@ def merge_and_unload(handle) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------- adapter summary
-def _read_json_file(path: Path) -> dict:
+def safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a .safetensors file (``{}`` when it cannot be read: the load reports that)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterLoadError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
+        return safetensors_header(path, with_metadata=True)[1]
+    except AdapterLoadError:
+        return {}
 
 
-def adapter_format(adir: str | os.PathLike) -> str:
+def adapter_format(adir: str | os.PathLike | AdapterDir) -> str:
     """``"elalora"`` or ``"peft"`` (a PEFT LoRA adapter) for an adapter directory; raises otherwise."""
-    cfg = _read_json_file(Path(adir) / ADAPTER_CONFIG)
-    if "elalora_format_version" in cfg:
-        return "elalora"
-    if cfg.get("peft_type"):
-        if str(cfg["peft_type"]).upper() != "LORA":
-            raise AdapterLoadError(f"{str(adir)!r} is a PEFT {cfg['peft_type']} adapter; only LoRA adapters are supported")
-        return "peft"
-    raise AdapterLoadError(f"{str(adir)!r}/{ADAPTER_CONFIG} is neither an elalora nor a PEFT adapter config")
-
-
-def safetensors_header(path: str | os.PathLike) -> dict:
-    """Tensor names -> {dtype, shape} from a .safetensors header (no tensor data is read)."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise ValueError("file too short")
-            (n,) = struct.unpack("<Q", raw)
-            if n > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-            size = f.seek(0, 2)
-            end = max((int(v["data_offsets"][1]) for k, v in header.items()
-                       if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
-            if 8 + n + end > size:
-                raise ValueError(f"file is {size} bytes, its header promises {8 + n + end}")
-    except (OSError, ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError) as e:
-        raise AdapterLoadError(f"cannot read the safetensors header of {str(path)!r} ({e}); the file is truncated or corrupt") from None
-    header.pop("__metadata__", None)
-    return header
+    return (adir if isinstance(adir, AdapterDir) else AdapterDir(adir)).format
 
 
 def _peft_module_of(name: str, tags: tuple[str, ...]) -> str | None:
@@ -560,22 +516,23 @@ def _peft_module_of(name: str, tags: tuple[str, ...]) -> str | None:
     return None
 
 
-def adapter_summary(adir: str | os.PathLike) -> dict:
-    """Rank pattern, capacities and parameter counts of an adapter from its JSON and safetensors header."""
-    adir = Path(adir)
-    fmt = adapter_format(adir)
-    cfg = _read_json_file(adir / ADAPTER_CONFIG)
-    wfile = adir / ADAPTER_WEIGHTS
-    header = safetensors_header(wfile) if wfile.is_file() else {}
+def adapter_summary(adir: str | os.PathLike | AdapterDir) -> dict:
+    """Rank pattern, capacities and parameter counts of an adapter from its JSON and safetensors header
+    (both checked: :class:`~elalora.validation.AdapterDir`)."""
+    adir = adir if isinstance(adir, AdapterDir) else AdapterDir(adir)
+    fmt, cfg = adir.format, adir.config
+    adir.check_header()
+    header = adir.header if (fmt == "elalora" or adir.weights_path.is_file()) else {}
     numel = {k: math.prod(v.get("shape", [])) for k, v in header.items()}
     if fmt == "elalora":
-        modules = cfg.get("modules", {})
+        modules = cfg["modules"]
         pattern = {n: int(i["rank"]) for n, i in modules.items()}
         capacity = {n: int(i["capacity"]) for n, i in modules.items()}
-        params = {n: adapter_param_count(i.get("kind", "lora"), i["rank"], i["in_features"], i["out_features"])
+        params = {n: adapter_param_count(i["form"], i["rank"], i["in_features"], i["out_features"])
                   for n, i in modules.items()}
         full = {k: numel.get(k, 0) for k in cfg.get("full_parameters", [])}
-        return {"format": "elalora", "method": cfg.get("method"), "base_model": cfg.get("base_model"),
+        return {"format": "elalora", "method": cfg.get("method"), "form": cfg["config"].get("form"),
+                "base_model": cfg.get("base_model"),
                 "rank_pattern": pattern, "capacity": capacity, "module_params": params,
                 "full_params": sum(full.values()), "modules_to_save": cfg.get("modules_to_save"),
                 "step_count": cfg.get("step_count"), "events": len(cfg.get("events", []) or [])}
@@ -599,14 +556,14 @@ def adapter_summary(adir: str | os.PathLike) -> dict:
             "lora_alpha": cfg.get("lora_alpha"), "r": cfg.get("r")}
 
 
-def check_peft_adapter_fits(model: nn.Module, adir: str | os.PathLike) -> None:
+def check_peft_adapter_fits(model: nn.Module, adir: str | os.PathLike | AdapterDir) -> None:
     """Every module of a PEFT LoRA adapter exists in ``model`` with matching shapes (else AdapterLoadError)."""
-    adir = Path(adir)
-    header = safetensors_header(adir / ADAPTER_WEIGHTS)
+    adir = adir if isinstance(adir, AdapterDir) else AdapterDir(adir)
+    header = adir.header
     check_peft_fingerprint(model, adir)
     mods = dict(model.named_modules())
     params = dict(model.named_parameters())
-    src = _read_json_file(adir / ADAPTER_CONFIG).get("base_model_name_or_path")
+    src = adir.base_model_name
     for k, info in header.items():
         name = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
         shape = list(info.get("shape", []))

@@ -5,7 +5,8 @@ the run directory), :mod:`elalora.persistence` (adapter summaries, exports) and 
 Every user-facing error is an :class:`~elalora.errors.ElaLoRAError`, reported by ``main`` as one line.
 
 Imports: :mod:`elalora.recipe`, :mod:`elalora.model`, :mod:`elalora.persistence`, :mod:`elalora.plots`,
-:mod:`elalora.tasks`, :mod:`elalora.serving`, :mod:`elalora.export_gguf`, :mod:`elalora.errors`,
+:mod:`elalora.tasks`, :mod:`elalora.serving`, :mod:`elalora.export_gguf`, :mod:`elalora.validation` (every
+file a command reads is read and checked there, as strictly as loading checks it), :mod:`elalora.errors`,
 :mod:`elalora._io`.
 """
 
@@ -16,22 +17,23 @@ import json
 import shutil
 from pathlib import Path
 
-from .._io import atomic_directory, atomic_write_bytes, json_default
-from ..errors import ElaLoRAError, RunError
+from .._io import atomic_directory, json_default, write_json
+from ..errors import RunError
 from ..export_gguf import export_gguf
 from ..model import handle_of
-from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
+from ..persistence import adapter_format, adapter_summary
 from ..recipe import RunSpec, train
 from ..recipe.evaluation import EvalRun, analyze_run, load_run_for_eval
 from ..recipe.loading import load_adapted_model, load_for_task, load_model_for_task, quiet_transformers
 from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (EXPORT_MARKER, HeadSpec, base_for_adapter, check_output_dir, check_writable,
-                             infer_task_kind, input_at_risk, output_lock, read_json, resolve_adapter_dir,
-                             run_config_for, write_export_marker)
+                             infer_task_kind, input_at_risk, open_adapter_dir, output_lock, run_config_for,
+                             write_export_marker)
 from ..recipe.trainer import make_collator
 from ..serving import ConsumerVerdict, format_serving_report, serving_report
 from ..targets import select_target_modules
 from ..tasks import DataSpec, get_task
+from ..validation import GELORA_PLAN, METRICS, RANK_HISTORY, RUN_CONFIG, read_run_dir
 
 __all__ = ["cmd_train", "cmd_eval", "cmd_analyze", "cmd_export", "cmd_plot", "cmd_inspect", "cmd_plan",
            "parse_target_modules"]
@@ -55,8 +57,6 @@ def parse_names(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=json_default) + "\n").encode())
 
 
 def _check_output_file(output: str, *, inputs=(), adapter: Path | None = None) -> None:
@@ -117,7 +117,7 @@ def cmd_eval(args) -> int:
     for k, v in metrics.items():
         print(f"{k}: {v:.6f}")
     if args.output:
-        _write_json_atomic(Path(args.output).expanduser(),
+        write_json(Path(args.output).expanduser(),
                            {"task": ld.task.name, "adapter": str(ld.adapter_dir.resolve()),
                             "format": adapter_format(ld.adapter_dir), "model": ld.model_path, "n_eval": len(ld.evals),
                             "metrics": metrics})
@@ -140,8 +140,8 @@ def cmd_analyze(args) -> int:
 
 def cmd_export(args) -> int:
     quiet_transformers()
-    adir = resolve_adapter_dir(args.adapter)
-    fmt = adapter_format(adir)
+    ad = open_adapter_dir(args.adapter)  # read and checked once
+    adir = ad.path
     out = Path(args.output_dir).expanduser()
     if out.resolve() == adir.resolve() or adir.resolve() in out.resolve().parents:
         raise RunError("--output-dir must not be the adapter directory or inside it")
@@ -149,10 +149,11 @@ def cmd_export(args) -> int:
     check_output_dir(out, args.overwrite, what="export", inputs=inputs)
     with output_lock(out):
         check_output_dir(out, args.overwrite, what="export", inputs=inputs)  # again, under the lock
-        return _export(args, adir, fmt, out)
+        return _export(args, ad, out)
 
 
-def _export(args, adir: Path, fmt: str, out: Path) -> int:
+def _export(args, ad, out: Path) -> int:
+    adir, fmt = ad.path, ad.format
     layout = _export_layout(args, adir, fmt)
     if args.to == "peft" and fmt == "peft":
         with atomic_directory(out) as tmp:
@@ -167,7 +168,7 @@ def _export(args, adir: Path, fmt: str, out: Path) -> int:
         ts = run_cfg.get("task_spec", {})
         spec = HeadSpec(ts.get("kind", "classification"), ts.get("num_labels"), ts.get("label_names"))
     else:
-        kind, n = infer_task_kind(adir, fmt)
+        kind, n = infer_task_kind(ad)
         spec = HeadSpec(kind, n, None)
     pooling = (run_cfg or {}).get("pooling") or "cls"
     if pooling != "cls" and args.to == "merged":
@@ -175,11 +176,11 @@ def _export(args, adir: Path, fmt: str, out: Path) -> int:
         raise RunError(f"the run was trained with --pooling {pooling}, which a plain transformers checkpoint "
                        "cannot express; export --to peft and apply elalora.heads.use_mean_pooling to the base "
                        "model before loading the adapter")
-    model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
+    model_path, gguf_file = base_for_adapter(ad, args, run_cfg, spec.kind)
     seed = (run_cfg or {}).get("training", {}).get("seed", 0)
     loaded = load_model_for_task(spec, model_path, gguf_file, seed=seed, pooling=pooling)
     tokenizer, image_processor = loaded.tokenizer, loaded.image_processor
-    model = load_adapted_model(adir, loaded.model)
+    model = load_adapted_model(ad, loaded.model)
     with atomic_directory(out) as tmp:
         write_export_marker(tmp, adir, args.to, model_path)
         if args.to == "peft":
@@ -223,30 +224,17 @@ def cmd_plot(args) -> int:
     run_dir = Path(args.run_dir).expanduser()
     if not run_dir.is_dir():
         raise RunError(f"run directory {args.run_dir!r} does not exist")
-    cfg_p, met_p, hist_p, plan_p = (run_dir / f for f in ("config.json", "metrics.json", "rank_history.jsonl", "gelora_plan.json"))
-    if not any(p.is_file() for p in (cfg_p, met_p, hist_p, plan_p)):
-        raise RunError(f"{str(run_dir)!r} holds none of config.json, metrics.json, rank_history.jsonl, "
-                       "gelora_plan.json: not an elalora run directory")
-    cfg = read_json(cfg_p) if cfg_p.is_file() else {}
-    met = read_json(met_p) if met_p.is_file() else {}
-    events = []
-    if hist_p.is_file():
-        for i, line in enumerate(hist_p.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise RunError(f"{str(hist_p)!r} line {i} is not valid JSON") from None
-    plan = read_json(plan_p) if plan_p.is_file() else None
+    names = (RUN_CONFIG, METRICS, RANK_HISTORY, GELORA_PLAN)
+    if not any((run_dir / f).is_file() for f in names):
+        raise RunError(f"{str(run_dir)!r} holds none of {', '.join(names)}: not an elalora run directory")
+    run = read_run_dir(run_dir)  # every file checked (ranks >= 0 and within the adapter's capacities)
+    cfg, met, events, plan = run.config or {}, run.metrics or {}, run.events, run.plan
     initial = met.get("initial_rank_pattern") or (plan or {}).get("rank_pattern") or {}
     final = met.get("rank_pattern") or {}
-    if not initial and not final and not events and not plan:
-        adir = run_dir / "adapter"
-        if (adir / ADAPTER_CONFIG).is_file():
-            summary = adapter_summary(adir)
-            final = summary["rank_pattern"]
+    if not initial and not final and not events and not plan and run.adapter is not None:
+        final = adapter_summary(run.adapter)["rank_pattern"]
     written = figures_strict(run_dir, initial, final, events, met.get("importance_scores"), plan,
-                              cfg.get("total_steps") or met.get("steps"))
+                             cfg.get("total_steps") or met.get("steps"))
     for p in written:
         print(p)
     return 0
@@ -266,17 +254,12 @@ def figures_strict(run_dir, initial, final, events, scores, plan, total_steps) -
 def cmd_inspect(args) -> int:
     from ..plots import format_rank_table
 
-    adir = resolve_adapter_dir(args.adapter)
-    try:
-        s = adapter_summary(adir)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # a hand-edited config
-        if isinstance(e, ElaLoRAError):
-            raise
-        raise RunError(f"{str(adir)!r}/adapter_config.json is malformed ({type(e).__name__}: "
-                       f"{' '.join(str(e).split())[:200]}); the adapter config was edited or is corrupt") from None
+    ad = open_adapter_dir(args.adapter)  # read and checked as strictly as loading checks it
+    adir = ad.path
+    s = adapter_summary(ad)
     if s["format"] == "peft":  # which serving engines read this export right (elalora.serving)
-        shapes = {k: v["shape"] for k, v in safetensors_header(adir / ADAPTER_WEIGHTS).items() if "shape" in v}
-        s["consumers"] = [v.to_dict() for v in serving_report(read_json(adir / ADAPTER_CONFIG), shapes)]
+        shapes = {k: v["shape"] for k, v in ad.header.items()}
+        s["consumers"] = [v.to_dict() for v in serving_report(ad.config, shapes)]
     if args.json:
         print(json.dumps(s, indent=2, default=json_default))
         return 0
@@ -329,6 +312,6 @@ def cmd_plan(args) -> int:
     print(format_rank_table(plan.rank_pattern))
     if args.output:
         outp = Path(args.output).expanduser()
-        _write_json_atomic(outp, {"task": spec.name, "model": model_path, "gguf_file": gguf_file, **plan.to_dict()})
+        write_json(outp, {"task": spec.name, "model": model_path, "gguf_file": gguf_file, **plan.to_dict()})
         print(f"\nwrote {outp}")
     return 0

@@ -153,6 +153,7 @@ def _add_train(sub, *, with_flags: bool = True) -> None:
     t.set_defaults(handler="train")
     if not with_flags:  # another command runs: skip importing the recipe for this parser's defaults
         return
+    from ..config import BUDGETS, FORMS
     from ..recipe.spec import DEFAULT_LR, METHODS, NO_CAP, knob_default, spec_default as d
 
     def knob(name: str) -> str:
@@ -181,10 +182,10 @@ def _add_train(sub, *, with_flags: bool = True) -> None:
                         "mean of the last hidden states (what sentence-transformers checkpoints such as "
                         "all-MiniLM-L6-v2 were trained for); default %(default)s")
     g = t.add_argument_group("ElaLoRA / AdaLoRA knobs (steps: an int = optimizer steps, a float < 1 = fraction of the run)")
-    g.add_argument("--form", default=None, metavar="FORM",
+    g.add_argument("--form", default=None, choices=FORMS,
                    help="the adapter form: 'svd' (P·diag(λ)·Q, the papers) or 'lora' (B·diag(m)·A with PEFT LoRA's "
                         f"initialisation and scale; elalora.layers.ADAPTER_FORMS); {knob('form')}")
-    g.add_argument("--budget", default=None, choices=("rank", "params"),
+    g.add_argument("--budget", default=None, choices=BUDGETS,
                    help=f"conserve the total rank or the active adapter parameters; {knob('budget')}")
     g.add_argument("--b", type=_positive_int, default=None, help=f"ElaLoRA: ranks moved per round at the start; {knob('b')}")
     g.add_argument("--k", type=_positive_int, default=None, help=f"ElaLoRA: candidates per matrix per round; {knob('k')}")

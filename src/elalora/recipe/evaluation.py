@@ -8,27 +8,26 @@ the adapter's ``base_model_name_or_path``). The loading itself is
 :func:`elalora.recipe.loading.load_for_task`, the same sequence as a training run's.
 
 Imports: :mod:`.loading`, :mod:`.rundir`, :mod:`.trainer`, :mod:`.analysis`, :mod:`elalora.tasks`,
-:mod:`elalora.persistence`, :mod:`elalora._io`, :mod:`elalora.errors`, :mod:`elalora.plots` (lazily).
+:mod:`elalora.validation` (every file read is checked there), :mod:`elalora._io`, :mod:`elalora.errors`,
+:mod:`elalora.plots` (lazily).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .._io import atomic_write_bytes, json_default
+from .._io import atomic_write_bytes, write_json
 from ..errors import RunError
-from ..persistence import adapter_format
 from ..tasks import DataSpec, get_task
+from ..validation import METRICS, RUN_CONFIG, read_run_dir
 from .analysis import DEFAULT_FRACTIONS, format_contribution_table, layer_contribution
 from .loading import load_adapted_model, load_for_task, quiet_transformers
-from .rundir import (RUN_MARKER, base_for_adapter, check_writable, output_lock, read_json, resolve_adapter_dir,
-                     run_config_for)
+from .rundir import RUN_MARKER, base_for_adapter, check_writable, open_adapter_dir, output_lock, run_config_for
 from .trainer import evaluate_model
 
 __all__ = ["EvalRun", "eval_data", "load_run_for_eval", "AnalysisResult", "analyze_run", "final_ranks_of"]
@@ -72,8 +71,8 @@ def load_run_for_eval(adapter: str | Path, *, data: Mapping[str, Any] | None = N
     docstring). ``check`` is called with the adapter directory once it is resolved, before the data and
     the model are loaded (``elalora eval --output`` checks its file there)."""
     quiet_transformers()
-    adir = resolve_adapter_dir(str(adapter))
-    adapter_format(adir)
+    ad = open_adapter_dir(adapter)  # read and checked once; every step below takes it
+    adir = ad.path
     run_cfg = run_config_for(adir) or {}
     tr = run_cfg.get("training", {})
     if (data or {}).get("task") is None and not run_cfg.get("task"):  # task and data default to the run's
@@ -86,11 +85,11 @@ def load_run_for_eval(adapter: str | Path, *, data: Mapping[str, Any] | None = N
         check(adir)  # before the evaluation, not after it
     # the base model before the data: a custom task's kind ("auto" until its data are read) picks no other model
     kind = get_task(spec.task).kind
-    model_path, gguf = base_for_adapter(adir, SimpleNamespace(model=model, gguf_file=gguf_file), run_cfg, kind)
+    model_path, gguf = base_for_adapter(ad, SimpleNamespace(model=model, gguf_file=gguf_file), run_cfg, kind)
     loaded = load_for_task(spec, model_path, gguf_file=gguf, threads=threads, max_length=max_length,
                            default_max_length=run_max_length,
                            pooling=run_cfg.get("pooling") or "cls")  # as trained (--pooling)
-    adapted = load_adapted_model(adir, loaded.model)
+    adapted = load_adapted_model(ad, loaded.model)
     adapted.eval()
     task, evals = loaded.task, loaded.evals
 
@@ -104,14 +103,13 @@ def load_run_for_eval(adapter: str | Path, *, data: Mapping[str, Any] | None = N
 def final_ranks_of(run_dir: str | Path) -> dict[str, int]:
     """The final rank pattern recorded in a run's metrics.json (``analyze --ranks-from``)."""
     run_dir = Path(run_dir).expanduser()
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        raise RunError(f"--ranks-from {str(run_dir)!r}: no metrics.json there; give the --output-dir of a finished "
+    if not (run_dir / METRICS).is_file():
+        raise RunError(f"--ranks-from {str(run_dir)!r}: no {METRICS} there; give the --output-dir of a finished "
                        "'elalora train' run")
-    pattern = read_json(path).get("rank_pattern")
+    pattern = (read_run_dir(run_dir).metrics or {}).get("rank_pattern")  # checked: integer ranks >= 0
     if not pattern:
-        raise RunError(f"--ranks-from {str(run_dir)!r}: its metrics.json has no rank_pattern")
-    return {str(k): int(v) for k, v in pattern.items()}
+        raise RunError(f"--ranks-from {str(run_dir)!r}: its {METRICS} has no rank_pattern")
+    return dict(pattern)
 
 
 @dataclass
@@ -132,7 +130,7 @@ def analyze_run(run_dir: str | Path, *, fractions: Sequence[float] = DEFAULT_FRA
     ``layer_contribution_ranks_from.*``). ``load``: the keyword arguments of :func:`load_run_for_eval`
     (``data``: task and data fields, model, batch size, threads...); ``progress`` receives the progress lines."""
     run_dir = Path(run_dir).expanduser()
-    if not (run_dir / "config.json").is_file() or not read_json(run_dir / "config.json").get(RUN_MARKER):
+    if not (run_dir / RUN_CONFIG).is_file() or not (read_run_dir(run_dir).config or {}).get(RUN_MARKER):
         raise RunError(f"{str(run_dir)!r} is not an elalora run directory (no config.json with the {RUN_MARKER} "
                        "marker); give the --output-dir of an 'elalora train' run")
     fractions = tuple(fractions)
@@ -156,7 +154,7 @@ def analyze_run(run_dir: str | Path, *, fractions: Sequence[float] = DEFAULT_FRA
                "ranks_from": str(Path(ranks_from).expanduser().resolve()) if ranks else None, **res.to_dict()}
     with output_lock(out_dir):
         out_dir.mkdir(exist_ok=True)
-        atomic_write_bytes(out_dir / f"{stem}.json", (json.dumps(payload, indent=2, default=json_default) + "\n").encode())
+        write_json(out_dir / f"{stem}.json", payload)
         atomic_write_bytes(out_dir / f"{stem}.md", (table + "\n").encode())
         written = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
         if figure:

@@ -434,7 +434,7 @@ def forget_quantization(model) -> None:
 def load_adapted_model(adir: Path, base):
     """Load an elalora or PEFT adapter onto ``base``; returns the model to run."""
     if adapter_format(adir) == "elalora":
-        load_adapter(base, str(adir))
+        load_adapter(base, adir)  # an AdapterDir is not read again
         return base
     from peft import PeftModel
 

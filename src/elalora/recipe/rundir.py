@@ -17,37 +17,41 @@ config.json), an export folder by its marker file ``elalora_export.json``, the i
 (the ``--model`` folder, the data, the adapter being exported) are never inside the output, and
 :func:`output_lock` keeps a second live job out of the same directory.
 
-Imports: the standard library, :mod:`elalora._io`, :mod:`elalora.persistence` (adapter file names
-and headers), :mod:`.loading`, :mod:`elalora.errors`.
+Every file of a run is read and checked by :mod:`elalora.validation` (file names, :class:`AdapterDir`,
+the run's config.json).
+
+Imports: the standard library, :mod:`elalora._io`, :mod:`elalora.validation`, :mod:`.loading`,
+:mod:`elalora.errors`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
 from pathlib import Path
 
-from .._io import output_lock, recover_interrupted_swap, write_json
-from ..errors import RunError
-from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, safetensors_header
+from .._io import output_lock, read_json as _read_json, recover_interrupted_swap, write_json
+from ..errors import ElaLoRAError, RunError
+from ..validation import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, RANK_HISTORY, RUN_CONFIG, AdapterDir,
+                          check_run_config)
 from .loading import resolve_model
 
 __all__ = ["RUN_MARKER", "RUN_FILES", "EXPORT_MARKER", "check_output_dir", "check_writable", "input_at_risk",
            "output_lock", "write_export_marker", "versions", "abspath_or_none", "read_json",
-           "resolve_adapter_dir", "run_config_for", "infer_task_kind", "HeadSpec", "base_for_adapter"]
+           "resolve_adapter_dir", "open_adapter_dir", "run_config_for", "infer_task_kind", "HeadSpec",
+           "base_for_adapter"]
 
 RUN_MARKER = "elalora_run"
-RUN_FILES = ("config.json", "metrics.json", "rank_history.jsonl", "adapter", "peft")
+RUN_FILES = (RUN_CONFIG, METRICS, RANK_HISTORY, "adapter", "peft")
 
 
 def is_run_dir(p: Path) -> bool:
     """Whether ``p`` is a run directory that ``elalora train`` wrote: its config.json carries the
     run marker (a Hugging Face model folder also has a config.json, and must never count)."""
     try:
-        cfg = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError):
+        cfg = _read_json(p / RUN_CONFIG)
+    except ValueError:
         return False
     return isinstance(cfg, dict) and cfg.get(RUN_MARKER) is True
 
@@ -146,10 +150,11 @@ def abspath_or_none(p: str | None) -> str | None:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"cannot read {str(path)!r}: {' '.join(str(e).split())}") from None
+    """A JSON object file of a run (:func:`elalora._io.read_json`; not an object: :class:`RunError`)."""
+    obj = _read_json(path, error=RunError)
+    if not isinstance(obj, dict):
+        raise RunError(f"{str(path)!r} must hold a JSON object, got {type(obj).__name__}; the file is corrupt")
+    return obj
 
 
 def resolve_adapter_dir(path: str) -> Path:
@@ -162,31 +167,40 @@ def resolve_adapter_dir(path: str) -> Path:
     if not (p / ADAPTER_CONFIG).is_file() and (p / "adapter" / ADAPTER_CONFIG).is_file():
         p = p / "adapter"
     if not (p / ADAPTER_CONFIG).is_file():
-        raise RunError(f"{str(p)!r} holds no adapter_config.json: not an adapter directory "
+        raise RunError(f"{str(p)!r} holds no {ADAPTER_CONFIG}: not an adapter directory "
                        "(pass RUN_DIR/adapter or RUN_DIR/peft)")
     return p
 
 
-def run_config_for(adir: Path) -> dict | None:
-    for cand in (adir.parent / "config.json", adir / "config.json"):
+def open_adapter_dir(path: str | Path) -> AdapterDir:
+    """:func:`resolve_adapter_dir`, read and checked once (:class:`elalora.validation.AdapterDir`)."""
+    return AdapterDir(resolve_adapter_dir(str(path)))
+
+
+def run_config_for(adir: Path | AdapterDir) -> dict | None:
+    """The config.json of the run an adapter belongs to (checked: :func:`elalora.validation.check_run_config`),
+    or ``None`` when there is none; a Hugging Face config.json (no run marker) is no run's."""
+    adir = Path(adir)
+    for cand in (adir.parent / RUN_CONFIG, adir / RUN_CONFIG):
         if cand.is_file():
             try:
-                cfg = json.loads(cand.read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                cfg = _read_json(cand, error=RunError)
+            except ElaLoRAError:
                 continue
             if isinstance(cfg, dict) and cfg.get(RUN_MARKER):
-                return cfg
+                return check_run_config(cfg, str(cand))
     return None
 
 
-def infer_task_kind(adir: Path, fmt: str) -> tuple[str, int | None]:
+def infer_task_kind(adir: Path | AdapterDir, fmt: str | None = None) -> tuple[str, int | None]:
     """Task kind and number of labels of an adapter without a run config (from its files)."""
-    cfg = read_json(adir / ADAPTER_CONFIG)
+    adir = adir if isinstance(adir, AdapterDir) else AdapterDir(adir)
+    cfg = adir.config
     cls = (cfg.get("base_model") or {}).get("class") or ""
     task_type = cfg.get("task_type") or ""
     if cls.endswith("ForCausalLM") or task_type == "CAUSAL_LM":
         return "generation", None
-    header = safetensors_header(adir / ADAPTER_WEIGHTS)
+    header = adir.header
     n_labels = None
     for k, v in header.items():
         name = k.replace("base_model.model.", "").replace(".modules_to_save.default", "")
@@ -195,7 +209,7 @@ def infer_task_kind(adir: Path, fmt: str) -> tuple[str, int | None]:
     if cls.endswith("ForImageClassification"):
         return "image", n_labels
     if n_labels is None:
-        raise RunError(f"cannot tell the task of {str(adir)!r} (no run config.json next to it and no classifier "
+        raise RunError(f"cannot tell the task of {str(adir.path)!r} (no run config.json next to it and no classifier "
                        "weights); pass --task")
     return ("regression" if n_labels == 1 else "classification"), n_labels
 
@@ -209,15 +223,13 @@ class HeadSpec:
         self.label_names = label_names
 
 
-def base_for_adapter(adir: Path, args, run_cfg: dict | None, kind: str):
+def base_for_adapter(adir: Path | AdapterDir, args, run_cfg: dict | None, kind: str):
     model_arg = getattr(args, "model", None)
     gguf = getattr(args, "gguf_file", None)
     if model_arg is None and run_cfg is not None:
         model_arg, gguf = run_cfg.get("model"), gguf or run_cfg.get("gguf_file")
     if model_arg is None:
-        fmt = adapter_format(adir)
-        cfg = read_json(adir / ADAPTER_CONFIG)
-        cand = (cfg.get("base_model") or {}).get("name_or_path") if fmt == "elalora" else cfg.get("base_model_name_or_path")
-        if cand and Path(cand).exists():
+        cand = (adir if isinstance(adir, AdapterDir) else AdapterDir(adir)).base_model_name
+        if isinstance(cand, str) and cand and Path(cand).exists():
             model_arg = cand
     return resolve_model(model_arg, gguf, kind)
