@@ -506,8 +506,8 @@ def check_run_config(cfg: Any, where: str) -> dict:
     kinds = ("classification", "regression", "generation", "image")
     if ts.get("kind") is not None and ts["kind"] not in kinds:
         bad(f"task_spec.kind must be one of {', '.join(kinds)}, got {_short(ts['kind'])}")
-    if ts.get("num_labels") is not None and not _is_count(ts["num_labels"], 1):
-        bad(f"task_spec.num_labels must be an integer >= 1, got {_short(ts['num_labels'])}")
+    if ts.get("num_labels") is not None and not _is_count(ts["num_labels"], 0):  # 0: generation tasks
+        bad(f"task_spec.num_labels must be an integer >= 0, got {_short(ts['num_labels'])}")
     ln = ts.get("label_names")
     if ln is not None and (not isinstance(ln, list) or not all(isinstance(x, str) for x in ln)):
         bad(f"task_spec.label_names must be a list of strings, got {_short(ln)}")
