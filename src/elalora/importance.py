@@ -285,12 +285,14 @@ class ImportanceTracker:
                 out.add_(m)
 
     @torch.no_grad()
-    def update(self) -> bool:
+    def update(self, other_grads: Sequence[torch.Tensor] = ()) -> bool:
         """One EMA step from the current parameters and gradients.
 
-        Returns ``False`` (and changes nothing) when any adapter gradient is non-finite, i.e. on an
-        fp16 step that the grad scaler skipped. Parameters whose gradient is ``None`` contribute
-        ``I = 0`` (an adapter that took no part in this step's loss).
+        Returns ``False`` (and changes nothing) when any adapter gradient, or any of ``other_grads``, is
+        non-finite, i.e. on an fp16 step that the grad scaler skipped. ``other_grads``: the gradients of the
+        optimizer's other parameters (a classifier trained in full): the scaler skips the step when any of
+        them overflows, even if every adapter gradient is finite. Parameters whose gradient is ``None``
+        contribute ``I = 0`` (an adapter that took no part in this step's loss).
         """
         self._ensure_state()
         params = self._params
@@ -302,6 +304,7 @@ class ImportanceTracker:
             params = [full_tensor(p.detach()) for p in params]
             grads = [None if g is None else full_tensor(g) for g in grads]
         present = [g for g in grads if g is not None]
+        present += [full_tensor(g) for g in other_grads if g is not None]
         if present and not self._grads_finite(present):
             self.num_skipped += 1
             return False

@@ -231,7 +231,11 @@ class AdaptiveModel:
                     "it between optimizer.step() and optimizer.zero_grad()", RuntimeWarning, stacklevel=2)
                 skipped = True
             else:
-                skipped = not self.importance.update()
+                # the optimizer's other gradients too: a grad scaler skips the step if any of them overflowed
+                mine = {id(p) for p in self.adapter_parameters()}
+                others = [] if optimizer is None else [p.grad for grp in optimizer.param_groups for p in grp["params"]
+                                                       if p.grad is not None and id(p) not in mine]
+                skipped = not self.importance.update(others)
                 if skipped:
                     # Non-finite gradients: an fp16 step the grad scaler skipped (weights intact), or a
                     # diverged run (weights already NaN/inf after optimizer.step()). Only here, on the
