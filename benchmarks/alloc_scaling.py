@@ -25,16 +25,21 @@ Measured, interleaved round-robin over the variants, medians over ``--repeats``:
   (and, measured inside the same call, ``mask_to_budget`` alone).
 
 Gradients are random (fixed), parameters N(0, 0.02²) on active slots; flush-to-zero is on so that
-denormals cannot distort either side. Optionally the importance tracker of git ``HEAD`` (before this
-benchmark's changes) is timed too (``--compare-head``).
+denormals cannot distort either side.
+
+Nothing got slower? ``--compare LABEL=PATH`` (repeatable; default: the committed record
+``benchmarks/results/alloc_scaling.json``, read before this run overwrites it) puts a previous record's
+medians next to this run's. To time older code on the same machine, run this script with that code's
+``src`` first on ``PYTHONPATH`` (e.g. a ``git worktree`` of the older commit; only public API is used)
+and ``--out`` elsewhere, then pass its JSON to ``--compare``. No code is loaded any other way.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,19 +126,6 @@ def peft_tree(shapes, c: int, target_r: int, total: int, tfinal: int, delta_t: i
     return root, RankAllocator(root, cfg, "default")
 
 
-def head_tracker_class():
-    """ImportanceTracker as of git HEAD (for a before/after row), or None if unavailable."""
-    try:
-        src = subprocess.run(["git", "show", "HEAD:src/elalora/importance.py"], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    src = src.replace("from .layers import", "from elalora.layers import")
-    ns: dict = {"__name__": "importance_head"}
-    exec(compile(src, "importance@HEAD", "exec"), ns)
-    return ns["ImportanceTracker"]
-
-
 # ----------------------------------------------------------------------------------- timing
 def _t(fn):
     t = time.perf_counter()
@@ -185,8 +177,11 @@ class OursVariant:
         self.rec["update"].append(d)
         mod = sys.modules[type(self.alloc).__module__]
         name_sel = "select_prune_grow" if hasattr(mod, "select_prune_grow") else "select_to_budget"
-        rs, sel, app = _Timed(self.tracker.rank_scores), _Timed(getattr(mod, name_sel)), _Timed(mod.apply_rank_changes)
-        self.tracker.rank_scores = rs  # instance attribute shadows the method for this call only
+        # the score read: round_table (scores and masks in one transfer) where the tracker has it
+        read = "round_table" if hasattr(self.tracker, "round_table") else "rank_scores"
+        rs, sel = _Timed(getattr(self.tracker, read)), _Timed(getattr(mod, name_sel))
+        app = _Timed(mod.apply_rank_changes)
+        setattr(self.tracker, read, rs)  # instance attribute shadows the method for this call only
         setattr(mod, name_sel, sel)
         mod.apply_rank_changes = app
         try:
@@ -194,7 +189,7 @@ class OursVariant:
         finally:
             setattr(mod, name_sel, sel.fn)
             mod.apply_rank_changes = app.fn
-            del self.tracker.rank_scores
+            delattr(self.tracker, read)
         assert ev, f"{self.label}: no rank change at round step {self.t}"
         self.rec["round"].append(d)
         self.rec["rank_scores"].append(sum(rs.calls))
@@ -250,32 +245,7 @@ class PeftVariant:
         return r
 
 
-class HeadVariant:
-    """git-HEAD tracker: update(), and rank_scores() as a round would pay it (computed at round time)."""
-
-    def __init__(self, cls, adapters):
-        self.tr = cls(adapters)
-        self.label = "head_tracker"
-        self.rec = {"update": [], "rank_scores": []}
-
-    def warmup(self):
-        self.tr.update()
-
-    def run_pair(self):
-        for _ in range(2):
-            d, _ = _t(self.tr.update)
-            self.rec["update"].append(d)
-        d, _ = _t(self.tr.rank_scores)
-        self.rec["rank_scores"].append(d)
-
-    def summary(self):
-        r = {k: median(v) * 1e3 for k, v in self.rec.items()}
-        r["update_iqr"] = [x * 1e3 for x in iqr(self.rec["update"])]
-        r["n"] = len(self.rec["update"])
-        return r
-
-
-def measure(shapes, r, *, repeats, seed=0, ours_adalora=True, ela_2r=True, head=None, log=print) -> dict:
+def measure(shapes, r, *, repeats, seed=0, ours_adalora=True, ela_2r=True, log=print) -> dict:
     c = int(math.ceil(1.5 * r))
     total, tfinal, dt = 10 * repeats + 400, 10, 2
     names = [s[0] for s in shapes]
@@ -296,8 +266,6 @@ def measure(shapes, r, *, repeats, seed=0, ours_adalora=True, ela_2r=True, head=
         variants.append(OursVariant("ours_adalora", ada_ads, ada))
     root, ra = peft_tree(shapes, c, r, total, tfinal, dt, seed + 3)
     variants.append(PeftVariant(root, ra))
-    if head is not None:
-        variants.append(HeadVariant(head, ela_ads))
     for v in variants:
         v.warmup()
     for i in range(repeats):
@@ -307,7 +275,7 @@ def measure(shapes, r, *, repeats, seed=0, ours_adalora=True, ela_2r=True, head=
     out["layout"] = {"matrices": len(shapes), "r": r, "slots": c,
                      "adapter_elements_per_copy": sum(c * (din + dout + 1) for _, din, dout in shapes)}
     peft = out["peft_adalora"]
-    for k in ("ours_elalora", "ours_elalora_cap2r", "ours_adalora", "head_tracker"):
+    for k in ("ours_elalora", "ours_elalora_cap2r", "ours_adalora"):
         if k in out:
             out[k]["update_vs_peft"] = out[k]["update"] / peft["update"]
     log(f"  {len(shapes)} matrices: " + ", ".join(
@@ -341,15 +309,12 @@ def render(res: dict) -> str:
         p = L["peft_adalora"]
         for k, label in (("ours_elalora", "ours ElaLoRA (r active of c slots)"),
                          ("ours_elalora_cap2r", "ours ElaLoRA, capacity 2r"),
-                         ("ours_adalora", "ours AdaLoRA (c → r)"), ("peft_adalora", "PEFT AdaLoRA (c → r)"),
-                         ("head_tracker", "previous tracker (git HEAD)")):
+                         ("ours_adalora", "ours AdaLoRA (c → r)"), ("peft_adalora", "PEFT AdaLoRA (c → r)")):
             if k not in L:
                 continue
             v = L[k]
             if k == "peft_adalora":
                 rnd = f"{f(v['round_extra'])} (mask_to_budget alone {f(v['mask_to_budget'])})"
-            elif k == "head_tracker":
-                rnd = f"≥ {f(v['rank_scores'])} (rank_scores alone)"
             else:
                 rnd = (f"{f(v['round'])} (scores {f(v['rank_scores'])}, select {f(v['select'])}, "
                        f"apply {f(v['apply'])})")
@@ -377,7 +342,41 @@ def render(res: dict) -> str:
             lines.append(f"- linear fit `{k}`: {v['per_matrix_us']:.1f} µs per matrix + {v['intercept_ms']:.2f} ms, "
                          f"R² = {v['r2']:.3f}; time({v['n_max']}) / time({v['n_min']}) = {v['ratio']:.1f} "
                          f"(matrices ×{v['n_max'] / v['n_min']:.0f})")
+    for label, prev in res.get("compared", {}).items():
+        lines += ["", f"Against {label} (`{prev['path']}`, {prev['when']}): ours ÷ PEFT of the same run (PEFT's "
+                  "code did not change, so the ratio cancels machine load), and the medians.", ""]
+        rows = []
+        for lay, L in res["layouts"].items():
+            P = prev["layouts"].get(lay, {})
+            for k in ("ours_elalora", "ours_elalora_cap2r", "ours_adalora"):
+                if k in L and k in P:
+                    v, w = L[k], P[k]
+                    rows.append([lay, k, f"{w['update_vs_peft']:.2f} → {v['update_vs_peft']:.2f}",
+                                 f"{f(w['update'])} → {f(v['update'])}", f"{f(w['round'])} → {f(v['round'])}",
+                                 f"{w['round'] / P['peft_adalora']['mask']:.3f} → "
+                                 f"{v['round'] / L['peft_adalora']['mask']:.3f}"])
+        pts_prev = {p["layout"]["matrices"]: p for p in (prev.get("scaling") or {}).get("points", [])}
+        for pt in (res.get("scaling") or {}).get("points", []):
+            n = pt["layout"]["matrices"]
+            if n in pts_prev:
+                v, w = pt["ours_elalora"], pts_prev[n]["ours_elalora"]
+                pv, pw = pt["peft_adalora"], pts_prev[n]["peft_adalora"]
+                rows.append([f"uniform ×{n}", "ours_elalora", f"{w['update'] / pw['update']:.2f} → "
+                             f"{v['update'] / pv['update']:.2f}", f"{f(w['update'])} → {f(v['update'])}",
+                             f"{f(w['round'])} → {f(v['round'])}",
+                             f"{w['round'] / pw['mask']:.3f} → {v['round'] / pv['mask']:.3f}"])
+        lines.append(md_table(["layout", "variant", "update ÷ PEFT update", "update (ms)", "round (ms)",
+                               "round ÷ PEFT mask step"], rows))
     return "\n".join(lines)
+
+
+def load_record(spec: str) -> tuple[str, dict]:
+    """``LABEL=PATH`` (or a bare path) of a previous results JSON: ``(label, record)``."""
+    label, _, path = spec.rpartition("=")
+    rec = json.loads(Path(path).read_text())
+    m = rec.get("machine", {})
+    return label or Path(path).stem, {"path": path, "when": m.get("when", m.get("date", "?")),
+                                      "layouts": rec.get("layouts", {}), "scaling": rec.get("scaling")}
 
 
 def main(argv=None):
@@ -387,7 +386,8 @@ def main(argv=None):
     ap.add_argument("--scaling", default="72,224,448,896,1792,3584", help="matrix counts of the scaling series")
     ap.add_argument("--layouts", default="deberta-base,llama-7b")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compare-head", action="store_true", help="also time the importance tracker of git HEAD")
+    ap.add_argument("--compare", action="append", default=None, metavar="LABEL=PATH",
+                    help="a previous results JSON to put side by side (default: the committed record)")
     ap.add_argument("--quick", action="store_true", help="smoke test: small sizes, 3 repeats, no file output")
     ap.add_argument("--out", default=str(RESULTS / "alloc_scaling"))
     args = ap.parse_args(argv)
@@ -395,7 +395,8 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     torch.set_grad_enabled(False)
     info = machine_info(torch.get_num_threads())
-    head = head_tracker_class() if args.compare_head else None
+    specs = args.compare if args.compare is not None else [f"committed record={RESULTS / 'alloc_scaling.json'}"]
+    compared = dict(load_record(x) for x in specs if Path(x.rpartition("=")[2]).is_file())
     layouts = [x for x in args.layouts.split(",") if x]
     counts = [int(x) for x in args.scaling.split(",") if x]
     reps, sreps = args.repeats, args.scaling_repeats
@@ -409,7 +410,7 @@ def main(argv=None):
     for lay in layouts:
         shapes, r = layout(lay)
         print(f"[{time.time() - t0:.0f}s] layout {lay} (load {loadavg()})", flush=True)
-        res["layouts"][lay] = measure(shapes, r, repeats=reps, head=head)
+        res["layouts"][lay] = measure(shapes, r, repeats=reps)
     if counts:
         pts = []
         for n in counts:
@@ -428,6 +429,7 @@ def main(argv=None):
             fits[key] = {"intercept_ms": a, "per_matrix_us": b * 1e3, "r2": r2, "n_min": xs[0], "n_max": xs[-1],
                          "ratio": ys[-1] / ys[0] if ys[0] > 0 else float("nan")}
         res["scaling"] = {"shape": "1024x1024", "points": pts, "fits": fits}
+    res["compared"] = compared
     info["loadavg_end"] = loadavg()
     res["wall_s"] = round(time.time() - t0, 1)
     md = (f"# Allocation scaling\n\nCommand: `{res['command']}`\n\n{machine_md(info)}\n\n"

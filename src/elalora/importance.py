@@ -26,12 +26,14 @@ possible):
   per tensor and op.
 * In the same pass the per-rank score sums ``S_i`` are recomputed for the chunk (a product and two
   sums, in cache), so an allocation round only reads ``n_adapters × capacity`` cached numbers:
-  :meth:`rank_scores` costs one small transfer, and :meth:`reset_slots` keeps the cache exact.
+  :meth:`rank_scores` (and :meth:`round_table`, which adds the active masks) costs one small transfer
+  per device for all groups (:func:`~elalora.layers.to_host`), and :meth:`reset_slots` keeps the
+  cache exact with device-side ops.
 * FSDP2 (sharded DTensor parameters): :meth:`update` gathers every adapter parameter and gradient, so
   the state is whole and identical on every process and decisions need no further agreement; the
   tracker re-reads the adapters' parameter attributes each step, since ``fully_shard`` swaps them.
 * Non-finite gradients are detected before anything is written (one norm per gradient, one host
-  sync), so a skipped fp16 step changes nothing.
+  sync per device: the only sync of an ordinary step), so a skipped fp16 step changes nothing.
 
 The update uses ``I − Ī(t) = β1 (I − Ī(t−1))``, which is exact algebra, so the state equals the
 straightforward formula up to rounding (a few ulp); ``tests/test_importance_fused.py`` pins the
@@ -48,7 +50,7 @@ from typing import Sequence
 
 import torch
 
-from .layers import ElasticAdapter, full_tensor, is_dtensor
+from .layers import ElasticAdapter, full_tensor, is_dtensor, to_host
 
 __all__ = ["ImportanceTracker"]
 
@@ -283,12 +285,14 @@ class ImportanceTracker:
                 out.add_(m)
 
     @torch.no_grad()
-    def update(self) -> bool:
+    def update(self, other_grads: Sequence[torch.Tensor] = ()) -> bool:
         """One EMA step from the current parameters and gradients.
 
-        Returns ``False`` (and changes nothing) when any adapter gradient is non-finite, i.e. on an
-        fp16 step that the grad scaler skipped. Parameters whose gradient is ``None`` contribute
-        ``I = 0`` (an adapter that took no part in this step's loss).
+        Returns ``False`` (and changes nothing) when any adapter gradient, or any of ``other_grads``, is
+        non-finite, i.e. on an fp16 step that the grad scaler skipped. ``other_grads``: the gradients of the
+        optimizer's other parameters (a classifier trained in full): the scaler skips the step when any of
+        them overflows, even if every adapter gradient is finite. Parameters whose gradient is ``None``
+        contribute ``I = 0`` (an adapter that took no part in this step's loss).
         """
         self._ensure_state()
         params = self._params
@@ -300,6 +304,7 @@ class ImportanceTracker:
             params = [full_tensor(p.detach()) for p in params]
             grads = [None if g is None else full_tensor(g) for g in grads]
         present = [g for g in grads if g is not None]
+        present += [full_tensor(g) for g in other_grads if g is not None]
         if present and not self._grads_finite(present):
             self.num_skipped += 1
             return False
@@ -336,30 +341,39 @@ class ImportanceTracker:
     def rank_scores(self) -> list[torch.Tensor]:
         """Per-rank score ``S_i`` of every adapter (length = capacity; fp32, on the CPU).
 
-        Kept current by :meth:`update`, so this costs one small device-to-host copy per group.
+        Kept current by :meth:`update`, so this costs one small device-to-host copy per device.
         """
-        if self._cpu_scores is not None:
-            return self._cpu_scores
-        if self.sens is None:
-            self._cpu_scores = [torch.zeros(a.capacity) for a in self.adapters]
-            return self._cpu_scores
-        if not self._sums_valid:
-            self._recompute_sums()
-        rows = [g.sums.detach().cpu().clone().unbind(0) for g in self._groups]
-        self._cpu_scores = [rows[gid][row] for gid, row in self._where]
-        return self._cpu_scores
+        return self.round_table(masks=False)[0]
 
     @torch.no_grad()
-    def reset_slots(self, adapter_index: int, slots: Sequence[int]) -> None:
-        """Zero the EMA state of ``slots`` of one adapter (pruned or newly activated ranks)."""
+    def round_table(self, masks: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """``(S_i per adapter, active mask per adapter)`` on the host, read in one transfer per device
+        (the masks only with ``masks=True``): what an allocation round decides from."""
+        mask_src = [a.active for a in self.adapters] if masks else []
+        if self._cpu_scores is not None:
+            return self._cpu_scores, (to_host(mask_src) if masks else None)
+        if self.sens is None:
+            self._cpu_scores = [torch.zeros(a.capacity, device="cpu") for a in self.adapters]
+            return self._cpu_scores, (to_host(mask_src) if masks else None)
+        if not self._sums_valid:
+            self._recompute_sums()
+        host = to_host([g.sums for g in self._groups] + mask_src)
+        rows = [h.unbind(0) for h in host[:len(self._groups)]]
+        self._cpu_scores = [rows[gid][row] for gid, row in self._where]
+        return self._cpu_scores, (host[len(self._groups):] if masks else None)
+
+    @torch.no_grad()
+    def reset_slots(self, adapter_index: int, slots: Sequence[int], *, idx: torch.Tensor | None = None) -> None:
+        """Zero the EMA state of ``slots`` of one adapter (pruned or newly activated ranks). ``idx``: the
+        same slots as a long tensor on the state's device (no upload)."""
+        slots = [int(s) for s in slots]
         if self.sens is None or not slots:
             return
         lo, hi = self._spans[adapter_index]
-        idx = None
         for k in range(lo, hi):
             dim = self._slot_dims[k]
             if idx is None or idx.device != self.sens[k].device:
-                idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.sens[k].device)
+                idx = torch.as_tensor(slots, dtype=torch.long, device=self.sens[k].device)
             self.sens[k].index_fill_(dim, idx, 0.0)
             self.unc[k].index_fill_(dim, idx, 0.0)
         # Zeroed state has S_i = 0 exactly: patch the caches instead of recomputing them.
@@ -368,7 +382,7 @@ class ImportanceTracker:
             self._groups[gid].sums[row].index_fill_(0, idx, 0.0)
         if self._cpu_scores is not None:
             fixed = self._cpu_scores[adapter_index].clone()
-            fixed[torch.as_tensor(list(slots), dtype=torch.long)] = 0.0
+            fixed[torch.as_tensor(slots, dtype=torch.long, device="cpu")] = 0.0
             self._cpu_scores = list(self._cpu_scores)
             self._cpu_scores[adapter_index] = fixed
 

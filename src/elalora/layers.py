@@ -37,14 +37,25 @@ same way on every process and writes each process's own shard back, in place —
 and its sharding never change. Inside the forward pass FSDP has already unsharded the parameters, so
 the layer maths sees plain tensors.
 
-Holds: the adapter modules, the one rule for a base layer's ``(d_in, d_out)`` (:func:`base_shape`)
-and the one count of an adapter's parameters per active rank (:func:`adapter_param_count`).
+Devices: every tensor made here names its device (the parameters' device, or ``"cpu"`` for host-side
+work such as drawing new ranks). Data crosses between host and device only through :func:`to_host`
+and :func:`to_device`, one transfer per device for any number of tensors: on an accelerator each
+transfer is a synchronisation, so a rank round batches its reads and its writes (docs/large_models.md;
+``tests/test_device.py`` counts them). New ranks are drawn on the host in two steps,
+:meth:`ElasticAdapter.new_slot_values` (host maths, from host copies of the parameters) and
+:meth:`ElasticAdapter.write_slots` (device writes), so that a round touching many matrices makes one
+read and one write in all; :meth:`ElasticAdapter.activate` does both for one adapter.
+
+Holds: the adapter modules, the one rule for a base layer's ``(d_in, d_out)`` (:func:`base_shape`),
+the one count of an adapter's parameters per active rank (:func:`adapter_param_count`) and the
+host/device transfer helpers.
 Imports: torch, transformers and :mod:`elalora.errors` only (level 1, with :mod:`elalora.config`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Sequence
 
 import torch
@@ -54,9 +65,55 @@ from transformers.pytorch_utils import Conv1D
 from .errors import QuantizationError
 
 __all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "ADAPTER_FORMS", "adapter_form", "SUPPORTED_BASE_LAYERS",
-           "base_shape", "adapter_param_count", "full_tensor", "edit_", "is_dtensor"]
+           "base_shape", "adapter_param_count", "full_tensor", "edit_", "is_dtensor", "to_host", "to_device",
+           "TRANSFERS"]
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+#: Transfers made by :func:`to_host` (``"to_host"``) and :func:`to_device` (``"to_device"``), one per device
+#: and call: read by the sync-count test and ``benchmarks/gpu_check.py``.
+TRANSFERS: Counter = Counter()
+
+
+def _common_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """One dtype that holds every value of ``dtypes`` exactly (bool and float32 in float32, integers
+    with floats in float64: indices are far below 2**53)."""
+    if len(dtypes) == 1:
+        return next(iter(dtypes))
+    if not any(d.is_floating_point for d in dtypes):
+        return torch.int64
+    if torch.float64 in dtypes or any(d != torch.bool and not d.is_floating_point for d in dtypes):
+        return torch.float64
+    return torch.float32
+
+
+def _move(tensors: Sequence[torch.Tensor], targets: Sequence[torch.device], key: str) -> list[torch.Tensor]:
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    batches: dict[tuple[torch.device, torch.device], list[int]] = {}
+    for i, (t, dev) in enumerate(zip(tensors, targets)):
+        batches.setdefault((t.device, torch.device(dev)), []).append(i)
+    for (_, dev), ids in batches.items():
+        ts = [tensors[i].detach() for i in ids]
+        common = _common_dtype({t.dtype for t in ts})
+        # cat always copies, so the result never aliases the source (also when both are the CPU)
+        flat = torch.cat([t.reshape(-1).to(common) for t in ts]).to(dev)  # the one transfer
+        TRANSFERS[key] += 1
+        for i, t, part in zip(ids, ts, torch.split(flat, [t.numel() for t in ts])):
+            out[i] = part.view(t.shape).to(t.dtype)
+    return out  # type: ignore[return-value]
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` on the CPU, in one transfer per source device (a synchronisation on an
+    accelerator): flattened, concatenated in a dtype that holds them exactly, split back on the host.
+    The one route for intended device→host reads in the library."""
+    return _move(tensors, [torch.device("cpu")] * len(tensors), "to_host")
+
+
+def to_device(tensors: Sequence[torch.Tensor], devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    """Copies of the host ``tensors`` on ``devices``, one transfer per target device (the mirror of
+    :func:`to_host`)."""
+    return _move(tensors, devices, "to_device")
 
 
 def is_dtensor(t) -> bool:
@@ -184,9 +241,8 @@ class ElasticAdapter(nn.Module):
         """(down, gate, up): ΔW = up · diag(gate) · down · s, with inactive slots zeroed in gate."""
         raise NotImplementedError
 
-    def init_slots(self, slots: Sequence[int], generator: torch.Generator | None = None) -> None:
-        """Give freshly activated ``slots`` their starting values (ΔW must not change)."""
-        raise NotImplementedError
+    #: the slot parameters new ranks are orthogonalised against (read by :meth:`new_slot_values`)
+    _basis_params: tuple[str, ...] = ()
 
     # ----------------------------------------------------------------------------- rank control
     @property
@@ -201,10 +257,12 @@ class ElasticAdapter(nn.Module):
         return torch.nonzero(~self.active, as_tuple=False).flatten()
 
     @torch.no_grad()
-    def deactivate(self, slots: Sequence[int]) -> None:
-        """Switch ``slots`` off and zero their parameters. Shapes and identities are unchanged."""
+    def deactivate(self, slots: Sequence[int], *, idx: torch.Tensor | None = None) -> None:
+        """Switch ``slots`` off and zero their parameters. Shapes and identities are unchanged.
+        ``idx``: the same slots as a long tensor already on the adapter's device (no upload)."""
         self._check_not_merged("deactivate")
-        idx = torch.as_tensor(list(slots), dtype=torch.long, device=self.active.device)
+        if idx is None:
+            idx = torch.as_tensor([int(s) for s in slots], dtype=torch.long, device=self.active.device)
         if idx.numel() == 0:
             return
         self.active[idx] = False
@@ -218,10 +276,55 @@ class ElasticAdapter(nn.Module):
         slots = [int(s) for s in slots]
         if not slots:
             return
-        if any(bool(self.active[s]) for s in slots):
+        host = self.host_slot_state()
+        if any(bool(host["active"].numpy()[s]) for s in slots):
             raise ValueError(f"slots {slots} include an already active slot")
-        self.init_slots(slots, generator)
-        self.active[torch.as_tensor(slots, dtype=torch.long, device=self.active.device)] = True
+        self._init_from_host(slots, generator, host)
+
+    def host_slot_state(self) -> dict[str, torch.Tensor]:
+        """Host copies of what :meth:`new_slot_values` reads: the active mask and the parameters new ranks
+        are orthogonalised against (gathered if sharded), in one transfer. Read several adapters' at once
+        with :func:`to_host` on :meth:`slot_state_tensors`."""
+        names, tensors = self.slot_state_tensors()
+        return dict(zip(names, to_host(tensors)))
+
+    def slot_state_tensors(self) -> tuple[list[str], list[torch.Tensor]]:
+        """``(names, device tensors)`` behind :meth:`host_slot_state`."""
+        names = ["active", *self._basis_params]
+        return names, [self.active] + [full_tensor(getattr(self, n).detach()) for n in self._basis_params]
+
+    @torch.no_grad()
+    def init_slots(self, slots: Sequence[int], generator: torch.Generator | None = None) -> None:
+        """Give freshly activated ``slots`` their starting values (ΔW must not change)."""
+        self._init_from_host([int(s) for s in slots], generator, self.host_slot_state(), activate=False)
+
+    def _init_from_host(self, slots: list[int], generator, host: dict, activate: bool = True) -> None:
+        values = self.new_slot_values(slots, generator, host)
+        names = list(values)
+        dev = self.active.device
+        up = to_device([torch.as_tensor(slots, dtype=torch.long, device="cpu")] + [values[n] for n in names],
+                       [dev] * (len(names) + 1))
+        self.write_slots(up[0], dict(zip(names, up[1:])), activate=activate)
+
+    def new_slot_values(self, slots: list[int], generator: torch.Generator | None,
+                        host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Host maths of :meth:`init_slots`: ``{parameter name: (len(slots) × dim) fp32 rows}`` for the new
+        slots (slot axis first), from :meth:`host_slot_state`'s copies; parameters not listed are zeroed."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def write_slots(self, idx: torch.Tensor, values: dict[str, torch.Tensor], activate: bool = True) -> None:
+        """Write :meth:`new_slot_values` (moved to the adapter's device) at the slots ``idx`` (a long tensor
+        on the device), zero the other slot parameters there, and switch the slots on."""
+        for name, p, dim in self.slot_parameters():
+            v = values.get(name)
+            if v is None:
+                edit_(p, lambda t, dim=dim: t.index_fill_(dim, idx.to(t.device), 0.0))
+            else:
+                v = v if dim == 0 else v.t()
+                edit_(p, lambda t, dim=dim, v=v: t.index_copy_(dim, idx.to(t.device), v.to(t.device, t.dtype)))
+        if activate:
+            self.active[idx.to(self.active.device)] = True
 
     def _check_not_merged(self, what: str) -> None:
         if self.merged:
@@ -323,8 +426,9 @@ class SVDAdapter(ElasticAdapter):
         self.lora_Q = nn.Parameter(torch.zeros(c, self.in_features, **f))
         with torch.no_grad():
             # Drawn on the CPU in fp32 so that every device and dtype gets the same numbers.
-            self.lora_P[:, :r] = torch.randn(self.out_features, r, generator=generator).mul_(init_std).to(**f)
-            self.lora_Q[:r] = torch.randn(r, self.in_features, generator=generator).mul_(init_std).to(**f)
+            host = {"generator": generator, "device": "cpu"}
+            self.lora_P[:, :r] = torch.randn(self.out_features, r, **host).mul_(init_std).to(**f)
+            self.lora_Q[:r] = torch.randn(r, self.in_features, **host).mul_(init_std).to(**f)
 
     def slot_parameters(self):
         return [("lora_P", self.lora_P, 1), ("lora_lambda", self.lora_lambda, 0), ("lora_Q", self.lora_Q, 0)]
@@ -336,29 +440,24 @@ class SVDAdapter(ElasticAdapter):
         gate = lam * self.active.to(lam.dtype).to(lam.device)
         return full_tensor(self.lora_Q), gate, full_tensor(self.lora_P)
 
-    @torch.no_grad()
-    def init_slots(self, slots, generator=None):
+    _basis_params = ("lora_Q", "lora_P")
+
+    def new_slot_values(self, slots, generator, host):
         """New ranks (SPEC §3): ``q, p ~ N(0, I)`` orthogonalised in fp32 against the active rows
         of Q / columns of P (and against the other new ranks), unit norm, ``λ = 0``: ΔW is unchanged
         and ``∂L/∂λ_new ≠ 0``, so the rank starts learning at once."""
-        slots = [int(s) for s in slots]
-        idx = self.active.nonzero().flatten()
+        idx = torch.as_tensor(host["active"].numpy().nonzero()[0], dtype=torch.long, device="cpu")
         # Draw order (q then p, slot by slot) is part of the determinism contract: resume and DDP
         # replicas rebuild the same vectors from the same generator.
         draws_q, draws_p = [], []
         for _ in slots:
-            draws_q.append(torch.randn(self.in_features, generator=generator, dtype=torch.float32))
-            draws_p.append(torch.randn(self.out_features, generator=generator, dtype=torch.float32))
-        # Sharded (FSDP2) parameters: the orthogonalisation needs the whole active basis (gathered);
-        # every process draws the same vectors from the same generator and writes its own shard.
-        q = _orthonormal_complement_rows(full_tensor(self.lora_Q.detach()).index_select(0, idx.to(self.lora_Q.device)),
-                                         torch.stack(draws_q))
-        p = _orthonormal_complement_rows(full_tensor(self.lora_P.detach()).index_select(1, idx.to(self.lora_P.device)).t(),
-                                         torch.stack(draws_p))
-        at = torch.as_tensor(slots, dtype=torch.long)
-        edit_(self.lora_Q, lambda t: t.index_copy_(0, at.to(t.device), q.to(t.device, t.dtype)))
-        edit_(self.lora_P, lambda t: t.index_copy_(1, at.to(t.device), p.t().to(t.device, t.dtype)))
-        edit_(self.lora_lambda, lambda t: t.index_fill_(0, at.to(t.device), 0.0))
+            draws_q.append(torch.randn(self.in_features, generator=generator, dtype=torch.float32, device="cpu"))
+            draws_p.append(torch.randn(self.out_features, generator=generator, dtype=torch.float32, device="cpu"))
+        # Sharded (FSDP2) parameters: host_slot_state gathered the whole active basis; every process draws
+        # the same vectors from the same generator and writes its own shard.
+        q = _orthonormal_complement_rows(host["lora_Q"].index_select(0, idx), torch.stack(draws_q))
+        p = _orthonormal_complement_rows(host["lora_P"].index_select(1, idx).t(), torch.stack(draws_p))
+        return {"lora_Q": q, "lora_P": p}
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``‖Q_a Q_aᵀ − I‖_F + ‖P_aᵀ P_a − I‖_F`` over the active slots ``a`` only (SPEC §1).
@@ -413,27 +512,24 @@ class GatedLoRAAdapter(ElasticAdapter):
         a = full_tensor(self.lora_A)
         return a, self.active.to(a.dtype).to(a.device), full_tensor(self.lora_B)
 
-    @torch.no_grad()
-    def init_slots(self, slots, generator=None):
+    _basis_params = ("lora_A",)
+
+    def new_slot_values(self, slots, generator, host):
         """New ranks: a fresh Kaiming row of ``A``, orthogonalised in fp32 against the active rows of A
         (and the other new rows; as the SVD form does for P and Q) and rescaled to its draw's norm, so it
         has LoRA's scale; a zero column of ``B``: ΔW is unchanged. (With ``B_{:,i} = 0`` the gradient into
         ``A_i`` is 0 too, so ``|w·∂L/∂w|`` scores a newborn rank about 0: see ElaLoRA's ``grace_rounds``.)"""
-        slots = [int(s) for s in slots]
         # Draw order (one row per slot, in order) is part of the determinism contract.
         draws = torch.stack([_kaiming_rows(1, self.in_features, generator)[0] for _ in slots])
-        idx = self.active.nonzero().flatten()
-        basis = full_tensor(self.lora_A.detach()).index_select(0, idx.to(self.lora_A.device))
-        rows = _orthonormal_complement_rows(basis, draws) * draws.norm(dim=1, keepdim=True)
-        at = torch.as_tensor(slots, dtype=torch.long)
-        edit_(self.lora_A, lambda t: t.index_copy_(0, at.to(t.device), rows.to(t.device, t.dtype)))
-        edit_(self.lora_B, lambda t: t.index_fill_(1, at.to(t.device), 0.0))
+        idx = torch.as_tensor(host["active"].numpy().nonzero()[0], dtype=torch.long, device="cpu")
+        basis = host["lora_A"].index_select(0, idx)
+        return {"lora_A": _orthonormal_complement_rows(basis, draws) * draws.norm(dim=1, keepdim=True)}
 
 
 def _kaiming_rows(n: int, d_in: int, generator: torch.Generator | None) -> torch.Tensor:
     # nn.init.kaiming_uniform_(a=sqrt(5)) on a (n × d_in) weight: U(-1/sqrt(d_in), 1/sqrt(d_in)).
     bound = 1.0 / math.sqrt(d_in)
-    return (torch.rand(n, d_in, generator=generator) * 2 - 1) * bound
+    return (torch.rand(n, d_in, generator=generator, device="cpu") * 2 - 1) * bound
 
 
 def _orthonormal_complement_rows(basis: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
@@ -455,20 +551,22 @@ def _orthonormal_complement_rows(basis: torch.Tensor, draws: torch.Tensor) -> to
         raise ValueError(f"cannot add {n} rank(s): {a} active ranks of a {dim}-dimensional space leave room for {dim - a}")
     w = draws.to(torch.float64)
     if a > 0:
-        b = basis.detach().to("cpu", torch.float64)
+        b = (basis if basis.device.type == "cpu" else to_host([basis])[0]).detach().to(torch.float64)
         gram = b @ b.t()
         chol, info = torch.linalg.cholesky_ex(gram)
-        # cond(B)² ≲ 1e6: one float64 pass leaves |B w| ~ 1e-16·cond(B)², far below float32 precision
-        well_posed = int(info) == 0 and float(chol.diagonal().min()) ** 2 > 1e-6 * float(gram.diagonal().max())
+        # cond(B)² ≲ 1e6: one float64 pass leaves |B w| ~ 1e-16·cond(B)², far below float32 precision.
+        # (Host scalars are read through numpy: no tensor op that would stand for a device sync.)
+        well_posed = (int(info.numpy()) == 0
+                      and float(chol.diagonal().min().numpy()) ** 2 > 1e-6 * float(gram.diagonal().max().numpy()))
         if well_posed:
             w = w - torch.cholesky_solve(b @ w.t(), chol).t() @ b
         else:
             u, r = torch.linalg.qr(b.t())  # (dim, a): orthonormal basis of the row space
-            keep = r.diagonal().abs() > 1e-6 * max(1.0, float(r.diagonal().abs().max()))
-            u = u[:, keep]
+            keep = r.diagonal().abs() > 1e-6 * max(1.0, float(r.diagonal().abs().max().numpy()))
+            u = u[:, torch.as_tensor(keep.numpy().nonzero()[0], dtype=torch.long, device="cpu")]
             for _ in range(2):
                 w = w - (w @ u) @ u.t()
-    out = torch.empty(n, dim, dtype=torch.float64)
+    out = torch.empty(n, dim, dtype=torch.float64, device="cpu")
     for i in range(n):
         v = w[i]
         if i:
@@ -476,7 +574,8 @@ def _orthonormal_complement_rows(basis: torch.Tensor, draws: torch.Tensor) -> to
             for _ in range(2):  # classical Gram–Schmidt, twice (the earlier rows are orthonormal)
                 v = v - (prev @ v) @ prev
         nv = v.norm()
-        if not torch.isfinite(nv) or nv < 1e-6:
+        nvf = float(nv.numpy())
+        if not math.isfinite(nvf) or nvf < 1e-6:
             raise ValueError("could not draw a new rank orthogonal to the active ones")
         out[i] = v / nv
     return out.to(torch.float32)

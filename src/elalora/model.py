@@ -32,7 +32,7 @@ from .allocation.base import RankEvent
 from .config import AdapterConfig, config_from_dict
 from .errors import AdapterLoadError, ConfigError, TargetModuleError, TrainingDivergedError, diverged_message
 from .importance import ImportanceTracker
-from .layers import ElasticAdapter, adapter_form, adapter_param_count, base_shape
+from .layers import ElasticAdapter, adapter_form, adapter_param_count, base_shape, is_dtensor, to_host
 from .targets import DEFAULT_TARGET_MODULES, find_target_modules, lies_within, matches_suffix
 from .validation import AdapterDir, check_config, check_handle_state, checkpoint_identity
 
@@ -93,7 +93,7 @@ class AdaptiveModel:
                     f"min({d_in}, {d_out}) = {min(d_in, d_out)}; lower r (and max_rank / init_r) to at most "
                     f"{min(d_in, d_out)}, or leave this module out of target_modules")
             plan.append((name, r, cap))
-        gen = torch.Generator().manual_seed(config.seed)
+        gen = torch.Generator(device="cpu").manual_seed(config.seed)
         self.names: list[str] = names
         self.adapters: list[ElasticAdapter] = []
         for name, r, cap in plan:
@@ -235,7 +235,11 @@ class AdaptiveModel:
                     "it between optimizer.step() and optimizer.zero_grad()", RuntimeWarning, stacklevel=2)
                 skipped = True
             else:
-                skipped = not self.importance.update()
+                # the optimizer's other gradients too: a grad scaler skips the step if any of them overflowed
+                mine = {id(p) for p in self.adapter_parameters()}
+                others = [] if optimizer is None else [p.grad for grp in optimizer.param_groups for p in grp["params"]
+                                                       if p.grad is not None and id(p) not in mine]
+                skipped = not self.importance.update(others)
                 if skipped:
                     # Non-finite gradients: an fp16 step the grad scaler skipped (weights intact), or a
                     # diverged run (weights already NaN/inf after optimizer.step()). Only here, on the
@@ -254,10 +258,18 @@ class AdaptiveModel:
     def check_finite(self, step: int | None = None) -> None:
         """Raise :class:`TrainingDivergedError` if any adapter weight (or module kept in full) is NaN/inf."""
         t = self.step_count if step is None else step
-        for n, a in zip(self.names, self.adapters):
-            for pname, p, _ in a.slot_parameters():
-                if not bool(torch.isfinite(p).all()):
-                    raise TrainingDivergedError(diverged_message(t, f"the adapter weight {n}.{pname}"))
+        params = [(f"{n}.{pname}", p) for n, a in zip(self.names, self.adapters)
+                  for pname, p, _ in a.slot_parameters()]
+        # One flag per weight, read in one transfer per device (a round must not sync once per matrix);
+        # sharded (FSDP2) weights keep the per-tensor collective check.
+        plain = [(k, p) for k, p in params if not is_dtensor(p)]
+        flags = to_host([torch.isfinite(p).all() for _, p in plain])
+        for (k, _), ok in zip(plain, flags):
+            if not ok.numpy():
+                raise TrainingDivergedError(diverged_message(t, f"the adapter weight {k}"))
+        for k, p in params:
+            if is_dtensor(p) and not bool(torch.isfinite(p).all()):
+                raise TrainingDivergedError(diverged_message(t, f"the adapter weight {k}"))
 
     def callback(self, **kwargs):
         """A Hugging Face ``TrainerCallback`` driving this model (see :mod:`elalora.integrations.trainer`)."""

@@ -361,8 +361,8 @@ def uniform_lora_factors(handle, dtype: torch.dtype = torch.float32
     for name, a in zip(handle.names, handle.adapters):
         la, lb = peft_lora_factors(a, work)
         r = la.shape[0]
-        pa = torch.zeros(top, la.shape[1], dtype=work)
-        pb = torch.zeros(lb.shape[0], top, dtype=work)
+        pa = torch.zeros(top, la.shape[1], dtype=work, device=la.device)
+        pb = torch.zeros(lb.shape[0], top, dtype=work, device=lb.device)
         pa[:r] = la
         pb[:, :r] = lb
         out[name] = (pa.to(dtype).contiguous(), pb.to(dtype).contiguous())

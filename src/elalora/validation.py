@@ -101,16 +101,16 @@ def weight_fingerprint(w: torch.Tensor, n: int = FINGERPRINT_VALUES) -> list[flo
     """``n`` evenly spaced entries of ``w`` (flattened), as floats: a cheap identity of a weight."""
     # full_tensor: an FSDP2-sharded base weight is gathered (every process computes the fingerprint)
     flat = full_tensor(w.detach()).reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel())).round().long().to(flat.device)
+    idx = torch.linspace(0, flat.numel() - 1, min(n, flat.numel()), device=flat.device).round().long()
     return [float(v) for v in flat.index_select(0, idx).double().cpu()]
 
 
 def _fingerprint_mismatch(saved: list[float], now: list[float]) -> float:
     try:
-        a = torch.tensor(saved, dtype=torch.float64)
+        a = torch.tensor(saved, dtype=torch.float64, device="cpu")
     except (TypeError, ValueError):
         return float("inf")
-    b = torch.tensor(now, dtype=torch.float64)
+    b = torch.tensor(now, dtype=torch.float64, device="cpu")
     if a.shape != b.shape:
         return float("inf")
     return float((a - b).norm() / b.norm().clamp_min(1e-30))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..config import AdaLoRAConfig
+from ..layers import to_host
 from .base import Allocator, apply_rank_changes, no_information, rank_cost
 
 __all__ = ["AdaLoRAAllocator", "adalora_budget", "select_to_budget"]
@@ -43,8 +44,10 @@ def select_to_budget(scores: list[torch.Tensor], active: list[torch.Tensor], bud
                      cost: list[int] | None = None) -> dict[int, list[int]]:
     """Slots to prune so that only the ``budget`` highest-scoring active ranks remain; with ``cost``
     (parameters per rank of each matrix), the highest-scoring ranks whose parameters fit ``budget``."""
+    if any(a.device.type != "cpu" for a in active):
+        active = to_host(active)
     sc = torch.cat([s.double() for s in scores]).numpy()
-    act = torch.cat([a.cpu() for a in active]).numpy()
+    act = torch.cat(list(active)).numpy()
     mod = np.concatenate([np.full(len(s), m) for m, s in enumerate(scores)])
     slot = np.concatenate([np.arange(len(s)) for s in scores])
     idx = np.nonzero(act)[0]
@@ -98,12 +101,13 @@ class AdaLoRAAllocator(Allocator):
         budget, mask_now = self.budget(t)
         if not (mask_now or t == final_t):
             return []
-        scores = importance.rank_scores()
+        scores, active = importance.round_table()  # one read; the decisions are made on the host
         if no_information(scores, t):
             return []
-        prune = select_to_budget(scores, [a.active for a in self.adapters], budget, self.cost)
+        prune = select_to_budget(scores, active, budget, self.cost)
         return apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow={},
-                                  seed=self.config.seed, optimizer=optimizer, importance=importance, scores=scores)
+                                  seed=self.config.seed, optimizer=optimizer, importance=importance, scores=scores,
+                                  active=active)
 
     def state_dict(self):
         return {**super().state_dict(), "b0": self.b0, "bT": self.bT}

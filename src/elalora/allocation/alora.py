@@ -116,7 +116,7 @@ from torch import nn
 
 from ..config import ALoRAConfig, ConfigError
 from .alora_ablation import LossFn, ProgressFn, _batch_size, ablation_scores
-from .base import Allocator, apply_rank_changes
+from .base import Allocator, active_on_host, apply_rank_changes
 
 __all__ = ["ALoRAAllocator", "ablation_scores", "select_prune", "distribute_new_ranks", "plan_round"]
 
@@ -355,10 +355,12 @@ class ALoRAAllocator(Allocator):
         t0 = time.perf_counter()
         scores = self.compute_scores(model)
         self.round_seconds.append(round(time.perf_counter() - t0, 3))
-        prune, grow = plan_round(scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
+        active = active_on_host(self.adapters)  # one read of the masks; the plan is made on the host
+        prune, grow = plan_round(scores, active, [a.capacity for a in self.adapters],
                                  n_a=self.n_a, min_rank=self.config.min_rank, keep_budget=self.config.keep_budget)
         events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
-                                    seed=self.config.seed, optimizer=optimizer, importance=None, scores=scores)
+                                    seed=self.config.seed, optimizer=optimizer, importance=None, scores=scores,
+                                    active=active)
         n_pruned = sum(len(v) for v in prune.values())
         n_grown = sum(grow.values())
         self.pruned_total += n_pruned

@@ -127,7 +127,7 @@ def _gates_for_chunk(kind: torch.Tensor, mod: torch.Tensor, slot: torch.Tensor, 
     """``(n, capacity)`` gates of adapter ``m`` for masks ``(kind, module, slot)``:
     kind 0 = full model, 1 = only ``(module, slot)`` removed, 2 = only ``(module, slot)`` kept."""
     n = kind.numel()
-    g = torch.ones(n, capacity)
+    g = torch.ones(n, capacity, device="cpu")
     only = kind == 2
     g[only] = 0.0
     rows = torch.nonzero(only & (mod == m), as_tuple=False).flatten()
@@ -172,12 +172,12 @@ def _mask_table(adapters: Sequence[ElasticAdapter]):
     ``(pairs, kind, module, slot)`` with ``pairs[j] = (module, slot)`` of the ``j``-th active rank."""
     pairs = [(m, int(s)) for m, a in enumerate(adapters) for s in a.active_indices().tolist()]
     p_count = len(pairs)
-    mods = torch.tensor([m for m, _ in pairs], dtype=torch.long)
-    slots = torch.tensor([s for _, s in pairs], dtype=torch.long)
-    kind = torch.cat([torch.zeros(1, dtype=torch.long), torch.ones(p_count, dtype=torch.long),
-                      torch.full((p_count,), 2, dtype=torch.long)])
-    mod = torch.cat([torch.full((1,), -1, dtype=torch.long), mods, mods])
-    slot = torch.cat([torch.zeros(1, dtype=torch.long), slots, slots])
+    host = {"dtype": torch.long, "device": "cpu"}  # the mask table lives on the host
+    mods = torch.tensor([m for m, _ in pairs], **host)
+    slots = torch.tensor([s for _, s in pairs], **host)
+    kind = torch.cat([torch.zeros(1, **host), torch.ones(p_count, **host), torch.full((p_count,), 2, **host)])
+    mod = torch.cat([torch.full((1,), -1, **host), mods, mods])
+    slot = torch.cat([torch.zeros(1, **host), slots, slots])
     return pairs, kind, mod, slot
 
 
@@ -191,7 +191,7 @@ class _Round:
         self.pairs, self.kind, self.mod, self.slot = _mask_table(adapters)
         self.n_total = self.kind.numel()
         self.device = _input_device(model)
-        self.loss = torch.full((self.n_total,), float("nan"), dtype=torch.float64)
+        self.loss = torch.full((self.n_total,), float("nan"), dtype=torch.float64, device="cpu")
         self.done = 0
 
     def tell(self, k: int) -> None:
@@ -232,7 +232,7 @@ class _Round:
         is misused, that chunk and the rest run the full forward pass)."""
         pos = 0
         while pos < len(order):
-            idx = torch.tensor(order[pos:pos + chunk], dtype=torch.long)
+            idx = torch.tensor(order[pos:pos + chunk], dtype=torch.long, device="cpu")
             n = idx.numel()
             ck, cm, cs = self.kind[idx], self.mod[idx], self.slot[idx]
             for m, a in enumerate(self.adapters):
@@ -262,7 +262,8 @@ class _Round:
             raise FloatingPointError("the validation loss of some ablation is not finite; ALoRA cannot rank the ranks")
         p_count = len(self.pairs)
         full, removed, kept = self.loss[0], self.loss[1:1 + p_count], self.loss[1 + p_count:]
-        scores, rem, kep = ([torch.full((a.capacity,), float("nan"), dtype=torch.float64) for a in self.adapters]
+        scores, rem, kep = ([torch.full((a.capacity,), float("nan"), dtype=torch.float64, device="cpu")
+                             for a in self.adapters]
                             for _ in range(3))
         is_ = -full + removed - kept
         for j, (m, s) in enumerate(self.pairs):

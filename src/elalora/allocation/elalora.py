@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..config import ElaLoRAConfig
+from ..layers import to_host
 from .base import Allocator, apply_rank_changes, no_information, rank_cost
 
 __all__ = ["ElaLoRAAllocator", "elalora_b_t", "select_prune_grow"]
@@ -58,17 +59,17 @@ def _padded_rows(rows: list[torch.Tensor], width: int, fill) -> torch.Tensor:
 
     One ``torch.stack`` in the usual case (every matrix has the same capacity): a per-matrix Python
     loop, or even ``pad_sequence`` (10× slower than ``stack`` here), costs milliseconds per round
-    with a few hundred matrices (benchmarks/alloc_scaling.py).
+    with a few hundred matrices (benchmarks/alloc_scaling.py). Rows not on the CPU are read in one
+    transfer per device (:func:`~elalora.layers.to_host`); the allocators pass host rows.
     """
+    rows = [x.detach() for x in rows]
+    if any(x.device.type != "cpu" for x in rows):
+        rows = to_host(rows)
     m = None
     if all(x.numel() == width for x in rows):
-        try:
-            m = torch.stack(rows).detach().cpu()
-        except RuntimeError:  # tensors on several devices
-            m = None
+        m = torch.stack(rows)
     if m is None:
-        m = torch.nn.utils.rnn.pad_sequence([x.detach().cpu()[:width] for x in rows], batch_first=True,
-                                            padding_value=fill)
+        m = torch.nn.utils.rnn.pad_sequence([x[:width] for x in rows], batch_first=True, padding_value=fill)
     if m.shape[1] < width:  # every row shorter than the capacity: the missing slots are padding
         m = torch.nn.functional.pad(m, (0, width - m.shape[1]), value=fill)
     return m
@@ -223,7 +224,8 @@ class ElaLoRAAllocator(Allocator):
         g = self.config.grace_rounds
         if not g:
             return None
-        return [torch.tensor([self._grown_within(j, g) for j in born], dtype=torch.bool) for born in self.born]
+        return [torch.tensor([self._grown_within(j, g) for j in born], dtype=torch.bool, device="cpu")
+                for born in self.born]
 
     def _grown_within(self, born: int, n: int) -> bool:
         """Whether a slot born in round ``born`` was grown within the last ``n`` rounds (as seen from the
@@ -240,23 +242,25 @@ class ElaLoRAAllocator(Allocator):
     def on_step(self, t, optimizer=None, *, importance=None, model=None):
         if not self.is_round(t):
             return []
-        scores = importance.rank_scores()
+        # one read of the score table and the masks; the decisions are made on the host
+        scores, active = importance.round_table()
         if no_information(scores, t):
             return []
         prune, grow = select_prune_grow(
-            scores, [a.active for a in self.adapters], [a.capacity for a in self.adapters],
+            scores, active, [a.capacity for a in self.adapters],
             k=self.config.k, b=self.b_at(t), min_rank=self.config.min_rank, protected=self.protected(),
             cost=self.cost, param_budget=self.param_budget)
         for m, slots in prune.items():
             for s in slots:
                 self.churned += self._grown_within(self.born[m][s], CHURN_ROUNDS)
                 self.born[m][s] = -1
-        before = {m: self.adapters[m].active.tolist() for m in grow}
+        before = {m: active[m].numpy().copy() for m in grow}
         events = apply_rank_changes(step=t, names=self.names, adapters=self.adapters, prune=prune, grow=grow,
-                                    seed=self.config.seed, optimizer=optimizer, importance=importance, scores=scores)
+                                    seed=self.config.seed, optimizer=optimizer, importance=importance, scores=scores,
+                                    active=active)
         for m, was in before.items():
             dead = set(prune.get(m, []))
-            now = self.adapters[m].active.tolist()
+            now = active[m].numpy()  # the masks after the round (apply_rank_changes updated them)
             for slot in range(len(now)):  # active now and (inactive before or pruned in this round): new
                 if now[slot] and (not was[slot] or slot in dead):
                     self.born[m][slot] = self.rounds

@@ -160,7 +160,7 @@ def _two_nearest(x: np.ndarray, *, n_candidates: int = 4, max_block_bytes: int =
     for i0 in range(0, n, rows):
         i1 = min(n, i0 + rows)
         d2 = sq[i0:i1, None] + sq[None, :] - 2.0 * (X[i0:i1] @ X.T)
-        idx = torch.arange(i0, i1)
+        idx = torch.arange(i0, i1, device="cpu")
         d2[idx - i0, idx] = math.inf
         cand = torch.topk(d2, k, dim=1, largest=False).indices  # (b, k)
         exact = torch.linalg.vector_norm(X[i0:i1, None, :] - X[cand], dim=-1)

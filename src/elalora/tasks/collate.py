@@ -64,7 +64,7 @@ class TextClassificationCollator:
         out = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         if all("label" in ex and ex["label"] is not None for ex in examples):
             dtype = torch.float if self.kind == "regression" else torch.long
-            out["labels"] = torch.tensor([ex["label"] for ex in examples], dtype=dtype)
+            out["labels"] = torch.tensor([ex["label"] for ex in examples], dtype=dtype, device="cpu")
         return out
 
 
@@ -112,11 +112,11 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str | Mapping[str, Any]], m
     seqs = [(prefix + tokenizer(t, add_special_tokens=False)["input_ids"])[-max_length:] for t in texts]
     width = max(len(s) for s in seqs)
     pad = _pad_id(tokenizer)
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long, device="cpu")
+    attention = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for i, s in enumerate(seqs):
         if s:
-            input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long, device="cpu")
             attention[i, width - len(s):] = 1
     return {"input_ids": input_ids, "attention_mask": attention}
 
@@ -158,11 +158,11 @@ class CausalLMCollator:
             seqs.append(ids)
             n_prompt.append(min(len(prompt), len(ids)))
         width = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device="cpu")
+        attention = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long, device="cpu")
         for i, (s, n) in enumerate(zip(seqs, n_prompt)):
-            row = torch.tensor(s, dtype=torch.long)
+            row = torch.tensor(s, dtype=torch.long, device="cpu")
             input_ids[i, : len(s)] = row
             attention[i, : len(s)] = 1
             labels[i, n: len(s)] = row[n:]
@@ -194,5 +194,5 @@ class ImageCollator:
                 raise TaskError(f"cannot read image {ex['image_path']!r}: {e}") from None
         out = {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
         if all("label" in ex and ex["label"] is not None for ex in examples):
-            out["labels"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long)
+            out["labels"] = torch.tensor([int(ex["label"]) for ex in examples], dtype=torch.long, device="cpu")
         return out
