@@ -112,7 +112,8 @@ def test_protocol_cells_carry_its_knobs_and_render_apart(acc):
     assert lora["pooling"] == "mean" and lora["modules_to_save"] == ["pooler", "classifier"]
     assert lora["max_length"] == 64 and lora["batch_size"] == 32 and lora["max_steps"] == 268
     legacy = acc.cell_fields("cola", "peft-lora", 8, 0, 100, "D", 1)
-    assert "pooling" not in legacy and legacy["lr"] == acc.SHARED["lr"]
+    # the legacy protocol's cls pooling is named (RunSpec's default "auto" would choose mean on MiniLM)
+    assert legacy["pooling"] == "cls" and legacy["lr"] == acc.SHARED["lr"]
     # the equivalent `elalora train` line the record keeps as argv
     from _common import train_argv
 

@@ -391,9 +391,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
     failed load leaves ``model`` as it was: the config, that every saved module exists in ``model``
     with the same shape, that the weight file holds exactly the listed tensors with the right
     shapes and finite values, and -- unless ``check_base_model=False`` -- that ``model``'s weights
-    are the ones the adapter was trained on (a fingerprint recorded at save time).
+    are the ones the adapter was trained on (a fingerprint recorded at save time). The head the adapter
+    was trained with is then restored from its ``elalora_head.json`` (:func:`elalora.heads.restore_head`:
+    mean pooling is put back on a fresh base model).
     """
     cfg, tensors = persistence.read_adapter(model, path, check_base_model=check_base_model)
+    _restore_head(model, path)  # the recorded pooling (elalora_head.json), after every check passed
     modules = cfg["modules"]
     try:
         conf_d = dict(cfg["config"])
@@ -416,3 +419,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
             p.requires_grad_(False)
         model.eval()
     return handle
+
+
+def _restore_head(model: nn.Module, path) -> None:
+    """The pooling recorded beside the adapter, put back on ``model`` (AdapterLoadError if it cannot take it)."""
+    from .heads import restore_head
+
+    try:
+        restore_head(model, persistence.read_head_info(path))
+    except ConfigError as e:
+        raise AdapterLoadError(f"{path}: {e}") from None

@@ -69,6 +69,7 @@ from .adapter_checks import (base_fingerprint, check_base_model_weights, check_f
                              check_peft_fingerprint, safetensors_metadata, slot_shapes, validate_adapter_config)
 from .config import CONFIG_FORMAT_VERSION
 from .errors import AdapterLoadError, ExportError, OutputLockedError, OutputPathError
+from .heads import head_info, replaced_module_names
 from .layers import ElasticAdapter, adapter_param_count, base_shape, full_tensor, is_dtensor
 from .quant import dequantize_weight, original_dtype
 
@@ -78,10 +79,12 @@ __all__ = [
     "is_sharded", "write_on_rank0", "peft_task_type", "adapter_format", "adapter_summary",
     "check_peft_adapter_fits", "OutputPathError", "OutputLockedError", "output_lock", "recover_interrupted_swap",
     "check_base_model_weights", "safetensors_metadata", "EXPORT_LAYOUTS", "uniform_lora_factors",
+    "HEAD_CONFIG", "read_head_info",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_CONFIG = "elalora_head.json"  # the head an adapter was trained with (elalora.heads.head_info), beside it
 EXPORT_LAYOUTS = ("compact", "uniform")  # export_peft(layout=...)
 PEFT_PREFIX = "base_model.model."  # PEFT's tensor-name prefix in adapter_model.safetensors
 
@@ -191,13 +194,14 @@ def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = Tru
         cfg["events"] = [e.to_dict() for e in handle.events]
     with write_on_rank0(handle) as writer:
         if writer:
-            _write_adapter_dir(path, tensors, cfg, save_id)
+            _write_adapter_dir(path, tensors, cfg, save_id, handle.model)
 
 
-def _write_adapter_dir(path, tensors, cfg, save_id: str) -> None:
-    with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
+def _write_adapter_dir(path, tensors, cfg, save_id: str, model=None) -> None:
+    with keep_user_files_directory(path, (ADAPTER_WEIGHTS, HEAD_CONFIG, ADAPTER_CONFIG)) as tmp:
         _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS,
                           metadata={"format": "pt", "elalora": str(CONFIG_FORMAT_VERSION), "elalora_save_id": save_id})
+        _write_head_info(tmp, model)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
 
 
@@ -387,10 +391,12 @@ def _uniform_target_modules(handle) -> list[str]:
     """Module-type suffixes (``q_proj``, ...) when they name exactly the adapted modules, else full names.
 
     Serving engines key their LoRA slots by module type (TGI/LoRAX and SGLang per layer type), so
-    the short form is the conventional one; it is only used when it selects nothing more."""
+    the short form is the conventional one; it is only used when it selects nothing more, also in the
+    base model as loaded afresh (a pooler replaced by mean pooling has its ``dense`` layer again there)."""
     names = set(handle.names)
     suffixes = {n.rsplit(".", 1)[-1] for n in names}
-    matched = {n for n, _ in handle.model.named_modules()
+    module_names = [n for n, _ in handle.model.named_modules()] + replaced_module_names(handle.model)
+    matched = {n for n in module_names
                if n.rsplit(".", 1)[-1] in suffixes and ".base_layer" not in n and n}
     return sorted(suffixes) if matched == names else sorted(names)
 
@@ -457,10 +463,28 @@ def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = 
     meta = {"format": "pt", "elalora_base_fingerprint": json.dumps(base_fingerprint(handle))}
     with write_on_rank0(handle) as writer:
         if writer:
-            with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
+            with keep_user_files_directory(path, (ADAPTER_WEIGHTS, HEAD_CONFIG, ADAPTER_CONFIG)) as tmp:
                 lcfg.save_pretrained(str(tmp))
                 _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata=meta)
+                _write_head_info(tmp, handle.model)
     return pattern
+
+
+def _write_head_info(folder: Path, model) -> None:
+    """``HEAD_CONFIG``: the head ``model`` was trained with (:func:`elalora.heads.head_info`), beside the adapter."""
+    if model is not None:
+        (Path(folder) / HEAD_CONFIG).write_text(json.dumps(head_info(model), indent=2) + "\n")
+
+
+def read_head_info(folder: str | os.PathLike) -> dict | None:
+    """The ``HEAD_CONFIG`` of an adapter or export folder (``None`` when there is none, e.g. older saves)."""
+    p = Path(folder) / HEAD_CONFIG
+    if not p.is_file():
+        return None
+    info = _read_json_file(p)
+    if not isinstance(info, dict) or info.get("pooling") not in (None, "cls", "mean"):
+        raise AdapterLoadError(f"{str(p)!r} is not a head description (pooling must be 'cls' or 'mean')")
+    return info
 
 
 # ------------------------------------------------------------------------------------------ merge

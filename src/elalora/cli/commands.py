@@ -22,11 +22,13 @@ from ..model import handle_of
 from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
 from ..recipe import RunSpec, train
 from ..recipe.evaluation import EvalRun, analyze_run, load_run_for_eval
-from ..recipe.loading import load_adapted_model, load_model_for_task, quiet_transformers, resolve_model, set_threads
+from ..recipe.exportdoc import export_warnings, write_export_docs
+from ..recipe.loading import (load_adapted_model, load_model_for_task, quiet_transformers, recorded_pooling,
+                              resolve_model, run_config_of, set_threads)
 from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (EXPORT_MARKER, HeadSpec, base_for_adapter, check_output_dir, check_writable,
                              infer_task_kind, input_at_risk, output_lock, read_json, resolve_adapter_dir,
-                             run_config_for, write_export_marker)
+                             write_export_marker)
 from ..recipe.trainer import make_collator
 from ..serving import ConsumerVerdict, format_serving_report, serving_report
 from ..targets import select_target_modules
@@ -100,6 +102,8 @@ def cmd_train(args) -> int:
           f"(min {min(pattern.values())}, max {max(pattern.values())})")
     print(f"run directory: {result.run_dir}  (main metric {result.main_metric} = "
           f"{final.get(result.main_metric, float('nan')):.4f})")
+    if m.get("learned_nothing"):  # ended at or below the constant answer (recipe.trainer.trivial_report)
+        print(m["learned_nothing"])
     return 0
 
 
@@ -130,7 +134,7 @@ def cmd_eval(args) -> int:
     if args.output:
         _write_json_atomic(Path(args.output).expanduser(),
                            {"task": ld.task.name, "adapter": str(ld.adapter_dir.resolve()),
-                            "format": adapter_format(ld.adapter_dir), "model": ld.model_path, "n_eval": len(ld.evals),
+                            "format": ld.format or adapter_format(ld.adapter_dir), "model": ld.model_path, "n_eval": len(ld.evals),
                             "metrics": metrics})
     return 0
 
@@ -173,30 +177,27 @@ def _export(args, adir: Path, fmt: str, out: Path) -> int:
             write_export_marker(tmp, adir, "peft", None)
         print(f"{adir} is already a PEFT LoRA adapter; copied to {out}")
         return 0
-    run_cfg = run_config_for(adir)
+    run_cfg = run_config_of(adir)  # an export's: the run it was exported from
     if run_cfg is not None:
         ts = run_cfg.get("task_spec", {})
         spec = HeadSpec(ts.get("kind", "classification"), ts.get("num_labels"), ts.get("label_names"))
     else:
         kind, n = infer_task_kind(adir, fmt)
         spec = HeadSpec(kind, n, None)
-    pooling = (run_cfg or {}).get("pooling") or "cls"
-    if pooling != "cls" and args.to == "merged":
-        # a merged checkpoint loads as a plain transformers model, which would read its own pooler
-        raise RunError(f"the run was trained with --pooling {pooling}, which a plain transformers checkpoint "
-                       "cannot express; export --to peft and apply elalora.heads.use_mean_pooling to the base "
-                       "model before loading the adapter")
+    pooling = recorded_pooling(adir, run_cfg)  # as trained; the export records it (elalora_head.json, README.md)
     model_path, gguf_file = base_for_adapter(adir, args, run_cfg, spec.kind)
     seed = (run_cfg or {}).get("training", {}).get("seed", 0)
     loaded = load_model_for_task(spec, model_path, gguf_file, seed=seed, pooling=pooling)
     tokenizer, image_processor = loaded.tokenizer, loaded.image_processor
     model = load_adapted_model(adir, loaded.model)
+    notes: list[str] = []
     with atomic_directory(out) as tmp:
         write_export_marker(tmp, adir, args.to, model_path)
         if args.to == "peft":
             pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path, layout=layout)
             msg = (f"PEFT LoRA adapter ({layout} layout) with {len(pattern)} modules, "
                    f"total rank {sum(pattern.values())}")
+            notes = export_warnings(tmp, layout, pattern, handle_of(model).rank_pattern())
         elif args.to == "gguf":
             info = export_gguf(handle_of(model), tmp / "adapter.gguf")  # ExportError / MissingExtraError: one line
             msg = (f"llama.cpp LoRA adapter adapter.gguf ({info['architecture']}, {len(info['tensors']) // 2} "
@@ -212,7 +213,14 @@ def _export(args, adir: Path, fmt: str, out: Path) -> int:
             if image_processor is not None:
                 image_processor.save_pretrained(str(tmp))
             msg = f"merged {type(merged).__name__} (loads with transformers' from_pretrained)"
+            model = merged
+        head = write_export_docs(tmp, model, args.to, layout=layout if args.to == "peft" else None, source=str(adir))
     print(f"wrote {msg} to {out}")
+    if head.get("restore"):
+        print(f"note: trained with {head['pooling']} pooling: after a plain transformers from_pretrained of the base, "
+              f"call {head['restore']} (see {out}/README.md; elalora eval and load_adapter do it themselves)")
+    for line in notes:
+        print(line)
     return 0
 
 

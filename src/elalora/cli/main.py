@@ -176,10 +176,11 @@ def _add_train(sub, *, with_flags: bool = True) -> None:
                    help="comma-separated modules trained in full besides the adapters, as PEFT's modules_to_save "
                         "(default: the task head, 'classifier' or 'score'); e.g. 'pooler,classifier' also trains "
                         "BERT's pooler. The task head must be in the list")
-    g.add_argument("--pooling", default=d("pooling"), choices=("cls", "mean"),
+    g.add_argument("--pooling", default=d("pooling"), choices=("auto", "cls", "mean"),
                    help="what a BERT-like classifier reads: 'cls' the model's pooler over [CLS], 'mean' the masked "
-                        "mean of the last hidden states (what sentence-transformers checkpoints such as "
-                        "all-MiniLM-L6-v2 were trained for); default %(default)s")
+                        "mean of the last hidden states; 'auto' reads the checkpoint's sentence-transformers pooling "
+                        "config (modules.json, 1_Pooling/config.json: mean for all-MiniLM-L6-v2), else keeps the "
+                        "model's own head. The run says which it chose; default %(default)s")
     g = t.add_argument_group("ElaLoRA / AdaLoRA knobs (steps: an int = optimizer steps, a float < 1 = fraction of the run)")
     g.add_argument("--form", default=None, metavar="FORM",
                    help="the adapter form: 'svd' (P·diag(λ)·Q, the papers) or 'lora' (B·diag(m)·A with PEFT LoRA's "

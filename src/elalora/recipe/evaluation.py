@@ -24,9 +24,9 @@ from ..errors import RunError
 from ..persistence import adapter_format
 from ..tasks import get_task, load_task_data
 from .analysis import DEFAULT_FRACTIONS, format_contribution_table, layer_contribution
-from .loading import load_adapted_model, load_model_for_task, quiet_transformers, set_threads
-from .rundir import (RUN_MARKER, base_for_adapter, check_writable, output_lock, read_json, resolve_adapter_dir,
-                     run_config_for)
+from .loading import (load_adapted_model, load_model_for_task, merged_export_dir, quiet_transformers, recorded_pooling,
+                      run_config_of, set_threads)
+from .rundir import RUN_MARKER, base_for_adapter, check_writable, output_lock, read_json, resolve_adapter_dir
 from .trainer import evaluate_model
 
 __all__ = ["EvalRun", "load_run_for_eval", "AnalysisResult", "analyze_run", "final_ranks_of"]
@@ -46,6 +46,7 @@ class EvalRun:
     run_config: dict  # the run's config.json ({} when the adapter has none next to it)
     seed: int  # as resolved: given, else the run's (same task), else 42
     evaluate: Callable[[Any], dict[str, float]]  # model -> metrics, on ``evals``
+    format: str = ""  # "elalora", "peft", or "merged" (a merged export: the model itself, no adapter)
 
 
 def load_run_for_eval(adapter: str | Path, *, task: str | None = None, data_dir: str | None = None,
@@ -59,9 +60,10 @@ def load_run_for_eval(adapter: str | Path, *, task: str | None = None, data_dir:
     ``check`` is called with the adapter directory once it is resolved, before the data and the model
     are loaded (``elalora eval --output`` checks its file there)."""
     quiet_transformers()
-    adir = resolve_adapter_dir(str(adapter))
-    adapter_format(adir)
-    run_cfg = run_config_for(adir) or {}
+    merged = merged_export_dir(adapter)  # `export --to merged`: the model itself, no adapter to load
+    adir = merged or resolve_adapter_dir(str(adapter))
+    fmt = "merged" if merged else adapter_format(adir)
+    run_cfg = run_config_of(adir) or {}  # an export's: the run it was exported from
     tr = run_cfg.get("training", {})
     if task is None:  # task and data default to the run's; explicit arguments win
         if not run_cfg.get("task"):
@@ -84,19 +86,20 @@ def load_run_for_eval(adapter: str | Path, *, task: str | None = None, data_dir:
                                     max_eval_samples=data["max_eval_samples"], seed=seed,
                                     train_file=data["train_file"], eval_file=data["eval_file"],
                                     text_columns=data["text_columns"], label_column=data["label_column"])
-    model_path, gguf = base_for_adapter(adir, SimpleNamespace(model=model, gguf_file=gguf_file), run_cfg, spec.kind)
+    model_path, gguf = (str(merged), None) if merged else base_for_adapter(
+        adir, SimpleNamespace(model=model, gguf_file=gguf_file), run_cfg, spec.kind)
     set_threads(threads)
     loaded = load_model_for_task(spec, model_path, gguf, seed=seed, max_length=max_length,
                                  default_max_length=run_max_length,
-                                 pooling=run_cfg.get("pooling") or "cls")  # as trained (--pooling)
-    adapted = load_adapted_model(adir, loaded.model)
+                                 pooling=recorded_pooling(adir, run_cfg))  # as trained (elalora_head.json)
+    adapted = loaded.model if merged else load_adapted_model(adir, loaded.model)
     adapted.eval()
 
     def evaluate(m) -> dict[str, float]:
         return evaluate_model(m, spec, loaded.tokenizer, loaded.image_processor, evals, batch_size=batch_size,
                               max_length=loaded.max_length, max_new_tokens=max_new, seed=seed)
 
-    return EvalRun(adir, model_path, adapted, spec, evals, run_cfg, seed, evaluate)
+    return EvalRun(adir, model_path, adapted, spec, evals, run_cfg, seed, evaluate, fmt)
 
 
 def final_ranks_of(run_dir: str | Path) -> dict[str, int]:

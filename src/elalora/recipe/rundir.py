@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .._io import output_lock, recover_interrupted_swap, write_json
 from ..errors import RunError
-from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, safetensors_header
+from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_CONFIG, adapter_format, safetensors_header
 from .loading import resolve_model
 
 __all__ = ["RUN_MARKER", "RUN_FILES", "EXPORT_MARKER", "check_output_dir", "check_writable", "input_at_risk",
@@ -53,7 +53,7 @@ def is_run_dir(p: Path) -> bool:
 
 
 EXPORT_MARKER = "elalora_export.json"
-_ADAPTER_DIR_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", EXPORT_MARKER}
+_ADAPTER_DIR_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", EXPORT_MARKER, HEAD_CONFIG}
 
 
 def _is_replaceable_export(p: Path) -> bool:
