@@ -19,7 +19,8 @@ from .._io import atomic_directory, atomic_write_bytes, json_default
 from ..errors import ElaLoRAError, RunError
 from ..export_gguf import export_gguf
 from ..model import handle_of
-from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, safetensors_header
+from ..persistence import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adapter_summary, read_head_info,
+                           safetensors_header)
 from ..recipe import RunSpec, train
 from ..recipe.evaluation import EvalRun, analyze_run, load_run_for_eval
 from ..recipe.exportdoc import export_warnings, write_export_docs
@@ -296,6 +297,7 @@ def cmd_inspect(args) -> int:
     if s["format"] == "peft":  # which serving engines read this export right (elalora.serving)
         shapes = {k: v["shape"] for k, v in safetensors_header(adir / ADAPTER_WEIGHTS).items() if "shape" in v}
         s["consumers"] = [v.to_dict() for v in serving_report(read_json(adir / ADAPTER_CONFIG), shapes)]
+    s["head"] = read_head_info(adir)  # pooling, task type, labels (elalora_head.json; None for older saves)
     if args.json:
         print(json.dumps(s, indent=2, default=json_default))
         return 0
@@ -306,6 +308,10 @@ def cmd_inspect(args) -> int:
     print(head)
     if base:
         print(f"base model: {base}")
+    if s["head"]:
+        h = s["head"]
+        print(f"head: {h.get('task_type')}, {h.get('num_labels')} label(s), {h.get('pooling')} pooling"
+              + (f"; a plain transformers base needs {h['restore']} before loading it" if h.get("restore") else ""))
     print()
     print(format_rank_table(s["rank_pattern"], capacity=s.get("capacity"), params=s["module_params"]))
     adapter_params = sum(s["module_params"].values())

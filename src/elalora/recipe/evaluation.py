@@ -147,7 +147,9 @@ def analyze_run(run_dir: str | Path, *, fractions: Sequence[float] = DEFAULT_FRA
     main_metric = run.task.metric_names[0]
     say = progress or (lambda msg: None)
     say(f"layer contribution of {run_dir} ({run.task.name}, {len(run.evals)} evaluation examples): "
-        f"{1 + len(fractions) * (2 + random_draws)} evaluations"
+        f"{1 + len(fractions) * (2 + random_draws)} evaluations of all {len(run.evals)} examples "
+        f"({(1 + len(fractions) * (2 + random_draws)) * len(run.evals)} example forward passes; the first one "
+        "times the rest, and each line after it says the time left)"
         + (f"; top/bottom chosen by the ranks of {ranks_from}" if ranks else ""))
     res = layer_contribution(run.model, run.evaluate, main_metric, fractions=fractions, random_draws=random_draws,
                              seed=run.seed, ranks=ranks, progress=say)
