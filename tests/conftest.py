@@ -18,8 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
+    """The folder holding ``glue/`` (RTE/, MRPC/, CoLA/, STS-B/ with the official train.tsv / dev.tsv) and
+    ``e2e_nlg/``: ``$ELALORA_SHARED_DATA``, else ``../shared/data`` beside the clone (the project's workspace)."""
     env = os.environ.get("ELALORA_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def missing_data(what: str) -> str:
+    """The skip reason of a test that needs ``shared_data_dir() / what``: where it looked and how to point it."""
+    return (f"needs {what} under {shared_data_dir()}: set ELALORA_SHARED_DATA to a folder holding glue/ (the "
+            "official GLUE files: https://gluebenchmark.com/tasks) and e2e_nlg/")
 
 
 def load_benchmark(name: str):

@@ -300,13 +300,13 @@ def test_generation_render_untrained_row_and_paired_difference():
 
 
 def test_lr_select_split_is_a_seeded_partition_of_the_training_file(tmp_path):
-    from conftest import shared_data_dir
+    from conftest import missing_data, shared_data_dir
     from elalora.tasks import load_task_data
     from elalora.tasks.sources import glue_layout
 
     glue = shared_data_dir() / "glue"
     if not (glue / "MRPC" / "train.tsv").is_file():
-        pytest.skip("GLUE data not available")
+        pytest.skip(missing_data("glue/MRPC"))
     sel = _load_bench("lr_select")
     for task in ("mrpc", "cola"):  # a BOM and a header; no header
         n_in, n_out = sel.write_split(glue, tmp_path / "a", task)
