@@ -23,9 +23,9 @@ from ..persistence import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_format, adap
                            safetensors_header)
 from ..recipe import RunSpec, train
 from ..recipe.evaluation import EvalRun, analyze_run, load_run_for_eval
-from ..recipe.exportdoc import export_warnings, write_export_docs
+from ..recipe.exportdoc import export_warnings, run_config_of, write_export_docs
 from ..recipe.loading import (load_adapted_model, load_model_for_task, quiet_transformers, recorded_pooling,
-                              resolve_model, run_config_of, set_threads)
+                              resolve_model, set_threads)
 from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (EXPORT_MARKER, HeadSpec, base_for_adapter, check_output_dir, check_writable,
                              infer_task_kind, input_at_risk, output_lock, read_json, resolve_adapter_dir,

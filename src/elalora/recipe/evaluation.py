@@ -24,8 +24,9 @@ from ..errors import RunError
 from ..persistence import adapter_format
 from ..tasks import get_task, load_task_data
 from .analysis import DEFAULT_FRACTIONS, format_contribution_table, layer_contribution
+from .exportdoc import run_config_of
 from .loading import (load_adapted_model, load_model_for_task, merged_export_dir, quiet_transformers, recorded_pooling,
-                      run_config_of, set_threads)
+                      set_threads)
 from .rundir import RUN_MARKER, base_for_adapter, check_writable, output_lock, read_json, resolve_adapter_dir
 from .trainer import evaluate_model
 

@@ -7,7 +7,7 @@ The head description is :func:`elalora.heads.head_info`; the serving verdicts ar
 :func:`elalora.serving.serving_report`'s (judged once, there). A mean-pooling head needs one call on the
 base model before the adapter is loaded, :data:`elalora.heads.RESTORE_CALL`: the README says so first.
 
-Imports: :mod:`elalora.heads`, :mod:`elalora.persistence`, :mod:`elalora.serving`.
+Imports: :mod:`elalora.heads`, :mod:`elalora.persistence`, :mod:`elalora.serving`, :mod:`.rundir`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,27 @@ from pathlib import Path
 from ..heads import RESTORE_CALL, head_info
 from ..persistence import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_CONFIG, read_head_info, safetensors_header
 from ..serving import serving_report
+from .rundir import EXPORT_MARKER, run_config_for
 
-__all__ = ["README", "peft_verdicts", "export_warnings", "export_readme", "write_export_docs", "write_run_docs"]
+__all__ = ["README", "run_config_of", "peft_verdicts", "export_warnings", "export_readme", "write_export_docs", "write_run_docs"]
 
 README = "README.md"
 
 _AUTO_CLASS = {"classification": "AutoModelForSequenceClassification", "regression": "AutoModelForSequenceClassification",
                "generation": "AutoModelForCausalLM", "image": "AutoModelForImageClassification"}
+
+
+def run_config_of(adir: Path) -> dict | None:
+    """The config.json of the run an adapter belongs to: next to it, or, for a folder ``elalora export``
+    wrote, next to the adapter it was exported from (its ``elalora_export.json`` names it)."""
+    cfg = run_config_for(adir)
+    if cfg is not None or not (adir / EXPORT_MARKER).is_file():
+        return cfg
+    try:
+        src = json.loads((adir / EXPORT_MARKER).read_text()).get("adapter")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_config_for(Path(src)) if isinstance(src, str) and Path(src).is_dir() else None
 
 
 def peft_verdicts(folder: Path) -> list:

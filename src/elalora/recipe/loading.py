@@ -32,7 +32,7 @@ from ..persistence import adapter_format, check_peft_adapter_fits, read_head_inf
 
 __all__ = ["default_model", "resolve_model", "quiet_transformers", "default_threads", "set_threads", "load_tokenizer",
            "load_image_processor", "head_modules", "apply_pooling", "POOLINGS", "checkpoint_pooling",
-           "resolve_pooling", "recorded_pooling", "run_config_of", "resolve_modules_to_save", "load_base_model", "load_adapted_model",
+           "resolve_pooling", "recorded_pooling", "resolve_modules_to_save", "load_base_model", "load_adapted_model",
            "LoadedModel", "load_model_for_task", "TaskModel", "load_for_task", "SMOLLM2_GGUF"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -271,23 +271,6 @@ def recorded_pooling(adir: Path, run_cfg: dict | None) -> str:
     info = read_head_info(adir) or {}
     pooling = info.get("pooling") or (run_cfg or {}).get("pooling") or "cls"
     return "cls" if pooling == "auto" else pooling
-
-
-def run_config_of(adir: Path) -> dict | None:
-    """The config.json of the run an adapter belongs to: next to it, or, for a folder ``elalora export``
-    wrote, next to the adapter it was exported from (its ``elalora_export.json`` names it)."""
-    import json
-
-    from .rundir import EXPORT_MARKER, run_config_for
-
-    cfg = run_config_for(adir)
-    if cfg is not None or not (adir / EXPORT_MARKER).is_file():
-        return cfg
-    try:
-        src = json.loads((adir / EXPORT_MARKER).read_text()).get("adapter")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return run_config_for(Path(src)) if isinstance(src, str) and Path(src).is_dir() else None
 
 
 def merged_export_dir(path) -> Path | None:
