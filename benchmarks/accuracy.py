@@ -92,8 +92,7 @@ def shared_fields(task, method, r, seed, steps, data_dir, threads, proto=None) -
     f = {"task": task, "data_dir": data_dir, "model": model_path(), "r": r, "seed": seed, "max_steps": steps,
          "batch_size": c["batch_size"], "lr": c["lr"], "warmup_ratio": 0.06, "weight_decay": 0.0,
          "max_length": c["max_length"], "eval_steps": 0, "figures": False}
-    if c["pooling"] != "cls":
-        f["pooling"] = c["pooling"]
+    f["pooling"] = c["pooling"]  # always: RunSpec's default ("auto") would pick mean pooling on MiniLM
     if c["modules_to_save"]:
         f["modules_to_save"] = list(c["modules_to_save"])
     if threads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,8 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
+    """The folder holding ``glue/`` (RTE/, MRPC/, CoLA/, STS-B/ with the official train.tsv / dev.tsv) and
+    ``e2e_nlg/``: ``$ELALORA_SHARED_DATA``, else ``../shared/data`` beside the clone (the project's workspace)."""
     env = os.environ.get("ELALORA_SHARED_DATA")
     return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def missing_data(what: str) -> str:
+    """The skip reason of a test that needs ``shared_data_dir() / what``: where it looked and how to point it."""
+    return (f"needs {what} under {shared_data_dir()}: set ELALORA_SHARED_DATA to a folder holding glue/ (the "
+            "official GLUE files: https://gluebenchmark.com/tasks) and e2e_nlg/")
 
 
 def load_benchmark(name: str):
@@ -59,6 +68,35 @@ def tiny_cli_fixture(root: Path, n_train: int = 48, n_dev: int = 16) -> tuple[Pa
         rows = [f"{i}\t{sent()}\t{sent()}\t{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)]
         (d / f).write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(rows) + "\n")
     return root / "bert", root / "glue"
+
+
+def tiny_stsb(glue: Path, n_train: int = 64, n_dev: int = 32) -> None:
+    """An STS-B-layout data set whose score is learnable: the number of shared words."""
+    import random
+
+    rng = random.Random(3)
+    words = "the cat dog sat on mat a big small red blue green house tree".split()
+    d = glue / "STS-B"
+    d.mkdir(parents=True, exist_ok=True)
+    for f, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = []
+        for i in range(n):
+            a = rng.sample(words, 5)
+            k = rng.randint(0, 5)
+            b = a[:k] + rng.sample([w for w in words if w not in a], 5 - k)
+            rows.append(f"{i}\tg\tf\ty\t{i}\ts\ts\t{' '.join(a)}\t{' '.join(b)}\t{float(k):.1f}")
+        (d / f).write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+                           + "\n".join(rows) + "\n")
+
+
+def sentence_transformers_config(folder: Path, mode: str = "mean") -> None:
+    """modules.json + 1_Pooling/config.json as sentence-transformers writes them."""
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": mode == "cls", "pooling_mode_mean_tokens": mode == "mean"}))
 
 
 def minilm_path() -> str | None:

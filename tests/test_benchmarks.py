@@ -115,7 +115,8 @@ def test_protocol_cells_carry_its_knobs_and_render_apart(acc):
     assert lora["pooling"] == "mean" and lora["modules_to_save"] == ["pooler", "classifier"]
     assert lora["max_length"] == 64 and lora["batch_size"] == 32 and lora["max_steps"] == 268
     legacy = acc.cell_fields("cola", "peft-lora", 8, 0, 100, "D", 1)
-    assert "pooling" not in legacy and legacy["lr"] == acc.SHARED["lr"]
+    # the legacy protocol's cls pooling is named (RunSpec's default "auto" would choose mean on MiniLM)
+    assert legacy["pooling"] == "cls" and legacy["lr"] == acc.SHARED["lr"]
     # the equivalent `elalora train` line the record keeps as argv
     from _common import train_argv
 
@@ -304,13 +305,13 @@ def test_generation_render_untrained_row_and_paired_difference():
 
 
 def test_lr_select_split_is_a_seeded_partition_of_the_training_file(tmp_path):
-    from conftest import shared_data_dir
+    from conftest import missing_data, shared_data_dir
     from elalora.tasks import load_task_data
     from elalora.tasks import glue_layout
 
     glue = shared_data_dir() / "glue"
     if not (glue / "MRPC" / "train.tsv").is_file():
-        pytest.skip("GLUE data not available")
+        pytest.skip(missing_data("glue/MRPC"))
     sel = _load_bench("lr_select")
     for task in ("mrpc", "cola"):  # a BOM and a header; no header
         n_in, n_out = sel.write_split(glue, tmp_path / "a", task)

@@ -81,9 +81,15 @@ def test_cli_mean_pooling_round_trip(fx, tmp_path):  # noqa: F811
     assert main(["eval", "--adapter", str(run), "--output", str(f)]) == 0
     final = json.loads((run / "metrics.json").read_text())["final"]
     assert json.loads(f.read_text())["metrics"]["pearson"] == pytest.approx(final["pearson"], rel=1e-5)
-    # a merged checkpoint cannot express mean pooling: refused, nothing written
-    assert main(["export", "--adapter", str(run), "--to", "merged", "--output-dir", str(tmp_path / "x")]) == 2
-    assert not (tmp_path / "x").exists()
+    # a merged checkpoint carries the head it needs (elalora_head.json + README.md naming the one call), and
+    # elalora eval restores it: the run's own metric
+    assert main(["export", "--adapter", str(run), "--to", "merged", "--output-dir", str(tmp_path / "x")]) == 0
+    head = json.loads((tmp_path / "x" / "elalora_head.json").read_text())
+    assert head["pooling"] == "mean" and head["task_type"] == "regression" and head["num_labels"] == 1
+    assert "use_mean_pooling(model)" in (tmp_path / "x" / "README.md").read_text()
+    assert main(["eval", "--adapter", str(tmp_path / "x"), "--output", str(f)]) == 0
+    assert json.loads(f.read_text())["format"] == "merged"
+    assert json.loads(f.read_text())["metrics"]["pearson"] == pytest.approx(final["pearson"], abs=1e-5)
 
 
 @pytest.mark.skipif(minilm_path() is None, reason="needs the MiniLM tokenizer")

@@ -40,7 +40,8 @@ def test_plant_adds_updates_of_exactly_the_planted_rank(pr):
     assert torch.equal(model[1].weight, before[1])
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data/glue/CoLA")
+@pytest.mark.skipif(not DATA.exists(), reason=f"needs {DATA}: benchmarks/planted_rank.py reads GLUE CoLA from "
+                    "../shared/data/glue beside the clone (copy or link the official GLUE files there)")
 def test_tiny_planted_rank_regulariser_off_beats_on_and_moves_rank_to_planted(pr):
     torch.set_num_threads(1)
     ctx: dict = {}

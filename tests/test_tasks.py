@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import missing_data
 
 from elalora.tasks import sources as T
 from elalora.tasks import (
@@ -32,8 +33,8 @@ SHARED_DATA = Path(os.environ.get("ELALORA_SHARED_DATA") or REPO.parent / "share
 GLUE_DIR = SHARED_DATA / "glue"
 E2E_DIR = SHARED_DATA / "e2e_nlg"
 
-needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=f"no shared GLUE data at {GLUE_DIR}")
-needs_e2e = pytest.mark.skipif(not E2E_DIR.is_dir(), reason=f"no shared E2E data at {E2E_DIR}")
+needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason=missing_data("glue"))
+needs_e2e = pytest.mark.skipif(not E2E_DIR.is_dir(), reason=missing_data("e2e_nlg"))
 
 
 @pytest.fixture(scope="module")

@@ -410,10 +410,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
     failed load leaves ``model`` as it was: the config, that every saved module exists in ``model``
     with the same shape, that the weight file holds exactly the listed tensors with the right
     shapes and finite values, and -- unless ``check_base_model=False`` -- that ``model``'s weights
-    are the ones the adapter was trained on (a fingerprint recorded at save time).
+    are the ones the adapter was trained on (a fingerprint recorded at save time). The head the adapter
+    was trained with is then restored from its ``elalora_head.json`` (:func:`elalora.heads.restore_head`:
+    mean pooling is put back on a fresh base model).
     """
     adir = path if isinstance(path, AdapterDir) else AdapterDir(path)
     cfg, tensors = persistence.read_adapter(model, adir, check_base_model=check_base_model)
+    head = persistence.read_head_info(adir.path)  # checked now, put back once the adapter is in place
     modules = cfg["modules"]
     try:
         conf_d = dict(cfg["config"])
@@ -440,6 +443,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
             capacity_pattern={n: i["capacity"] for n, i in modules.items()},
         )
         persistence.restore_adapter(handle, cfg, tensors, adir.path)
+        _restore_head(model, head, adir.path)  # the recorded pooling (elalora_head.json)
     except BaseException:
         _unwrap(model, handle, grads, training, before)
         raise
@@ -449,3 +453,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, is_trainable: boo
             p.requires_grad_(False)
         model.eval()
     return handle
+
+
+def _restore_head(model: nn.Module, head: dict | None, path) -> None:
+    """The pooling recorded beside the adapter (``head``), put back on ``model`` (AdapterLoadError if it
+    cannot take it)."""
+    from .heads import restore_head
+
+    try:
+        restore_head(model, head)
+    except ConfigError as e:
+        raise AdapterLoadError(f"{path}: {e}") from None

@@ -67,10 +67,12 @@ from ._io import atomic_directory, atomic_write_bytes, keep_user_files_directory
 from ._io import json_default, write_json
 from .config import CONFIG_FORMAT_VERSION
 from .errors import AdapterLoadError, ExportError, OutputLockedError, OutputPathError
+from .heads import head_info, replaced_module_names
 from .layers import ElasticAdapter, adapter_param_count, base_shape, full_tensor, is_dtensor
 from .quant import dequantize_weight, original_dtype
-from .validation import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterDir, base_fingerprint, check_base_model_weights,
-                         check_finite_tensors, check_peft_fingerprint, safetensors_header, slot_shapes)
+from .validation import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_CONFIG, AdapterDir, base_fingerprint,
+                         check_base_model_weights, check_finite_tensors, check_peft_fingerprint, read_head_info,
+                         safetensors_header, slot_shapes)
 
 __all__ = [
     "AdapterLoadError", "save_adapter", "read_adapter", "restore_adapter", "export_peft", "merge_and_unload",
@@ -78,7 +80,7 @@ __all__ = [
     "is_sharded", "write_on_rank0", "peft_task_type", "adapter_format", "adapter_summary",
     "check_peft_adapter_fits", "OutputPathError", "OutputLockedError", "output_lock", "recover_interrupted_swap",
     "check_base_model_weights", "safetensors_metadata", "EXPORT_LAYOUTS", "uniform_lora_factors", "AdapterDir",
-    "safetensors_header",
+    "safetensors_header", "HEAD_CONFIG", "read_head_info",
 ]
 
 EXPORT_LAYOUTS = ("compact", "uniform")  # export_peft(layout=...)
@@ -190,13 +192,14 @@ def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = Tru
         cfg["events"] = [e.to_dict() for e in handle.events]
     with write_on_rank0(handle) as writer:
         if writer:
-            _write_adapter_dir(path, tensors, cfg, save_id)
+            _write_adapter_dir(path, tensors, cfg, save_id, handle.model)
 
 
-def _write_adapter_dir(path, tensors, cfg, save_id: str) -> None:
-    with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
+def _write_adapter_dir(path, tensors, cfg, save_id: str, model=None) -> None:
+    with keep_user_files_directory(path, (ADAPTER_WEIGHTS, HEAD_CONFIG, ADAPTER_CONFIG)) as tmp:
         _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS,
                           metadata={"format": "pt", "elalora": str(CONFIG_FORMAT_VERSION), "elalora_save_id": save_id})
+        _write_head_info(tmp, model)
         write_json(tmp / ADAPTER_CONFIG, cfg)
 
 
@@ -373,10 +376,12 @@ def _uniform_target_modules(handle) -> list[str]:
     """Module-type suffixes (``q_proj``, ...) when they name exactly the adapted modules, else full names.
 
     Serving engines key their LoRA slots by module type (TGI/LoRAX and SGLang per layer type), so
-    the short form is the conventional one; it is only used when it selects nothing more."""
+    the short form is the conventional one; it is only used when it selects nothing more, also in the
+    base model as loaded afresh (a pooler replaced by mean pooling has its ``dense`` layer again there)."""
     names = set(handle.names)
     suffixes = {n.rsplit(".", 1)[-1] for n in names}
-    matched = {n for n, _ in handle.model.named_modules()
+    module_names = [n for n, _ in handle.model.named_modules()] + replaced_module_names(handle.model)
+    matched = {n for n in module_names
                if n.rsplit(".", 1)[-1] in suffixes and ".base_layer" not in n and n}
     return sorted(suffixes) if matched == names else sorted(names)
 
@@ -443,10 +448,17 @@ def export_peft(handle, path: str | os.PathLike, *, dtype: torch.dtype | None = 
     meta = {"format": "pt", "elalora_base_fingerprint": json.dumps(base_fingerprint(handle), default=json_default)}
     with write_on_rank0(handle) as writer:
         if writer:
-            with keep_user_files_directory(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG)) as tmp:
+            with keep_user_files_directory(path, (ADAPTER_WEIGHTS, HEAD_CONFIG, ADAPTER_CONFIG)) as tmp:
                 lcfg.save_pretrained(str(tmp))
                 _save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata=meta)
+                _write_head_info(tmp, handle.model)
     return pattern
+
+
+def _write_head_info(folder: Path, model) -> None:
+    """``HEAD_CONFIG``: the head ``model`` was trained with (:func:`elalora.heads.head_info`), beside the adapter."""
+    if model is not None:
+        write_json(Path(folder) / HEAD_CONFIG, head_info(model))
 
 
 # ------------------------------------------------------------------------------------------ merge

@@ -50,16 +50,17 @@ from .config import CONFIG_FORMAT_VERSION, FORMS, config_from_dict
 from .errors import AdapterLoadError, ConfigError, ElaLoRAError, RunError, TrainingDivergedError
 from .layers import ADAPTER_FORMS, ElasticAdapter, full_tensor
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "RUN_CONFIG", "METRICS", "RANK_HISTORY", "GELORA_PLAN",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "HEAD_CONFIG", "RUN_CONFIG", "METRICS", "RANK_HISTORY", "GELORA_PLAN",
            "FINGERPRINT_VALUES", "FINGERPRINT_RTOL", "weight_fingerprint", "base_fingerprint",
            "check_base_model_weights", "check_finite_tensors", "check_adapter_config", "check_peft_config",
            "check_optimizer_state", "slot_shapes", "safetensors_header", "AdapterDir", "check_events",
            "RunFiles", "read_run_dir", "check_run_config", "check_handle_state", "check_config",
-           "checkpoint_identity"]
+           "checkpoint_identity", "read_head_info"]
 
 # ------------------------------------------------------------------------------------ file names
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD_CONFIG = "elalora_head.json"  # the head an adapter was trained with (elalora.heads.head_info), beside it
 RUN_CONFIG = "config.json"
 METRICS = "metrics.json"
 RANK_HISTORY = "rank_history.jsonl"
@@ -748,3 +749,17 @@ def check_peft_fingerprint(model: nn.Module, adir: AdapterDir) -> None:
         return
     if isinstance(fp, dict):
         check_base_model_weights(model, fp, source=f" ({adir.base_model_name})")
+
+
+# ------------------------------------------------------------------------------------ head description
+def read_head_info(folder: str | os.PathLike) -> dict | None:
+    """The checked ``HEAD_CONFIG`` of an adapter or export folder (``None`` when there is none, e.g. older
+    saves): a JSON object whose ``pooling`` is ``"cls"`` or ``"mean"`` (or absent)."""
+    p = Path(folder) / HEAD_CONFIG
+    if not p.is_file():
+        return None
+    info = read_json(p, error=AdapterLoadError)
+    if not isinstance(info, dict) or info.get("pooling") not in (None, "cls", "mean"):
+        raise AdapterLoadError(f"{str(p)!r} is not a head description (pooling must be 'cls' or 'mean', "
+                               f"got {_short(info.get('pooling') if isinstance(info, dict) else info)})")
+    return info

@@ -21,14 +21,15 @@ from .._io import atomic_directory, json_default, write_json
 from ..errors import RunError
 from ..export_gguf import export_gguf
 from ..model import handle_of
-from ..persistence import adapter_format, adapter_summary
+from ..persistence import adapter_format, adapter_summary, read_head_info
 from ..recipe import RunSpec, train
 from ..recipe.evaluation import EvalRun, analyze_run, load_run_for_eval
-from ..recipe.loading import load_adapted_model, load_for_task, load_model_for_task, quiet_transformers
+from ..recipe.exportdoc import export_warnings, run_config_of, write_export_docs
+from ..recipe.loading import (load_adapted_model, load_for_task, load_model_for_task, quiet_transformers,
+                              recorded_pooling)
 from ..recipe.methods import run_gelora_plan
 from ..recipe.rundir import (EXPORT_MARKER, HeadSpec, base_for_adapter, check_output_dir, check_writable,
-                             infer_task_kind, input_at_risk, open_adapter_dir, output_lock, run_config_for,
-                             write_export_marker)
+                             infer_task_kind, input_at_risk, open_adapter_dir, output_lock, write_export_marker)
 from ..recipe.trainer import make_collator
 from ..serving import ConsumerVerdict, format_serving_report, serving_report
 from ..targets import select_target_modules
@@ -89,6 +90,8 @@ def cmd_train(args) -> int:
           f"(min {min(pattern.values())}, max {max(pattern.values())})")
     print(f"run directory: {result.run_dir}  (main metric {result.main_metric} = "
           f"{final.get(result.main_metric, float('nan')):.4f})")
+    if m.get("learned_nothing"):  # ended at or below the constant answer (recipe.trainer.trivial_report)
+        print(m["learned_nothing"])
     return 0
 
 
@@ -119,7 +122,8 @@ def cmd_eval(args) -> int:
     if args.output:
         write_json(Path(args.output).expanduser(),
                            {"task": ld.task.name, "adapter": str(ld.adapter_dir.resolve()),
-                            "format": adapter_format(ld.adapter_dir), "model": ld.model_path, "n_eval": len(ld.evals),
+                            "format": ld.format or adapter_format(ld.adapter_dir), "model": ld.model_path,
+                            "n_eval": len(ld.evals),
                             "metrics": metrics})
     return 0
 
@@ -163,30 +167,27 @@ def _export(args, ad, out: Path) -> int:
             write_export_marker(tmp, adir, "peft", None)
         print(f"{adir} is already a PEFT LoRA adapter; copied to {out}")
         return 0
-    run_cfg = run_config_for(adir)
+    run_cfg = run_config_of(adir)  # an export's: the run it was exported from
     if run_cfg is not None:
         ts = run_cfg.get("task_spec", {})
         spec = HeadSpec(ts.get("kind", "classification"), ts.get("num_labels"), ts.get("label_names"))
     else:
         kind, n = infer_task_kind(ad)
         spec = HeadSpec(kind, n, None)
-    pooling = (run_cfg or {}).get("pooling") or "cls"
-    if pooling != "cls" and args.to == "merged":
-        # a merged checkpoint loads as a plain transformers model, which would read its own pooler
-        raise RunError(f"the run was trained with --pooling {pooling}, which a plain transformers checkpoint "
-                       "cannot express; export --to peft and apply elalora.heads.use_mean_pooling to the base "
-                       "model before loading the adapter")
+    pooling = recorded_pooling(adir, run_cfg)  # as trained; the export records it (elalora_head.json, README.md)
     model_path, gguf_file = base_for_adapter(ad, args, run_cfg, spec.kind)
     seed = (run_cfg or {}).get("training", {}).get("seed", 0)
     loaded = load_model_for_task(spec, model_path, gguf_file, seed=seed, pooling=pooling)
     tokenizer, image_processor = loaded.tokenizer, loaded.image_processor
     model = load_adapted_model(ad, loaded.model)
+    notes: list[str] = []
     with atomic_directory(out) as tmp:
         write_export_marker(tmp, adir, args.to, model_path)
         if args.to == "peft":
             pattern = handle_of(model).export_peft(str(tmp), base_model_name_or_path=model_path, layout=layout)
             msg = (f"PEFT LoRA adapter ({layout} layout) with {len(pattern)} modules, "
                    f"total rank {sum(pattern.values())}")
+            notes = export_warnings(tmp, layout, pattern, handle_of(model).rank_pattern())
         elif args.to == "gguf":
             info = export_gguf(handle_of(model), tmp / "adapter.gguf")  # ExportError / MissingExtraError: one line
             msg = (f"llama.cpp LoRA adapter adapter.gguf ({info['architecture']}, {len(info['tensors']) // 2} "
@@ -202,7 +203,14 @@ def _export(args, ad, out: Path) -> int:
             if image_processor is not None:
                 image_processor.save_pretrained(str(tmp))
             msg = f"merged {type(merged).__name__} (loads with transformers' from_pretrained)"
+            model = merged
+        head = write_export_docs(tmp, model, args.to, layout=layout if args.to == "peft" else None, source=str(adir))
     print(f"wrote {msg} to {out}")
+    if head.get("restore"):
+        print(f"note: trained with {head['pooling']} pooling: after a plain transformers from_pretrained of the base, "
+              f"call {head['restore']} (see {out}/README.md; elalora eval and load_adapter do it themselves)")
+    for line in notes:
+        print(line)
     return 0
 
 
@@ -260,6 +268,7 @@ def cmd_inspect(args) -> int:
     if s["format"] == "peft":  # which serving engines read this export right (elalora.serving)
         shapes = {k: v["shape"] for k, v in ad.header.items()}
         s["consumers"] = [v.to_dict() for v in serving_report(ad.config, shapes)]
+    s["head"] = read_head_info(adir)  # pooling, task type, labels (elalora_head.json; None for older saves)
     if args.json:
         print(json.dumps(s, indent=2, default=json_default))
         return 0
@@ -270,6 +279,10 @@ def cmd_inspect(args) -> int:
     print(head)
     if base:
         print(f"base model: {base}")
+    if s["head"]:
+        h = s["head"]
+        print(f"head: {h.get('task_type')}, {h.get('num_labels')} label(s), {h.get('pooling')} pooling"
+              + (f"; a plain transformers base needs {h['restore']} before loading it" if h.get("restore") else ""))
     print()
     print(format_rank_table(s["rank_pattern"], capacity=s.get("capacity"), params=s["module_params"]))
     adapter_params = sum(s["module_params"].values())

@@ -143,13 +143,39 @@ def _add_data_flags(p: argparse.ArgumentParser, *, required_task: bool) -> None:
                    help="maximum tokens per example (default 128; generation prompts+targets)")
 
 
-def _add_train(sub, *, with_flags: bool = True) -> None:
+#: ``train --help`` shows these groups' flags; ``train --help-all`` (and docs/cli.md) every flag.
+_SHORT_HELP_HIDES = ("ElaLoRA / AdaLoRA knobs", "ALoRA knobs", "GeLoRA knobs")
+_SHORT_HELP_HIDDEN_FLAGS = ("--train-file", "--eval-file", "--text-columns", "--label-column", "--max-eval-samples",
+                            "--max-length", "--gguf-file", "--target-modules", "--lora-alpha", "--lora-dropout",
+                            "--modules-to-save", "--eval-batch-size", "--grad-accum", "--warmup-ratio",
+                            "--weight-decay", "--eval-steps", "--logging-steps", "--bf16", "--load-in-4bit",
+                            "--load-in-8bit", "--no-group-by-length", "--max-new-tokens", "--no-figures",
+                            "--export-layout", "--max-train-samples", "--seed", "--threads")
+
+
+def _shorten_train_help(t: argparse.ArgumentParser) -> None:
+    """``train --help`` on one screen: the advanced flags stay accepted but are listed by ``--help-all`` only."""
+    t.usage = "elalora train --task TASK [--model PATH] [--data-dir DIR] [--method M] [--r R] [flags]"
+    for group in t._action_groups:
+        hide_all = any(group.title and group.title.startswith(h) for h in _SHORT_HELP_HIDES)
+        for action in group._group_actions:
+            if hide_all or any(o in _SHORT_HELP_HIDDEN_FLAGS for o in action.option_strings):
+                action.help = argparse.SUPPRESS
+
+
+#: recipe.loading.default_threads / set_threads
+_THREADS_HELP = ("CPU threads for torch (default: the cores this process may use minus those other processes keep "
+                 "busy, measured over half a second at start, at most torch's own default)")
+
+
+def _add_train(sub, *, with_flags: bool = True, full_help: bool = True) -> None:
     # ---------------------------------------------------------------------------------- train
     t = sub.add_parser("train", help="fine-tune a model on a task", description=(
         "Fine-tune a model on a task and write adapter/, peft/, metrics.json, rank_history.jsonl, "
-        "config.json and figures/ into --output-dir. Every default below is RunSpec's (elalora.recipe) or, for "
-        "a method knob, the method config's (elalora.config), as named; a method knob given for a method it "
-        "does not apply to is an error."))
+        "config.json and figures/ into --output-dir." + (
+            " Every default below is RunSpec's (elalora.recipe) or, for a method knob, the method config's "
+            "(elalora.config), as named; a method knob given for a method it does not apply to is an error."
+            if full_help else " The common flags; every flag: --help-all, or docs/cli.md.")))
     t.set_defaults(handler="train")
     if not with_flags:  # another command runs: skip importing the recipe for this parser's defaults
         return
@@ -177,10 +203,10 @@ def _add_train(sub, *, with_flags: bool = True) -> None:
                    help="comma-separated modules trained in full besides the adapters, as PEFT's modules_to_save "
                         "(default: the task head, 'classifier' or 'score'); e.g. 'pooler,classifier' also trains "
                         "BERT's pooler. The task head must be in the list")
-    g.add_argument("--pooling", default=d("pooling"), choices=("cls", "mean"),
-                   help="what a BERT-like classifier reads: 'cls' the model's pooler over [CLS], 'mean' the masked "
-                        "mean of the last hidden states (what sentence-transformers checkpoints such as "
-                        "all-MiniLM-L6-v2 were trained for); default %(default)s")
+    g.add_argument("--pooling", default=d("pooling"), choices=("auto", "cls", "mean"),
+                   help="what a BERT-like classifier reads. auto (default): the checkpoint's sentence-transformers "
+                        "pooling (1_Pooling/config.json; mean for all-MiniLM-L6-v2), else the model's own head; "
+                        "cls: the pooler over [CLS]; mean: the mean of the last hidden states")
     g = t.add_argument_group("ElaLoRA / AdaLoRA knobs (steps: an int = optimizer steps, a float < 1 = fraction of the run)")
     g.add_argument("--form", default=None, choices=FORMS,
                    help="the adapter form: 'svd' (P·diag(λ)·Q, the papers) or 'lora' (B·diag(m)·A with PEFT LoRA's "
@@ -262,7 +288,7 @@ def _add_train(sub, *, with_flags: bool = True) -> None:
                    help="generation tasks: quantise the base to 8 bits (LLM.int8()) with bitsandbytes")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=d("group_by_length"),
                    help="do not batch examples of similar length together (grouping is on by default: less padding, faster)")
-    g.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=_threads, default=None, help=_THREADS_HELP)
     g.add_argument("--max-new-tokens", type=_positive_int, default=d("max_new_tokens"),
                    help="generation tasks: tokens generated per example (default %(default)s)")
     g = t.add_argument_group("output")
@@ -273,6 +299,9 @@ def _add_train(sub, *, with_flags: bool = True) -> None:
     g.add_argument("--export-layout", default=d("export_layout"), choices=("compact", "uniform"),
                    help="layout of peft/: compact (per-module ranks via rank_pattern, the default) or uniform "
                         "(every module padded to the largest rank, scale 1: for vLLM, TGI/LoRAX, SGLang, llama.cpp)")
+    t.add_argument("--help-all", action="store_true", help="show every flag (docs/cli.md has them too)")
+    if not full_help:
+        _shorten_train_help(t)
 
 
 def _add_eval_export_plot(sub) -> None:
@@ -287,7 +316,7 @@ def _add_eval_export_plot(sub) -> None:
     e.add_argument("--seed", type=_seed, default=None, help="seed of the evaluation subset (default: the run's)")
     e.add_argument("--max-new-tokens", type=_positive_int, default=None, help="generation tasks: tokens per example")
     e.add_argument("--output", default=None, metavar="FILE", help="also write the metrics as JSON to FILE")
-    e.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
+    e.add_argument("--threads", type=_threads, default=None, help=_THREADS_HELP)
     e.set_defaults(handler="eval")
 
     # -------------------------------------------------------------------------------- analyze
@@ -313,7 +342,7 @@ def _add_eval_export_plot(sub) -> None:
     _add_data_flags(an, required_task=False)
     an.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch size (default 64)")
     an.add_argument("--max-new-tokens", type=_positive_int, default=None, help="generation tasks: tokens per example")
-    an.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
+    an.add_argument("--threads", type=_threads, default=None, help=_THREADS_HELP)
     an.add_argument("--no-figure", action="store_true", help="do not draw figures/layer_contribution.png")
     an.set_defaults(handler="analyze")
 
@@ -373,19 +402,20 @@ def _add_inspect_plan(sub, *, with_flags: bool = True) -> None:
                     help="batch size of the forward passes (default %(default)s, as train's)")
     pn.add_argument("--seed", type=_seed, default=d("seed"), help="seed of the example sample (default %(default)s)")
     pn.add_argument("--output", default=None, metavar="FILE", help="also write the plan as JSON to FILE")
-    pn.add_argument("--threads", type=_threads, default=None, help="CPU threads for torch")
+    pn.add_argument("--threads", type=_threads, default=None, help=_THREADS_HELP)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, *, short_help: bool = False) -> argparse.ArgumentParser:
     """The parser. ``command``: the subcommand about to run; the flags of ``train`` and ``plan``, whose
     defaults are read from the recipe (RunSpec, the method configs), are added only for that command or
-    for ``None`` (every parser complete), so that other commands answer without importing the recipe."""
+    for ``None`` (every parser complete), so that other commands answer without importing the recipe.
+    ``short_help``: ``train --help`` lists the common flags only (``--help-all``: every flag)."""
     parser = _Parser(prog="elalora", description="Adaptive-rank LoRA fine-tuning (ElaLoRA, AdaLoRA, ALoRA, GeLoRA, LoRA).")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    _add_train(sub, with_flags=command in (None, "train"))
+    _add_train(sub, with_flags=command in (None, "train"), full_help=not short_help)
     _add_eval_export_plot(sub)
     _add_inspect_plan(sub, with_flags=command in (None, "plan"))
     return parser
@@ -412,7 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "elalora"
     try:
         command = next((a for a in argv if not a.startswith("-")), None)
-        parser = build_parser(command if command in ("train", "plan") else "")
+        short = command == "train" and "--help-all" not in argv
+        if command == "train" and "--help-all" in argv:
+            argv = [a if a != "--help-all" else "--help" for a in argv]
+        parser = build_parser(command if command in ("train", "plan") else "", short_help=short)
         args = parser.parse_args(argv)
         if args.version:
             print(f"elalora {_version()}")

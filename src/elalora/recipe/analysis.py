@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import random
 import statistics
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -201,10 +202,14 @@ def layer_contribution(model, evaluate: Callable[[object], Mapping[str, float]],
             raise RunError(f"fractions must be in (0, 1]; got {f}")
         ks.append((float(f), min(m, max(1, round(f * m)))))
     total = 1 + len(ks) * (2 + random_draws)
+    started = time.monotonic()
 
     def run(label: str, done: int) -> dict[str, float]:
         if progress is not None:
-            progress(f"[{done}/{total}] {label}")
+            took = time.monotonic() - started
+            eta = "" if done == 1 else (f" ({took / (done - 1):.0f} s per evaluation so far, about "
+                                        f"{took / (done - 1) * (total - done + 1) / 60:.1f} min left)")
+            progress(f"[{done}/{total}] {label}{eta}")
         metrics = {k: float(v) for k, v in evaluate(model).items()}
         if main_metric not in metrics:
             raise RunError(f"the evaluation returned no {main_metric!r} (got {sorted(metrics)})")

@@ -26,8 +26,9 @@ from ..errors import RunError
 from ..tasks import DataSpec, get_task
 from ..validation import METRICS, RUN_CONFIG, read_run_dir
 from .analysis import DEFAULT_FRACTIONS, format_contribution_table, layer_contribution
-from .loading import load_adapted_model, load_for_task, quiet_transformers
-from .rundir import RUN_MARKER, base_for_adapter, check_writable, open_adapter_dir, output_lock, run_config_for
+from .exportdoc import run_config_of
+from .loading import load_adapted_model, load_for_task, merged_export_dir, quiet_transformers, recorded_pooling
+from .rundir import RUN_MARKER, base_for_adapter, check_writable, open_adapter_dir, output_lock
 from .trainer import evaluate_model
 
 __all__ = ["EvalRun", "eval_data", "load_run_for_eval", "AnalysisResult", "analyze_run", "final_ranks_of"]
@@ -45,6 +46,7 @@ class EvalRun:
     run_config: dict  # the run's config.json ({} when the adapter has none next to it)
     seed: int  # as resolved: given, else the run's (same task), else 42
     evaluate: Callable[[Any], dict[str, float]]  # model -> metrics, on ``evals``
+    format: str = ""  # "elalora", "peft", or "merged" (a merged export: the model itself, no adapter)
 
 
 def eval_data(run_config: dict, data: Mapping[str, Any] | None = None, seed: int | None = None) -> DataSpec:
@@ -71,9 +73,11 @@ def load_run_for_eval(adapter: str | Path, *, data: Mapping[str, Any] | None = N
     docstring). ``check`` is called with the adapter directory once it is resolved, before the data and
     the model are loaded (``elalora eval --output`` checks its file there)."""
     quiet_transformers()
-    ad = open_adapter_dir(adapter)  # read and checked once; every step below takes it
-    adir = ad.path
-    run_cfg = run_config_for(adir) or {}
+    merged = merged_export_dir(adapter)  # `export --to merged`: the model itself, no adapter to load
+    ad = None if merged else open_adapter_dir(adapter)  # read and checked once; every step below takes it
+    adir = merged or ad.path
+    fmt = "merged" if merged else ad.format
+    run_cfg = run_config_of(adir) or {}  # an export's: the run it was exported from
     tr = run_cfg.get("training", {})
     if (data or {}).get("task") is None and not run_cfg.get("task"):  # task and data default to the run's
         raise RunError(f"pass --task: {str(adir)!r} has no run config.json next to it to take the task from")
@@ -85,11 +89,12 @@ def load_run_for_eval(adapter: str | Path, *, data: Mapping[str, Any] | None = N
         check(adir)  # before the evaluation, not after it
     # the base model before the data: a custom task's kind ("auto" until its data are read) picks no other model
     kind = get_task(spec.task).kind
-    model_path, gguf = base_for_adapter(ad, SimpleNamespace(model=model, gguf_file=gguf_file), run_cfg, kind)
+    model_path, gguf = (str(merged), None) if merged else base_for_adapter(
+        ad, SimpleNamespace(model=model, gguf_file=gguf_file), run_cfg, kind)
     loaded = load_for_task(spec, model_path, gguf_file=gguf, threads=threads, max_length=max_length,
                            default_max_length=run_max_length,
-                           pooling=run_cfg.get("pooling") or "cls")  # as trained (--pooling)
-    adapted = load_adapted_model(ad, loaded.model)
+                           pooling=recorded_pooling(adir, run_cfg))  # as trained (elalora_head.json)
+    adapted = loaded.model if merged else load_adapted_model(ad, loaded.model)
     adapted.eval()
     task, evals = loaded.task, loaded.evals
 
@@ -97,7 +102,7 @@ def load_run_for_eval(adapter: str | Path, *, data: Mapping[str, Any] | None = N
         return evaluate_model(m, task, loaded.tokenizer, loaded.image_processor, evals, batch_size=batch_size,
                               max_length=loaded.max_length, max_new_tokens=max_new, seed=spec.seed)
 
-    return EvalRun(adir, model_path, adapted, task, evals, run_cfg, spec.seed, evaluate)
+    return EvalRun(adir, model_path, adapted, task, evals, run_cfg, spec.seed, evaluate, fmt)
 
 
 def final_ranks_of(run_dir: str | Path) -> dict[str, int]:
@@ -144,7 +149,9 @@ def analyze_run(run_dir: str | Path, *, fractions: Sequence[float] = DEFAULT_FRA
     main_metric = run.task.metric_names[0]
     say = progress or (lambda msg: None)
     say(f"layer contribution of {run_dir} ({run.task.name}, {len(run.evals)} evaluation examples): "
-        f"{1 + len(fractions) * (2 + random_draws)} evaluations"
+        f"{1 + len(fractions) * (2 + random_draws)} evaluations of all {len(run.evals)} examples "
+        f"({(1 + len(fractions) * (2 + random_draws)) * len(run.evals)} example forward passes; the first one "
+        "times the rest, and each line after it says the time left)"
         + (f"; top/bottom chosen by the ranks of {ranks_from}" if ranks else ""))
     res = layer_contribution(run.model, run.evaluate, main_metric, fractions=fractions, random_draws=random_draws,
                              seed=run.seed, ranks=ranks, progress=say)

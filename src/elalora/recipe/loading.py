@@ -25,17 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 from .._extras import available, install_hint
 from ..errors import AdapterLoadError, MissingExtraError, RunError
-from ..heads import use_mean_pooling
+from ..heads import head_mismatch, restore_head, use_mean_pooling
 from ..model import load_adapter
-from ..persistence import adapter_format, check_peft_adapter_fits
+from ..persistence import adapter_format, check_peft_adapter_fits, read_head_info
 
 if TYPE_CHECKING:
     from ..tasks import DataSpec
 
 __all__ = ["default_model", "resolve_model", "quiet_transformers", "default_threads", "set_threads", "load_tokenizer",
-           "load_image_processor", "head_modules", "apply_pooling", "resolve_modules_to_save", "load_base_model", "load_adapted_model",
+           "load_image_processor", "head_modules", "apply_pooling", "POOLINGS", "checkpoint_pooling",
+           "resolve_pooling", "recorded_pooling", "resolve_modules_to_save", "load_base_model", "load_adapted_model",
            "LoadedModel", "load_model_for_task", "TaskModel", "load_for_task", "SMOLLM2_GGUF"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -210,13 +213,88 @@ def head_modules(model) -> list[str] | None:
     return None
 
 
-POOLINGS = ("cls", "mean")
+#: ``--pooling``: ``auto`` (the checkpoint's sentence-transformers pooling, else the model's own head),
+#: ``cls`` (the model's own head: BERT's pooler over [CLS]), ``mean`` (elalora.heads.use_mean_pooling).
+POOLINGS = ("auto", "cls", "mean")
+
+
+def checkpoint_pooling(model_path: str) -> tuple[str, str] | None:
+    """``(mode, file)``: the pooling a sentence-transformers checkpoint was trained with, read from its
+    ``modules.json`` and the Pooling module's ``config.json`` (``mean``, ``cls``, ``max``, ...); ``None``
+    when the folder (or the hub cache, for a hub id) has no such config."""
+    from .._io import read_json
+
+    root = Path(model_path).expanduser()
+    if not root.is_dir():
+        try:  # a hub id: only what is already in the cache (never a download here)
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(model_path, "modules.json")
+        except Exception:  # noqa: BLE001
+            hit = None
+        if not isinstance(hit, str):
+            return None
+        root = Path(hit).parent
+    try:  # a checkpoint's own files, read with the package's one JSON reader; unreadable: no pooling config
+        modules = read_json(root / "modules.json")
+        pool = next(m for m in modules if str(m.get("type", "")).endswith("models.Pooling"))
+        cfg_file = root / pool.get("path", "") / "config.json"
+        cfg = read_json(cfg_file)
+    except (ValueError, StopIteration, AttributeError, TypeError):
+        return None
+    for mode in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens",
+                 "lasttoken"):
+        if cfg.get(f"pooling_mode_{mode}"):
+            name = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max"}.get(mode, mode)
+            return name, str(cfg_file.relative_to(root))
+    return None
+
+
+def resolve_pooling(pooling: str, model_path: str, model, kind: str) -> tuple[str, str]:
+    """``(pooling, why)``: ``--pooling auto`` made concrete (``cls`` or ``mean``), and the reason in words."""
+    if pooling not in POOLINGS:
+        raise RunError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if pooling != "auto":
+        return pooling, f"--pooling {pooling}"
+    if kind not in ("classification", "regression"):
+        return "cls", f"auto: a {kind} task keeps the model's own head"
+    found = checkpoint_pooling(model_path)
+    if found is None:
+        return "cls", "auto: no sentence-transformers pooling config in the checkpoint, so the model's own head"
+    mode, where = found
+    if mode == "mean":
+        if any(isinstance(getattr(m, "pooler", None), nn.Module) for m in model.modules()):
+            return "mean", f"auto: the checkpoint's sentence-transformers config ({where}) pools by the mean"
+        return "cls", (f"auto: the checkpoint's {where} pools by the mean, but {type(model).__name__} has no pooler "
+                       "to replace, so the model's own head")
+    if mode == "cls":
+        return "cls", f"auto: the checkpoint's sentence-transformers config ({where}) pools the [CLS] token"
+    return "cls", f"auto: the checkpoint's {where} pools by {mode}, which elalora does not offer; the model's own head"
+
+
+def recorded_pooling(adir: Path, run_cfg: dict | None) -> str:
+    """The pooling an adapter was trained with: its ``elalora_head.json``, else the run's config.json, else ``cls``."""
+    info = read_head_info(adir) or {}
+    pooling = info.get("pooling") or (run_cfg or {}).get("pooling") or "cls"
+    return "cls" if pooling == "auto" else pooling
+
+
+def merged_export_dir(path) -> Path | None:
+    """``path`` when it is a folder ``elalora export --to merged`` wrote (a model folder with the head it
+    needs, ``elalora_head.json``, and no adapter), else ``None``."""
+    from ..persistence import ADAPTER_CONFIG, HEAD_CONFIG
+
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / HEAD_CONFIG).is_file() and (p / "config.json").is_file() and not (p / ADAPTER_CONFIG).exists():
+        return p
+    return None
 
 
 def apply_pooling(model, pooling: str, kind: str) -> None:
     """``pooling="mean"``: the classifier reads the masked mean of the last hidden states
-    (:func:`elalora.heads.use_mean_pooling`); ``"cls"`` leaves the model as loaded."""
-    if pooling not in POOLINGS:
+    (:func:`elalora.heads.use_mean_pooling`); ``"cls"`` leaves the model as loaded (``"auto"``: resolve
+    it first, :func:`resolve_pooling`)."""
+    if pooling not in POOLINGS[1:]:
         raise RunError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     if pooling == "cls":
         return
@@ -302,23 +380,26 @@ class LoadedModel:
     image_processor: Any  # image tasks only
     max_length: int  # checked against the model's positions (resolve_max_length)
     head: list[str] | None  # trained in full besides the adapters: modules_to_save, else the task head
+    pooling: str = "cls"  # as applied ("auto" resolved: resolve_pooling)
+    pooling_reason: str = ""  # why, in words
 
 
 def load_model_for_task(task, model_path: str, gguf_file: str | None = None, *, seed: int = 42,
                         bits: int | None = None, bf16: bool = False, max_length: int | None = None,
-                        default_max_length: int = 128, pooling: str = "cls",
+                        default_max_length: int = 128, pooling: str = "auto",
                         modules_to_save: list[str] | None = None) -> LoadedModel:
     """The loading sequence of a run on ``task`` (a :class:`~elalora.tasks.TaskSpec`): tokenizer, base model
-    with the task's head (seeded), max length, image processor, pooling (before any adapter wraps the
-    model) and the modules trained in full (:func:`resolve_modules_to_save`)."""
+    with the task's head (seeded), max length, image processor, pooling (``auto``: :func:`resolve_pooling`;
+    applied before any adapter wraps the model) and the modules trained in full (:func:`resolve_modules_to_save`)."""
     tokenizer = None if task.kind == "image" else load_tokenizer(model_path, gguf_file, task.kind)
     model = load_base_model(task.kind, model_path, gguf_file, task, tokenizer, seed=seed, bits=bits, bf16=bf16)
     max_length = resolve_max_length(model, max_length, default=default_max_length)
     image_processor = load_image_processor(model_path, model.config) if task.kind == "image" else None
+    pooling, why = resolve_pooling(pooling, model_path, model, task.kind)
     apply_pooling(model, pooling, task.kind)  # before the adapters wrap the model
     head = head_modules(model) if task.kind != "generation" else None
     head = resolve_modules_to_save(model, modules_to_save, head)
-    return LoadedModel(model, tokenizer, image_processor, max_length, head)
+    return LoadedModel(model, tokenizer, image_processor, max_length, head, pooling, why)
 
 
 @dataclass
@@ -335,7 +416,7 @@ class TaskModel(LoadedModel):
 
 def load_for_task(data: DataSpec, model: str | None = None, *, gguf_file: str | None = None,
                   threads: int | None = None, bits: int | None = None, bf16: bool = False,
-                  max_length: int | None = None, default_max_length: int = 128, pooling: str = "cls",
+                  max_length: int | None = None, default_max_length: int = 128, pooling: str = "auto",
                   modules_to_save: list[str] | None = None,
                   check: Callable[[list[dict], list[dict], Any], None] | None = None) -> TaskModel:
     """Data and base model of a run, as ``elalora train`` loads them: quiet transformers logging, ``model``
@@ -359,7 +440,8 @@ def load_for_task(data: DataSpec, model: str | None = None, *, gguf_file: str | 
         check(train, evals, spec)
     m = load_model_for_task(spec, model_path, gguf, seed=data.seed, bits=bits, bf16=bf16, max_length=max_length,
                             default_max_length=default_max_length, pooling=pooling, modules_to_save=modules_to_save)
-    return TaskModel(m.model, m.tokenizer, m.image_processor, m.max_length, m.head, task=spec, train=train,
+    return TaskModel(m.model, m.tokenizer, m.image_processor, m.max_length, m.head, m.pooling, m.pooling_reason,
+                     task=spec, train=train,
                      evals=evals, model_path=model_path, gguf_file=gguf, threads=n)
 
 
@@ -432,13 +514,22 @@ def forget_quantization(model) -> None:
 
 
 def load_adapted_model(adir: Path, base):
-    """Load an elalora or PEFT adapter onto ``base``; returns the model to run."""
+    """Load an elalora or PEFT adapter onto ``base``, with the head it was trained with (its
+    ``elalora_head.json``: :func:`elalora.heads.restore_head`); returns the model to run."""
     if adapter_format(adir) == "elalora":
-        load_adapter(base, adir)  # an AdapterDir is not read again
+        load_adapter(base, adir)  # an AdapterDir is not read again; restores the head itself
         return base
     from peft import PeftModel
 
     check_peft_adapter_fits(base, adir)
+    info = read_head_info(adir)
+    try:
+        restore_head(base, info)
+    except ValueError as e:
+        raise AdapterLoadError(f"{str(adir)!r}: {e}") from None
+    bad = head_mismatch(base, info)
+    if bad:
+        raise AdapterLoadError(f"{str(adir)!r}: {bad}")
     try:
         model = PeftModel.from_pretrained(base, str(adir))
     except Exception as e:  # noqa: BLE001  (SafetensorError of a truncated file, shape errors, bad config keys)

@@ -30,13 +30,14 @@ from ..model import get_model
 from ..persistence import EXPORT_LAYOUTS, peft_task_type
 from ..targets import select_target_modules
 from ..tasks import TaskSpec, get_task
+from .exportdoc import write_run_docs
 from .loading import load_for_task, quiet_transformers
 from .methods import (build_method_config, expected_total_steps, peft_rank_pattern, run_gelora_plan, schedule_dict,
                       with_targets)
 from .spec import DEFAULT_LR, PEFT_METHODS, RunSpec, inapplicable_knobs
 from .rundir import RUN_MARKER, abspath_or_none, check_output_dir, output_lock, versions
 from .trainer import (TaskTrainer, distributed_launch, example_lengths, generation_evaluator, is_main_process,
-                      make_collator, prediction_metrics, training_args, world_size)
+                      make_collator, prediction_metrics, training_args, trivial_report, world_size)
 
 __all__ = ["RunSpec", "Prepared", "Built", "Fitted", "RunResult", "prepare", "build", "fit", "save_run", "train",
            "default_output_dir", "log", "write_figures"]
@@ -131,6 +132,7 @@ def prepare(spec: RunSpec) -> Prepared:
     task, evals, model_path, gguf_file = loaded.task, loaded.evals, loaded.model_path, loaded.gguf_file
     tokenizer, model, image_processor, max_length, head = (loaded.tokenizer, loaded.model, loaded.image_processor,
                                                             loaded.max_length, loaded.head)
+    spec = dataclasses.replace(spec, pooling=loaded.pooling)  # "auto" made concrete, as config.json records it
     collate = make_collator(task, tokenizer, image_processor, max_length)
     module_names, targets = select_target_modules(model, spec.target_modules, head)
     if config is not None and hasattr(config, "check_pool"):
@@ -138,6 +140,7 @@ def prepare(spec: RunSpec) -> Prepared:
     log(f"elalora train: task {task.name} ({len(train)} train / {len(evals)} eval examples), method {spec.method}, "
         f"r={spec.r}, {len(module_names)} adapted matrices of {model_path}{'/' + gguf_file if gguf_file else ''}, "
         f"{total_steps} optimizer steps, {torch.get_num_threads()} CPU thread(s)")
+    log(f"pooling: {loaded.pooling} ({loaded.pooling_reason})")
     return Prepared(spec, task, train, evals, val_examples, total_steps, model_path, gguf_file, max_length, tokenizer,
                     model, image_processor, collate, head, module_names, targets, config)
 
@@ -407,10 +410,13 @@ def save_run(prep: Prepared, built: Built, fitted: Fitted, run_dir: Path, t_star
             if prm.requires_grad and not bool(torch.isfinite(prm).all()):
                 raise TrainingDivergedError(diverged_message(int(fitted.trainer.state.global_step), f"the weight {n}"))
     final_pattern, counts, events, scores = _save_adapters(built, run_dir, prep.model_path, prep.spec.export_layout)
+    write_run_docs(run_dir, prep.model, prep.spec.export_layout)  # elalora_head.json, peft/README.md
     with open(run_dir / "rank_history.jsonl", "w") as f:
         for e in events:
             f.write(json.dumps(e, default=json_default) + "\n")
     metrics = _metrics(prep, built, fitted, final_pattern, counts, events, scores, t_start)
+    metrics.update(trivial_report(prep.task, prep.evals, fitted.final, pooling=prep.spec.pooling, lr=prep.spec.lr,
+                                  steps=int(fitted.trainer.state.global_step)))
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "config.json", _run_config(prep, built, fitted, t_start, record))
     if prep.spec.figures:
@@ -466,4 +472,6 @@ def _train_into(spec: RunSpec, out: Path, t_start: float, record: dict | None,
             built = build(prep, Path(tmp))
             fitted = fit(prep, built, trainer_dir, callbacks=callbacks)
             metrics = save_run(prep, built, fitted, Path(tmp), t_start, record)
+    if metrics.get("learned_nothing") and is_main_process():
+        log(metrics["learned_nothing"])
     return RunResult(out, metrics) if is_main_process() else None

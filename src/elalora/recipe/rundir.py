@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .._io import output_lock, read_json as _read_json, recover_interrupted_swap, write_json
 from ..errors import ElaLoRAError, RunError
-from ..validation import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METRICS, RANK_HISTORY, RUN_CONFIG, AdapterDir,
+from ..validation import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_CONFIG, METRICS, RANK_HISTORY, RUN_CONFIG, AdapterDir,
                           check_run_config)
 from .loading import resolve_model
 
@@ -57,7 +57,7 @@ def is_run_dir(p: Path) -> bool:
 
 
 EXPORT_MARKER = "elalora_export.json"
-_ADAPTER_DIR_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", EXPORT_MARKER}
+_ADAPTER_DIR_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", EXPORT_MARKER, HEAD_CONFIG}
 
 
 def _is_replaceable_export(p: Path) -> bool:

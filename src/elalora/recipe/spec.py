@@ -97,7 +97,9 @@ class RunSpec:
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
     modules_to_save: list[str] | None = None  # trained in full besides the adapters; None: the task head
-    pooling: str = "cls"  # "mean": the classifier reads the masked mean of the last hidden states (elalora.heads)
+    # "auto": the checkpoint's sentence-transformers pooling (modules.json + 1_Pooling/config.json), else the
+    # model's own head; "cls": the model's own head; "mean": the masked mean of the last hidden states (elalora.heads)
+    pooling: str = "auto"
     form: str | None = None
     budget: str | None = None
     b: int | None = None

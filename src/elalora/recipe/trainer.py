@@ -1,6 +1,7 @@
 """The Hugging Face ``Trainer`` side of a run: collators and lengths per task kind, the Trainer
 subclass (length-grouped batches, generation evaluation), training arguments, the distributed
-launch environment, and evaluation of a model on examples.
+launch environment, evaluation of a model on examples, and the check that a run beat the trivial
+answer (:func:`trivial_report`).
 
 Imports: transformers, torch, tqdm, :mod:`elalora.tasks`, :mod:`elalora.errors`, :mod:`elalora._extras`.
 """
@@ -21,7 +22,8 @@ from transformers import Trainer  # noqa: E402
 from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: E402
 
 __all__ = ["make_collator", "example_lengths", "TaskTrainer", "training_args", "world_size", "distributed_launch",
-           "is_main_process", "prediction_metrics", "generation_evaluator", "evaluate_model"]
+           "is_main_process", "prediction_metrics", "generation_evaluator", "evaluate_model", "trivial_score",
+           "trivial_report"]
 
 
 def make_collator(spec, tokenizer, image_processor, max_length: int):
@@ -190,3 +192,54 @@ def evaluate_model(model, spec, tokenizer, image_processor, examples, *, batch_s
                               compute_metrics=prediction_metrics(spec))
         out = trainer.evaluate()
     return {k: float(out[f"eval_{k}"]) for k in spec.metric_names if f"eval_{k}" in out}
+
+
+def trivial_score(spec, examples) -> dict[str, float] | None:
+    """The metrics of the best *constant* answer on ``examples`` (text/image classification and regression):
+
+    * regression: any constant prediction (Pearson and Spearman are 0 by :func:`elalora.tasks.compute_metrics`'s
+      convention for undefined correlations);
+    * classification: the constant class that scores best on the main metric (the majority class for
+      accuracy, the positive class for F1; every constant has MCC 0).
+
+    ``None`` for generation tasks or examples without labels."""
+    import numpy as np
+
+    from ..tasks import compute_metrics
+
+    if spec.kind not in ("classification", "regression", "image") or not examples or "label" not in examples[0]:
+        return None
+    labels = np.asarray([ex["label"] for ex in examples])
+    if spec.kind == "regression":
+        return compute_metrics(spec, np.zeros(len(labels)), labels)
+    main = spec.metric_names[0]
+    best = None
+    for c in sorted({int(v) for v in labels.tolist()}):
+        m = compute_metrics(spec, np.full(len(labels), c), labels)
+        if best is None or m[main] > best[main]:
+            best = m
+    return best
+
+
+def trivial_report(spec, examples, final: dict[str, float], *, pooling: str | None, lr: float | None,
+                   steps: int) -> dict:
+    """``{"trivial_score": metrics of the constant answer, "learned_nothing": warning or None}`` of a finished
+    run whose final main metric is ``final``: the warning is one loud line when the run ended at or below
+    the constant answer's score, naming the likely causes (pooling, learning rate, steps)."""
+    trivial = trivial_score(spec, examples)
+    main = spec.metric_names[0]
+    if trivial is None or main not in final:
+        return {"trivial_score": trivial, "learned_nothing": None}
+    got, floor = float(final[main]), float(trivial[main])
+    warning = None
+    if not got > floor + 1e-9:
+        answer = "a constant prediction" if spec.kind == "regression" else "always answering one class"
+        pool = f"the pooling ({pooling}" + ("; a sentence-transformers checkpoint such as all-MiniLM-L6-v2 wants "
+                                            "--pooling mean, which --pooling auto picks)" if pooling == "cls" else ")")
+        rate = f"the learning rate (lr {lr:g}" + ("; LoRA adapters usually need about 1e-3, the HF Trainer's "
+                                                   "default is 5e-5)" if lr is not None and lr < 1e-4 else
+                                                   "; too high diverges, too low stands still)")
+        warning = (f"WARNING: this run learned nothing: {main} {got:.4f} is no better than {answer} ({floor:.4f}). "
+                   f"Likely causes: {pool}, {rate}, too few steps ({steps}: train longer, e.g. more --epochs), "
+                   "or too little data")
+    return {"trivial_score": trivial, "learned_nothing": warning}
