@@ -30,7 +30,6 @@ Exit status 1 if any check of the path failed.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile

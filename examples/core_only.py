@@ -6,7 +6,9 @@ tiny random BERT, then the PEFT export loaded back with PEFT alone. Checks the i
 Expected: a few seconds (no data, no download). It prints the training loss falling on its four fixed
 examples, the rank rounds, and that PEFT's reload of the export gives the same logits (difference ~1e-7).
 """
-import importlib.util, tempfile, torch
+import importlib.util
+import tempfile
+import torch
 from peft import PeftModel
 from transformers import BertConfig, BertForSequenceClassification
 import elalora

@@ -13,7 +13,7 @@ from torch import nn
 import elalora
 from elalora import AdaLoRAConfig, ElaLoRAConfig, get_model
 from elalora.config import ConfigError
-from elalora.layers import ADAPTER_FORMS, GatedLoRAAdapter, SVDAdapter, adapter_param_count
+from elalora.layers import ADAPTER_FORMS, GatedLoRAAdapter, adapter_param_count
 
 from conftest import tiny_bert
 from tolerances import assert_close

@@ -11,7 +11,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 

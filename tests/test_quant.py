@@ -17,7 +17,7 @@ from elalora.quant import (QuantizationError, dequantize_weight, is_quantized_la
                            keep_standard_4bit_layout, load_quantized_causal_lm)
 
 from conftest import tiny_llama  # noqa: E402
-from tolerances import RTOL, assert_close  # noqa: E402
+from tolerances import assert_close  # noqa: E402
 
 DIMS = dict(hidden=64, intermediate=128)  # in_features multiples of 64: bnb's CPU inference layout needs them
 

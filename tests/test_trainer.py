@@ -1,6 +1,5 @@
 """The Hugging Face Trainer callback: once per optimizer step, logging, checkpoint state."""
 
-import json
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-import csv, sys
+import sys
 from pathlib import Path
 A = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
 def load(f):

@@ -1,12 +1,11 @@
 """Run hostile cases against whichever elalora is on PYTHONPATH; print one line per case."""
-import json, os, sys, tempfile, warnings, math, shutil
+import json, os, sys, tempfile, warnings, shutil
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest)
 import torch
 torch.set_num_threads(1)
 import elalora
-from conftest import tiny_bert, tiny_llama, tiny_gpt2
-from elalora.persistence import AdapterLoadError
+from conftest import tiny_bert, tiny_llama
 warnings.simplefilter("ignore")
 T = Path(tempfile.mkdtemp(prefix="probe-"))
 R = []

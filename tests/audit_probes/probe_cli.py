@@ -1,5 +1,5 @@
 """Cheap CLI cases (failing, or not, before any training) against the elalora on PYTHONPATH."""
-import io, os, sys, contextlib, tempfile, json, shutil
+import io, sys, contextlib, tempfile, json, shutil
 from pathlib import Path
 from elalora.cli.main import main
 T = Path(tempfile.mkdtemp(prefix="pcli-"))
