@@ -64,20 +64,20 @@ def layout(name: str, n: int | None = None) -> tuple[list[tuple[str, int, int]],
     """``([(module name, d_in, d_out)], r)``."""
     if name == "deberta-base":
         out = []
-        for l in range(12):
+        for layer in range(12):
             for m in ("query", "key", "value", "attention.output.dense"):
-                out.append((f"layer.{l}.{m}", 768, 768))
-            out.append((f"layer.{l}.intermediate.dense", 768, 3072))
-            out.append((f"layer.{l}.output.dense", 3072, 768))
+                out.append((f"layer.{layer}.{m}", 768, 768))
+            out.append((f"layer.{layer}.intermediate.dense", 768, 3072))
+            out.append((f"layer.{layer}.output.dense", 3072, 768))
         return out, 10
     if name == "llama-7b":
         out = []
-        for l in range(32):
+        for layer in range(32):
             for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                out.append((f"layers.{l}.{m}", 4096, 4096))
-            out.append((f"layers.{l}.gate_proj", 4096, 11008))
-            out.append((f"layers.{l}.up_proj", 4096, 11008))
-            out.append((f"layers.{l}.down_proj", 11008, 4096))
+                out.append((f"layers.{layer}.{m}", 4096, 4096))
+            out.append((f"layers.{layer}.gate_proj", 4096, 11008))
+            out.append((f"layers.{layer}.up_proj", 4096, 11008))
+            out.append((f"layers.{layer}.down_proj", 11008, 4096))
         return out, 8
     if name == "uniform":
         return [(f"m.{i}", 1024, 1024) for i in range(n)], 8
@@ -203,7 +203,8 @@ class OursVariant:
         r["round_iqr"] = [x * 1e3 for x in iqr(self.rec["round"])]
         r["round_extra"] = r["round"] - r["plain_on_step"]
         r["state_bytes"] = self.tracker.state_bytes()
-        r["adapter_bytes"] = sum(p.numel() * p.element_size() for a in self.adapters for _, p, _ in a.slot_parameters())
+        r["adapter_bytes"] = sum(p.numel() * p.element_size()
+                                 for a in self.adapters for _, p, _ in a.slot_parameters())
         r["n"] = len(self.rec["update"])
         return r
 
@@ -239,7 +240,8 @@ class PeftVariant:
         r["round_extra"] = r["mask"] - r["plain"]
         params = [p for n, p in self.root.named_parameters()]
         r["adapter_bytes"] = sum(p.numel() * p.element_size() for p in params)
-        r["state_bytes"] = sum(t.numel() * t.element_size() for d in (self.ra.ipt, self.ra.exp_avg_ipt, self.ra.exp_avg_unc)
+        r["state_bytes"] = sum(t.numel() * t.element_size()
+                               for d in (self.ra.ipt, self.ra.exp_avg_ipt, self.ra.exp_avg_unc)
                                for t in d.values())
         r["n"] = len(self.rec["plain"])
         return r
@@ -251,8 +253,8 @@ def measure(shapes, r, *, repeats, seed=0, ours_adalora=True, ela_2r=True, log=p
     names = [s[0] for s in shapes]
     variants = []
     ela_ads = our_adapters(shapes, r, c, seed)
-    ela = ElaLoRAAllocator(names, ela_ads, ElaLoRAConfig(r=r, form="svd", b=4, k=2, max_rank=c, tinit=0, tfinal=tfinal, delta_t=dt,
-                                                          use_scheduler=False, total_steps=10**6))
+    ela = ElaLoRAAllocator(names, ela_ads, ElaLoRAConfig(r=r, form="svd", b=4, k=2, max_rank=c, tinit=0, tfinal=tfinal,
+                                                          delta_t=dt, use_scheduler=False, total_steps=10**6))
     variants.append(OursVariant("ours_elalora", ela_ads, ela))
     if ela_2r:
         ads2 = our_adapters(shapes, r, 2 * r, seed + 1)
@@ -323,7 +325,8 @@ def render(res: dict) -> str:
             slots = L["layout"]["slots"] if k != "ours_elalora_cap2r" else 2 * L["layout"]["r"]
             upd = f(v["update"]) + (f" (guard {f(v['guard'])})" if "guard" in v else "")
             rows.append([lay, L["layout"]["matrices"], slots, label, upd, ratio, rnd, sb])
-    lines.append(md_table(["layout", "matrices", "slots/matrix", "variant", "score update (ms) (of which non-finite guard)",
+    lines.append(md_table(["layout", "matrices", "slots/matrix", "variant",
+                           "score update (ms) (of which non-finite guard)",
                            "update ÷ PEFT", "round extra (ms)", "state B / adapter B"], rows))
     sc = res.get("scaling")
     if sc:
@@ -334,7 +337,8 @@ def render(res: dict) -> str:
         for pt in sc["points"]:
             o, p = pt["ours_elalora"], pt["peft_adalora"]
             rows.append([pt["layout"]["matrices"], f(o["update"]), f(p["update"]), f"{o['update'] / p['update']:.2f}",
-                         f(o["round"]), f"{f(o['select'])} / {f(o['apply'])}", f(p["round_extra"]), f(p["mask_to_budget"])])
+                         f(o["round"]), f"{f(o['select'])} / {f(o['apply'])}", f(p["round_extra"]),
+                         f(p["mask_to_budget"])])
         lines.append(md_table(["matrices", "ours update (ms)", "PEFT update (ms)", "ours ÷ PEFT", "ours round (ms)",
                                "ours select / apply (ms)", "PEFT round extra (ms)", "PEFT mask_to_budget (ms)"], rows))
         lines.append("")

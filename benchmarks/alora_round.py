@@ -113,8 +113,9 @@ def main(argv=None) -> int:
     cpu_ratios = [b / a for a, b in zip(cpu["batched"], cpu["prefix_reuse"])]
     info["loadavg_end"] = loadavg()
     res = {
-        "command": command_line(), "machine": info, "model": path, "r": args.r, "adapted_matrices": len(handle.adapters),
-        "active_ranks": p, "masks": n_masks, "val_size": int(batch["input_ids"].shape[0]),
+        "command": command_line(), "machine": info, "model": path, "r": args.r,
+        "adapted_matrices": len(handle.adapters), "active_ranks": p, "masks": n_masks,
+        "val_size": int(batch["input_ids"].shape[0]),
         "val_tokens": int(batch["input_ids"].shape[1]), "chunk": args.chunk, "repeats": args.repeats,
         "seconds": times, "median_seconds": {v: median(times[v]) for v in VARIANTS},
         "ratio_per_repeat": ratios, "ratio_median": median(ratios),

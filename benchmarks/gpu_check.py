@@ -195,12 +195,13 @@ def main(argv=None) -> int:
     if cuda:
         peak = {k: base_bytes + own_state(k) + v for k, v in peak.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    plain_ela = [dt for t, dt in zip(list(range(half)) + list(range(half, total)), times["elalora"]) if t not in rounds]
+    plain_ela = [dt for t, dt in zip(list(range(half)) + list(range(half, total)), times["elalora"])
+                 if t not in rounds]
     res = {
         "command": command_line(), "machine": machine_info(torch.get_num_threads()), "provenance": provenance(),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "size": size, "parameters": n_params,
-        "dtype": str(dtype), "r": args.r, "steps": total, "batch": [args.batch, args.seq], "matrices": len(handle.adapters),
-        "rounds": rounds,
+        "dtype": str(dtype), "r": args.r, "steps": total, "batch": [args.batch, args.seq],
+        "matrices": len(handle.adapters), "rounds": rounds,
         "step_ms_median": {k: v * 1e3 for k, v in med.items()},
         "step_ratio_elalora_over_peft": med["elalora"] / med["peft_lora"],
         "elalora_step_ms_median_without_rounds": statistics.median(plain_ela) * 1e3 if plain_ela else None,
@@ -253,7 +254,8 @@ def main(argv=None) -> int:
     if out:
         write_json(Path(out), res)
     print(f"{res['device']}: {n_params / 1e9:.2f}B params, {res['matrices']} matrices, r {args.r}; step median "
-          f"elalora {res['step_ms_median']['elalora']:.1f} ms vs PEFT LoRA {res['step_ms_median']['peft_lora']:.1f} ms "
+          f"elalora {res['step_ms_median']['elalora']:.1f} ms vs PEFT LoRA "
+          f"{res['step_ms_median']['peft_lora']:.1f} ms "
           f"(ratio {res['step_ratio_elalora_over_peft']:.3f}); peak memory ratio {res['peak_memory_ratio']}; "
           f"round {res['handle_step_ms']['round']} ms, plain handle.step {res['handle_step_ms']['plain']} ms; "
           f"CUDA syncs per round {res['cuda_syncs_per_handle_step']['round']}, per plain step "

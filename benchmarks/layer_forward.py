@@ -66,8 +66,8 @@ def build(name: str, d_in: int, d_out: int) -> nn.Module:
     if name == "peft_adalora":
         from peft import AdaLoraConfig, get_peft_model
 
-        m = get_peft_model(nn.Sequential(base), AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, target_modules=["0"],
-                                                             total_step=100))
+        m = get_peft_model(nn.Sequential(base), AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16,
+                                                             target_modules=["0"], total_step=100))
         return m.base_model.model[0]
     if name == "ours":
         from elalora.layers import SVDAdapter
@@ -132,8 +132,10 @@ def main(argv=None):
             rows.append([key, v, f"{med:.2f}", f"{paired:.3f}"])
         print(f"{key}: " + ", ".join(f"{v} {res['shapes'][key][v]['median_ms']:.2f} ms" for v in VARIANTS), flush=True)
     md = (f"# One adapted layer, forward + backward\n\nCommand: `{res['command']}`\n\n{machine_md(info)}\n\n"
-          f"{args.tokens} tokens, frozen base, input gradient needed, medians of {args.repeats} interleaved repeats.\n\n"
-          + md_table(["shape (d_in×d_out)", "variant", "median fwd+bwd (ms)", "median paired ratio to peft_lora"], rows)
+          f"{args.tokens} tokens, frozen base, input gradient needed, medians of {args.repeats} interleaved "
+          "repeats.\n\n"
+          + md_table(["shape (d_in×d_out)", "variant", "median fwd+bwd (ms)", "median paired ratio to peft_lora"],
+                     rows)
           + "\n")
     write_results(args.out, res, md, quick=args.quick)
 

@@ -373,7 +373,8 @@ def render_task(records, task: str, sizes_name: str = "full") -> str:
                 v = [x[k] for x in recs if x.get(k) is not None]
                 if not v:
                     return "–"
-                return f"{statistics.mean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}" if len(v) > 1 else "")
+                return f"{statistics.mean(v):.{digits}f}" + (f" ± {statistics.stdev(v):.{digits}f}"
+                                                             if len(v) > 1 else "")
 
             act = statistics.mean(x["active_params"] for x in recs)
             vs_r = "" if arm == BASELINE else interval(pct_diffs(cells, (arm, r), (BASELINE, r)))
@@ -434,8 +435,8 @@ def render_power(records, sizes_name: str = "full") -> str:
                 sd = statistics.stdev(d)
                 rows.append([task, f"{ARMS[arm]['label']} − PEFT LoRA, r {r}", len(d), f"{sd:.3f}",
                              power_seeds(max(sd, 1e-9))])
-    return md_table(head, rows) + (f"\n\nSeeds capped at {POWER_CAP} (docs/results/llm.md §6); a comparison at the cap "
-                                   "whose rule asks for more is labelled *cannot resolve 1 %*.")
+    return md_table(head, rows) + (f"\n\nSeeds capped at {POWER_CAP} (docs/results/llm.md §6); a comparison "
+                                   "at the cap whose rule asks for more is labelled *cannot resolve 1 %*.")
 
 
 def render_planted(planted: list[dict], base: str = "smollm2-135m") -> str:
@@ -462,7 +463,8 @@ def render_planted(planted: list[dict], base: str = "smollm2-135m") -> str:
             mu = statistics.mean(d)
             half = t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
             pair = f"{mu:+.4f} [{mu - half:+.4f}, {mu + half:+.4f}] (n={len(d)}, lower in {sum(x < 0 for x in d)})"
-        rows.append([lab, len(v), f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""),
+        rows.append([lab, len(v),
+                     f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""),
                      f"{statistics.mean(sh):.1%}", f"{statistics.mean(got[s]['active_params'] for s in got):,.0f}",
                      pair])
     return md_table(head, rows) + ("\n\nHeld-out loss: MSE of the last hidden states to the teacher's on 128 held-out "

@@ -97,7 +97,8 @@ def summary() -> None:
             print(f"{r['name']:40s} FAILED rc={r['rc']}")
             continue
         curve = " ".join(f"{h['step']}:{h[r['main_metric']]:.3f}" for h in r["history"])
-        print(f"{r['name']:40s} {r['main']:.4f}  wall {r['wall_s']:6.0f}s  train {r['train_runtime_s']:6.0f}s  [{curve}]")
+        print(f"{r['name']:40s} {r['main']:.4f}  wall {r['wall_s']:6.0f}s  "
+              f"train {r['train_runtime_s']:6.0f}s  [{curve}]")
 
 
 def figure(path: Path) -> Path:

@@ -20,11 +20,12 @@ speed drifts by ±20 % over minutes.
 
 Reported per variant: the mean step time over all timed steps (a round every Δt = 10 steps of each
 variant, so round costs are included), the ratio of its total to PEFT LoRA's total over the same
-repeats, the median over repeats of the paired ratio, the median single step; peak RSS (``VmHWM``, reset after the tokenizer and batch are ready) of a
-separate process that builds only that variant and trains ``--mem-steps`` steps (resident memory is
-what a CPU user pays; ``tracemalloc`` does not see torch's allocations); allocator-state bytes per adapter-parameter byte; and the optimizer-state
-bytes of *kept* rank slots that a round changed (measured: snapshot of every AdamW moment before
-the per-step call on a round step, compared after it).
+repeats, the median over repeats of the paired ratio, the median single step; peak RSS (``VmHWM``, reset
+after the tokenizer and batch are ready) of a separate process that builds only that variant and trains
+``--mem-steps`` steps (resident memory is what a CPU user pays; ``tracemalloc`` does not see torch's
+allocations); allocator-state bytes per adapter-parameter byte; and the optimizer-state bytes of *kept* rank
+slots that a round changed (measured: snapshot of every AdamW moment before the per-step call on a round
+step, compared after it).
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ class Variant:
             self.model = base
         elif name == "ours_elalora":
             self.handle = elalora.get_model(base, elalora.ElaLoRAConfig(
-                r=8, form="svd", b=4, k=2, tinit=0, tfinal=10, delta_t=DELTA_T, total_steps=total_steps, target_modules=targets,
-                modules_to_save=["classifier"], orth_reg_weight=0.1))
+                r=8, form="svd", b=4, k=2, tinit=0, tfinal=10, delta_t=DELTA_T, total_steps=total_steps,
+                target_modules=targets, modules_to_save=["classifier"], orth_reg_weight=0.1))
             self.model = base
         else:
             raise ValueError(name)
@@ -144,7 +145,8 @@ class Variant:
             return self.handle.importance.state_bytes() if self.handle.importance is not None else 0
         if self.name == "peft_adalora":
             ra = self.peft.base_model.rankallocator
-            return sum(t.numel() * t.element_size() for d in (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc) for t in d.values())
+            return sum(t.numel() * t.element_size()
+                       for d in (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc) for t in d.values())
         return 0
 
     def is_round(self, t: int) -> bool:
@@ -221,7 +223,8 @@ def optimizer_state_check(v: Variant, batch, rounds: int) -> dict:
             if when == "before":
                 for p in v.adapter_params():
                     st = v.opt.state.get(p, {})
-                    snap[p] = {k: t.detach().clone() for k, t in st.items() if torch.is_tensor(t) and t.shape == p.shape}
+                    snap[p] = {k: t.detach().clone() for k, t in st.items()
+                               if torch.is_tensor(t) and t.shape == p.shape}
                     params_before[p] = p.detach().clone()
                 if v.handle is not None:
                     snap["active"] = [a.active.clone() for a in v.handle.adapters]
@@ -394,7 +397,8 @@ def render(res: dict) -> str:
             "repeats of (variant block ÷ PEFT LoRA block of the same repeat), robust to the drift of a shared "
             "machine.\n\n"
             + md_table(["variant", "mean step (ms), rounds included", "total ÷ PEFT LoRA total",
-                        "median of paired ratios", "median step (ms)", "÷ PEFT LoRA median", "rounds timed", "trainable params", "peak RSS MiB (Δ vs PEFT LoRA)",
+                        "median of paired ratios", "median step (ms)", "÷ PEFT LoRA median", "rounds timed",
+                        "trainable params", "peak RSS MiB (Δ vs PEFT LoRA)",
                         "allocator state B / adapter B", "optimizer state lost per round (kept slots)"], rows)
             + "\n")
 

@@ -38,7 +38,8 @@ def main(out):
     model = tiny_bert(seed=0)
     handle = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=0.15, tfinal=0.25, delta_t=2,
                                                            seed=3, modules_to_save=["classifier"]))
-    args = TrainingArguments(output_dir=os.path.dirname(out) + f"/trainer-{world}", per_device_train_batch_size=GLOBAL_BATCH // world,
+    args = TrainingArguments(output_dir=os.path.dirname(out) + f"/trainer-{world}",
+                             per_device_train_batch_size=GLOBAL_BATCH // world,
                              learning_rate=5e-3, num_train_epochs=2, logging_steps=100, save_strategy="no",
                              report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
                              ddp_backend="gloo" if world > 1 else None, dataloader_num_workers=0,

@@ -21,7 +21,8 @@ def _grads_like(h, seed=0):
 
 
 def test_one_ema_step_from_zero():
-    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
+    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1,
+                                                             delta_t=1))
     with torch.no_grad():
         for p in h.adapter_parameters():
             p.normal_()
@@ -40,7 +41,8 @@ def test_one_ema_step_from_zero():
 
 
 def test_non_finite_grads_skip_and_none_grads_score_zero():
-    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
+    h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1,
+                                                             delta_t=1))
     _grads_like(h)
     tr = ImportanceTracker(h.adapters)
     tr.update()
@@ -68,7 +70,8 @@ def test_rte_schedule_matches_spec():
 
 def test_select_prune_grow_hand_case():
     # three matrices, k=2, b=2; scores chosen so the max–min rule is visible
-    scores = [torch.tensor([5.0, 6.0, 7.0, 0.0]), torch.tensor([1.0, 2.0, 9.0, 0.0]), torch.tensor([3.0, 4.0, 0.0, 0.0])]
+    scores = [torch.tensor([5.0, 6.0, 7.0, 0.0]), torch.tensor([1.0, 2.0, 9.0, 0.0]),
+              torch.tensor([3.0, 4.0, 0.0, 0.0])]
     active = [torch.tensor([1, 1, 1, 0], dtype=torch.bool), torch.tensor([1, 1, 1, 0], dtype=torch.bool),
               torch.tensor([1, 1, 0, 0], dtype=torch.bool)]
     prune, grow = select_prune_grow(scores, active, [6, 6, 6], k=2, b=2, min_rank=1)
@@ -150,9 +153,9 @@ def _train(h, model, steps, optimizer=None, seed=0, accum=1):
 
 def test_plain_loop_elalora_changes_ranks_and_keeps_budget():
     model = tiny_bert()
-    cfg = elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=4, tfinal=6, delta_t=2, total_steps=30, modules_to_save=["classifier"])
+    cfg = elalora.ElaLoRAConfig(r=3, b=2, k=2, tinit=4, tfinal=6, delta_t=2, total_steps=30,
+                                modules_to_save=["classifier"])
     h = elalora.get_model(model, cfg)
-    start = h.rank_pattern()
     _, totals = _train(h, model, 30)
     assert set(totals) == {3 * len(h.adapters)}
     assert any(e.new_rank != e.old_rank for e in h.events)  # ranks moved between matrices
@@ -191,7 +194,8 @@ def test_replicas_draw_same_new_ranks():
     outs = []
     for global_seed in (1, 2):
         model = tiny_bert()
-        h = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, b=2, tinit=4, tfinal=6, delta_t=2, total_steps=20, seed=7))
+        h = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, b=2, tinit=4, tfinal=6, delta_t=2, total_steps=20,
+                                                           seed=7))
         torch.manual_seed(0)
         _train(h, model, 20)
         torch.manual_seed(global_seed)  # must not matter

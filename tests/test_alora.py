@@ -159,7 +159,8 @@ def test_batched_ablation_regression_and_causal_lm():
     _assert_scores_equal(ablation_scores(model, h.adapters, batch, chunk=5), _reference_scores(model, h, batch))
 
     llama = tiny_llama()
-    h = elalora.get_model(llama, elalora.ALoRAConfig(r=1, max_rank=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    h = elalora.get_model(llama, elalora.ALoRAConfig(r=1, max_rank=2,
+                                                     target_modules=["q_proj", "v_proj", "down_proj"]))
     _randomise(h, seed=2, switch_off=False)
     b = _val_batch(n=4, length=8)
     labels = b["input_ids"].clone()

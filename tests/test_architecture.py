@@ -32,7 +32,8 @@ LEVELS = {
     # heads: model surgery on the base model (like layers), importing only errors; recipe/ applies it
     "elalora.layers": 1, "elalora.config": 1, "elalora.heads": 1, "elalora.quant": 1,
     "elalora.targets": 2, "elalora.validation": 2,
-    "elalora.persistence": 3, "elalora.checkpoints": 3, "elalora.allocation": 3, "elalora.importance": 3, "elalora.integrations": 3,
+    "elalora.persistence": 3, "elalora.checkpoints": 3, "elalora.allocation": 3, "elalora.importance": 3,
+    "elalora.integrations": 3,
     # serving: pure checks of a PEFT export's config and shapes (imports nothing of the package; at the
     # level of the format it judges, so persistence may use it). export_gguf: another export format, on
     # persistence's factors with a duck-typed handle, below model (whose handle offers export_gguf).
@@ -141,7 +142,8 @@ def test_no_import_circle():
 
 
 def test_the_library_never_imports_the_cli():
-    bad = [f"{n}:{line} imports {t}" for n, e in _graph().items() if not n.startswith(("elalora.cli", "elalora.__main__"))
+    bad = [f"{n}:{line} imports {t}" for n, e in _graph().items()
+           if not n.startswith(("elalora.cli", "elalora.__main__"))
            for t, line in e if t.startswith("elalora.cli")]
     assert not bad, "\n".join(bad)
 
@@ -159,7 +161,8 @@ def test_import_elalora_adds_nothing_beyond_peft_and_transformers():
             "print('\\n'.join(sorted(m for m in set(sys.modules) - before if m.split('.')[0] != 'elalora')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(SRC)})
-    assert out.stdout.strip() == "", f"import elalora imported more than peft + transformers: {out.stdout.split()[:10]}"
+    assert out.stdout.strip() == "", \
+        f"import elalora imported more than peft + transformers: {out.stdout.split()[:10]}"
 
 
 def test_core_modules_need_no_extra():
@@ -238,7 +241,8 @@ def _watched(code: str, tmp_path: Path) -> tuple[dict, str]:
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     line = [x for x in r.stdout.splitlines() if x.startswith("WATCH ")][-1]
     import json
@@ -258,8 +262,8 @@ def test_the_watcher_reproduces_the_bitsandbytes_kernels_notice(tmp_path):
     with_kernels = importlib.util.find_spec("kernels") is not None
     _, err = _watched("import bitsandbytes", tmp_path)
     assert "Failed to load CPU gemm_4bit_forward from kernels-community" in err, err[-2000:]
-    assert ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'" in err) == with_kernels, \
-        err[-2000:]
+    assert ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'" in err) \
+        == with_kernels, err[-2000:]
     _, err = _watched("import elalora, bitsandbytes, logging\n"
                       "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another notice')\n"
                       "logging.getLogger('kernels._internals.hf_hub').warning('a kernels notice')", tmp_path)

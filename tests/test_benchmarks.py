@@ -262,8 +262,9 @@ def test_layer_contribution_render_pairs_top_and_bottom_by_seed():
     # the control: the same sets in the uniform-rank run; top − bottom there 1, 1, 1 (sd 0: a "win")
     recs = [rec(0, 0.05, 0.02, 0.01), rec(1, 0.02, 0.01, 0.0)]
     for r_, (top, bottom) in zip(recs, ((0.03, 0.02), (0.02, 0.01))):
-        r_["control"] = {"baseline": 0.8, "summary": [{"fraction": 0.1, "group": "top", "k": 4, "drop_mean": top},
-                                                      {"fraction": 0.1, "group": "bottom", "k": 4, "drop_mean": bottom}]}
+        r_["control"] = {"baseline": 0.8,
+                         "summary": [{"fraction": 0.1, "group": "top", "k": 4, "drop_mean": top},
+                                     {"fraction": 0.1, "group": "bottom", "k": 4, "drop_mean": bottom}]}
     row = [ln for ln in lc.render_control(recs, "PEFT LoRA").splitlines() if ln.startswith("| STSB")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:6] == ["2", "4 (10%)", "80.0 ± 0.0", "2.5 ± 0.7", "1.5 ± 0.7"]
@@ -342,7 +343,8 @@ def test_provenance_names_the_commit_and_the_package_versions(acc, monkeypatch):
     assert set(p["versions"]) == set(PROVENANCE_PACKAGES)
     assert p["versions"]["torch"] == metadata.version("torch") and p["versions"]["peft"] == metadata.version("peft")
     if shutil.which("git") and (ROOT / ".git").exists():
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                              capture_output=True, text=True).stdout.strip()
         assert p["commit"] == head and isinstance(p["dirty"], bool)
     else:
         assert p["commit"] is None and p["dirty"] is None

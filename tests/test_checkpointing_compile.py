@@ -97,4 +97,5 @@ def test_rank_changes_do_not_recompile(method):
     first_round = min((e[0] for e in events), default=STEPS - 1)
     assert frames[0] > 0, "nothing was compiled"
     # Everything is compiled at the first step; rounds (masks, slot values) must not add a frame.
-    assert frames[-1] == frames[0], f"recompiled after rank changes (frames per step: {frames}, first round {first_round})"
+    assert frames[-1] == frames[0], \
+        f"recompiled after rank changes (frames per step: {frames}, first round {first_round})"

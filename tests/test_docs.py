@@ -116,7 +116,8 @@ def test_readme_regime_line_pairs_each_form_with_peft_lora_at_twenty_epochs(repo
     assert "the LoRA form with no grace +2.0 [-0.5, +4.5] tie (n=3)" in line and "SVD form" not in line, line
     assert "at its defaults" not in line, line  # the default arm has no 20-epoch record here
     assert "MRPC trained for 20 epochs" in line
-    recs += [rec(report.LONG, svd, s, v) for s, v in enumerate([84.0, 84.5, 84.0, 84.5])]  # mean -0.75, t(3) 3.182 -> h 0.459
+    # mean -0.75, t(3) 3.182 -> h 0.459
+    recs += [rec(report.LONG, svd, s, v) for s, v in enumerate([84.0, 84.5, 84.0, 84.5])]
     assert "the SVD form -0.8 [-1.2, -0.3] loss (n=4)" in report.long_regime_line(recs)
     assert report.long_regime_line([r for r in recs if r["protocol"] != report.LONG]) == ""
     # the default arm comes first, named as such; a default that is a form rule arm is named once

@@ -47,8 +47,8 @@ def test_core_only_learns_and_reloads(tmp_path):
 @needs_minilm
 def test_plain_loop_at_tiny_size(tiny, tmp_path):
     bert, glue = tiny
-    p = _run([REPO / "examples" / "plain_loop.py", "--model", bert, "--data-dir", glue, "--steps", "6", "--max-eval", "16",
-              "--out", tmp_path / "out"], tmp_path)
+    p = _run([REPO / "examples" / "plain_loop.py", "--model", bert, "--data-dir", glue, "--steps", "6",
+              "--max-eval", "16", "--out", tmp_path / "out"], tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "dev Pearson before training" in p.stdout and "step 6/6" in p.stdout and "s left" in p.stdout
     assert re.search(r"dev Pearson -?[\d.]+ -> -?[\d.]+ in 6 steps", p.stdout)
@@ -80,8 +80,8 @@ def test_trl_sft_at_tiny_size(tmp_path):
                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
                                  tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    p = _run([REPO / "examples" / "trl_sft.py", "--model", tmp_path / "base", "--max-steps", "8", "--logging-steps", "2",
-              "--r", "2", "--out", tmp_path / "out"], tmp_path)
+    p = _run([REPO / "examples" / "trl_sft.py", "--model", tmp_path / "base", "--max-steps", "8",
+              "--logging-steps", "2", "--r", "2", "--out", tmp_path / "out"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+) in 8 steps", p.stdout).groups())
     assert last < first  # the chat answers are learnable: the loss falls within 8 steps
@@ -102,7 +102,8 @@ def test_readme_python_block_runs_as_written(tiny, tmp_path):
     model_line = re.search(r"^MODEL = .*$", code, re.M)
     glue_line = re.search(r"^GLUE = .*$", code, re.M)
     assert model_line and glue_line, "the README block starts with MODEL = ... and GLUE = ... lines"
-    code = code.replace(model_line.group(0), f"MODEL = {str(bert)!r}").replace(glue_line.group(0), f"GLUE = {str(glue)!r}")
+    code = code.replace(model_line.group(0), f"MODEL = {str(bert)!r}").replace(glue_line.group(0),
+                                                                              f"GLUE = {str(glue)!r}")
     assert "use_mean_pooling" in code and "num_labels=1" in code and "learning_rate=" in code
     (tmp_path / "snippet.py").write_text(code)
     p = _run([tmp_path / "snippet.py"], tmp_path)

@@ -326,7 +326,8 @@ def test_merge_and_unload_then_unmerge_and_export(tmp_path):
     h.export_peft(tmp_path / "after")  # the factors are intact: same export
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "before" / "adapter_model.safetensors"), load_file(tmp_path / "after" / "adapter_model.safetensors")
+    a, b = (load_file(tmp_path / "before" / "adapter_model.safetensors"),
+            load_file(tmp_path / "after" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -412,7 +413,8 @@ def fx(tmp_path_factory):
     d = root / "one_class"
     d.mkdir()
     (d / "train.csv").write_text("text,label\n" + "\n".join(f"{sent()},pos" for _ in range(20)) + "\n")
-    (d / "dev.csv").write_text("text,label\n" + "\n".join(f"{sent()},{rng.choice(['pos', 'neg'])}" for _ in range(10)) + "\n")
+    (d / "dev.csv").write_text("text,label\n" + "\n".join(f"{sent()},{rng.choice(['pos', 'neg'])}" for _ in range(10))
+                               + "\n")
     return root
 
 

@@ -57,14 +57,20 @@ def test_inactive_slots_get_zero_grad_and_no_output():
     torch.manual_seed(0)
     a = _svd(nn.Linear(7, 5))
     with torch.no_grad():  # junk in an inactive slot must not leak into the output
-        a.lora_Q[4].normal_(); a.lora_P[:, 4].normal_(); a.lora_lambda[4] = 3.0
+        a.lora_Q[4].normal_()
+        a.lora_P[:, 4].normal_()
+        a.lora_lambda[4] = 3.0
     x = torch.randn(4, 7)
     y = a(x)
     with torch.no_grad():
-        a.lora_Q[4] = 0; a.lora_P[:, 4] = 0; a.lora_lambda[4] = 0
+        a.lora_Q[4] = 0
+        a.lora_P[:, 4] = 0
+        a.lora_lambda[4] = 0
     assert_close(y, a(x))
     with torch.no_grad():
-        a.lora_Q[4].normal_(); a.lora_P[:, 4].normal_(); a.lora_lambda[4] = 3.0
+        a.lora_Q[4].normal_()
+        a.lora_P[:, 4].normal_()
+        a.lora_lambda[4] = 3.0
     a(x).pow(2).sum().backward()
     for name, p, dim in a.slot_parameters():
         g = p.grad.index_select(dim, torch.tensor([3, 4, 5]))
@@ -76,7 +82,8 @@ def test_deactivate_reactivate_keeps_shapes_identities_and_optimizer_params():
     model = tiny_bert()
     import elalora
 
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1, delta_t=1))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, form="svd", b=1, total_steps=10, tinit=1, tfinal=1,
+                                                       delta_t=1))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     before = [(id(p), tuple(p.shape)) for p in model.parameters()]
@@ -158,12 +165,14 @@ def test_merge_unmerge_exact_and_idempotent():
     x = torch.randn(4, 7)
     w0 = a.base_layer.weight.detach().clone()
     y = a(x)
-    a.merge(); a.merge()
+    a.merge()
+    a.merge()
     assert_close(a(x), y)
     assert a.merged
     with pytest.raises(RuntimeError, match="unmerge"):
         a.deactivate([0])
-    a.unmerge(); a.unmerge()
+    a.unmerge()
+    a.unmerge()
     assert torch.equal(a.base_layer.weight, w0)
     assert_close(a(x), y)
 
@@ -185,7 +194,8 @@ def test_half_precision_base(dtype):
     x = torch.randn(3, 8, dtype=dtype)
     y = a(x)
     assert y.dtype == dtype
-    ref = base(x).float() + x.float() @ (a.lora_Q * a.lora_lambda[:, None] * a.active[:, None]).t() @ a.lora_P.t() * a.scaling
+    ref = (base(x).float()
+           + x.float() @ (a.lora_Q * a.lora_lambda[:, None] * a.active[:, None]).t() @ a.lora_P.t() * a.scaling)
     assert_close(y.float(), ref, dtype=dtype)  # one rounding to the half dtype at the end
     a.activate([4], generator=torch.Generator().manual_seed(0))
     assert a.lora_Q.dtype == torch.float32
@@ -225,7 +235,8 @@ def test_orthogonal_penalty_matches_peft_adalora():
     model = tiny_bert()
     ref = get_peft_model(copy.deepcopy(model), AdaLoraConfig(init_r=3, target_r=2, target_modules=["query", "value"],
                                                              lora_alpha=3, total_step=10, orth_reg_weight=1.0))
-    h = elalora.get_model(model, elalora.AdaLoRAConfig(r=2, init_r=3, target_modules=["query", "value"], total_steps=10))
+    h = elalora.get_model(model, elalora.AdaLoRAConfig(r=2, init_r=3, target_modules=["query", "value"],
+                                                       total_steps=10))
     sd = ref.state_dict()
     with torch.no_grad():
         for n, a in zip(h.names, h.adapters):
@@ -286,7 +297,8 @@ def test_task_gradient_on_P_Q_is_zero_at_the_svd_start_but_the_regulariser_gradi
     import elalora
 
     model = tiny_bert()
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, form="svd", target_modules=["query", "value"], orth_reg_weight=0.0))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=2, form="svd", target_modules=["query", "value"],
+                                                       orth_reg_weight=0.0))
     model.train()
     x, y = torch.randint(0, 100, (4, 6)), torch.tensor([0, 1, 0, 1])
     model(input_ids=x, labels=y).loss.backward()
@@ -328,7 +340,8 @@ def test_orth_reg_is_off_by_default():
     assert elalora.ElaLoRAConfig().orth_reg_weight == 0.0 and elalora.AdaLoRAConfig().orth_reg_weight == 0.0
     h = elalora.get_model(tiny_bert(), elalora.ElaLoRAConfig(r=2, b=1, target_modules=["query"]))
     assert h._hook is None  # nothing is added to the loss
-    args = build_parser().parse_args(["train", "--task", "rte", "--model", "m", "--method", "elalora", "--output-dir", "o"])
+    args = build_parser().parse_args(["train", "--task", "rte", "--model", "m", "--method", "elalora",
+                                      "--output-dir", "o"])
     # the CLI retypes no default: its None is the config's, and the config a run builds has γ = 0
     from elalora.recipe import RunSpec
     from elalora.recipe.methods import build_method_config

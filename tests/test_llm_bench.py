@@ -97,7 +97,8 @@ def test_heldout_nll_equals_the_models_teacher_forced_loss(llm, tmp_path):
     assert got["nll_tokens"] == int((batch["labels"][:, 1:] != -100).sum()) and got["nll_examples"] == 6
     assert got["nll"] == pytest.approx(ref, rel=1e-5)
     # batching does not change it (per-token sums, one division)
-    assert llm.heldout_nll(model, tok, pairs, max_length=64, batch_size=2)["nll"] == pytest.approx(got["nll"], rel=1e-6)
+    assert (llm.heldout_nll(model, tok, pairs, max_length=64, batch_size=2)["nll"]
+            == pytest.approx(got["nll"], rel=1e-6))
     # by hand for one pair: -mean log p of the target tokens and EOS after the prompt
     one = CausalLMCollator(tok, 64)([{"prompt": pairs[0][0], "target": pairs[0][1]}])
     with torch.no_grad():

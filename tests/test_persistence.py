@@ -43,7 +43,8 @@ def _trained_nonuniform(model, config, seed=0):
 FORMS = sorted(elalora.layers.ADAPTER_FORMS)  # "lora", "svd"
 
 CASES = {
-    "bert": (tiny_bert, lambda form: elalora.ElaLoRAConfig(r=3, b=1, form=form, modules_to_save=["classifier"]), "seq"),
+    "bert": (tiny_bert, lambda form: elalora.ElaLoRAConfig(r=3, b=1, form=form, modules_to_save=["classifier"]),
+             "seq"),
     "llama": (tiny_llama, lambda form: elalora.ElaLoRAConfig(r=3, b=1, form=form), "lm"),
     "gpt2": (tiny_gpt2, lambda form: elalora.AdaLoRAConfig(r=2, init_r=4, form=form), "lm"),  # Conv1D (fan_in_fan_out)
 }

@@ -81,7 +81,9 @@ def test_bf16_autocast_and_bf16_base():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=y).loss
         loss.backward()
-        opt.step(); h.step(opt); opt.zero_grad()
+        opt.step()
+        h.step(opt)
+        opt.zero_grad()
     assert h.events and torch.isfinite(loss)
 
     model = tiny_llama().to(torch.bfloat16)
@@ -93,21 +95,28 @@ def test_bf16_autocast_and_bf16_base():
     for _ in range(6):
         out = model(input_ids=x, labels=x)
         assert out.logits.dtype == torch.bfloat16
-        out.loss.backward(); opt.step(); h.step(opt); opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        h.step(opt)
+        opt.zero_grad()
     assert h.events
     assert all(p.dtype == torch.float32 for p in h.adapter_parameters())  # new ranks keep the dtype
 
 
 def test_fp16_gradscaler_skip_touches_neither_scores_nor_ranks():
     model = tiny_bert()
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, form="svd", b=2, tinit=1, tfinal=1, delta_t=1, total_steps=10))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, form="svd", b=2, tinit=1, tfinal=1, delta_t=1,
+                                                       total_steps=10))
     opt = torch.optim.AdamW(h.adapter_parameters(), lr=5e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     model.train()
     for t in range(3):
         x, y = _batch(t)
         scaler.scale(model(input_ids=x, labels=y).loss).backward()
-        scaler.step(opt); h.step(opt); scaler.update(); opt.zero_grad()
+        scaler.step(opt)
+        h.step(opt)
+        scaler.update()
+        opt.zero_grad()
     sens = [s.clone() for s in h.importance.sens]
     pattern, n_events = h.rank_pattern(), len(h.events)
     x, y = _batch(3)
@@ -137,7 +146,9 @@ def test_gradient_checkpointing():
         x, y = _batch(t)
         model(input_ids=x, labels=y).loss.backward()
         assert all(p.grad is not None for p in h.adapter_parameters())
-        opt.step(); h.step(opt); opt.zero_grad()
+        opt.step()
+        h.step(opt)
+        opt.zero_grad()
     assert h.events
 
 
@@ -203,7 +214,8 @@ BAD_CONFIGS = [
     (lambda: elalora.AdaLoRAConfig(r=8, init_r=4), "init_r must be an integer >= r"),
     (lambda: elalora.ALoRAConfig(r=4, max_rank=2), r"max_rank \(capacity\) must be an integer >= r=4"),
     (lambda: elalora.get_model(tiny_bert(), E(r=2, b=100)), "b=100 is too large for the candidate pool"),
-    (lambda: elalora.get_model(tiny_bert(), E(r=2, target_modules=["nonexistent"])), "matched no nn.Linear/Conv1D layer.*query"),
+    (lambda: elalora.get_model(tiny_bert(), E(r=2, target_modules=["nonexistent"])),
+     "matched no nn.Linear/Conv1D layer.*query"),
     (lambda: elalora.get_model(tiny_bert(), E(r=2, modules_to_save=["head_that_is_not_there"])), "match no parameter"),
     (lambda: elalora.get_model(tiny_bert(), E(r=2)).step(), "total_steps is unknown"),
 ]

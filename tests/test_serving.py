@@ -70,7 +70,8 @@ def _peft_delta(cfg, tensors, name):
     if ab is None:
         return None
     r = cfg.get("rank_pattern", {}).get(name, cfg["r"]) if cfg.get("rank_pattern") else cfg["r"]
-    alpha = cfg.get("alpha_pattern", {}).get(name, cfg["lora_alpha"]) if cfg.get("alpha_pattern") else cfg["lora_alpha"]
+    alpha = (cfg.get("alpha_pattern", {}).get(name, cfg["lora_alpha"]) if cfg.get("alpha_pattern")
+             else cfg["lora_alpha"])
     return (alpha / r) * ab[1] @ ab[0]
 
 
@@ -100,7 +101,8 @@ def test_uniform_export_layout_and_every_rule_gives_the_trained_update(tmp_path)
     cfg, t = _read_export(tmp_path / "u")
     assert cfg["r"] == cfg["lora_alpha"] == top
     assert not cfg.get("rank_pattern") and not cfg.get("alpha_pattern")
-    assert sorted(cfg["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted(cfg["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                             "v_proj"]
     for n in h.names:  # every module present, rank-0 included, all at rank R
         a, b = _ab(t, n)
         assert a.shape[0] == b.shape[1] == top
@@ -156,7 +158,8 @@ def test_serving_report_cases():
     assert all(x.ok for x in v.values())  # one r, one alpha (scale 2): every engine agrees
     # a saved head: vLLM refuses it, llama.cpp's converter stops, TGI/SGLang drop it
     v = {x.consumer: x for x in serving_report({**base, "modules_to_save": ["score"]},
-                                               {**uniform, "base_model.model.score.modules_to_save.default.weight": [2, 16]})}
+                                               {**uniform,
+                                                "base_model.model.score.modules_to_save.default.weight": [2, 16]})}
     assert v["peft"].ok and not v["vllm"].ok and "modules_to_save" in v["vllm"].reason
     assert not v["tgi/lorax"].ok and not v["sglang"].ok and not v["llama.cpp"].ok
     # one layer's v_proj missing: TGI skips the whole type
@@ -330,7 +333,8 @@ def _smollm2_meta():
     r = gguf.GGUFReader(str(_smollm2_gguf()))
     f = {k: v.contents() for k, v in r.fields.items() if k.startswith(("general.architecture", "llama."))}
     cfg = dict(hidden_size=f["llama.embedding_length"], intermediate_size=f["llama.feed_forward_length"],
-               num_attention_heads=f["llama.attention.head_count"], num_key_value_heads=f["llama.attention.head_count_kv"],
+               num_attention_heads=f["llama.attention.head_count"],
+               num_key_value_heads=f["llama.attention.head_count_kv"],
                rms_norm_eps=f["llama.attention.layer_norm_rms_epsilon"], rope_theta=f["llama.rope.freq_base"])
     return f["general.architecture"], {t.name: [int(d) for d in t.shape] for t in r.tensors}, cfg
 
@@ -381,7 +385,8 @@ def test_llama_cpp_applies_our_gguf_adapter_like_peft(tmp_path):
     load = lambda: AutoModelForCausalLM.from_pretrained(str(base_path.parent), gguf_file=base_path.name,  # noqa: E731
                                                         dtype=torch.float32).eval()
     model = load()
-    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=4, b=1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=4, b=1,
+                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i, a in enumerate(h.adapters):

@@ -43,7 +43,8 @@ def test_trainer_grad_accumulation_changes_ranks(tmp_path, form):
     calls = []
     orig = h.step
     h.step = lambda opt=None, step=None: (calls.append(step), orig(opt, step=step))[1]
-    trainer = Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2, num_train_epochs=2), train_dataset=Toy())
+    trainer = Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2, num_train_epochs=2),
+                      train_dataset=Toy())
     h.callback().attach(trainer)
     start = h.rank_pattern()
     trainer.train()

@@ -24,7 +24,8 @@ EXPECT = {
  "step after weights became inf": "TrainingDivergedError",
  "save_pretrained into existing file": "OutputPathError, file kept",
  "save_pretrained into dir with user file": "user file kept", "export_peft into dir with user file": "user file kept",
- "save_pretrained dir mode (umask 022)": "0o755 (umask)", "save_pretrained through symlink to dir": "write through the link",
+ "save_pretrained dir mode (umask 022)": "0o755 (umask)",
+ "save_pretrained through symlink to dir": "write through the link",
  "save with NaN adapter weights": "refused", "export_peft with NaN weights": "refused",
  "load_checkpoint wrong optimizer -> handle unchanged?": "error, step_count unchanged (0)",
  "merge_and_unload then unmerge": "clear RuntimeError", "merge_and_unload then export_peft": "export (factors intact)",
@@ -39,7 +40,6 @@ def rows(before, after, default):
     out = []
     for k in b:
         exp = EXPECT.get(k, default(k))
-        held = "held" if b[k] == a.get(k) else "fixed"
         out.append(f"| {esc(k)} | {exp} | {esc(b[k])} | {esc(a.get(k, '?'))} |")
     return out
 def api_default(k):
@@ -58,4 +58,5 @@ print("## Further cases: the command line\n")
 print("Run in-process with `main([...])` on the real MiniLM model and the GLUE RTE files (`probe_cli.py`);")
 print("`rc` is the exit code, the last column the error line printed.\n")
 print("| case | expected | observed before | after |\n|---|---|---|---|")
-print("\n".join(rows("cli_before.tsv", "cli_after.tsv", lambda k: "exit 2, one line" if k != "no command" else "help, exit 2")))
+print("\n".join(rows("cli_before.tsv", "cli_after.tsv",
+                    lambda k: "exit 2, one line" if k != "no command" else "help, exit 2")))

@@ -4,8 +4,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (conftest)
 import torch
 torch.set_num_threads(1)
-import elalora
-from conftest import tiny_bert, tiny_llama
+import elalora  # noqa: E402
+from conftest import tiny_bert, tiny_llama  # noqa: E402
 warnings.simplefilter("ignore")
 T = Path(tempfile.mkdtemp(prefix="probe-"))
 R = []
@@ -78,7 +78,8 @@ def _(): elalora.get_model(tiny_bert(), elalora.FixedRankConfig(r=33))
 def _():
     class N(torch.nn.Module):
         def __init__(s):
-            super().__init__(); s.conv = torch.nn.Conv2d(1, 2, 3); s.fc = torch.nn.Linear(4, 4); s.fc2 = torch.nn.Linear(4, 2)
+            super().__init__(); s.conv = torch.nn.Conv2d(1, 2, 3)
+            s.fc = torch.nn.Linear(4, 4); s.fc2 = torch.nn.Linear(4, 2)
     return elalora.get_model(N(), elalora.FixedRankConfig(r=2, target_modules=["conv", "fc", "fc2"])).names
 @case("target_modules typo entry")
 def _(): return elalora.get_model(tiny_bert(), C(r=2, b=1, target_modules=["query", "valeu"])).names
@@ -149,7 +150,8 @@ def _():
     h = H(); elalora.save_checkpoint(T / "ck.pt", h); elalora.load_checkpoint(T / "ck.pt", H())
 @case("load_checkpoint truncated")
 def _():
-    h = H(); elalora.save_checkpoint(T / "ck2.pt", h); b = (T / "ck2.pt").read_bytes(); (T / "ck2.pt").write_bytes(b[:len(b)//2])
+    h = H(); elalora.save_checkpoint(T / "ck2.pt", h)
+    b = (T / "ck2.pt").read_bytes(); (T / "ck2.pt").write_bytes(b[:len(b)//2])
     elalora.load_checkpoint(T / "ck2.pt", H())
 @case("load_checkpoint wrong optimizer -> handle unchanged?")
 def _():
@@ -173,7 +175,8 @@ H().save_pretrained(SAVED)
 def edited(fn, name):
     d = T / name; shutil.copytree(SAVED, d); c = json.loads((d / "adapter_config.json").read_text()); fn(c)
     (d / "adapter_config.json").write_text(json.dumps(c)); return d
-first = lambda c: c["modules"][next(iter(c["modules"]))]
+def first(c):
+    return c["modules"][next(iter(c["modules"]))]
 for nm, fn in [("capacity 10**7", lambda c: first(c).update(capacity=10**7)),
                ("rank > capacity", lambda c: first(c).update(rank=first(c)["capacity"] + 1)),
                ("negative rank", lambda c: first(c).update(rank=-1)),
@@ -200,7 +203,8 @@ def _():
     m = tiny_bert(); elalora.get_model(m, C(r=2, b=1)); elalora.load_adapter(m, SAVED)
 @case("load_adapter truncated weights")
 def _():
-    d = T / "trunc"; shutil.copytree(SAVED, d); f = d / "adapter_model.safetensors"; f.write_bytes(f.read_bytes()[:-50])
+    d = T / "trunc"; shutil.copytree(SAVED, d)
+    f = d / "adapter_model.safetensors"; f.write_bytes(f.read_bytes()[:-50])
     elalora.load_adapter(tiny_bert(), d)
 @case("load_adapter empty weights file")
 def _():
@@ -258,6 +262,7 @@ def _():
     try:
         elalora.load_adapter(tiny_bert(), T / "swap"); return "loaded (restored)"
     except Exception as e:
-        return f"{type(e).__name__}: {str(e)[:60]}; hidden: {[p.name[:12] for p in T.iterdir() if p.name.startswith('.swap')]}"
+        return (f"{type(e).__name__}: {str(e)[:60]}; "
+                f"hidden: {[p.name[:12] for p in T.iterdir() if p.name.startswith('.swap')]}")
 for n, v in R:
     print(f"{n}\t{v}")

