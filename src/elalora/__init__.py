@@ -29,14 +29,15 @@ from ._extras import quiet_optional_imports
 
 quiet_optional_imports()  # before anything imports bitsandbytes (transformers' Trainer -> peft does): _extras
 
+# E402 on purpose: these imports must come after quiet_optional_imports() above, so do not hoist them
 from .allocation.base import RankEvent  # noqa: E402
-from .config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig
-from .errors import (AdapterLoadError, ConfigError, ElaLoRAError, ExportError, MissingExtraError, QuantizationError,
-                     TargetModuleError, TaskError)
-from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter
-from .model import AdaptiveModel, get_model, handle_of, load_adapter
-from .checkpoints import load_checkpoint, save_checkpoint
-from .persistence import export_peft, merge_and_unload, save_adapter
+from .config import AdaLoRAConfig, ALoRAConfig, ElaLoRAConfig  # noqa: E402
+from .errors import (AdapterLoadError, ConfigError, ElaLoRAError, ExportError,  # noqa: E402
+                     MissingExtraError, QuantizationError, TargetModuleError, TaskError)
+from .layers import ElasticAdapter, GatedLoRAAdapter, SVDAdapter  # noqa: E402
+from .model import AdaptiveModel, get_model, handle_of, load_adapter  # noqa: E402
+from .checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from .persistence import export_peft, merge_and_unload, save_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -146,8 +146,8 @@ def _check_checkpoint_fits(path, blob: dict, handle, optimizer) -> None:
         raise AdapterLoadError(f"checkpoint {path} has parameters this model lacks: {unexpected[:3]}")
     wrong = [k for k, v in model_state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
-        raise AdapterLoadError(f"checkpoint {path}: {wrong[0]} has shape {tuple(model_state[wrong[0]].shape)}, the model "
-                               f"{tuple(own[wrong[0]].shape)}")
+        raise AdapterLoadError(f"checkpoint {path}: {wrong[0]} has shape {tuple(model_state[wrong[0]].shape)}, "
+                               f"the model {tuple(own[wrong[0]].shape)}")
     for k, v in model_state.items():
         bools = (v.dtype == torch.bool, own[k].dtype == torch.bool)
         if v.is_floating_point() != own[k].is_floating_point() or bools[0] != bools[1]:
@@ -165,7 +165,8 @@ def _check_checkpoint_fits(path, blob: dict, handle, optimizer) -> None:
         raise AdapterLoadError(f"checkpoint {path}: extra must be a dict, got {type(blob['extra']).__name__}")
     if optimizer is not None and blob.get("optimizer") is not None:
         if bool(blob.get("sharded_optimizer")) != is_sharded(handle):
-            raise AdapterLoadError(f"checkpoint {path} was saved from a {'sharded' if blob.get('sharded_optimizer') else 'plain'} "
+            raise AdapterLoadError(f"checkpoint {path} was saved from a "
+                                   f"{'sharded' if blob.get('sharded_optimizer') else 'plain'} "
                                    "model; resume it with the same parallelism (FSDP or not)")
         if not blob.get("sharded_optimizer"):  # a sharded save holds the full state, not this process's
             check_optimizer_state(optimizer, blob["optimizer"], path)

@@ -239,7 +239,8 @@ class _ScoredConfig(AdapterConfig):
 
     def resolve_schedule(self, total_steps: int) -> Schedule:
         """Absolute steps for a run of ``total_steps`` optimizer steps; raises if impossible."""
-        _require(_is_int(total_steps) and total_steps >= 1, f"total_steps must be an integer >= 1; got {total_steps!r}")
+        _require(_is_int(total_steps) and total_steps >= 1,
+                 f"total_steps must be an integer >= 1; got {total_steps!r}")
         ti, tf = _to_steps(self.tinit, total_steps), _to_steps(self.tfinal, total_steps)
         dt = max(1, _to_steps(self.delta_t, total_steps))
         _require(ti + tf < total_steps,
@@ -316,7 +317,8 @@ class ElaLoRAConfig(_ScoredConfig):
         """The candidate pool must hold 2 b entries so that pruned and grown ranks are disjoint."""
         pool = n_matrices * min(self.k, self.r)
         _require(2 * self.b <= pool,
-                 f"b={self.b} is too large for the candidate pool: {n_matrices} matrices × min(k={self.k}, r={self.r}) "
+                 f"b={self.b} is too large for the candidate pool: {n_matrices} matrices "
+                 f"× min(k={self.k}, r={self.r}) "
                  f"= {pool} candidates, and a round needs 2·b <= pool. Lower b to <= {pool // 2} or raise k")
 
 
@@ -425,8 +427,10 @@ class ALoRAConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.n_a is None or (_is_int(self.n_a) and self.n_a >= 1), f"n_a must be an integer >= 1; got {self.n_a!r}")
-        _require(_is_int(self.n_rounds) and self.n_rounds >= 0, f"n_rounds must be an integer >= 0; got {self.n_rounds!r}")
+        _require(self.n_a is None or (_is_int(self.n_a) and self.n_a >= 1),
+                 f"n_a must be an integer >= 1; got {self.n_a!r}")
+        _require(_is_int(self.n_rounds) and self.n_rounds >= 0,
+                 f"n_rounds must be an integer >= 0; got {self.n_rounds!r}")
         _check_step_knob("k1", self.k1, allow_zero=True)
         _check_step_knob("k2", self.k2, allow_zero=False)
         _require(_is_int(self.val_batch_size) and self.val_batch_size >= 1,
@@ -457,7 +461,8 @@ class ALoRAConfig(AdapterConfig):
 
         Raises if ``n_rounds > 0`` and the first round would fall after the end of the run.
         """
-        _require(_is_int(total_steps) and total_steps >= 1, f"total_steps must be an integer >= 1; got {total_steps!r}")
+        _require(_is_int(total_steps) and total_steps >= 1,
+                 f"total_steps must be an integer >= 1; got {total_steps!r}")
         k1 = max(1, _to_steps(self.k1, total_steps))
         k2 = max(1, _to_steps(self.k2, total_steps))
         _require(self.n_rounds == 0 or k1 <= total_steps,
@@ -481,5 +486,6 @@ def config_from_dict(d: dict) -> AdapterConfig:
         d["form"] = "svd"  # saved before forms existed: every adapter then was the SVD form
     unknown = set(d) - names
     if unknown:
-        raise ConfigError(f"saved {method} config has unknown fields {sorted(unknown)}; was it written by a newer elalora?")
+        raise ConfigError(f"saved {method} config has unknown fields {sorted(unknown)}; "
+                          "was it written by a newer elalora?")
     return cls(**d)

@@ -13,7 +13,8 @@ Imports: nothing (the bottom of the import order).
 
 from __future__ import annotations
 
-__all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError", "ExportError",
+__all__ = ["ElaLoRAError", "ConfigError", "TargetModuleError", "AdapterLoadError", "TaskError", "RunError",
+           "ExportError",
            "MissingExtraError", "ReplicaMismatchError", "QuantizationError", "OutputPathError", "OutputLockedError",
            "TrainingDivergedError", "diverged_message", "loss_diverged_message"]
 

@@ -238,11 +238,12 @@ class ImportanceTracker:
         else:
             if len(state["sens"]) != len(self._params):
                 raise ValueError(
-                    f"importance state holds {len(state['sens'])} tensors but the model has {len(self._params)} adapter "
-                    "parameters: the checkpoint comes from a different adapter layout")
+                    f"importance state holds {len(state['sens'])} tensors but the model has {len(self._params)} "
+                    "adapter parameters: the checkpoint comes from a different adapter layout")
             for s, p in zip(state["sens"], self._params):
                 if s.shape != p.shape:
-                    raise ValueError(f"importance state shape {tuple(s.shape)} does not match parameter {tuple(p.shape)}")
+                    raise ValueError(f"importance state shape {tuple(s.shape)} "
+                                     f"does not match parameter {tuple(p.shape)}")
             self.sens = None
             self._build(list(state["sens"]), list(state["unc"]))
         self.num_updates = int(state.get("num_updates", 0))

@@ -64,7 +64,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .errors import QuantizationError
 
-__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "ADAPTER_FORMS", "adapter_form", "SUPPORTED_BASE_LAYERS",
+__all__ = ["ElasticAdapter", "SVDAdapter", "GatedLoRAAdapter", "ADAPTER_FORMS", "adapter_form",
+           "SUPPORTED_BASE_LAYERS",
            "base_shape", "adapter_param_count", "full_tensor", "edit_", "is_dtensor", "to_host", "to_device",
            "TRANSFERS"]
 
@@ -548,7 +549,8 @@ def _orthonormal_complement_rows(basis: torch.Tensor, draws: torch.Tensor) -> to
     n, dim = draws.shape
     a = basis.shape[0]
     if a + n > dim:
-        raise ValueError(f"cannot add {n} rank(s): {a} active ranks of a {dim}-dimensional space leave room for {dim - a}")
+        raise ValueError(f"cannot add {n} rank(s): {a} active ranks of a {dim}-dimensional space "
+                         f"leave room for {dim - a}")
     w = draws.to(torch.float64)
     if a > 0:
         b = (basis if basis.device.type == "cpu" else to_host([basis])[0]).detach().to(torch.float64)
@@ -599,4 +601,5 @@ def adapter_form(kind: str) -> type[ElasticAdapter]:
 def adapter_param_count(kind: str, rank: int, in_features: int, out_features: int) -> int:
     """Parameters of ``rank`` active ranks of form ``kind``: ``r (d_in + d_out)`` for ``lora``, plus ``r``
     singular values for ``svd`` (the sizes of :meth:`ElasticAdapter.slot_shapes`)."""
-    return sum(math.prod(s) for s in adapter_form(kind).slot_shapes(int(rank), int(in_features), int(out_features)).values())
+    return sum(math.prod(s)
+               for s in adapter_form(kind).slot_shapes(int(rank), int(in_features), int(out_features)).values())

@@ -66,7 +66,8 @@ class AdaptiveModel:
     """
 
     def __init__(self, model: nn.Module, config: AdapterConfig, *, rank_pattern: dict[str, int] | None = None,
-                 capacity_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None) -> None:
+                 capacity_pattern: dict[str, int] | None = None,
+                 alpha_pattern: dict[str, float] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if carried_handle(model) is not None:

@@ -254,7 +254,8 @@ def _check_modules_fit(model: nn.Module, modules: dict, base: dict) -> None:
             "Load it onto the base model it was trained from")
     for n, info in modules.items():
         if isinstance(have[n], ElasticAdapter):
-            raise AdapterLoadError(f"module {n!r} of the given model already carries an adapter; load onto a fresh model")
+            raise AdapterLoadError(f"module {n!r} of the given model already carries an adapter; "
+                                   "load onto a fresh model")
         try:
             shape = base_shape(have[n])[:2]
         except TypeError:
@@ -584,12 +585,14 @@ def check_peft_adapter_fits(model: nn.Module, adir: str | os.PathLike | AdapterD
                 mod = name[: -len(tag)]
                 m = mods.get(mod)
                 if m is None:
-                    raise AdapterLoadError(f"this PEFT adapter (trained on {src}) adapts module {mod!r}, which the given "
-                                           f"model ({type(model).__name__}) does not have; use the base model it was trained from")
+                    raise AdapterLoadError(f"this PEFT adapter (trained on {src}) adapts module {mod!r}, "
+                                           f"which the given model ({type(model).__name__}) does not have; "
+                                           "use the base model it was trained from")
                 try:
                     d_in, d_out, _ = base_shape(m)
                 except TypeError:
-                    raise AdapterLoadError(f"module {mod!r} of the given model is not a linear layer; wrong base model") from None
+                    raise AdapterLoadError(f"module {mod!r} of the given model is not a linear layer; "
+                                           "wrong base model") from None
                 feat = d_in if attr == "in" else d_out
                 if shape[dim] != feat:
                     raise AdapterLoadError(f"module {mod!r} has {attr}_features {feat} in the given model but "

@@ -39,7 +39,8 @@ from ._extras import require
 from .errors import QuantizationError
 
 __all__ = [
-    "QuantizationError", "allow_trainer_on_quantized_base", "is_quantized_layer", "quantization_kind", "dequantize_weight",
+    "QuantizationError", "allow_trainer_on_quantized_base", "is_quantized_layer", "quantization_kind",
+    "dequantize_weight",
     "keep_standard_4bit_layout",
     "bnb_quantization_config", "prepare_quantized_model", "load_quantized_causal_lm",
 ]

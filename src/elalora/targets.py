@@ -35,7 +35,8 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bert": _ENCODER, "roberta": _ENCODER, "xlm-roberta": _ENCODER, "electra": _ENCODER,
     # ViT: transformers >= 5 names (q/k/v/o_proj, mlp.fc1/fc2) and the 4.x names.
     "vit": ["q_proj", "k_proj", "v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"] + _ENCODER,
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"],
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "gemma": _LLAMA,
     "gpt2": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
     "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],

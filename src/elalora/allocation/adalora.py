@@ -30,7 +30,8 @@ from .base import Allocator, apply_rank_changes, no_information, rank_cost
 __all__ = ["AdaLoRAAllocator", "adalora_budget", "select_to_budget"]
 
 
-def adalora_budget(t: int, *, b0: int, bT: int, tinit: int, tfinal: int, total_steps: int, delta_t: int) -> tuple[int, bool]:
+def adalora_budget(t: int, *, b0: int, bT: int, tinit: int, tfinal: int, total_steps: int,
+                   delta_t: int) -> tuple[int, bool]:
     """``(budget, mask now?)`` at step ``t`` — PEFT's ``budget_schedule``."""
     if t <= tinit:
         return b0, False

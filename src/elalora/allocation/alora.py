@@ -15,7 +15,8 @@ With ``S(·) = −L(·)`` the loss on one held-out batch ``B_val``, the score of
 Ablations are *batched*: ``B_val`` is repeated ``c = ablation_chunk`` times along the batch dimension
 and every adapter's ``example_gate`` (shape ``(c·|B_val|, capacity)``) switches slots off per copy,
 so one forward pass evaluates ``c`` masks (this needs the batch on dimension 0 of every adapted
-layer's input, as in Hugging Face models). The loss is reduced per mask (see :func:`ablation_scores`). The model runs in eval mode under ``torch.no_grad()``; the training flags
+layer's input, as in Hugging Face models). The loss is reduced per mask (see :func:`ablation_scores`).
+The model runs in eval mode under ``torch.no_grad()``; the training flags
 and ``example_gate = None`` are restored afterwards, also when the forward pass raises.
 
 Cost per round, with ``P`` active ranks and ``c = ablation_chunk``: ``1 + 2P`` masks (the full

@@ -114,7 +114,8 @@ def _per_mask_default_loss(model: nn.Module, outputs, labels: torch.Tensor, n_ma
                               ignore_index=-100).view(lab.shape)
         valid = (lab != -100).float()
     else:
-        raise ValueError(f"no default loss for logits of shape {tuple(logits.shape)}; pass loss_fn to set_validation_batch")
+        raise ValueError(f"no default loss for logits of shape {tuple(logits.shape)}; "
+                         "pass loss_fn to set_validation_batch")
     per = (per * valid).reshape(n_masks, -1).sum(1)
     count = valid.reshape(n_masks, -1).sum(1)
     if bool((count == 0).any()):
@@ -217,7 +218,8 @@ class _Round:
         labels = self.labels
         if labels is not None and self.device is not None:
             labels = labels.to(self.device)
-        self.loss[0] = _mask_losses(self.model, cache.full_outputs, one, labels, 1, self.size, self.loss_fn)[0].double().cpu()
+        self.loss[0] = _mask_losses(self.model, cache.full_outputs, one, labels, 1, self.size,
+                                    self.loss_fn)[0].double().cpu()
         cache.full_outputs = None
         self.tell(1)
         # masks of the same adapter (then of neighbouring ones) share a chunk: the chunk skips what its
@@ -298,7 +300,8 @@ def ablation_scores(
         raise ValueError(f"chunk must be >= 1; got {chunk}")
     for a in adapters:
         if a.merged or a.disabled:
-            raise RuntimeError("ALoRA ablations need unmerged, enabled adapters (call unmerge() / set_adapters_enabled(True))")
+            raise RuntimeError("ALoRA ablations need unmerged, enabled adapters "
+                               "(call unmerge() / set_adapters_enabled(True))")
     batch = dict(batch)
     size = _batch_size(batch)
     labels = batch.get("labels")

@@ -210,7 +210,8 @@ class ElaLoRAAllocator(Allocator):
                            use_scheduler=self.config.use_scheduler)
 
     def is_round(self, t: int) -> bool:
-        return self.phase(t) == "dynamic" and (t - self.schedule.tinit) % self.schedule.delta_t == 0 and self.b_at(t) > 0
+        return (self.phase(t) == "dynamic" and (t - self.schedule.tinit) % self.schedule.delta_t == 0
+                and self.b_at(t) > 0)
 
     def planned_rounds(self) -> list[tuple[int, int]]:
         """``(step, b_t)`` of every round of the run."""

@@ -143,7 +143,8 @@ def _as_float64_matrix(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return arr
 
 
-def _two_nearest(x: np.ndarray, *, n_candidates: int = 4, max_block_bytes: int = 1 << 27) -> tuple[np.ndarray, np.ndarray]:
+def _two_nearest(x: np.ndarray, *, n_candidates: int = 4,
+                 max_block_bytes: int = 1 << 27) -> tuple[np.ndarray, np.ndarray]:
     """Distances r1 ≤ r2 from every row of ``x`` (distinct rows, n ≥ 3) to its two nearest others.
 
     Candidates come from a blocked Gram-matrix computation in fp64 (``‖a‖² + ‖b‖² − 2 a·b``, on
@@ -245,7 +246,8 @@ def _pool(h: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> torch.Ten
 
 
 @torch.no_grad()
-def collect_block_states(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *, pooling: str = "mean") -> list[torch.Tensor]:
+def collect_block_states(model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], *,
+                         pooling: str = "mean") -> list[torch.Tensor]:
     """Pooled hidden states ``H_0 … H_L`` of a frozen model on a sample of inputs.
 
     Each batch (a mapping of model inputs, e.g. a tokenizer output) is moved to the model's device
@@ -274,7 +276,8 @@ def collect_block_states(model: torch.nn.Module, batches: Iterable[Mapping[str, 
     per_layer: list[list[torch.Tensor]] | None = None
     try:
         for batch in batches:
-            inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
+            inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                      for k, v in batch.items() if k != "labels"}
             out = model(**inputs, output_hidden_states=True)
             hs = getattr(out, "hidden_states", None)
             if hs is None and isinstance(out, Mapping):
@@ -379,7 +382,8 @@ def rescale_ranks(ranks: list[int], target_total: int, *, minimum: int = 1) -> l
         raise ValueError(f"minimum must be a non-negative integer; got {minimum!r}")
     if not isinstance(target_total, (int, np.integer)) or target_total < minimum * n:
         raise ValueError(
-            f"target_total must be an integer >= minimum · len(ranks) = {minimum} · {n} = {minimum * n}; got {target_total!r}"
+            f"target_total must be an integer >= minimum · len(ranks) = {minimum} · {n} = {minimum * n}; "
+            f"got {target_total!r}"
         )
     clamped = [False] * n
     shares = [0.0] * n
@@ -412,7 +416,8 @@ def rescale_ranks(ranks: list[int], target_total: int, *, minimum: int = 1) -> l
     return out
 
 
-def gelora_rank_pattern(module_names: list[str], block_ranks: list[int], *, alpha_scale: float = 32.0) -> tuple[dict[str, int], dict[str, float]]:
+def gelora_rank_pattern(module_names: list[str], block_ranks: list[int], *,
+                        alpha_scale: float = 32.0) -> tuple[dict[str, int], dict[str, float]]:
     """PEFT ``rank_pattern`` / ``alpha_pattern`` from per-block ranks.
 
     ``rank[name] = block_ranks[block_index_of(name)]`` and ``alpha[name] = alpha_scale · rank``

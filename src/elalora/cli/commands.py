@@ -314,7 +314,8 @@ def cmd_plan(args) -> int:
 
     print(f"GeLoRA plan for {spec.name} on {model_path}{'/' + gguf_file if gguf_file else ''}: "
           f"{plan.n_samples} examples, pooling {plan.pooling}, "
-          + (f"rescaled to average rank {args.r} (total {plan.target_total})" if args.r else "unbudgeted (paper's rule)"))
+          + (f"rescaled to average rank {args.r} (total {plan.target_total})" if args.r
+             else "unbudgeted (paper's rule)"))
     print()
     print("hidden state  intrinsic dim   block  rank (rule)")
     ids = plan.intrinsic_dims

@@ -11,7 +11,8 @@ Subcommands (``elalora <command> --help`` lists every flag):
 * ``plan``    print a GeLoRA rank plan without training.
 
 This module only parses arguments; the work is done in :mod:`elalora.cli.commands` (over
-:mod:`elalora.recipe`), imported lazily so that ``elalora --help`` answers at once. Every error caused by the user's input (unknown task,
+:mod:`elalora.recipe`), imported lazily so that ``elalora --help`` answers at once.
+Every error caused by the user's input (unknown task,
 missing files or columns, a model path that does not exist, an adapter for another base model,
 an output directory holding another run, invalid method knobs) is reported as ONE line on stderr
 with exit code 2 and no traceback; ``--debug`` (or ``ELALORA_DEBUG=1``) shows the traceback. These
@@ -54,7 +55,8 @@ def step_value(text: str) -> int | float:
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected an integer number of steps (e.g. 300) or a fraction of the run (e.g. 0.1); got {text!r}") from None
+                f"expected an integer number of steps (e.g. 300) or a fraction of the run (e.g. 0.1); "
+                f"got {text!r}") from None
     if not (isinstance(v, int) or math.isfinite(v)) or v < 0:
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text!r}")
     return v
@@ -133,9 +135,11 @@ def _add_data_flags(p: argparse.ArgumentParser, *, required_task: bool) -> None:
                    help="cola sst2 mrpc qqp stsb mnli qnli rte wnli | custom | e2e_nlg | image_folder")
     g.add_argument("--data-dir", default=None, metavar="DIR",
                    help="data folder (GLUE: the folder holding RTE/, MRPC/, ...; image_folder: train/ and val/)")
-    g.add_argument("--train-file", default=None, metavar="FILE", help="training file (custom CSV/TSV/JSONL, or to replace the default file)")
+    g.add_argument("--train-file", default=None, metavar="FILE",
+                   help="training file (custom CSV/TSV/JSONL, or to replace the default file)")
     g.add_argument("--eval-file", default=None, metavar="FILE", help="evaluation file (custom CSV/TSV/JSONL, ...)")
-    g.add_argument("--text-columns", default=None, metavar="COLS", help="custom task: input column(s), e.g. 'sentence1,sentence2'")
+    g.add_argument("--text-columns", default=None, metavar="COLS",
+                   help="custom task: input column(s), e.g. 'sentence1,sentence2'")
     g.add_argument("--label-column", default=None, metavar="COL", help="custom task: label column (default 'label')")
     g.add_argument("--max-eval-samples", type=_positive_int, default=None, metavar="N",
                    help="evaluate on a seeded random subset of N examples")
@@ -207,14 +211,17 @@ def _add_train(sub, *, with_flags: bool = True, full_help: bool = True) -> None:
                    help="what a BERT-like classifier reads. auto (default): the checkpoint's sentence-transformers "
                         "pooling (1_Pooling/config.json; mean for all-MiniLM-L6-v2), else the model's own head; "
                         "cls: the pooler over [CLS]; mean: the mean of the last hidden states")
-    g = t.add_argument_group("ElaLoRA / AdaLoRA knobs (steps: an int = optimizer steps, a float < 1 = fraction of the run)")
+    g = t.add_argument_group("ElaLoRA / AdaLoRA knobs "
+                             "(steps: an int = optimizer steps, a float < 1 = fraction of the run)")
     g.add_argument("--form", default=None, choices=FORMS,
                    help="the adapter form: 'svd' (P·diag(λ)·Q, the papers) or 'lora' (B·diag(m)·A with PEFT LoRA's "
                         f"initialisation and scale; elalora.layers.ADAPTER_FORMS); {knob('form')}")
     g.add_argument("--budget", default=None, choices=BUDGETS,
                    help=f"conserve the total rank or the active adapter parameters; {knob('budget')}")
-    g.add_argument("--b", type=_positive_int, default=None, help=f"ElaLoRA: ranks moved per round at the start; {knob('b')}")
-    g.add_argument("--k", type=_positive_int, default=None, help=f"ElaLoRA: candidates per matrix per round; {knob('k')}")
+    g.add_argument("--b", type=_positive_int, default=None,
+                   help=f"ElaLoRA: ranks moved per round at the start; {knob('b')}")
+    g.add_argument("--k", type=_positive_int, default=None,
+                   help=f"ElaLoRA: candidates per matrix per round; {knob('k')}")
     g.add_argument("--grace-rounds", type=_nonneg_int, default=None,
                    help=f"ElaLoRA: rounds in which a newly grown rank is no candidate; {knob('grace_rounds')}")
     g.add_argument("--tinit", type=step_value, default=None, help=f"warm-up before the first round; {knob('tinit')}")
@@ -233,8 +240,10 @@ def _add_train(sub, *, with_flags: bool = True, full_help: bool = True) -> None:
     g.add_argument("--min-rank", type=_nonneg_int, default=None,
                    help=f"ElaLoRA/ALoRA: no matrix is pruned below this; {knob('min_rank')}")
     g = t.add_argument_group("ALoRA knobs")
-    g.add_argument("--alora-rounds", type=_nonneg_int, default=None, help=f"maximum number of rounds N_A; {knob('alora_rounds')}")
-    g.add_argument("--alora-k1", type=step_value, default=None, help=f"training before the first round; {knob('alora_k1')}")
+    g.add_argument("--alora-rounds", type=_nonneg_int, default=None,
+                   help=f"maximum number of rounds N_A; {knob('alora_rounds')}")
+    g.add_argument("--alora-k1", type=step_value, default=None,
+                   help=f"training before the first round; {knob('alora_k1')}")
     g.add_argument("--alora-k2", type=step_value, default=None, help=f"training between rounds; {knob('alora_k2')}")
     g.add_argument("--alora-val-size", type=_positive_int, default=None,
                    help=f"held-out training examples for the ablation batch; {knob('alora_val_size')}")
@@ -251,17 +260,21 @@ def _add_train(sub, *, with_flags: bool = True, full_help: bool = True) -> None:
 
     g = t.add_argument_group("GeLoRA knobs")
     g.add_argument("--gelora-samples", type=_positive_int, default=None,
-                   help=f"training examples whose hidden states give the intrinsic dimensions (default {G['samples']}, "
+                   help="training examples whose hidden states give the intrinsic dimensions "
+                        f"(default {G['samples']}, "
                         "recipe.methods.GELORA_DEFAULTS)")
     g.add_argument("--gelora-pooling", default=None, choices=("mean", "cls", "last"),
                    help=f"one vector per example: mean over tokens, first token, last token (default {G['pooling']})")
     g.add_argument("--gelora-alpha-scale", type=_positive_float, default=None,
-                   help=f"gelora: effective LoRA scale alpha/r of every module (default {G['alpha_scale']:g}, as in the paper)")
+                   help=f"gelora: effective LoRA scale alpha/r of every module (default {G['alpha_scale']:g}, "
+                        "as in the paper)")
     g = t.add_argument_group("training")
     g.add_argument("--epochs", type=_positive_float, default=d("epochs"), help="training epochs (default %(default)s)")
     g.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=_positive_int, default=d("batch_size"), help="training batch size (default %(default)s)")
-    g.add_argument("--eval-batch-size", type=_positive_int, default=None, help="evaluation batch size (default 2x batch size)")
+    g.add_argument("--batch-size", type=_positive_int, default=d("batch_size"),
+                   help="training batch size (default %(default)s)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=None,
+                   help="evaluation batch size (default 2x batch size)")
     g.add_argument("--grad-accum", type=_positive_int, default=d("grad_accum"),
                    help="gradient accumulation steps (default %(default)s)")
     g.add_argument("--lr", type=_positive_float, default=None,
@@ -270,7 +283,8 @@ def _add_train(sub, *, with_flags: bool = True, full_help: bool = True) -> None:
                         + "; chosen by benchmarks/lr_select.py on GLUE training splits)")
     g.add_argument("--warmup-ratio", type=_fraction, default=d("warmup_ratio"),
                    help="linear LR warm-up, fraction of the run (default %(default)s)")
-    g.add_argument("--weight-decay", type=_nonneg_float, default=d("weight_decay"), help="AdamW weight decay (default %(default)s)")
+    g.add_argument("--weight-decay", type=_nonneg_float, default=d("weight_decay"),
+                   help="AdamW weight decay (default %(default)s)")
     g.add_argument("--seed", type=_seed, default=d("seed"),
                    help="seed of data order, subsets, head and adapter init (default %(default)s)")
     g.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="N",
@@ -287,7 +301,8 @@ def _add_train(sub, *, with_flags: bool = True, full_help: bool = True) -> None:
     q.add_argument("--load-in-8bit", dest="load_in_bits", action="store_const", const=8,
                    help="generation tasks: quantise the base to 8 bits (LLM.int8()) with bitsandbytes")
     g.add_argument("--no-group-by-length", dest="group_by_length", action="store_false", default=d("group_by_length"),
-                   help="do not batch examples of similar length together (grouping is on by default: less padding, faster)")
+                   help="do not batch examples of similar length together "
+                        "(grouping is on by default: less padding, faster)")
     g.add_argument("--threads", type=_threads, default=None, help=_THREADS_HELP)
     g.add_argument("--max-new-tokens", type=_positive_int, default=d("max_new_tokens"),
                    help="generation tasks: tokens generated per example (default %(default)s)")
@@ -295,7 +310,8 @@ def _add_train(sub, *, with_flags: bool = True, full_help: bool = True) -> None:
     g.add_argument("--output-dir", default=None, metavar="DIR",
                    help="run directory (default runs/<task>-<method>-r<r>); must be new or empty")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run in --output-dir")
-    g.add_argument("--no-figures", dest="figures", action="store_false", default=d("figures"), help="do not draw figures/")
+    g.add_argument("--no-figures", dest="figures", action="store_false", default=d("figures"),
+                   help="do not draw figures/")
     g.add_argument("--export-layout", default=d("export_layout"), choices=("compact", "uniform"),
                    help="layout of peft/: compact (per-module ranks via rank_pattern, the default) or uniform "
                         "(every module padded to the largest rank, scale 1: for vLLM, TGI/LoRAX, SGLang, llama.cpp)")
@@ -309,7 +325,8 @@ def _add_eval_export_plot(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a saved adapter", description=(
         "Evaluate an adapter directory: an elalora adapter (adapter/) or a PEFT LoRA export (peft/). "
         "Task, data and base model default to the ones recorded in the run's config.json."))
-    e.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (a run directory means its adapter/)")
+    e.add_argument("--adapter", required=True, metavar="DIR",
+                   help="adapter directory (a run directory means its adapter/)")
     _add_model_flags(e, for_train=False)
     _add_data_flags(e, required_task=False)
     e.add_argument("--batch-size", type=_positive_int, default=None, help="evaluation batch size (default 64)")
@@ -320,7 +337,8 @@ def _add_eval_export_plot(sub) -> None:
     e.set_defaults(handler="eval")
 
     # -------------------------------------------------------------------------------- analyze
-    an = sub.add_parser("analyze", help="layer-contribution study of a run: switch off top/bottom/random-rank adapters",
+    an = sub.add_parser("analyze",
+                        help="layer-contribution study of a run: switch off top/bottom/random-rank adapters",
                         description=(
         "Switch off the adapters of the k matrices with the highest final ranks, then of the k with the "
         "lowest, then of k random ones (k = each --fractions share of the adapted matrices), and measure the "
@@ -351,7 +369,8 @@ def _add_eval_export_plot(sub) -> None:
         "Export an adapter directory to a plain PEFT LoRA adapter (--to peft), a llama.cpp LoRA adapter "
         "(--to gguf, Llama-architecture decoders: OUTPUT_DIR/adapter.gguf) or to a full model with "
         "the update merged into the weights (--to merged; loads with transformers alone)."))
-    x.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory (a run directory means its adapter/)")
+    x.add_argument("--adapter", required=True, metavar="DIR",
+                   help="adapter directory (a run directory means its adapter/)")
     x.add_argument("--to", required=True, choices=("peft", "gguf", "merged"), help="output format")
     x.add_argument("--layout", default=None, choices=("compact", "uniform"),
                    help="--to peft: compact (per-module ranks via rank_pattern, default) or uniform (every module "
@@ -393,7 +412,8 @@ def _add_inspect_plan(sub, *, with_flags: bool = True) -> None:
     from ..recipe.methods import GELORA_DEFAULTS as G
     from ..recipe.spec import spec_default as d
 
-    pn.add_argument("--gelora-samples", type=_positive_int, default=G["samples"], help="examples to use (default %(default)s)")
+    pn.add_argument("--gelora-samples", type=_positive_int, default=G["samples"],
+                    help="examples to use (default %(default)s)")
     pn.add_argument("--gelora-pooling", default=G["pooling"], choices=("mean", "cls", "last"),
                     help="pooling (default %(default)s)")
     pn.add_argument("--gelora-alpha-scale", type=_positive_float, default=G["alpha_scale"],
@@ -410,7 +430,8 @@ def build_parser(command: str | None = None, *, short_help: bool = False) -> arg
     defaults are read from the recipe (RunSpec, the method configs), are added only for that command or
     for ``None`` (every parser complete), so that other commands answer without importing the recipe.
     ``short_help``: ``train --help`` lists the common flags only (``--help-all``: every flag)."""
-    parser = _Parser(prog="elalora", description="Adaptive-rank LoRA fine-tuning (ElaLoRA, AdaLoRA, ALoRA, GeLoRA, LoRA).")
+    parser = _Parser(prog="elalora",
+                     description="Adaptive-rank LoRA fine-tuning (ElaLoRA, AdaLoRA, ALoRA, GeLoRA, LoRA).")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

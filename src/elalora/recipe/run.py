@@ -219,7 +219,8 @@ def _alora_progress(allocator, total_steps: int, step_examples: int) -> None:
 
     allocator.set_total_steps(int(total_steps))  # the Trainer callback sets the same values again
     allocator.set_step_examples(int(step_examples))
-    log(describe_cost(allocator.expected_cost()) + f"; rounds after steps {[t + 1 for t in allocator.planned_rounds()]}")
+    log(describe_cost(allocator.expected_cost())
+        + f"; rounds after steps {[t + 1 for t in allocator.planned_rounds()]}")
     allocator.progress = RoundProgress(log=log, disable=not is_main_process())
 
 
@@ -320,7 +321,8 @@ class RunResult:
 
 def _save_adapters(built: Built, run_dir: Path, model_path: str, layout: str = "compact"
                    ) -> tuple[dict, dict, list, dict | None]:
-    """Write adapter/ and peft/ (in ``layout``); returns (final rank pattern, parameter counts, events, final scores)."""
+    """Write adapter/ and peft/ (in ``layout``); returns (final rank pattern, parameter counts, events,
+    final scores)."""
     handle = built.handle
     if handle is None:
         pm = built.peft_model
@@ -334,7 +336,8 @@ def _save_adapters(built: Built, run_dir: Path, model_path: str, layout: str = "
     scores = None
     if handle.importance is not None:
         sc = handle.importance.rank_scores()
-        scores = {n: [float(v) for v in s[a.active.cpu()].tolist()] for n, s, a in zip(handle.names, sc, handle.adapters)}
+        scores = {n: [float(v) for v in s[a.active.cpu()].tolist()]
+                  for n, s, a in zip(handle.names, sc, handle.adapters)}
     return handle.rank_pattern(), handle.parameter_counts(), [e.to_dict() for e in handle.events], scores
 
 
