@@ -228,6 +228,14 @@ def test_help_and_no_command(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
+    short = capsys.readouterr().out
+    # the first screen is enough: the common flags, and where the rest are
+    assert len(short.splitlines()) <= 60 and "--help-all" in short
+    for flag in ("--model", "--task", "--data-dir", "--method", "--r", "--pooling", "--epochs", "--lr", "--output-dir"):
+        assert flag in short, flag
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help-all"])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--model", "--task", "--data-dir", "--method", "--r", "--epochs", "--max-steps", "--batch-size",
                  "--lr", "--seed", "--max-length", "--max-train-samples", "--max-eval-samples", "--output-dir",
