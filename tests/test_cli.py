@@ -231,7 +231,8 @@ def test_help_and_no_command(capsys):
     short = capsys.readouterr().out
     # the first screen is enough: the common flags, and where the rest are
     assert len(short.splitlines()) <= 60 and "--help-all" in short
-    for flag in ("--model", "--task", "--data-dir", "--method", "--r", "--pooling", "--epochs", "--lr", "--output-dir"):
+    common = ("--model", "--task", "--data-dir", "--method", "--r", "--pooling", "--epochs", "--lr", "--output-dir")
+    for flag in common:
         assert flag in short, flag
     with pytest.raises(SystemExit) as e:
         main(["train", "--help-all"])
