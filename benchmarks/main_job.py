@@ -28,8 +28,8 @@ from _common import RESULTS, cpu_model  # noqa: E402
 
 JSONL = RESULTS / "main_job.jsonl"
 #: The README's main job (the Hub form; the offline form adds --data-dir).
-COMMAND = ["elalora", "train", "--task", "stsb", "--method", "elalora", "--r", "8", "--epochs", "1", "--batch-size", "16",
-           "--output-dir", "runs/stsb"]
+COMMAND = ["elalora", "train", "--task", "stsb", "--method", "elalora", "--r", "8", "--epochs", "1",
+           "--batch-size", "16", "--output-dir", "runs/stsb"]
 
 
 def run(data_dir: str | None, threads: int | None) -> dict:
