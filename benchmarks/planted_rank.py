@@ -297,6 +297,21 @@ def heldout_loss(model, teacher, eval_batches) -> float:
     return tot / n
 
 
+def distill(model, teacher, train, opt, sched, step_fn, seed: int) -> None:
+    """Train ``model`` to match ``teacher``'s last hidden states, one optimizer step per batch of ``train``;
+    ``step_fn(opt, t)`` after each step (the allocator's, for the adaptive arms)."""
+    torch.manual_seed(seed)
+    model.train()
+    for t, b in enumerate(train):
+        with torch.no_grad():
+            tgt = teacher(**b).last_hidden_state
+        model(**b, target=tgt)["loss"].backward()
+        opt.step()
+        step_fn(opt, t)
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def run_cell(*, base_kind: str, setting: str, method: str, r: int, seed: int, steps: int, lr: float = SHARED["lr"],
              batch_size: int = SHARED["batch_size"], max_length: int = SHARED["max_length"],
              context: dict | None = None) -> dict:
@@ -330,17 +345,7 @@ def run_cell(*, base_kind: str, setting: str, method: str, r: int, seed: int, st
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps))
-    torch.manual_seed(seed)
-    model.train()
-    for t, b in enumerate(train):
-        with torch.no_grad():
-            tgt = teacher(**b).last_hidden_state
-        out = model(**b, target=tgt)
-        out["loss"].backward()
-        opt.step()
-        step_fn(opt, t)
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    distill(model, teacher, train, opt, sched, step_fn, seed)
     end_loss = heldout_loss(model, teacher, eval_b)
     final = ranks_fn()
     planted_idx = [i for i, k in enumerate(ranks) if k > 0]
@@ -537,16 +542,7 @@ def llm_cell(*, method: str, r: int, seed: int, steps: int, tiny: bool = False, 
     start_loss = heldout_loss(model, teacher, eval_b)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps))
-    torch.manual_seed(seed)
-    model.train()
-    for t, b in enumerate(train):
-        with torch.no_grad():
-            tgt = teacher(**b).last_hidden_state
-        model(**b, target=tgt)["loss"].backward()
-        opt.step()
-        step_fn(opt, t)
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    distill(model, teacher, train, opt, sched, step_fn, seed)
     end_loss = heldout_loss(model, teacher, eval_b)
     final = ranks_fn()
     planted_idx = [i for i, k in enumerate(ranks) if k > 0]
