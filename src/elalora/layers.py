@@ -173,7 +173,7 @@ class ElasticAdapter(nn.Module):
     ``(name, parameter, slot_dim)``: the axis of each parameter that indexes rank slots.
     """
 
-    kind: str = "abstract"
+    form: str = "abstract"  # the registry key (ADAPTER_FORMS); saved as each module's "form"
     #: whether :meth:`orthogonality_penalty` exists (the regulariser ``R`` of SPEC §1; ``orth_reg_weight``)
     has_orthogonality_penalty: bool = False
     #: ``ElaLoRAConfig.grace_rounds`` when the config gives none: rounds in which a newly grown rank is no
@@ -181,6 +181,11 @@ class ElasticAdapter(nn.Module):
     default_grace_rounds: int = 0
 
     @classmethod
+
+    @property
+    def kind(self) -> str:
+        """The adapter's :attr:`form` (the name before forms had one name; kept for older code)."""
+        return self.form
     def slot_shapes(cls, rank: int, in_features: int, out_features: int) -> dict[str, tuple[int, ...]]:
         """``{parameter name: shape}`` of the slot parameters at ``rank`` slots (as saved: compact)."""
         raise NotImplementedError
@@ -191,7 +196,7 @@ class ElasticAdapter(nn.Module):
         raise NotImplementedError
 
     def orthogonality_penalty(self) -> torch.Tensor:
-        raise NotImplementedError(f"the {self.kind} form has no orthogonal regulariser")
+        raise NotImplementedError(f"the {self.form} form has no orthogonal regulariser")
 
     def __init__(
         self,
@@ -393,7 +398,7 @@ class ElasticAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"kind={self.kind}, in={self.in_features}, out={self.out_features}, "
+            f"form={self.form}, in={self.in_features}, out={self.out_features}, "
             f"rank={self.rank}/{self.capacity}, scaling={self.scaling:g}"
         )
 
@@ -405,7 +410,7 @@ class SVDAdapter(ElasticAdapter):
     and the wrapped model's outputs are unchanged. Slots beyond ``r`` start inactive and zero.
     """
 
-    kind = "svd"
+    form = "svd"
     has_orthogonality_penalty = True
 
     @classmethod
@@ -481,7 +486,7 @@ class GatedLoRAAdapter(ElasticAdapter):
     ranks frozen this adapter *is* PEFT's LoRA (``tests/test_forms.py`` pins the losses).
     """
 
-    kind = "lora"
+    form = "lora"
     # A grown rank starts at B = 0, so |w·∂L/∂w| scores it about 0 and the next round prunes it again. One
     # round of grace passed the planted-rank grace rule, written before its cells ran (the numbers:
     # docs/results/planted_rank.md, "The grace rule").
@@ -590,16 +595,16 @@ base_shape = _base_shape
 ADAPTER_FORMS: dict[str, type[ElasticAdapter]] = {"svd": SVDAdapter, "lora": GatedLoRAAdapter}
 
 
-def adapter_form(kind: str) -> type[ElasticAdapter]:
-    """The adapter class of form ``kind``; ``ValueError`` naming the known forms otherwise."""
+def adapter_form(form: str) -> type[ElasticAdapter]:
+    """The adapter class of ``form``; ``ValueError`` naming the known forms otherwise."""
     try:
-        return ADAPTER_FORMS[kind]
+        return ADAPTER_FORMS[form]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown adapter form {kind!r}; known: {', '.join(sorted(ADAPTER_FORMS))}") from None
+        raise ValueError(f"unknown adapter form {form!r}; known: {', '.join(sorted(ADAPTER_FORMS))}") from None
 
 
-def adapter_param_count(kind: str, rank: int, in_features: int, out_features: int) -> int:
-    """Parameters of ``rank`` active ranks of form ``kind``: ``r (d_in + d_out)`` for ``lora``, plus ``r``
+def adapter_param_count(form: str, rank: int, in_features: int, out_features: int) -> int:
+    """Parameters of ``rank`` active ranks of ``form``: ``r (d_in + d_out)`` for ``lora``, plus ``r``
     singular values for ``svd`` (the sizes of :meth:`ElasticAdapter.slot_shapes`)."""
     return sum(math.prod(s)
-               for s in adapter_form(kind).slot_shapes(int(rank), int(in_features), int(out_features)).values())
+               for s in adapter_form(form).slot_shapes(int(rank), int(in_features), int(out_features)).values())

@@ -175,7 +175,7 @@ class AdaptiveModel:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         adapter_cap = sum(p.numel() for a in self.adapters for _, p, _ in a.slot_parameters())
-        active = sum(adapter_param_count(a.kind, a.rank, a.in_features, a.out_features) for a in self.adapters)
+        active = sum(adapter_param_count(a.form, a.rank, a.in_features, a.out_features) for a in self.adapters)
         return {"total": total, "trainable": trainable, "active": trainable - adapter_cap + active,
                 "adapter_capacity": adapter_cap, "adapter_active": active}
 

@@ -164,7 +164,7 @@ def save_adapter(handle, path: str | os.PathLike, *, include_history: bool = Tru
     for name, a in zip(handle.names, handle.adapters):
         idx = a.active_indices()
         modules[name] = {
-            "form": a.kind, "rank": int(idx.numel()), "capacity": a.capacity, "in_features": a.in_features,
+            "form": a.form, "rank": int(idx.numel()), "capacity": a.capacity, "in_features": a.in_features,
             "out_features": a.out_features, "fan_in_fan_out": a.fan_in_fan_out, "scaling": a.scaling,
             "r_init": a.r_init,
         }

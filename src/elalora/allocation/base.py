@@ -40,7 +40,7 @@ __all__ = ["RankEvent", "Allocator", "apply_rank_changes", "slot_generator", "ze
 def rank_cost(adapter: ElasticAdapter) -> int:
     """Parameters of one rank of ``adapter`` (``d_in + d_out``, plus 1 for λ on the SVD form): the unit
     of the parameter budget (``budget="params"``)."""
-    return adapter_param_count(adapter.kind, 1, adapter.in_features, adapter.out_features)
+    return adapter_param_count(adapter.form, 1, adapter.in_features, adapter.out_features)
 
 
 @dataclass

@@ -113,7 +113,7 @@ def prepare(spec: RunSpec) -> Prepared:
     """Load the data and the base model, pick the target modules; every check that can fail early."""
     config = _check_flags(spec)
     if spec.lr is None:  # the evidence's lr for the method's adapter form (recipe.spec.DEFAULT_LR)
-        spec = dataclasses.replace(spec, lr=DEFAULT_LR[config.adapter_kind if config is not None else "lora"])
+        spec = dataclasses.replace(spec, lr=DEFAULT_LR[config.form if config is not None else "lora"])
     train = val_examples = total_steps = None
 
     def fits(data_train: list[dict], evals: list[dict], task: TaskSpec) -> None:
