@@ -642,3 +642,21 @@ def test_analyze_ranks_from_applies_an_elalora_runs_order_to_a_lora_run(runs, tm
     capsys.readouterr()
     assert main(["analyze", str(lora), "--ranks-from", str(tmp_path / "nope")]) == 2
     assert "no metrics.json there" in capsys.readouterr().err
+
+
+def test_eval_passes_its_seed(monkeypatch, tmp_path):
+    """``elalora eval --seed`` reaches the loader (it was dropped once, so eval always used the run's seed)."""
+    from elalora.cli import commands
+
+    seen = {}
+
+    def fake(adapter, **kw):
+        seen.update(kw)
+        raise commands.RunError("stop here")
+
+    monkeypatch.setattr(commands, "load_run_for_eval", fake)
+    assert main(["eval", "--adapter", str(tmp_path), "--seed", "3"]) == 2
+    assert seen["seed"] == 3
+    seen.clear()
+    assert main(["eval", "--adapter", str(tmp_path)]) == 2
+    assert seen["seed"] is None  # None: the run's own seed

@@ -102,7 +102,7 @@ def _load_for_eval(args, adapter: str, *, output: str | None = None) -> EvalRun:
         if output:
             _check_output_file(output, adapter=adir)
 
-    return load_run_for_eval(adapter, **_eval_flags(args), check=check)
+    return load_run_for_eval(adapter, **_eval_flags(args), seed=args.seed, check=check)  # --seed: the eval subset's
 
 
 def _eval_flags(args) -> dict:
