@@ -259,5 +259,5 @@ def test_saved_form_must_match_module_kinds(tmp_path):
     cfg = json.loads(p.read_text())
     cfg["config"]["form"] = "svd"
     p.write_text(json.dumps(cfg))
-    with pytest.raises(elalora.errors.AdapterLoadError, match="form 'svd' but the modules are of kind lora"):
+    with pytest.raises(elalora.errors.AdapterLoadError, match="form 'svd' but the modules are of form lora"):
         elalora.load_adapter(tiny_bert(seed=1), str(tmp_path / "ad"))
