@@ -31,6 +31,22 @@ STEPS, GLOBAL_BATCH, SEQ = 24, 8, 10
 # times the SVD form's 0.02) and so takes larger steps: at 0.5 its dynamics amplify rounding, and even
 # one process summing the same gradients in two halves ends 1e-1 away on the weights (at 0.2: 1e-7).
 LR = {"svd": 0.5, "lora": 0.2}
+POISON_STEP = 5  # a step with an importance update and no round
+
+
+def norm_trainable(model) -> None:
+    """The final norm is trained "in full" (a module outside the adapters, as a classifier head would be), but
+    at learning rate 0 (see :func:`optimizer`): it only carries the non-finite gradient of POISON_STEP."""
+    model.model.norm.weight.requires_grad_(True)
+
+
+def optimizer(model, form: str) -> torch.optim.Optimizer:
+    """SGD with momentum, as in the DDP test: per-element state that rounds must zero, and no division by
+    sqrt(v) that would amplify the reduce-scatter's summation-order differences on tiny gradients. The
+    final norm sits in a group of its own at lr 0, so that its gradient changes no weight."""
+    norm = model.model.norm.weight
+    rest = [p for p in model.parameters() if p.requires_grad and p is not norm]
+    return torch.optim.SGD([{"params": rest}, {"params": [norm], "lr": 0.0}], lr=LR[form], momentum=0.9)
 
 
 def config(form: str = "svd") -> elalora.ElaLoRAConfig:
@@ -51,6 +67,7 @@ def main(out: str, form: str = "svd") -> None:
     model = tiny_llama(seed=0)
     cfg = config(form)
     handle = elalora.get_model(model, cfg)
+    norm_trainable(model)
     assert {a.kind for a in handle.adapters} == {form}
     if distributed:
         from torch.distributed.fsdp import fully_shard
@@ -60,9 +77,7 @@ def main(out: str, form: str = "svd") -> None:
         fully_shard(model)
         assert all(type(p).__name__ == "DTensor" for _, p, _ in handle.adapters[0].slot_parameters())
     torch.manual_seed(1000 + rank)  # processes' global RNGs differ on purpose: decisions must not depend on them
-    # SGD with momentum, as in the DDP test: per-element state that rounds must zero, and no division by
-    # sqrt(v) that would amplify the reduce-scatter's summation-order differences on tiny gradients.
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR[form], momentum=0.9)
+    opt = optimizer(model, form)
     g = torch.Generator().manual_seed(5)
     model.train()
     losses = []
@@ -73,6 +88,13 @@ def main(out: str, form: str = "svd") -> None:
         loss = model(input_ids=xs, labels=xs).loss  # includes orth_reg_weight · R (forward hook; svd form)
         loss.backward()
         opt.step()
+        if t == POISON_STEP:
+            # what a grad scaler's skipped step looks like: a non-finite gradient on a module trained in full
+            # (here only in the last element, i.e. in the last process's shard). Every process must skip.
+            grad = model.model.norm.weight.grad
+            local = grad.to_local() if distributed else grad
+            if rank == world - 1:
+                local[-1] = float("inf")
         events = handle.step(opt)
         if events:
             assert_replicas_agree(handle)
@@ -95,7 +117,8 @@ def main(out: str, form: str = "svd") -> None:
     if rank == 0:
         torch.save({"pattern": handle.rank_pattern(), "events": [e.to_dict() for e in handle.events],
                     "params": params, "losses": losses, "masks": [a.active.clone() for a in handle.adapters],
-                    "digest": digest, "world": world, "resumed": resumed, "form": form}, out / "result.pt")
+                    "digest": digest, "world": world, "resumed": resumed, "form": form,
+                    "skipped": handle.importance.num_skipped}, out / "result.pt")
     if distributed:
         dist.destroy_process_group()
 
@@ -106,13 +129,14 @@ def _resume_matches(ckpt, cfg, opt, digest, distributed) -> bool:
 
     model = tiny_llama(seed=0)
     handle = elalora.get_model(model, cfg)
+    norm_trainable(model)
     if distributed:
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    opt2 = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR[cfg.form], momentum=0.9)
+    opt2 = optimizer(model, cfg.form)
     load_checkpoint(ckpt, handle, opt2)
     same = rank_pattern_digest(handle, include_weights=True) == digest and handle.step_count == STEPS
     bufs = lambda o: [full_tensor(o.state[p]["momentum_buffer"]) for g in o.param_groups for p in g["params"]]  # noqa: E731

@@ -132,6 +132,35 @@ def test_fp16_gradscaler_skip_touches_neither_scores_nor_ranks():
     assert h.importance.num_skipped == 1
 
 
+def test_a_head_added_to_the_optimizer_later_is_checked_too():
+    """handle.step lists the optimizer's non-adapter parameters once per optimizer (not every step), and
+    again when a parameter group is added: an overflow in a head added mid-run still skips the step."""
+    model = tiny_bert()
+    h = elalora.get_model(model, elalora.ElaLoRAConfig(r=3, form="svd", b=2, tinit=1, tfinal=1, delta_t=1,
+                                                       total_steps=10))
+    opt = torch.optim.SGD(h.adapter_parameters(), lr=1e-3)
+    model.train()
+    for t in range(2):
+        x, y = _batch(t)
+        model(input_ids=x, labels=y).loss.backward()
+        opt.step()
+        h.step(opt)
+        opt.zero_grad()
+    assert h._other_params(opt) == []
+    head = [p for n, p in model.named_parameters() if n.startswith("classifier")]
+    for p in head:
+        p.requires_grad_(True)
+    opt.add_param_group({"params": head, "lr": 0.0})
+    assert h._other_params(opt) == head
+    x, y = _batch(2)
+    model(input_ids=x, labels=y).loss.backward()
+    opt.step()
+    head[0].grad[0, 0] = float("nan")
+    assert h.step(opt) == [] and h.importance.num_skipped == 1
+    # a fresh optimizer over the adapters only: its own (empty) list, the old one's is not reused
+    assert h._other_params(torch.optim.SGD(h.adapter_parameters(), lr=1e-3)) == []
+
+
 def test_gradient_checkpointing():
     model = tiny_bert()
     import warnings

@@ -60,6 +60,18 @@ CPU_CHUNK_ELEMENTS = 1 << 19
 DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 
+
+def _count_nonfinite(gs: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """How many of ``gs`` hold a NaN or inf, as a 0-dim float32 tensor on their device (no host read):
+    one norm per tensor, since inf and NaN propagate through it."""
+    if not gs:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    try:
+        norms = torch._foreach_norm(gs)
+    except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover  (old backends)
+        norms = [g.abs().max() for g in gs]
+    return (~torch.isfinite(torch.stack([n.float() for n in norms]))).sum(dtype=torch.float32)
+
 class _Group:
     """Adapters with identical parameter shapes (and dtype, device): one row each in ``sens``/``unc``."""
 
@@ -253,19 +265,34 @@ class ImportanceTracker:
 
     # -------------------------------------------------------------------------------- update
     @staticmethod
-    def _grads_finite(grads: list[torch.Tensor]) -> bool:
-        """All gradients finite? One norm per tensor (inf and NaN propagate), one host sync."""
+    def _grads_finite(grads: list[torch.Tensor], others: Sequence[torch.Tensor] = ()) -> bool:
+        """All gradients finite? One norm per tensor (inf and NaN propagate), one host read per device.
+
+        ``others`` may be sharded DTensors (FSDP2 gradients of the modules trained in full): they are checked
+        on each process's local shard, and the per-process count of non-finite shards is summed over the
+        shards' mesh (one small all-reduce per mesh dimension), never gathered whole: every process then
+        reaches the same verdict from the same total.
+        """
         by_dev: dict[torch.device, list[torch.Tensor]] = {}
-        for g in grads:
-            by_dev.setdefault(g.device, []).append(g)
-        for gs in by_dev.values():
-            try:
-                norms = torch._foreach_norm(gs)
-            except (RuntimeError, TypeError, NotImplementedError):  # pragma: no cover  (old backends)
-                norms = [g.abs().max() for g in gs]
-            if not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
-                return False
-        return True
+        sharded: list[torch.Tensor] = []
+        for g in list(grads) + list(others):
+            if is_dtensor(g):
+                sharded.append(g)
+            else:
+                by_dev.setdefault(g.device, []).append(g)
+        flags = [_count_nonfinite(gs) for gs in by_dev.values()]
+        if sharded:
+            import torch.distributed as dist
+
+            local = [g.to_local() for g in sharded]
+            dev = local[0].device
+            bad = _count_nonfinite([t for t in local if t.numel()], dev)
+            meshes = {id(g.device_mesh): g.device_mesh for g in sharded}
+            for mesh in meshes.values():
+                for d in range(mesh.ndim):
+                    dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+            flags.append(bad)
+        return not any(bool(f.numpy()) for f in to_host(flags))
 
     def _chunk_sums(self, g: _Group, i0: int, i1: int, x: torch.Tensor) -> None:
         """``g.sums[i0:i1] = S_i`` from the state rows ``i0:i1`` (``x``: a ``(i1−i0) × row`` scratch)."""
@@ -305,8 +332,8 @@ class ImportanceTracker:
             params = [full_tensor(p.detach()) for p in params]
             grads = [None if g is None else full_tensor(g) for g in grads]
         present = [g for g in grads if g is not None]
-        present += [full_tensor(g) for g in other_grads if g is not None]
-        if present and not self._grads_finite(present):
+        others = [g for g in other_grads if g is not None]
+        if (present or others) and not self._grads_finite(present, others):
             self.num_skipped += 1
             return False
         b1, b2 = self.beta1, self.beta2

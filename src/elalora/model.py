@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -124,6 +125,7 @@ class AdaptiveModel:
         self.events: list[RankEvent] = []
         self.step_count = 0
         self.num_steps_without_grad = 0
+        self._others: tuple[Any, tuple[int, ...], list[nn.Parameter]] | None = None  # see _other_params
         self.initial_rank_pattern = self.rank_pattern()
         self._hook = None
         if getattr(config, "orth_reg_weight", 0) and adapter_form(config.form).has_orthogonality_penalty:
@@ -237,9 +239,7 @@ class AdaptiveModel:
                 skipped = True
             else:
                 # the optimizer's other gradients too: a grad scaler skips the step if any of them overflowed
-                mine = {id(p) for p in self.adapter_parameters()}
-                others = [] if optimizer is None else [p.grad for grp in optimizer.param_groups for p in grp["params"]
-                                                       if p.grad is not None and id(p) not in mine]
+                others = [p.grad for p in self._other_params(optimizer) if p.grad is not None]
                 skipped = not self.importance.update(others)
                 if skipped:
                     # Non-finite gradients: an fp16 step the grad scaler skipped (weights intact), or a
@@ -254,6 +254,26 @@ class AdaptiveModel:
         self.events.extend(events)
         self.step_count = t + 1
         return events
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.save(model) pickles the handle attached to it; the optimizer cache holds a weak reference
+        state = dict(self.__dict__)
+        state["_others"] = None
+        return state
+
+    def _other_params(self, optimizer: torch.optim.Optimizer | None) -> list[nn.Parameter]:
+        """The optimizer's parameters that are not adapter weights (a head trained in full), listed once per
+        optimizer and again only when its parameter groups change: the per-step call must not rebuild a set
+        of every adapter parameter's id."""
+        if optimizer is None:
+            return []
+        sizes = tuple(len(grp["params"]) for grp in optimizer.param_groups)
+        cached = self._others
+        if cached is None or cached[0]() is not optimizer or cached[1] != sizes:
+            mine = {id(p) for p in self.adapter_parameters()}
+            others = [p for grp in optimizer.param_groups for p in grp["params"] if id(p) not in mine]
+            self._others = cached = (weakref.ref(optimizer), sizes, others)
+        return cached[2]
 
     @torch.no_grad()
     def check_finite(self, step: int | None = None) -> None:
