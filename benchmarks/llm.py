@@ -211,7 +211,7 @@ def heldout_nll(model, tokenizer, pairs, *, max_length: int, batch_size: int) ->
     """Per-token NLL of the targets of ``pairs`` (teacher-forced): the sum over every target and EOS token of
     ``-log p(token | prefix)``, divided by the number of those tokens (``elalora.tasks.CausalLMCollator``'s
     labels: the prompt and the padding are not scored). Examples are batched in length order (the result does
-    not depend on the batching up to float summation order)."""
+    not depend on the batching up to float summation order). Per-token terms in float32, their sum in float64."""
     import torch
 
     from elalora.tasks.collate import CausalLMCollator
@@ -228,10 +228,11 @@ def heldout_nll(model, tokenizer, pairs, *, max_length: int, batch_size: int) ->
             b = collate(exs[i:i + batch_size])
             logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
             lab = b["labels"][:, 1:].to(device)
-            lp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
             keep = lab != -100
-            tok_lp = lp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            total -= float(tok_lp[keep].sum())
+            # only the scored positions, in float32 (a log-softmax over the 49k-word vocabulary at every position
+            # in float64 cost as much as the forward); the per-token terms are summed in float64
+            tok_nll = torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), lab[keep], reduction="none")
+            total += float(tok_nll.double().sum())
             count += int(keep.sum())
     model.train(was)
     return {"nll": total / count, "nll_tokens": count, "nll_examples": len(exs)}

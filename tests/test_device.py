@@ -326,3 +326,17 @@ def test_to_host_and_to_device_copy_in_one_transfer_per_device_exactly():
     back = layers_mod.to_device(out[:3], [torch.device("cpu")] * 3)
     assert layers_mod.TRANSFERS["to_device"] == before.get("to_device", 0) + 1
     assert all(torch.equal(x, y) for x, y in zip([a, m, i], back))
+
+
+def test_the_packed_transfer_keeps_every_value_and_dtype():
+    """What a GPU transfer runs (host to host takes plain copies, so the packing is pinned here directly):
+    float32, bool and int64 beyond 2**24 packed in one buffer come back exact, as copies."""
+    a = torch.tensor([1.5, -2.0, 3.25e-8], dtype=torch.float32)
+    m = torch.tensor([True, False, True])
+    i = torch.tensor([3, 2**40 + 1], dtype=torch.long)
+    b = torch.tensor([[0.5, 2.0]], dtype=torch.bfloat16)
+    out = layers_mod._packed([a, m, i, b, torch.zeros(0)], torch.device("cpu"))
+    for x, y in zip([a, m, i, b], out):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y) and x.data_ptr() != y.data_ptr()
+    meta = layers_mod.to_device([a, m, i], [torch.device("meta")] * 3)  # a non-host target takes the packed path
+    assert [t.device.type for t in meta] == ["meta"] * 3 and [t.dtype for t in meta] == [a.dtype, m.dtype, i.dtype]

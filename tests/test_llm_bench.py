@@ -106,7 +106,8 @@ def test_heldout_nll_equals_the_models_teacher_forced_loss(llm, tmp_path):
     lab = one["labels"][0, 1:]
     keep = lab != -100
     hand = -float(lp[keep].gather(-1, lab[keep].unsqueeze(-1)).mean())
-    assert llm.heldout_nll(model, tok, pairs[:1], max_length=64, batch_size=1)["nll"] == pytest.approx(hand, rel=1e-9)
+    # (float32 per-token terms against a float64 log-softmax: a few float32 ulp of each term)
+    assert llm.heldout_nll(model, tok, pairs[:1], max_length=64, batch_size=1)["nll"] == pytest.approx(hand, rel=1e-6)
 
 
 def test_power_rule_and_lane_split(llm):

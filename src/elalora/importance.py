@@ -275,7 +275,9 @@ class ImportanceTracker:
         """
         by_dev: dict[torch.device, list[torch.Tensor]] = {}
         sharded: list[torch.Tensor] = []
-        for g in list(grads) + list(others):
+        for g in grads:  # the adapters' gradients: whole tensors here (update() gathers sharded ones)
+            by_dev.setdefault(g.device, []).append(g)
+        for g in others:
             if is_dtensor(g):
                 sharded.append(g)
             else:

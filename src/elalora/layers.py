@@ -88,19 +88,31 @@ def _common_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
     return torch.float32
 
 
+def _packed(ts: Sequence[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+    """Copies of ``ts`` (one source device) on ``dev`` in one transfer: flattened, concatenated in a dtype
+    that holds them all exactly, moved, split and cast back."""
+    common = _common_dtype({t.dtype for t in ts})
+    # cat always copies, so the result never aliases the source (also when both are the CPU)
+    flat = torch.cat([t.reshape(-1).to(common) for t in ts]).to(dev)  # the one transfer
+    return [part.view(t.shape).to(t.dtype) for t, part in zip(ts, torch.split(flat, [t.numel() for t in ts]))]
+
+
 def _move(tensors: Sequence[torch.Tensor], targets: Sequence[torch.device], key: str) -> list[torch.Tensor]:
     out: list[torch.Tensor | None] = [None] * len(tensors)
     batches: dict[tuple[torch.device, torch.device], list[int]] = {}
     for i, (t, dev) in enumerate(zip(tensors, targets)):
         batches.setdefault((t.device, torch.device(dev)), []).append(i)
-    for (_, dev), ids in batches.items():
-        ts = [tensors[i].detach() for i in ids]
-        common = _common_dtype({t.dtype for t in ts})
-        # cat always copies, so the result never aliases the source (also when both are the CPU)
-        flat = torch.cat([t.reshape(-1).to(common) for t in ts]).to(dev)  # the one transfer
+    for (src, dev), ids in batches.items():
+        ts = [tensors[i].detach() if tensors[i].requires_grad else tensors[i] for i in ids]
         TRANSFERS[key] += 1
-        for i, t, part in zip(ids, ts, torch.split(flat, [t.numel() for t in ts])):
-            out[i] = part.view(t.shape).to(t.dtype)
+        if src.type == "cpu" and dev.type == "cpu":
+            # host to host: nothing to synchronise, so no packing (on thousands of small tensors the casts,
+            # the cat and the split cost more than plain copies); the same values and the same semantics
+            moved = [t.clone() for t in ts]
+        else:
+            moved = _packed(ts, dev)
+        for i, t in zip(ids, moved):
+            out[i] = t
     return out  # type: ignore[return-value]
 
 
@@ -117,13 +129,23 @@ def to_device(tensors: Sequence[torch.Tensor], devices: Sequence[torch.device]) 
     return _move(tensors, devices, "to_device")
 
 
-def is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2)."""
+def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover  (torch built without distributed)
-        return False
-    return isinstance(t, DTensor)
+        return None
+    return DTensor
+
+
+_DTENSOR: list = []  # the class, looked up once (is_dtensor runs per gradient on every step)
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2)."""
+    if not _DTENSOR:
+        _DTENSOR.append(_dtensor_class())
+    cls = _DTENSOR[0]
+    return cls is not None and isinstance(t, cls)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -62,8 +62,9 @@ def _padded_rows(rows: list[torch.Tensor], width: int, fill) -> torch.Tensor:
     with a few hundred matrices (benchmarks/alloc_scaling.py). Rows not on the CPU are read in one
     transfer per device (:func:`~elalora.layers.to_host`); the allocators pass host rows.
     """
-    rows = [x.detach() for x in rows]
-    if any(x.device.type != "cpu" for x in rows):
+    # (host rows never need it, and on thousands of unbind() views detach() alone cost most of a round)
+    rows = [x.detach() if x.requires_grad else x for x in rows]
+    if not all(x.is_cpu for x in rows):
         rows = to_host(rows)
     m = None
     if all(x.numel() == width for x in rows):
