@@ -140,7 +140,8 @@ def prepare(spec: RunSpec) -> Prepared:
     log(f"elalora train: task {task.name} ({len(train)} train / {len(evals)} eval examples), method {spec.method}, "
         f"r={spec.r}, {len(module_names)} adapted matrices of {model_path}{'/' + gguf_file if gguf_file else ''}, "
         f"{total_steps} optimizer steps, {torch.get_num_threads()} CPU thread(s)")
-    log(f"pooling: {loaded.pooling} ({loaded.pooling_reason})")
+    if task.kind in ("classification", "regression"):  # the only tasks whose head pools (resolve_pooling)
+        log(f"pooling: {loaded.pooling} ({loaded.pooling_reason})")
     return Prepared(spec, task, train, evals, val_examples, total_steps, model_path, gguf_file, max_length, tokenizer,
                     model, image_processor, collate, head, module_names, targets, config)
 
