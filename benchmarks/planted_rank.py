@@ -559,6 +559,67 @@ def llm_cell(*, method: str, r: int, seed: int, steps: int, tiny: bool = False, 
             "active_params": active, "seconds": round(time.time() - t0, 1), **extra}
 
 
+LLM_DIAGNOSIS_JSONL = ROOT / "benchmarks" / "results" / "llm_planted_diagnosis.jsonl"
+
+
+def llm_diagnose(*, r: int, seed: int, n_batches: int = 8, tiny: bool = False, context: dict | None = None,
+                 data_dir: Path | None = None) -> dict:
+    """Why the control ends where it does: can a gradient find the planted matrices at all?
+
+    At the start of training (student = the base, no adapter), over ``n_batches`` training batches of the control,
+    the gradient ``G = ∂L/∂W`` of the distillation loss for each of the 210 weights, and per matrix: ``‖G‖_F``
+    (what any gradient-magnitude importance grows from: ElaLoRA's ``|w·∂L/∂w|`` of a LoRA pair is driven by it),
+    the share of ``‖G‖²`` in its top ``2r`` singular values (a planted low-rank error makes ``G`` low-rank), and
+    ``‖G‖_F / ‖W‖_F`` (the gradient relative to the weight's scale). Records the rank (1 = largest) of each planted
+    matrix among all matrices by each measure, and the mean of each measure per layer.
+    """
+    ctx = context if context is not None else {}
+    if ctx.get("tiny") != tiny:
+        ctx["base"], ctx["tok"] = llm_base(tiny)
+        ctx["tiny"] = tiny
+        d = data_dir or ROOT.parent / "shared" / "data"
+        ctx["train_text"], ctx["dev_text"] = llm_texts(d, "train"), llm_texts(d, "dev", 128)
+    base, tok = ctx["base"], ctx["tok"]
+    names = llm_target_names(base)
+    ranks = llm_planted_ranks(len(names), r)
+    teacher = Distill(copy.deepcopy(base))
+    plant(teacher.bert, names, ranks, seed)
+    teacher.eval()
+    student = Distill(copy.deepcopy(base))
+    for p in student.parameters():
+        p.requires_grad_(False)
+    weights = [student.bert.get_submodule(n).weight for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    for b in batches(tok, ctx["train_text"], LLM_SHARED["batch_size"], LLM_SHARED["max_length"], seed, n_batches):
+        with torch.no_grad():
+            tgt = teacher(**b).last_hidden_state
+        (student(**b, target=tgt)["loss"] / n_batches).backward()
+    k = 2 * r
+    measures: dict[str, list[float]] = {"grad_norm": [], "top2r_share": [], "grad_over_weight": []}
+    for w in weights:
+        g = w.grad.double()
+        sv = torch.linalg.svdvals(g)
+        measures["grad_norm"].append(float(g.norm()))
+        measures["top2r_share"].append(float((sv[:k] ** 2).sum() / (sv ** 2).sum()))
+        measures["grad_over_weight"].append(float(g.norm() / w.detach().double().norm()))
+    planted_idx = [i for i, x in enumerate(ranks) if x > 0]
+
+    def place(vals: list[float], i: int) -> int:
+        return 1 + sum(v > vals[i] for v in vals)
+
+    layer = [int(n.split(".")[1]) if n.split(".")[0] == "layers" else 0 for n in names]
+    per_layer = {m: [float(np.mean([v for v, lay in zip(vals, layer) if lay == L])) for L in sorted(set(layer))]
+                 for m, vals in measures.items()}
+    return {"base": "tiny-llama" if tiny else "smollm2-135m", "r": r, "seed": seed, "n_batches": n_batches,
+            "n_matrices": len(names), "planted": [names[i] for i in planted_idx],
+            "planted_ranks": [ranks[i] for i in planted_idx],
+            "planted_place": {m: [place(vals, i) for i in planted_idx] for m, vals in measures.items()},
+            "planted_value": {m: [vals[i] for i in planted_idx] for m, vals in measures.items()},
+            "median": {m: float(np.median(vals)) for m, vals in measures.items()},
+            "per_layer_mean": per_layer}
+
+
 def llm_key(rec) -> tuple:
     return (rec["base"], rec["method"], int(rec["r"]), int(rec["seed"]), int(rec["steps"]), float(rec["lr"]))
 
@@ -575,8 +636,21 @@ def llm_main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", default=str(LLM_JSONL))
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--diagnose", action="store_true", help="no training: where the start-of-training gradient puts "
+                    "the planted matrices among all 210 (llm_diagnose), one record per seed")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.diagnose:
+        path = Path(args.results) if args.results != str(LLM_JSONL) else LLM_DIAGNOSIS_JSONL
+        ctx: dict = {}
+        for seed in [int(s) for s in args.seeds.split(",") if s]:
+            rec = llm_diagnose(r=args.r, seed=seed, tiny=args.tiny, context=ctx,
+                               data_dir=Path(args.data_dir) if args.data_dir else None)
+            rec.update(threads=args.threads, date=time.strftime("%Y-%m-%d %H:%M:%S"), provenance=provenance())
+            append_record(rec, path)
+            print(f"llm control diagnosis seed={seed}: planted places (of {rec['n_matrices']}) "
+                  f"{rec['planted_place']}", flush=True)
+        return 0
     steps = args.steps or (6 if args.tiny else LLM_SHARED["steps"])
     path = Path(args.results)
     done = {llm_key(x) for x in read_records(path)}
