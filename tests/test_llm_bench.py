@@ -164,3 +164,21 @@ def test_llm_planted_control_runs_tiny_and_resumes(llm, planted, tmp_path, capsy
     assert uniform["final_ranks"] == [4] * 14 and sum(ela["final_ranks"]) <= 4 * 14
     assert planted.llm_main(argv) == 0 and len(res.read_text().splitlines()) == 2
     assert "recorded, skipped" in capsys.readouterr().out
+
+
+def test_llm_control_diagnosis_places_each_planted_matrix_among_all(llm, planted, tmp_path):
+    """--diagnose: the start-of-training gradient of every weight, and the place (1 = largest) of each planted
+    matrix among all by each measure. Hand check on the record itself: the places follow from the values."""
+    res = tmp_path / "diag.jsonl"
+    argv = ["--tiny", "--diagnose", "--seeds", "0", "--results", str(res), "--data-dir", str(llm.default_data_dir())]
+    assert planted.llm_main(argv) == 0
+    (rec,) = [json.loads(line) for line in res.read_text().splitlines()]
+    assert rec["n_matrices"] == 14 and len(rec["planted"]) == 6 and sorted(rec["planted_ranks"]) == [2, 4, 6, 6, 8, 8]
+    for m in ("grad_norm", "top2r_share", "grad_over_weight"):
+        places, values = rec["planted_place"][m], rec["planted_value"][m]
+        assert all(1 <= p <= 14 for p in places) and all(math.isfinite(v) and v >= 0 for v in values)
+        # among the planted ones, a larger value never has a worse (larger) place
+        for (pa, va), (pb, vb) in zip(sorted(zip(places, values)), sorted(zip(places, values))[1:]):
+            assert va >= vb
+        assert len(rec["per_layer_mean"][m]) == 2
+    assert all(0 < v <= 1 for v in rec["planted_value"]["top2r_share"])
