@@ -80,6 +80,9 @@ ARMS: Mapping[str, Arm] = _arms(
     # planted only: PEFT LoRA at lora_alpha 2r, the LoRA form's scale (the planted study's "peft-lora" runs PEFT's
     # own default, lora_alpha 8)
     Arm("peft-lora-2r", "lora", "PEFT LoRA, lora_alpha 2r", "lora"),
+    # LLM control only: PEFT LoRA whose ranks are the planted ones (capped at 2r), the rest at r and a few at r - 1 so
+    # that the total rank is uniform LoRA's: what a perfect allocation could reach (the control's headroom)
+    Arm("peft-lora-oracle", "lora", "PEFT LoRA at the planted ranks (oracle), lora_alpha 2r", "lora"),
     Arm("peft-lora-eva", "peft-lora-eva", "PEFT LoRA + EVA", "lora"),
     Arm("peft-adalora", "peft-adalora", "PEFT AdaLoRA", "svd",
         study_labels={"planted": "PEFT AdaLoRA (γ = 0.5, PEFT default)"}),

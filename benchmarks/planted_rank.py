@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -196,8 +197,9 @@ def plant(model: nn.Module, names: list[str], ranks: list[int], seed: int) -> No
 
 # ---------------------------------------------------------------------------------- students
 def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap: int, steps: int, seed: int,
-                  plan_batches: list[dict], val_batch: dict):
-    """(model, step_fn(optimizer, t), ranks_fn() -> list[int]) for one method."""
+                  plan_batches: list[dict], val_batch: dict, oracle_ranks: list[int] | None = None):
+    """(model, step_fn(optimizer, t), ranks_fn() -> list[int]) for one method. ``oracle_ranks``: the fixed rank of
+    every matrix for ``peft-lora-oracle`` (PEFT LoRA with a rank pattern, alpha 2 × rank: the same scale as 2r)."""
     import elalora
     from elalora.allocation.gelora import plan_gelora
 
@@ -208,7 +210,14 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
     if m in ("lora", "peft-adalora", "gelora"):
         import peft
 
-        if m == "lora":
+        if method == "peft-lora-oracle":
+            if oracle_ranks is None or len(oracle_ranks) != len(names) or min(oracle_ranks) < 1:
+                raise ValueError("peft-lora-oracle needs a rank >= 1 for every matrix (oracle_ranks)")
+            pattern = {re.escape(n): k for n, k in zip(fnames, oracle_ranks) if k != r}
+            cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, rank_pattern=pattern,
+                                  alpha_pattern={n: 2 * k for n, k in pattern.items()}, target_modules=fnames,
+                                  lora_dropout=0.0)
+        elif m == "lora":
             alpha = 2 * r if method == "peft-lora-2r" else 8  # 8: PEFT's default
             cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=fnames, lora_dropout=0.0)
         elif m == "gelora":  # the plan trained as PEFT LoRA, as `elalora train --method gelora` does
@@ -229,6 +238,8 @@ def build_student(method: str, base: nn.Module, names: list[str], *, r: int, cap
                 pm.base_model.update_and_allocate(t)
 
         def ranks_fn():
+            if method == "peft-lora-oracle":
+                return [int(pm.base_model.model.get_submodule(n).r["default"]) for n in fnames]
             if m == "lora":
                 return [r] * len(names)
             if m == "gelora":
@@ -481,6 +492,22 @@ def llm_planted_ranks(n: int, r: int) -> list[int]:
     return ranks
 
 
+def llm_oracle_ranks(planted: list[int], r: int, cap: int) -> list[int]:
+    """The oracle's fixed ranks: each planted matrix at its planted rank (at most ``cap``), every other at ``r``, and
+    as many others as needed, evenly spread, one lower, so that the total is uniform LoRA's ``r × n``."""
+    out = [min(k, cap) if k > 0 else r for k in planted]
+    extra = sum(out) - r * len(out)
+    others = [i for i, k in enumerate(planted) if k == 0]
+    if extra < 0 or extra > len(others) * (r - 1):
+        raise ValueError(f"no oracle with total rank {r * len(out)}: planted ranks {planted}")
+    while extra:  # each pass lowers up to len(others) distinct matrices by one, evenly spaced
+        m = min(extra, len(others))
+        for j in range(m):
+            out[others[((2 * j + 1) * len(others)) // (2 * m)]] -= 1
+        extra -= m
+    return out
+
+
 def llm_texts(data_dir: Path, split: str, n: int | None = None) -> list[str]:
     """Real text: E2E references and XSum documents (train: valid.txt and XSum 0-799; dev: test.txt and
     XSum 800-999), interleaved so that any prefix holds both."""
@@ -538,7 +565,8 @@ def llm_cell(*, method: str, r: int, seed: int, steps: int, tiny: bool = False, 
     eval_b = batches(tok, ctx["dev_text"], 32, max_length, 0, 4)
     t0 = time.time()
     model, step_fn, ranks_fn, gamma, extra_fn = build_student(method, base, names, r=r, cap=2 * r, steps=steps,
-                                                              seed=seed, plan_batches=[], val_batch={})
+                                                              seed=seed, plan_batches=[], val_batch={},
+                                                              oracle_ranks=llm_oracle_ranks(ranks, r, 2 * r))
     start_loss = heldout_loss(model, teacher, eval_b)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps))

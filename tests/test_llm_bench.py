@@ -182,3 +182,20 @@ def test_llm_control_diagnosis_places_each_planted_matrix_among_all(llm, planted
             assert va >= vb
         assert len(rec["per_layer_mean"][m]) == 2
     assert all(0 < v <= 1 for v in rec["planted_value"]["top2r_share"])
+
+
+def test_llm_control_oracle_has_the_planted_ranks_at_uniform_total(llm, planted, tmp_path):
+    """The headroom check: PEFT LoRA at the planted ranks (capped at 2r), the same total rank as uniform LoRA."""
+    pl = planted.llm_planted_ranks(210, 4)
+    o = planted.llm_oracle_ranks(pl, 4, 8)
+    assert sum(o) == 4 * 210 and [o[i] for i, k in enumerate(pl) if k] == [8, 8, 6, 6, 4, 2]
+    assert sorted(set(o[i] for i, k in enumerate(pl) if not k)) == [3, 4] and o.count(3) == 10
+    with pytest.raises(ValueError, match="no oracle"):
+        planted.llm_oracle_ranks([9, 0], 1, 9)
+    res = tmp_path / "oracle.jsonl"
+    argv = ["--tiny", "--methods", "peft-lora-oracle", "--seeds", "0", "--steps", "2", "--results", str(res),
+            "--data-dir", str(llm.default_data_dir())]
+    assert planted.llm_main(argv) == 0
+    (rec,) = [json.loads(line) for line in res.read_text().splitlines()]
+    assert rec["final_ranks"] == planted.llm_oracle_ranks(rec["planted_ranks"], 4, 8)
+    assert sum(rec["final_ranks"]) == 4 * 14 and math.isfinite(rec["rel_loss"])
