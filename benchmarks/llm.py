@@ -465,7 +465,8 @@ def render_planted(planted: list[dict], base: str = "smollm2-135m") -> str:
         if m != "peft-lora-2r" and d:
             mu = statistics.mean(d)
             half = t_quantile(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-            pair = f"{mu:+.4f} [{mu - half:+.4f}, {mu + half:+.4f}] (n={len(d)}, lower in {sum(x < 0 for x in d)})"
+            ci = f" [{mu - half:+.4f}, {mu + half:+.4f}]" if len(d) > 1 else ""  # no interval from one pair
+            pair = f"{mu:+.4f}{ci} (n={len(d)}, lower in {sum(x < 0 for x in d)})"
         rows.append([lab, len(v),
                      f"{statistics.mean(v):.4f}" + (f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""),
                      f"{statistics.mean(sh):.1%}", f"{statistics.mean(got[s]['active_params'] for s in got):,.0f}",
