@@ -545,22 +545,29 @@ def llm_target_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in LLM_TARGETS]
 
 
-def llm_cell(*, method: str, r: int, seed: int, steps: int, tiny: bool = False, context: dict | None = None,
-             batch_size: int = LLM_SHARED["batch_size"], max_length: int = LLM_SHARED["max_length"],
-             lr: float = LLM_SHARED["lr"], data_dir: Path | None = None) -> dict:
-    """One student of the LLM control: its held-out loss relative to the base's, and where its rank went."""
-    ctx = context if context is not None else {}
+def llm_teacher(ctx: dict, *, tiny: bool, data_dir: Path | None, r: int, seed: int):
+    """``(base, tokenizer, target names, planted ranks, teacher)`` of the control at ``seed``; the base, tokenizer
+    and texts are loaded once into ``ctx`` and reused by the next call."""
     if ctx.get("tiny") != tiny:
         ctx["base"], ctx["tok"] = llm_base(tiny)
         ctx["tiny"] = tiny
         d = data_dir or ROOT.parent / "shared" / "data"
         ctx["train_text"], ctx["dev_text"] = llm_texts(d, "train"), llm_texts(d, "dev", 128)
-    base, tok = ctx["base"], ctx["tok"]
+    base = ctx["base"]
     names = llm_target_names(base)
     ranks = llm_planted_ranks(len(names), r)
     teacher = Distill(copy.deepcopy(base))
     plant(teacher.bert, names, ranks, seed)
     teacher.eval()
+    return base, ctx["tok"], names, ranks, teacher
+
+
+def llm_cell(*, method: str, r: int, seed: int, steps: int, tiny: bool = False, context: dict | None = None,
+             batch_size: int = LLM_SHARED["batch_size"], max_length: int = LLM_SHARED["max_length"],
+             lr: float = LLM_SHARED["lr"], data_dir: Path | None = None) -> dict:
+    """One student of the LLM control: its held-out loss relative to the base's, and where its rank went."""
+    ctx = context if context is not None else {}
+    base, tok, names, ranks, teacher = llm_teacher(ctx, tiny=tiny, data_dir=data_dir, r=r, seed=seed)
     train = batches(tok, ctx["train_text"], batch_size, max_length, seed, steps)
     eval_b = batches(tok, ctx["dev_text"], 32, max_length, 0, 4)
     t0 = time.time()
@@ -602,17 +609,7 @@ def llm_diagnose(*, r: int, seed: int, n_batches: int = 8, tiny: bool = False, c
     matrix among all matrices by each measure, and the mean of each measure per layer.
     """
     ctx = context if context is not None else {}
-    if ctx.get("tiny") != tiny:
-        ctx["base"], ctx["tok"] = llm_base(tiny)
-        ctx["tiny"] = tiny
-        d = data_dir or ROOT.parent / "shared" / "data"
-        ctx["train_text"], ctx["dev_text"] = llm_texts(d, "train"), llm_texts(d, "dev", 128)
-    base, tok = ctx["base"], ctx["tok"]
-    names = llm_target_names(base)
-    ranks = llm_planted_ranks(len(names), r)
-    teacher = Distill(copy.deepcopy(base))
-    plant(teacher.bert, names, ranks, seed)
-    teacher.eval()
+    base, tok, names, ranks, teacher = llm_teacher(ctx, tiny=tiny, data_dir=data_dir, r=r, seed=seed)
     student = Distill(copy.deepcopy(base))
     for p in student.parameters():
         p.requires_grad_(False)
@@ -648,6 +645,12 @@ def llm_diagnose(*, r: int, seed: int, n_batches: int = 8, tiny: bool = False, c
             "per_layer_mean": per_layer}
 
 
+def append_stamped(rec: dict, path: Path, threads: int) -> None:
+    """Append one record with its thread count, date and provenance (machine, versions, commit)."""
+    rec.update(threads=threads, date=time.strftime("%Y-%m-%d %H:%M:%S"), provenance=provenance())
+    append_record(rec, path)
+
+
 def llm_key(rec) -> tuple:
     return (rec["base"], rec["method"], int(rec["r"]), int(rec["seed"]), int(rec["steps"]), float(rec["lr"]))
 
@@ -668,14 +671,13 @@ def llm_main(argv=None) -> int:
                     "the planted matrices among all 210 (llm_diagnose), one record per seed")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    data_dir = Path(args.data_dir) if args.data_dir else None
     if args.diagnose:
         path = Path(args.results) if args.results != str(LLM_JSONL) else LLM_DIAGNOSIS_JSONL
         ctx: dict = {}
         for seed in [int(s) for s in args.seeds.split(",") if s]:
-            rec = llm_diagnose(r=args.r, seed=seed, tiny=args.tiny, context=ctx,
-                               data_dir=Path(args.data_dir) if args.data_dir else None)
-            rec.update(threads=args.threads, date=time.strftime("%Y-%m-%d %H:%M:%S"), provenance=provenance())
-            append_record(rec, path)
+            rec = llm_diagnose(r=args.r, seed=seed, tiny=args.tiny, context=ctx, data_dir=data_dir)
+            append_stamped(rec, path, args.threads)
             print(f"llm control diagnosis seed={seed}: planted places (of {rec['n_matrices']}) "
                   f"{rec['planted_place']}", flush=True)
         return 0
@@ -690,9 +692,8 @@ def llm_main(argv=None) -> int:
                 print(f"llm control {method} r={args.r} seed={seed}: recorded, skipped", flush=True)
                 continue
             rec = llm_cell(method=method, r=args.r, seed=seed, steps=steps, tiny=args.tiny, context=ctx,
-                           data_dir=Path(args.data_dir) if args.data_dir else None)
-            rec.update(threads=args.threads, date=time.strftime("%Y-%m-%d %H:%M:%S"), provenance=provenance())
-            append_record(rec, path)
+                           data_dir=data_dir)
+            append_stamped(rec, path, args.threads)
             print(f"llm control {method} r={args.r} seed={seed}: rel_loss {rec['rel_loss']:.4f}, planted share "
                   f"{rec['planted_share']:.3f} (uniform {rec['uniform_share']:.3f}) ({rec['seconds']} s)", flush=True)
     return 0
