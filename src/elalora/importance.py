@@ -282,7 +282,7 @@ class ImportanceTracker:
                 sharded.append(g)
             else:
                 by_dev.setdefault(g.device, []).append(g)
-        flags = [_count_nonfinite(gs) for gs in by_dev.values()]
+        flags = {dev: _count_nonfinite(gs) for dev, gs in by_dev.items()}
         if sharded:
             import torch.distributed as dist
 
@@ -293,8 +293,9 @@ class ImportanceTracker:
             for mesh in meshes.values():
                 for d in range(mesh.ndim):
                     dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
-            flags.append(bad)
-        return not any(bool(f.numpy()) for f in to_host(flags))
+            flags[dev] = flags[dev] + bad if dev in flags else bad
+        # one read per device (a sync on an accelerator), as the step's only one
+        return not any(bool(f) for f in flags.values())
 
     def _chunk_sums(self, g: _Group, i0: int, i1: int, x: torch.Tensor) -> None:
         """``g.sums[i0:i1] = S_i`` from the state rows ``i0:i1`` (``x``: a ``(i1−i0) × row`` scratch)."""
