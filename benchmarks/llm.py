@@ -278,14 +278,17 @@ def arm_rs(arm: str) -> tuple[int, ...]:
 
 
 def plan(stage: str, tasks, arms, rs, seeds) -> list[tuple]:
-    """Cells ``(stage, task, arm, r, seed)``; the arms of one (task, r, seed) run one after another
-    (interleaved), the pilot's seeds first, the large budgets last."""
+    """Cells ``(stage, task, arm, r, seed, lr)``; the arms of one (task, r, seed) run one after another
+    (interleaved), the pilot's seeds first, the large budgets last. An lr-selection cell names its lr (each
+    candidate is its own cell, so lanes share them); a grid cell's lr is None: the lr stage's choice, read
+    when the cell starts."""
     out = []
     if stage in ("lr", "all"):
-        out += [("lr", t, FAMILY_REFERENCE[ARMS[a]["family"]], LR_SELECT_R, LR_SELECT_SEED)
-                for t in tasks for a in arms if a == FAMILY_REFERENCE[ARMS[a]["family"]]]
+        out += [("lr", t, FAMILY_REFERENCE[ARMS[a]["family"]], LR_SELECT_R, LR_SELECT_SEED, lr)
+                for t in tasks for a in arms if a == FAMILY_REFERENCE[ARMS[a]["family"]] for lr in LRS]
     if stage in ("grid", "all"):
-        out += [("grid", t, a, r, s) for s in seeds for r in sorted(rs) for t in tasks for a in arms if r in arm_rs(a)]
+        out += [("grid", t, a, r, s, None)
+                for s in seeds for r in sorted(rs) for t in tasks for a in arms if r in arm_rs(a)]
     return out
 
 
@@ -644,37 +647,35 @@ def run_cells(stage, tasks, arms, rs, seeds, *, lane=(0, 1), max_cells=None, thr
         tok = load_tokenizer(model)
         data = {t: task_data(t, sizes, data_dir, Path(tmp), tok) for t in tasks}
         info = machine_info(threads or 0)
-        for i, (st, task, arm, r, seed) in enumerate(cells):
+        for i, (st, task, arm, r, seed, lr) in enumerate(cells):
             records = read_records(results)  # re-read: another lane may have appended
-            lr = fixed_lr if fixed_lr is not None else chosen_lr(records, task, ARMS[arm]["family"], sizes_name)
-            lrs = LRS if st == "lr" else [lr]
-            for lr in lrs:
-                if lr is None:
-                    print(f"[{i + 1}/{len(cells)}] {task} {arm} r={r} seed={seed}: waiting for the lr selection "
-                          f"(python benchmarks/llm.py --stage lr)", flush=True)
-                    continue
-                key = (PROTOCOL, st, task, arm, int(r), int(seed), float(lr), sizes_name)
-                if key in {cell_key(x) for x in records}:
-                    print(f"[{i + 1}/{len(cells)}] {st} {task} {arm} r={r} seed={seed} lr={lr:g}: recorded, skipped",
-                          flush=True)
-                    continue
-                if max_cells is not None and ran >= max_cells:
-                    return ran
-                print(f"[{i + 1}/{len(cells)}] {st} {task} {arm} r={r} seed={seed} lr={lr:g}: running "
-                      f"(load {loadavg()})", flush=True)
-                try:
-                    rec = run_cell(st, task, arm, r, seed, lr, data=data, sizes=sizes, sizes_name=sizes_name,
-                                   model=model, threads=threads, tok=tok)
-                except Exception:  # noqa: BLE001  (one failing cell must not stop the lane)
-                    print(f"cell failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-                    continue
-                rec["machine"] = {k: v for k, v in info.items() if k not in ("loadavg_start", "date")}
-                append_record(rec, results)
-                ran += 1
-                print(f"    done: NLL {rec['nll']:.4f} on {rec['nll_tokens']} tokens, active {rec['active_params']:,}"
-                      + (f", BLEU {rec['bleu']:.1f}" if "bleu" in rec else "") + f" ({rec['wall_s']:.0f} s)",
+            if lr is None:
+                lr = fixed_lr if fixed_lr is not None else chosen_lr(records, task, ARMS[arm]["family"], sizes_name)
+            if lr is None:
+                print(f"[{i + 1}/{len(cells)}] {task} {arm} r={r} seed={seed}: waiting for the lr selection "
+                      f"(python benchmarks/llm.py --stage lr)", flush=True)
+                continue
+            key = (PROTOCOL, st, task, arm, int(r), int(seed), float(lr), sizes_name)
+            if key in {cell_key(x) for x in records}:
+                print(f"[{i + 1}/{len(cells)}] {st} {task} {arm} r={r} seed={seed} lr={lr:g}: recorded, skipped",
                       flush=True)
-                records = read_records(results)
+                continue
+            if max_cells is not None and ran >= max_cells:
+                return ran
+            print(f"[{i + 1}/{len(cells)}] {st} {task} {arm} r={r} seed={seed} lr={lr:g}: running "
+                  f"(load {loadavg()})", flush=True)
+            try:
+                rec = run_cell(st, task, arm, r, seed, lr, data=data, sizes=sizes, sizes_name=sizes_name,
+                               model=model, threads=threads, tok=tok)
+            except Exception:  # noqa: BLE001  (one failing cell must not stop the lane)
+                print(f"cell failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+                continue
+            rec["machine"] = {k: v for k, v in info.items() if k not in ("loadavg_start", "date")}
+            append_record(rec, results)
+            ran += 1
+            print(f"    done: NLL {rec['nll']:.4f} on {rec['nll_tokens']} tokens, active {rec['active_params']:,}"
+                  + (f", BLEU {rec['bleu']:.1f}" if "bleu" in rec else "") + f" ({rec['wall_s']:.0f} s)",
+                  flush=True)
     return ran
 
 

@@ -122,6 +122,12 @@ def test_power_rule_and_lane_split(llm):
     # the arms of one (task, r, seed) are adjacent: interleaved
     first = cells[:len(llm.ARMS)]
     assert {c[2] for c in first} == set(llm.ARMS) and len({(c[1], c[3], c[4]) for c in first}) == 1
+    assert all(c[5] is None for c in cells)  # a grid cell reads the chosen lr when it starts
+    # each lr candidate is its own cell, so two lanes share the lr stage (2 + 1 cells, not 3 + 0)
+    lr_cells = llm.plan("lr", ["e2e"], list(llm.ARMS), [8], [0])
+    assert [c[5] for c in lr_cells] == list(llm.LRS) and len({c[:5] for c in lr_cells}) == 1
+    lanes = [[c for i, c in enumerate(lr_cells) if i % 2 == k] for k in (0, 1)]
+    assert [len(x) for x in lanes] == [2, 1]
 
 
 @pytest.fixture(scope="module")
