@@ -32,6 +32,26 @@ def interval(d: list[float]) -> tuple[float, float, float]:
     return mu, mu - h, mu + h
 
 
+def power_seeds(sd: float, effect: float = 1.0, cap: int = 30) -> int:
+    """Seeds for a paired two-sided t-test at 5 % to find a true mean difference ``effect`` with 80 % power, given
+    the sd of the paired differences (same unit): the smallest n ≥ 2 with
+    ``t(0.975, n−1) + t(0.80, n−1) ≤ effect·√n / sd``; ``cap`` when even ``cap`` seeds fall short."""
+    from scipy import stats
+
+    for n in range(2, cap + 1):
+        if stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1) <= effect * math.sqrt(n) / max(sd, 1e-12):
+            return n
+    return cap
+
+
+def detectable_effect(sd: float, n: int) -> float:
+    """The true mean difference that ``n`` paired seeds find with 80 % power at 5 % (two-sided), given the sd of
+    the paired differences: (t(0.975, n−1) + t(0.80, n−1))·sd/√n, the inverse of :func:`power_seeds`."""
+    from scipy import stats
+
+    return float((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n))
+
+
 def paired_cell(d: list[float]) -> str:
     """``mean [95 % t-interval] verdict (n=…)`` of paired differences ``d`` (one per seed): mean ±
     t(0.975, n−1)·sd/√n; "win"/"loss" only when the interval excludes 0, else "tie"."""

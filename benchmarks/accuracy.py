@@ -25,6 +25,8 @@ docs/results/glue_grid.md.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import tempfile
@@ -36,11 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _records as R  # noqa: E402
 import _stats as S  # noqa: E402
-from _common import loadavg, run_cells, train_cell, write_doc_block  # noqa: E402
+from _common import cpu_model, loadavg, md_table, run_cells, train_cell, write_doc_block  # noqa: E402
 from _peft_cells import peft_adalora, peft_lora_eva, peft_prepare  # noqa: E402
 from arms import ARMS, SCHEDULED, label  # noqa: E402
-from glue_protocols import (DEFAULT_STEPS, DELTA_T, LR_FAMILY, METRIC_NAME, PROTOCOLS, SELECT_LRS,  # noqa: E402, F401
-                            SHARED, TARGETS, TASKS, TRIVIAL, cell_settings, cell_shared, default_data_dir,
+from glue_protocols import (DEFAULT_STEPS, DELTA_T, LR_FAMILY, METRIC_NAME, PROTOCOLS, RERUN,  # noqa: E402, F401
+                            SELECT_LRS, SHARED, TARGETS, TASKS, TRIVIAL, cell_settings, cell_shared, default_data_dir,
                             model_path, protocol_settings, protocol_steps)
 
 JSONL = R.RESULTS / "accuracy.jsonl"
@@ -73,15 +75,100 @@ def carry_over(records: list[dict], todo: list[tuple], task_steps: dict, *, sour
 
 
 def grid(tasks, methods, rs, seeds, with_extra: bool) -> list[tuple]:
+    """Cells ``(task, method, r, seed)``, the arms of one (task, r, seed) next to each other: run in this order
+    (``--jobs 2`` runs two at a time), the arms of a comparison are interleaved in time on one machine.
+    ``seeds``: a list, or {task: list} (the power rule's seeds differ by task)."""
     cells = []
     for task in tasks:
+        task_seeds = seeds[task] if isinstance(seeds, dict) else seeds
         for r in sorted(set(rs) | (set(EXTRA_R) if with_extra else set())):
-            for method in methods:
-                if r not in rs and method not in EXTRA_R.get(r, []):
-                    continue
-                for seed in seeds:
-                    cells.append((task, method, r, seed))
+            for seed in task_seeds:
+                for method in methods:
+                    if r in rs or method in EXTRA_R.get(r, []):
+                        cells.append((task, method, r, seed))
     return cells
+
+
+def power_plan(records: list[dict], rerun: dict = RERUN, *, strict: bool = True) -> dict[str, dict]:
+    """The power rule of ``rerun`` (glue_protocols.RERUN; docs/results/glue_power.md) on the pilot's records:
+    per task, per r, the paired differences method − baseline (scores ×100) of the pilot seeds, their sd and the
+    seeds a 1-point difference needs (``_stats.power_seeds``); and the task's ``seeds``: the largest of those
+    over its r, capped, which every cell of the task gets. The rule reads only the sd, never the sign or the
+    mean, so it adds seeds alike to cells that lean either way. While a pilot cell is missing: SystemExit if
+    ``strict``, else the plan of what there is (a task's ``seeds`` None)."""
+    got: dict = {}
+    for rec in records:
+        if rec.get("protocol") == rerun["protocol"]:
+            got.setdefault((rec["task"], rec["method"], int(rec["r"])), {})[int(rec["seed"])] = 100 * rec["main"]
+    plan, missing = {}, []
+    for task in rerun["tasks"]:
+        rows = {}
+        for r in rerun["rs"]:
+            a, b = got.get((task, rerun["method"], r), {}), got.get((task, rerun["baseline"], r), {})
+            missing += [f"{task} {m} r={r} seed={s}" for m, x in ((rerun["method"], a), (rerun["baseline"], b))
+                        for s in rerun["pilot_seeds"] if s not in x]
+            d = [a[s] - b[s] for s in rerun["pilot_seeds"] if s in a and s in b]
+            sd = S.mean_sd(d)[1] if len(d) > 1 else math.nan
+            rows[r] = {"d": d, "sd": sd, "asks": S.power_seeds(sd, rerun["effect"], cap=10_000) if d else None}
+        complete = all(len(x["d"]) == len(rerun["pilot_seeds"]) for x in rows.values())
+        asks = max((x["asks"] or 0) for x in rows.values()) if complete else None
+        plan[task] = {"by_r": rows, "asks": asks, "seeds": min(asks, rerun["cap"]) if complete else None}
+    if missing and strict:
+        raise SystemExit(f"the power rule needs the whole pilot of protocol {rerun['protocol']}; missing "
+                         f"{len(missing)} cells ({', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}): run "
+                         f"python benchmarks/accuracy.py --protocol {rerun['protocol']} --tasks "
+                         f"{','.join(rerun['tasks'])} --methods {rerun['baseline']},{rerun['method']} --r "
+                         f"{','.join(map(str, rerun['rs']))} --seeds {','.join(map(str, rerun['pilot_seeds']))} "
+                         "--no-extra --jobs 2")
+    return plan
+
+
+def power_table(records: list[dict], rerun: dict = RERUN) -> str:
+    """The rerun's power rule as a table (docs/results/glue_power.md): per task and r, the paired differences'
+    sd, the seeds a 1-point difference asks for, the seeds run and the difference those seeds find with 80 %
+    power (``_stats.detectable_effect``); the labelled tasks from their v3 records; and the machines and package
+    versions the rerun's records came from (a comparison is never paired across them)."""
+    plan = power_plan(records, rerun, strict=False)
+    eff, cap = rerun["effect"], rerun["cap"]
+    head = ["task", "r", "pilot seeds", "sd of paired difference (points)", f"seeds for {eff:g} point at 80 % power",
+            "seeds run", "finds with 80 % power", "status"]
+    rows = []
+    for task in rerun["tasks"]:
+        p = plan[task]
+        have = {(x["method"], int(x["r"]), int(x["seed"])) for x in records
+                if x.get("protocol") == rerun["protocol"] and x["task"] == task}
+        ran = {s for (_, _, s) in have  # seeds whose every cell (both arms, every r) is done
+               if all((m, r, s) in have for m in (rerun["method"], rerun["baseline"]) for r in rerun["rs"])}
+        for r, x in p["by_r"].items():
+            if p["seeds"] is None:
+                rows.append([task.upper(), r, len(x["d"]), "pending", "pending", len(ran), "", "pilot pending"])
+                continue
+            n = p["seeds"]
+            capped = f" (cap {cap}): cannot resolve {eff:g} point" if p["asks"] > cap else ""
+            status = f"rerun at {n} seeds{capped}" + ("" if len(ran) >= n else f"; {n - len(ran)} seeds to go")
+            rows.append([task.upper(), r, len(x["d"]), f"{x['sd']:.2f}", x["asks"], len(ran),
+                         f"{S.detectable_effect(x['sd'], n):.2f} points", status])
+    old = power_plan(records, {**rerun, "protocol": rerun["labelled_from"], "tasks": rerun["labelled"]}, strict=False)
+    for task in rerun["labelled"]:
+        for r, x in old[task]["by_r"].items():
+            if len(x["d"]) < 2:
+                continue
+            n = len(x["d"])
+            rows.append([task.upper(), r, n, f"{x['sd']:.2f}", x["asks"], f"{n} ({rerun['labelled_from']})",
+                         f"{S.detectable_effect(x['sd'], n):.2f} points",
+                         f"as {rerun['labelled_from']} left it: cannot resolve {eff:g} point"])
+    mine = [x for x in records if x.get("protocol") == rerun["protocol"]]
+    machines = sorted({x.get("cpu") or "unrecorded" for x in mine})
+    versions = {json.dumps((x.get("provenance") or {}).get("versions"), sort_keys=True) for x in mine}
+    where = (f"All {len(mine)} cells ran on one machine ({machines[0]}) with one set of package versions."
+             if len(machines) == 1 and len(versions) == 1 else
+             f"**The {len(mine)} cells came from {len(machines)} machines and {len(versions)} sets of package "
+             "versions: not one batch; rerun them on one machine.**") if mine else "No cell has run yet."
+    return md_table(head, rows) + (
+        f"\n\nSeeds for a paired two-sided t-test at 5 % to find {eff:g} point with 80 % power, from the sd of the "
+        f"pilot's differences (ElaLoRA at its defaults − PEFT LoRA, seeds "
+        f"{', '.join(map(str, rerun['pilot_seeds']))}); "
+        f"every cell of a task gets the largest over its r, at most {cap}. {where}")
 
 
 # ----------------------------------------------------------------------------------- training
@@ -151,7 +238,7 @@ def run_cell(task, method, r, seed, steps, data_dir, threads, protocol=None, kee
     res.update({"task": task, "method": method, "r": r, "seed": seed, "max_steps": steps, "protocol": protocol,
                 "main": float(res["final"][res["main_metric"]]), "wall_s": round(time.time() - t0, 1),
                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "loadavg": loadavg(), "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "shared": shared, "provenance": R.provenance()})
     return res
 
@@ -206,7 +293,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--r", default=",".join(map(str, DEFAULT_R)), help="budgets (AdaLoRA methods also run at r=4 "
                     "unless --no-extra)")
     ap.add_argument("--no-extra", action="store_true", help="do not add the AdaLoRA r=4 cells")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated, or 'power': with --protocol "
+                    f"{RERUN['protocol']}, the seeds its power rule asks for per task (after the pilot; "
+                    "docs/results/glue_power.md)")
     ap.add_argument("--steps", type=int, default=SHARED["max_steps"], help="optimizer steps per cell")
     ap.add_argument("--protocol", default=None, choices=sorted(PROTOCOLS) or None,
                     help="a named protocol (glue_protocols.PROTOCOLS: epochs per task, lr per arm family, pooling, "
@@ -243,8 +332,16 @@ def main(argv=None):
     if set(methods) - set(METHODS):
         _parser().error(f"unknown methods {sorted(set(methods) - set(METHODS))}; choose from {METHODS}")
     rs = [int(x) for x in args.r.split(",") if x]
-    seeds = [int(x) for x in args.seeds.split(",") if x]
     SHARED["max_steps"] = args.steps
+    if args.seeds == "power":
+        if args.protocol != RERUN["protocol"]:
+            _parser().error(f"--seeds power needs --protocol {RERUN['protocol']} (the one protocol with a power rule)")
+        plan = power_plan(R.read_records(JSONL))
+        seeds = {t: list(range(plan[t]["seeds"])) if t in plan else [] for t in tasks}
+        print("power rule: " + "; ".join(f"{t} {plan[t]['seeds']} seeds (asks {plan[t]['asks']})" for t in plan),
+              flush=True)
+    else:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
     if args.render:
         return render(args, tasks, methods, seeds)
     done = {cell_key(r["task"], r["method"], r["r"], r["seed"], r.get("max_steps", -1), r.get("protocol"))
@@ -288,6 +385,8 @@ def render(args, tasks, methods, seeds) -> None:
     :data:`DOC` (the main table always shows the full default grid, so that missing cells read "pending"; a
     table of another step budget, a partial grid by design, shows only the tasks and arms it has)."""
     recs = R.read_records(JSONL)
+    if isinstance(seeds, dict):  # the power rule's seeds, per task
+        seeds = sorted({s for v in seeds.values() for s in v})
     if args.protocol:
         table = render_table(recs, tasks=TASKS, methods=methods, rs=DEFAULT_R, seeds=seeds, steps=-1,
                              with_extra=not args.no_extra, protocol=args.protocol)

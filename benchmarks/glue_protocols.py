@@ -58,6 +58,19 @@ PROTOCOLS["v3"] = _v2_with_lr(1e-3, 3e-3)
 # v3-mrpc20: the papers' own regime on one task (issue 27): MRPC for 20 epochs, as the official ElaLoRA script
 # trains it (4,600 optimizer steps of batch 16); every other knob as v3. About an hour a cell on a 2-core CPU.
 PROTOCOLS["v3-mrpc20"] = {**PROTOCOLS["v3"], "epochs": {**PROTOCOLS["v3"]["epochs"], "mrpc": 20}}
+# v3-rerun: v3's knobs unchanged, a new batch (issue 36, docs/results/glue_power.md). ElaLoRA at its defaults and
+# PEFT LoRA rerun side by side on one machine, interleaved, on the two tasks whose noise lets seeds resolve 1 point,
+# with the seeds the power rule asks for; its records never pair with v3's, which ran on other machines.
+PROTOCOLS["v3-rerun"] = dict(PROTOCOLS["v3"])
+
+#: The rerun's design and power rule (docs/results/glue_power.md, fixed before its cells): a pilot of
+#: ``pilot_seeds`` for every arm, task and r; then every cell of a task gets seeds 0..n−1, n the largest over
+#: that task's r of the seeds a paired t-test needs to find ``effect`` points (scores ×100) at 80 % power
+#: (``_stats.power_seeds``), at most ``cap``. ``labelled``: the tasks that stay as v3 left them, labelled
+#: unable to resolve 1 point.
+RERUN = {"protocol": "v3-rerun", "tasks": ("mrpc", "stsb"), "method": "elalora-lora-g1", "baseline": "peft-lora",
+         "rs": (2, 8), "pilot_seeds": (0, 1, 2), "effect": 1.0, "cap": 30, "labelled": ("rte", "cola"),
+         "labelled_from": "v3"}
 
 
 def protocol_settings(name: str | None) -> dict | None:

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +55,7 @@ sys.path.insert(0, str(HERE))
 from _common import RESULTS, loadavg, machine_info, md_table, train_cell  # noqa: E402
 
 from _records import append_record, provenance, read_records  # noqa: E402
+import _stats as S  # noqa: E402
 from _stats import t_quantile  # noqa: E402
 from arms import ARMS as ALL_ARMS  # noqa: E402
 from arms import label as arm_label  # noqa: E402
@@ -411,16 +413,8 @@ def render_lr(records, sizes_name: str = "full") -> str:
 POWER_CAP = 5  # seeds per comparison at most (docs/results/llm.md §6: a cell costs CPU-hours)
 
 
-def power_seeds(sd: float, effect: float = 1.0, cap: int = POWER_CAP) -> int:
-    """Seeds for a paired two-sided t-test at 5 % to find a true mean difference ``effect`` (per cent NLL) with
-    80 % power, given the sd of the paired differences: the smallest n ≥ 2 with
-    ``t(0.975, n−1) + t(0.80, n−1) ≤ effect·√n / sd``; capped at ``cap``."""
-    from scipy import stats
-
-    for n in range(2, cap + 1):
-        if stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1) <= effect * math.sqrt(n) / sd:
-            return n
-    return cap
+#: Seeds for a 1 % NLL difference at 80 % power (``_stats.power_seeds``), capped at :data:`POWER_CAP`.
+power_seeds = partial(S.power_seeds, cap=POWER_CAP)
 
 
 def render_power(records, sizes_name: str = "full") -> str:

@@ -15,8 +15,9 @@ function of JSON-lines records in ``benchmarks/results/``:
 * docs/results.md, the summary: the v3 grid of the live arms, ElaLoRA at its defaults paired with each baseline,
   the default-form rule, MRPC for 20 epochs, E2E NLG and the grace rule;
 * the study pages under docs/results/ (:data:`PAGES`): the rest of each study's tables (glue_grid.md, mrpc20.md,
-  e2e.md, planted_rank.md, layer_contribution.md) and, in history.md, the rows of retired arms (benchmarks/arms.py:
-  superseded, or a bug since fixed), which leave the live tables.
+  glue_power.md (the GLUE rerun with the seeds its power asks for), e2e.md, planted_rank.md,
+  layer_contribution.md) and, in history.md, the rows of retired arms (benchmarks/arms.py: superseded, or a bug
+  since fixed), which leave the live tables.
 
 ``tests/test_docs.py`` runs the check, so a figure in the docs that no record supports fails the suite.
 """
@@ -45,7 +46,7 @@ README = ROOT / "README.md"
 RESULTS_DOC = ROOT / "docs" / "results.md"
 #: The study pages (docs/results/NAME.md) that hold generated blocks.
 PAGES = {name: ROOT / "docs" / "results" / f"{name}.md"
-         for name in ("glue_grid", "mrpc20", "e2e", "planted_rank", "layer_contribution", "history")}
+         for name in ("glue_grid", "mrpc20", "glue_power", "e2e", "planted_rank", "layer_contribution", "history")}
 FIGURE = ROOT / "docs" / "figures" / "results_at_a_glance.png"
 FIGURE_DATA = FIGURE.with_suffix(".json")
 MAIN_JOB = RESULTS / "main_job.jsonl"
@@ -266,6 +267,26 @@ def _grid_blocks(records) -> list[tuple[str, str]]:
         (f"accuracy-long-vs-short-{LONG}", long_vs_short(records)),
         (f"form-rule-{PROTOCOL}", form_rule_text(records)),
         (f"accuracy-table-protocol-{PROTOCOL}-retired", bug_grid),
+        *_rerun_blocks(records),
+    ]
+
+
+def _rerun_blocks(records) -> list[tuple[str, str]]:
+    """The GLUE rerun of issue 36 (docs/results/glue_power.md): its power rule, its grid (one table per task, at
+    the seeds the rule gave that task, or the pilot's until the pilot is complete) and the paired differences."""
+    rr = A.RERUN
+    plan = A.power_plan(records, strict=False)
+    method_arms = [rr["baseline"], rr["method"]]
+    grids = [A.render_table(records, tasks=[t], methods=method_arms, rs=list(rr["rs"]), with_extra=False, steps=-1,
+                            protocol=rr["protocol"],
+                            seeds=list(range(plan[t]["seeds"])) if plan[t]["seeds"] else list(rr["pilot_seeds"]))
+             for t in rr["tasks"]]
+    return [
+        ("glue-power", A.power_table(records)),
+        (f"accuracy-table-protocol-{rr['protocol']}", "\n\n".join(grids)),
+        (f"accuracy-table-protocol-{rr['protocol']}-paired",
+         A.paired_table(records, protocol=rr["protocol"], tasks=list(rr["tasks"]), method=rr["method"],
+                        baselines=(rr["baseline"],), rs=rr["rs"], cross=())),
     ]
 
 
@@ -400,6 +421,8 @@ PAGE_BLOCKS = {
                   f"accuracy-table-protocol-{PROTOCOL}-paired-params", f"form-rule-{PROTOCOL}"],
     "mrpc20": [f"accuracy-table-protocol-{LONG}", f"accuracy-table-protocol-{LONG}-paired",
                f"accuracy-long-vs-short-{LONG}"],
+    "glue_power": ["glue-power", f"accuracy-table-protocol-{A.RERUN['protocol']}",
+                   f"accuracy-table-protocol-{A.RERUN['protocol']}-paired"],
     "e2e": ["generation-table"],
     "planted_rank": ["planted-minilm", "grace-rule", "planted-tiny64"],
     "layer_contribution": ["layer-contribution-table", "layer-contribution-v3-elalora-lora-g1-r8"],

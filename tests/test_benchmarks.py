@@ -2,6 +2,7 @@
 tables, and that the benchmarks use the library's public API only."""
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,58 @@ def test_grid_counts(acc):
     assert len(cells) == 4 * 3 * 2 * 3 == 72 and len(set(cells)) == 72
     extra = acc.grid(["rte"], ["peft-adalora", "elalora"], [2, 8], [0], with_extra=True)
     assert ("rte", "peft-adalora", 4, 0) in extra and ("rte", "elalora", 4, 0) not in extra
+
+
+def test_grid_interleaves_the_arms_of_one_seed_and_takes_seeds_per_task(acc):
+    cells = acc.grid(["mrpc", "stsb"], ["peft-lora", "elalora-lora-g1"], [2, 8], {"mrpc": [0, 1], "stsb": [0]}, False)
+    assert cells[:4] == [("mrpc", "peft-lora", 2, 0), ("mrpc", "elalora-lora-g1", 2, 0),
+                         ("mrpc", "peft-lora", 2, 1), ("mrpc", "elalora-lora-g1", 2, 1)]
+    assert len(cells) == 2 * 2 * 2 + 2 * 2 * 1
+
+
+def _pilot(acc, diffs, protocol="v3-rerun", cpu="cpu A"):
+    """Pilot records of the rerun: PEFT LoRA at 0.80 and ElaLoRA at 0.80 + d/100, d per (task, r) and seed."""
+    out = []
+    for (task, r), ds in diffs.items():
+        for seed, d in enumerate(ds):
+            for method, main in (("peft-lora", 0.80), ("elalora-lora-g1", 0.80 + d / 100)):
+                out.append({**_rec(task, method, r, seed, main), "protocol": protocol, "cpu": cpu,
+                            "provenance": {"versions": {"torch": "2.13.0"}}})
+    return out
+
+
+def test_power_rule_reads_the_sd_only_and_gives_every_cell_of_a_task_the_largest_n(acc):
+    import _stats
+
+    # hand check of the rule (t quantiles from tables): sd 0.3, effect 1: n = 3 passes (4.303 + 1.061 = 5.36 <=
+    # sqrt(3)/0.3 = 5.77), n = 2 fails (12.71 + 1.376 > 4.71)
+    assert _stats.power_seeds(0.3) == 3 and _stats.power_seeds(5.0, cap=30) == 30
+    n = _stats.power_seeds(0.8, cap=100)
+    assert _stats.detectable_effect(0.8, n) <= 1.0 < _stats.detectable_effect(0.8, n - 1)  # its inverse
+    diffs = {("mrpc", 2): [0.2, 1.2, 0.3], ("mrpc", 8): [2.4, 1.7, 0.6],  # sd 0.55 and 0.90
+             ("stsb", 2): [-1.9, -0.5, -1.5], ("stsb", 8): [4.5, 0.3, 0.4]}  # sd 0.72 and 2.40
+    plan = acc.power_plan(_pilot(acc, diffs))
+    assert plan["mrpc"]["by_r"][8]["asks"] == _stats.power_seeds(statistics.stdev([2.4, 1.7, 0.6]), cap=10_000)
+    assert plan["mrpc"]["seeds"] == max(x["asks"] for x in plan["mrpc"]["by_r"].values())
+    assert plan["stsb"]["asks"] > 30 and plan["stsb"]["seeds"] == 30  # the cap
+    flipped = acc.power_plan(_pilot(acc, {k: [-d for d in v] for k, v in diffs.items()}))
+    assert {t: p["seeds"] for t, p in flipped.items()} == {t: p["seeds"] for t, p in plan.items()}  # symmetric
+    # v3's records are another batch: they never count as the rerun's pilot
+    with pytest.raises(SystemExit, match="--seeds 0,1,2"):
+        acc.power_plan(_pilot(acc, diffs, protocol="v3"))
+    partial = [x for x in _pilot(acc, diffs) if not (x["task"] == "stsb" and x["seed"] == 2)]
+    with pytest.raises(SystemExit, match="missing 4 cells"):
+        acc.power_plan(partial)
+    assert acc.power_plan(partial, strict=False)["stsb"]["seeds"] is None
+
+
+def test_power_table_flags_a_batch_from_two_machines(acc):
+    diffs = {(t, r): [0.5, 1.0, 1.5] for t in ("mrpc", "stsb") for r in (2, 8)}
+    one = acc.power_table(_pilot(acc, diffs))
+    assert "All 24 cells ran on one machine (cpu A)" in one and "rerun at 5 seeds; 2 seeds to go" in one
+    two = _pilot(acc, diffs)
+    two[0]["cpu"] = "cpu B"
+    assert "2 machines" in acc.power_table(two) and "rerun them on one machine" in acc.power_table(two)
 
 
 def test_records_append_and_torn_line(acc, tmp_path):
