@@ -54,6 +54,7 @@ Imports: torch, transformers and :mod:`elalora.errors` only (level 1, with :mod:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from typing import Sequence
@@ -129,6 +130,7 @@ def to_device(tensors: Sequence[torch.Tensor], devices: Sequence[torch.device]) 
     return _move(tensors, devices, "to_device")
 
 
+@functools.cache  # looked up once: is_dtensor runs per gradient on every step
 def _dtensor_class() -> type | None:
     try:
         from torch.distributed.tensor import DTensor
@@ -137,14 +139,9 @@ def _dtensor_class() -> type | None:
     return DTensor
 
 
-_DTENSOR: list = []  # the class, looked up once (is_dtensor runs per gradient on every step)
-
-
 def is_dtensor(t) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (e.g. a parameter sharded by FSDP2)."""
-    if not _DTENSOR:
-        _DTENSOR.append(_dtensor_class())
-    cls = _DTENSOR[0]
+    cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
 
 
