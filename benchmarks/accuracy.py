@@ -4,6 +4,9 @@
     # run cells (skips the ones already in benchmarks/results/accuracy.jsonl), then render the tables;
     # --jobs 2 runs two cells at a time, one thread each (the fastest use of a 2-core CPU)
     python benchmarks/accuracy.py --protocol v3 --methods peft-lora,elalora-lora-g1 --r 2,8 --no-extra --jobs 2
+    # the GLUE rerun (docs/results/glue_power.md): after its pilot (--seeds 0,1,2), the seeds its power rule asks for
+    python benchmarks/accuracy.py --protocol v3-rerun --tasks mrpc,stsb --methods peft-lora,elalora-lora-g1 \
+        --r 2,8 --seeds power --no-extra --jobs 2
     # only (re)render the tables from what is in the JSONL file (report.py renders every committed doc block)
     python benchmarks/accuracy.py --protocol v3 --render
 
